@@ -1,0 +1,139 @@
+"""The layer map: which ``nn.Linear`` of a LLaVA-family model plays which role, per layer.
+
+Quantizers, calibration hooks, entropy and the block search all walk this map, so the
+differences between model families (CLIP vs SigLIP towers, Llama vs Qwen2 vs Mistral
+decoders) live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+from torch import nn
+
+Tower = Literal["vision", "language"]
+
+# Role name -> attribute path inside one transformer layer, per layer style. The first
+# matching style wins; every role of a style must exist for it to match.
+VISION_STYLES: dict[str, dict[str, str]] = {
+    # CLIP and SigLIP encoder layers share these names in transformers.
+    "clip": {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj",
+        "fc1": "mlp.fc1",
+        "fc2": "mlp.fc2",
+    },
+}
+LANGUAGE_STYLES: dict[str, dict[str, str]] = {
+    # Llama, Mistral, Qwen2, Vicuna: the gated-MLP decoder layer.
+    "llama": {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    },
+}
+
+
+@dataclass
+class LayerEntry:
+    """One transformer layer: its module, its index within its tower and its Linears by role."""
+
+    tower: Tower
+    index: int
+    name: str
+    module: nn.Module
+    linears: dict[str, nn.Linear]
+    linear_names: dict[str, str] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[tuple[str, nn.Linear]]:
+        return iter(self.linears.items())
+
+
+@dataclass
+class LayerMap:
+    """Every quantizable layer of a VLM, bottom-up per tower, plus the modules kept in full precision."""
+
+    vision: list[LayerEntry]
+    language: list[LayerEntry]
+    vision_style: str
+    language_style: str
+
+    def layers(self, tower: Tower | None = None) -> list[LayerEntry]:
+        if tower == "vision":
+            return self.vision
+        if tower == "language":
+            return self.language
+        return [*self.vision, *self.language]
+
+    def linears(self, tower: Tower | None = None) -> Iterator[tuple[str, nn.Linear]]:
+        """(qualified module name, Linear) for every mapped Linear."""
+        for layer in self.layers(tower):
+            for role, module in layer.linears.items():
+                yield layer.linear_names[role], module
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "vision_layers": len(self.vision),
+            "language_layers": len(self.language),
+            "vision_roles": list(self.vision[0].linears) if self.vision else [],
+            "language_roles": list(self.language[0].linears) if self.language else [],
+            "linears": sum(1 for _ in self.linears()),
+        }
+
+
+def _resolve(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _match_style(layer: nn.Module, styles: dict[str, dict[str, str]]) -> str | None:
+    for style, roles in styles.items():
+        if all(isinstance(_resolve(layer, p), nn.Linear) for p in roles.values()):
+            return style
+    return None
+
+
+def _find_layer_list(root: nn.Module, styles: dict[str, dict[str, str]]) -> tuple[str, nn.ModuleList, str]:
+    """The ModuleList under ``root`` whose items all match one layer style (the deepest such list wins ties)."""
+    for name, module in root.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            style = _match_style(module[0], styles)
+            if style and all(_match_style(m, styles) == style for m in module):
+                return name, module, style
+    raise ValueError(f"no stack of transformer layers with known Linear roles under {type(root).__name__}")
+
+
+def _entries(tower: Tower, prefix: str, layers: nn.ModuleList, roles: dict[str, str]) -> list[LayerEntry]:
+    entries = []
+    for i, layer in enumerate(layers):
+        linears = {role: _resolve(layer, path) for role, path in roles.items()}
+        names = {role: f"{prefix}.{i}.{path}" for role, path in roles.items()}
+        entries.append(LayerEntry(tower, i, f"{prefix}.{i}", layer, linears, names))  # type: ignore[arg-type]
+    return entries
+
+
+def build_layer_map(model: nn.Module) -> LayerMap:
+    """Map a LLaVA-family model; raises ValueError naming what is missing for an unknown layout."""
+    core = getattr(model, "model", model)
+    vision_tower = getattr(core, "vision_tower", None)
+    language_model = getattr(core, "language_model", None)
+    if vision_tower is None or language_model is None:
+        raise ValueError(
+            f"{type(model).__name__} has no vision_tower/language_model: not a LLaVA-family model"
+        )
+    v_name, v_layers, v_style = _find_layer_list(vision_tower, VISION_STYLES)
+    l_name, l_layers, l_style = _find_layer_list(language_model, LANGUAGE_STYLES)
+    base = "model." if core is not model else ""
+    vision = _entries("vision", f"{base}vision_tower.{v_name}", v_layers, VISION_STYLES[v_style])
+    language = _entries("language", f"{base}language_model.{l_name}", l_layers, LANGUAGE_STYLES[l_style])
+    return LayerMap(vision, language, v_style, l_style)

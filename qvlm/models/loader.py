@@ -1,0 +1,178 @@
+"""Load a LLaVA-family model and its processor: the bundled model, a local folder or a hub id.
+
+One function, :func:`load_vlm`, for every source, so the app, the CLI and the benchmarks
+share validation: the model type must be LLaVA-family, remote code is never trusted, and the
+memory a model needs is estimated from its config (on the meta device) before any weight
+is read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoProcessor, PretrainedConfig
+
+from qvlm.models.layer_map import LayerMap, build_layer_map
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_MODEL_DIR = REPO_ROOT / "assets" / "tiny-llava-easyvqa"
+BUNDLED_MODEL_NAME = "bundled: tiny-llava-easyvqa"
+
+Source = Literal["bundled", "local", "hub"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _model_classes() -> dict[str, type]:
+    """model_type -> the transformers class; families are added here and in the layer map only."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    return {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+
+
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
+
+
+@dataclass
+class VLMHandle:
+    """A loaded model with what every later stage needs to find its way around it."""
+
+    model: torch.nn.Module
+    processor: Any
+    layer_map: LayerMap
+    name: str
+    source: Source
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be used, with a message meant for the person who asked for it."""
+
+
+def resolve_source(name_or_path: str | os.PathLike, allowed_roots: list[Path] | None = None) -> tuple[str, Source]:
+    """Decide whether ``name_or_path`` is the bundled model, a local folder or a hub id.
+
+    ``allowed_roots`` limits local folders (the app passes its allow-list; the CLI passes None).
+    """
+    text = str(name_or_path).strip()
+    if not text:
+        raise ModelLoadError("No model given.")
+    if text in (BUNDLED_MODEL_NAME, "bundled"):
+        return str(BUNDLED_MODEL_DIR), "bundled"
+    path = Path(text).expanduser()
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or path.exists() or not _HUB_ID.match(text)
+    if not looks_local:
+        return text, "hub"
+    resolved = path.resolve()
+    if allowed_roots is not None and not any(resolved.is_relative_to(r.resolve()) for r in allowed_roots):
+        roots = ", ".join(str(r) for r in allowed_roots)
+        raise ModelLoadError(f"{text} is outside the folders this app may read ({roots}).")
+    if not resolved.is_dir():
+        raise ModelLoadError(f"No model folder at {text} (and it is not a hub id of the form owner/name).")
+    if not (resolved / "config.json").is_file():
+        raise ModelLoadError(f"{text} has no config.json: not a transformers model folder.")
+    source: Source = "bundled" if resolved == BUNDLED_MODEL_DIR.resolve() else "local"
+    return str(resolved), source
+
+
+def load_config(location: str, source: Source) -> PretrainedConfig:
+    """The model config, checked to be a supported LLaVA family that needs no remote code."""
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False, local_files_only=source != "hub")
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(
+                f"{location} needs trust_remote_code=True (custom code from the model repository), "
+                "which Q-VLM Studio never enables: only stock transformers LLaVA models are supported."
+            ) from err
+        raise ModelLoadError(f"{location}: unreadable model config ({err}).") from err
+    except OSError as err:
+        if source == "hub":
+            raise ModelLoadError(
+                f"Could not fetch {location} from the Hugging Face hub: the id is unknown, private, "
+                "or the hub is unreachable from this machine."
+            ) from err
+        raise ModelLoadError(f"{location}: unreadable model folder ({err}).") from err
+    if getattr(config, "auto_map", None):
+        raise ModelLoadError(
+            f"{location} declares custom code (auto_map) that needs trust_remote_code, which stays off."
+        )
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{location} is a '{config.model_type}' model, not a LLaVA-family vision-language model "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
+        )
+    return config
+
+
+def estimate_weight_bytes(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the weights in ``dtype``, counted on the meta device (no memory, no download of weights)."""
+    cls = _model_classes()[config.model_type]
+    with torch.device("meta"):
+        model = cls(config)
+    n = sum(p.numel() for p in model.parameters())
+    return n * torch.tensor([], dtype=dtype).element_size()
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), or a large number where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def check_fits(config: PretrainedConfig, dtype: torch.dtype, budget_bytes: int | None = None, factor: float = 2.5) -> int:
+    """Refuse a model whose weights times ``factor`` (FP copy, quantized copy, activations) exceed the budget."""
+    need = estimate_weight_bytes(config, dtype)
+    budget = available_memory_bytes() if budget_bytes is None else budget_bytes
+    if need * factor > budget:
+        raise ModelLoadError(
+            f"This model needs about {need / 2**30:.1f} GiB for its weights in {str(dtype).removeprefix('torch.')} "
+            f"(about {need * factor / 2**30:.1f} GiB with a quantized copy), but only {budget / 2**30:.1f} GiB "
+            "is available here."
+        )
+    return need
+
+
+def load_vlm(
+    name_or_path: str | os.PathLike = BUNDLED_MODEL_NAME,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allowed_roots: list[Path] | None = None,
+    memory_budget_bytes: int | None = None,
+) -> VLMHandle:
+    """Load model + processor + layer map. Raises :class:`ModelLoadError` with a readable message."""
+    location, source = resolve_source(name_or_path, allowed_roots)
+    config = load_config(location, source)
+    check_fits(config, dtype, memory_budget_bytes)
+    cls = _model_classes()[config.model_type]
+    local_only = source != "hub"
+    try:
+        processor = AutoProcessor.from_pretrained(location, trust_remote_code=False, local_files_only=local_only)
+        model = cls.from_pretrained(location, dtype=dtype, trust_remote_code=False, local_files_only=local_only)
+    except OSError as err:
+        raise ModelLoadError(f"Could not load the weights or processor of {location}: {err}") from err
+    model.to(device).eval()
+    model.requires_grad_(False)
+    name = BUNDLED_MODEL_NAME if source == "bundled" else str(name_or_path)
+    return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name=name, source=source)
