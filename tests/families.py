@@ -1,0 +1,87 @@
+"""Tiny randomly initialised models of every supported LLaVA family, saved as real model folders.
+
+Built from configs in the test code (no hub), with the project's word-level tokenizer and
+the family's own processor classes, so the folders load through ``qvlm.models.load_vlm``
+exactly like a downloaded checkpoint would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    MistralConfig,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
+
+from qvlm.training.tiny_llava import CHAT_TEMPLATE, IMAGE, build_tokenizer
+
+FAMILIES = ("llava-clip-llama", "llava-siglip-qwen2", "llava-siglip-mistral", "llava-next-clip-llama")
+IMAGE_SIZE, PATCH = 32, 8
+
+
+def _text_config(kind: str, vocab: int, tok) -> object:
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind](**common)
+
+
+def _vision(kind: str):
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=IMAGE_SIZE, patch_size=PATCH)
+    if kind == "clip":
+        return CLIPVisionConfig(**common), CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return SiglipVisionConfig(**common), SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def build_family(family: str, out: Path, seed: int = 0) -> Path:
+    """Write a random model of ``family`` with its processor to ``out`` and return the folder."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(IMAGE)
+    vision_kind = "siglip" if "siglip" in family else "clip"
+    text_kind = family.rsplit("-", 1)[-1]
+    vision, image_processor = _vision(vision_kind)
+    text = _text_config(text_kind, len(tok), tok)
+    # CLIP has a CLS token that the "default" strategy drops; SigLIP has none, so it keeps all ("full").
+    strategy, extra = ("default", 1) if vision_kind == "clip" else ("full", 0)
+    if family.startswith("llava-next"):
+        pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE]]
+        config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                                 vision_feature_select_strategy=strategy, vision_feature_layer=-1,
+                                 image_grid_pinpoints=pinpoints)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_grid_pinpoints=pinpoints)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+                                       vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+                                       num_additional_image_tokens=extra)
+    else:
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                             vision_feature_select_strategy=strategy, vision_feature_layer=-1,
+                             image_seq_length=(IMAGE_SIZE // PATCH) ** 2)
+        model = LlavaForConditionalGeneration(config)
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+                                   vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+                                   num_additional_image_tokens=extra)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

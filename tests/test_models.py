@@ -1,0 +1,82 @@
+"""The bundled model loads offline and answers; the layer map is complete; bad models are refused."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig
+
+from qvlm.data import evaluation_subset, is_correct
+from qvlm.inference import generate_answers
+from qvlm.models import ModelLoadError, build_layer_map, load_vlm
+from qvlm.models.loader import check_fits
+
+
+def test_bundled_model_is_a_stock_llava_of_the_promised_size(bundled):
+    from transformers import LlavaForConditionalGeneration
+
+    assert type(bundled.model) is LlavaForConditionalGeneration
+    assert len(bundled.layer_map.language) >= 8
+    assert len(bundled.layer_map.vision) >= 4
+
+
+def test_bundled_model_answers_fixed_test_questions(bundled):
+    samples = evaluation_subset(40, seed=123)
+    answers = generate_answers(bundled.model, bundled.processor, [s.load_image() for s in samples],
+                               [s.question for s in samples])
+    accuracy = sum(is_correct(a, s.answer) for a, s in zip(answers, samples)) / len(samples)
+    assert accuracy >= 0.95, list(zip(answers, [s.answer for s in samples]))
+
+
+def test_layer_map_finds_every_linear_of_every_layer_by_role(bundled):
+    lm = bundled.layer_map
+    expected = {
+        name
+        for name, m in bundled.model.named_modules()
+        if isinstance(m, nn.Linear) and (".encoder.layers." in name or ".language_model.layers." in name)
+    }
+    mapped = {name for name, _ in lm.linears()}
+    assert mapped == expected
+    assert set(lm.language[0].linears) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert set(lm.vision[0].linears) == {"q", "k", "v", "o", "fc1", "fc2"}
+    modules = dict(bundled.model.named_modules())
+    for name, linear in lm.linears():
+        assert modules[name] is linear
+
+
+def test_layer_map_refuses_a_model_without_towers():
+    with pytest.raises(ValueError, match="not a LLaVA-family"):
+        build_layer_map(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_missing_path_gives_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="No model folder"):
+        load_vlm(tmp_path / "nowhere")
+
+
+def test_non_llava_config_is_refused(tmp_path):
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'llama' model, not a LLaVA-family"):
+        load_vlm(tmp_path)
+
+
+def test_remote_code_config_is_refused(tmp_path, bundled_dir):
+    config = json.loads((bundled_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        load_vlm(tmp_path)
+
+
+def test_local_folders_outside_the_allow_list_are_refused(bundled_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="outside the folders"):
+        load_vlm(bundled_dir, allowed_roots=[tmp_path])
+
+
+def test_memory_estimate_refuses_what_does_not_fit(bundled):
+    need = check_fits(bundled.config, torch.float32, budget_bytes=1 << 40)
+    n_params = sum(p.numel() for p in bundled.model.parameters())
+    assert need == 4 * n_params
+    with pytest.raises(ModelLoadError, match="needs about"):
+        check_fits(bundled.config, torch.float32, budget_bytes=need)
