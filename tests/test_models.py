@@ -80,3 +80,9 @@ def test_memory_estimate_refuses_what_does_not_fit(bundled):
     assert need == 4 * n_params
     with pytest.raises(ModelLoadError, match="needs about"):
         check_fits(bundled.config, torch.float32, budget_bytes=need)
+
+
+def test_unknown_hub_id_without_a_reachable_hub_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="Could not fetch .* hub"):
+        load_vlm("qvlm-studio/no-such-model-anywhere")

@@ -160,19 +160,30 @@ def load_vlm(
     device: str | torch.device = "cpu",
     allowed_roots: list[Path] | None = None,
     memory_budget_bytes: int | None = None,
+    device_map: str | dict | None = None,
 ) -> VLMHandle:
-    """Load model + processor + layer map. Raises :class:`ModelLoadError` with a readable message."""
+    """Load model + processor + layer map. Raises :class:`ModelLoadError` with a readable message.
+
+    ``device_map="auto"`` (needs ``accelerate``) spreads a model larger than one device over
+    several; the memory check is then left to accelerate.
+    """
     location, source = resolve_source(name_or_path, allowed_roots)
     config = load_config(location, source)
-    check_fits(config, dtype, memory_budget_bytes)
+    if device_map is None and torch.device(device).type == "cpu":
+        check_fits(config, dtype, memory_budget_bytes)
     cls = _model_classes()[config.model_type]
     local_only = source != "hub"
+    extra = {"device_map": device_map} if device_map is not None else {}
     try:
         processor = AutoProcessor.from_pretrained(location, trust_remote_code=False, local_files_only=local_only)
-        model = cls.from_pretrained(location, dtype=dtype, trust_remote_code=False, local_files_only=local_only)
-    except OSError as err:
+        model = cls.from_pretrained(
+            location, dtype=dtype, trust_remote_code=False, local_files_only=local_only, **extra
+        )
+    except (OSError, ImportError) as err:
         raise ModelLoadError(f"Could not load the weights or processor of {location}: {err}") from err
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     name = BUNDLED_MODEL_NAME if source == "bundled" else str(name_or_path)
     return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name=name, source=source)
