@@ -1,0 +1,294 @@
+"""Plotly figures for Q-VLM results, built from plain data (lists and dicts).
+
+No gradio here: the same figures serve the app (through ``gr.Plot``), notebooks and the
+benchmark reports. Every function accepts what :class:`qvlm.quant.QuantResult` and
+:func:`qvlm.analysis.ded_analysis` return, already unpacked, so the plots can be tested
+without running a quantization, and an empty input gives a readable placeholder figure
+instead of an exception (the UI shows figures before anything has been computed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# A qualitative palette with enough distinct colours for the blocks of a 40-layer model
+# (colours repeat after that, but adjacent blocks never share one).
+BLOCK_COLORS = (
+    "#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2",
+    "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D", "#BAB0AC",
+)
+FP_COLOR = "#444444"
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), height=380)
+
+
+def empty_figure(message: str, title: str = "") -> go.Figure:
+    """A blank figure carrying a message: what to do to fill it."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#666"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, **_LAYOUT)
+    return fig
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
+    """Least-squares line and R² (the coefficient of determination), as written on the paper's Fig. 2.
+
+    Used when the analysis did not provide its own fit; a degenerate input (fewer than two
+    distinct x values) gives slope 0 and R² 0 rather than NaN.
+    """
+    n = len(xs)
+    if n == 0:
+        return {"slope": 0.0, "intercept": 0.0, "r2": 0.0}
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if n < 2 or sxx == 0:
+        return {"slope": 0.0, "intercept": my, "r2": 0.0}
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
+    return {"slope": slope, "intercept": intercept, "r2": r2}
+
+
+def ded_scatter(
+    points: Sequence[Mapping[str, Any]],
+    layer: int,
+    x_key: str = "entropy",
+    fit: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """DED against a proxy (entropy, or quantization error with ``x_key="qerr"``), one dot per sample.
+
+    Mirrors the paper's Fig. 2 (entropy) and Fig. 5a (quantization error): the fitted line is
+    drawn over the points and ``R² = ...`` is written on the plot. ``fit`` is the analysis' own
+    regression of DED on the proxy; it is recomputed here when absent.
+    """
+    proxy = {"entropy": "activation entropy D(k,k+1)", "qerr": "quantization error"}.get(x_key, x_key)
+    title = title or f"Decoder layer {layer}: DED vs {proxy}"
+    pts = [p for p in points if _finite(p.get(x_key)) and _finite(p.get("ded"))]
+    if not pts:
+        return empty_figure("No DED samples for this layer yet.", title)
+    xs = [float(p[x_key]) for p in pts]
+    ys = [float(p["ded"]) for p in pts]
+    fit = dict(fit) if fit else linear_fit(xs, ys)
+    color = "#4C78A8" if x_key == "entropy" else "#E45756"
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=xs, y=ys, mode="markers", name="calibration sample",
+        marker=dict(size=9, color=color, opacity=0.75, line=dict(width=0.5, color="white")),
+        customdata=[p.get("sample", i) for i, p in enumerate(pts)],
+        hovertemplate=f"sample %{{customdata}}<br>{proxy}: %{{x:.4g}}<br>DED: %{{y:.4g}}<extra></extra>",
+    ))
+    lo, hi = min(xs), max(xs)
+    fig.add_trace(go.Scatter(
+        x=[lo, hi], y=[fit["slope"] * lo + fit["intercept"], fit["slope"] * hi + fit["intercept"]],
+        mode="lines", name="least-squares fit", line=dict(color="#222", width=2, dash="dash"), hoverinfo="skip",
+    ))
+    fig.add_annotation(text=f"R² = {fit['r2']:.4f}", x=0.03, y=0.97, xref="paper", yref="paper",
+                       xanchor="left", yanchor="top", showarrow=False, font=dict(size=16),
+                       bgcolor="rgba(255,255,255,0.8)")
+    fig.update_layout(title=title, xaxis_title=proxy, yaxis_title="DED (layer-wise − joint error)",
+                      showlegend=False, **_LAYOUT)
+    return fig
+
+
+def partition_figure(
+    entropies: Sequence[float],
+    blocks: Sequence[Sequence[int]],
+    h0: float | None = None,
+    percentiles: Mapping[int, float] | None = None,
+    title: str = "Block partition of the decoder layers",
+) -> go.Figure:
+    """Decoder layers coloured by block (top) and D(k,k+1) bars with the threshold h0 (bottom).
+
+    A bar sits between layers k and k+1 and takes the colour of their common block when both
+    are in one, grey otherwise, so one can see why the cut fell where it did: a block keeps
+    adjacent layers whose dependency is above h0 (up to the maximum depth). Hovering a layer
+    shows the activation percentile the search chose for it.
+    """
+    percentiles = {int(k): float(v) for k, v in (percentiles or {}).items()}
+    n_layers = max([len(entropies) + 1 if entropies else 0, *(max(b) + 1 for b in blocks if b)], default=0)
+    if n_layers == 0:
+        return empty_figure("Quantize a model with a Q-VLM recipe to see its block partition.", title)
+    block_of = {layer: i for i, block in enumerate(blocks) for layer in block}
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.3, 0.7], vertical_spacing=0.08,
+                        subplot_titles=("layers coloured by block", "conditional entropy D(k,k+1)"))
+    for b, block in enumerate(blocks):
+        layers = sorted(block)
+        fig.add_trace(go.Bar(
+            x=layers, y=[1] * len(layers), name=f"block {b}", width=0.92,
+            marker=dict(color=_block_color(b)),
+            text=[str(k) for k in layers], textposition="inside", insidetextanchor="middle",
+            customdata=[[b, _fmt_pct(percentiles.get(k))] for k in layers],
+            hovertemplate="layer %{x} · block %{customdata[0]}<br>percentile p = %{customdata[1]}<extra></extra>",
+        ), row=1, col=1)
+    unassigned = [k for k in range(n_layers) if k not in block_of]
+    if unassigned:
+        fig.add_trace(go.Bar(
+            x=unassigned, y=[1] * len(unassigned), name="not searched", width=0.92,
+            marker=dict(color="#DDDDDD"),
+            customdata=[[_fmt_pct(percentiles.get(k))] for k in unassigned],
+            hovertemplate="layer %{x}<br>percentile p = %{customdata[0]}<extra></extra>",
+        ), row=1, col=1)
+    if entropies:
+        xs = [k + 0.5 for k in range(len(entropies))]
+        colors = [
+            _block_color(block_of[k]) if k in block_of and block_of.get(k + 1) == block_of[k] else "#BBBBBB"
+            for k in range(len(entropies))
+        ]
+        fig.add_trace(go.Bar(
+            x=xs, y=list(entropies), name="D(k,k+1)", marker=dict(color=colors), width=0.5, showlegend=False,
+            customdata=[[k, k + 1] for k in range(len(entropies))],
+            hovertemplate="D(%{customdata[0]},%{customdata[1]}) = %{y:.4g}<extra></extra>",
+        ), row=2, col=1)
+    if h0 is not None and _finite(h0):
+        fig.add_trace(go.Scatter(
+            x=[-0.5, n_layers - 0.5], y=[h0, h0], mode="lines", name=f"h0 = {h0:.3g}",
+            line=dict(color="#C00", width=2, dash="dash"), hovertemplate=f"threshold h0 = {h0:.4g}<extra></extra>",
+        ), row=2, col=1)
+        fig.add_annotation(text=f"h0 = {h0:.3g}", x=n_layers - 0.5, y=h0, xref="x2", yref="y2",
+                           xanchor="right", yanchor="bottom", showarrow=False, font=dict(color="#C00"))
+    fig.update_yaxes(visible=False, row=1, col=1)
+    fig.update_yaxes(title_text="D(k,k+1)", row=2, col=1)
+    fig.update_xaxes(title_text="decoder layer k", dtick=1, range=[-0.6, n_layers - 0.4], row=2, col=1)
+    layout = {**_LAYOUT, "height": 440}
+    fig.update_layout(title=f"{title} ({len(blocks)} blocks)", barmode="overlay", bargap=0.05,
+                      legend=dict(orientation="h", y=-0.18), **layout)
+    return fig
+
+
+def layer_error_figure(
+    variants: Mapping[str, Sequence[Mapping[str, Any]]],
+    tower: str | None = None,
+    title: str = "Per-layer quantization error (output MSE vs full precision)",
+) -> go.Figure:
+    """Each layer's output error of the quantized model against the FP model, one trace per variant.
+
+    The FP model is the reference (error 0), so the bars say how far each quantized layer
+    drifts from it; ``init_mse`` (the error before the search, i.e. the QLoRA-style init) is
+    drawn as hollow markers when a variant reports it, to show what the search bought.
+    A log axis keeps 8-bit and 3-bit variants readable together.
+    """
+    traces = []
+    for v, (label, errors) in enumerate(variants.items()):
+        rows = [e for e in errors if (tower is None or e.get("tower") == tower) and _finite(e.get("quant_mse"))]
+        if not rows:
+            continue
+        names = [_layer_name(e) for e in rows]
+        color = _block_color(v)
+        traces.append(go.Bar(
+            x=names, y=[float(e["quant_mse"]) for e in rows], name=f"{label} (after search)",
+            marker=dict(color=color), hovertemplate="%{x}<br>MSE %{y:.3g}<extra>" + label + "</extra>",
+        ))
+        init = [e for e in rows if _finite(e.get("init_mse"))]
+        if init:
+            traces.append(go.Scatter(
+                x=[_layer_name(e) for e in init], y=[float(e["init_mse"]) for e in init], mode="markers",
+                name=f"{label} (before search)",
+                marker=dict(symbol="diamond-open", size=10, color=color, line=dict(width=2)),
+                hovertemplate="%{x}<br>init MSE %{y:.3g}<extra>" + label + "</extra>",
+            ))
+    if not traces:
+        return empty_figure("Quantize a model to see its per-layer error.", title)
+    fig = go.Figure(traces)
+    fig.update_layout(title=title, barmode="group", yaxis_type="log", yaxis_title="MSE vs FP (log)",
+                      xaxis_title="layer", legend=dict(orientation="h", y=-0.3), **{**_LAYOUT, "height": 420})
+    return fig
+
+
+def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss (Eq. 10)") -> go.Figure:
+    """The visual-encoder optimization loss and its three terms per optimizer step.
+
+    L = L_reg + λ1·L_ent + λ2·L_err; plotting the terms separately shows which one the
+    optimizer actually reduces (on a small model the entropy term often moves most).
+    """
+    rows = [r for r in losses if _finite(r.get("total"))]
+    if not rows:
+        return empty_figure("No VEO run in this variant (use the 'qvlm' or 'qvlm-veo' recipe).", title)
+    steps = [r.get("step", i) for i, r in enumerate(rows)]
+    fig = go.Figure()
+    names = {"total": "total L", "reg": "L_reg (answer CE)", "ent": "L_ent (entropy)", "err": "L_err (output error)"}
+    for key, name in names.items():
+        ys = [r.get(key) for r in rows]
+        if not any(_finite(y) for y in ys):
+            continue
+        fig.add_trace(go.Scatter(
+            x=steps, y=ys, mode="lines+markers" if len(rows) < 40 else "lines", name=name,
+            line=dict(width=3 if key == "total" else 1.5), customdata=[r.get("epoch") for r in rows],
+            hovertemplate="step %{x} (epoch %{customdata})<br>%{y:.4g}<extra>" + name + "</extra>",
+        ))
+    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="loss",
+                      legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    return fig
+
+
+def accuracy_figure(rows: Sequence[Mapping[str, Any]], title: str = "easy-VQA accuracy") -> go.Figure:
+    """Grouped bars: overall and per-question-type accuracy, one group per model.
+
+    ``rows``: ``{"model": label, "accuracy": float, "per_type": {type: float}, "n": int}``.
+    """
+    if not rows:
+        return empty_figure("Run an evaluation to compare accuracies.", title)
+    categories = ["overall", *sorted({t for r in rows for t in r.get("per_type", {})})]
+    fig = go.Figure()
+    for i, r in enumerate(rows):
+        values = [r["accuracy"], *(r.get("per_type", {}).get(c) for c in categories[1:])]
+        fig.add_trace(go.Bar(
+            x=categories, y=[100 * v if v is not None else None for v in values], name=r["model"],
+            marker=dict(color=FP_COLOR if i == 0 and r.get("is_fp") else _block_color(i)),
+            text=[f"{100 * v:.1f}" if v is not None else "" for v in values], textposition="outside",
+            hovertemplate="%{x}: %{y:.1f}%<extra>" + r["model"] + "</extra>",
+        ))
+    fig.update_layout(title=title, barmode="group", yaxis=dict(title="accuracy (%)", range=[0, 105]),
+                      legend=dict(orientation="h", y=-0.2), **_LAYOUT)
+    return fig
+
+
+def memory_figure(rows: Sequence[Mapping[str, Any]], title: str = "Weight memory") -> go.Figure:
+    """FP16 bytes vs quantized (packed) bytes of the weights, per model, in MiB."""
+    if not rows:
+        return empty_figure("Quantize a model to compare weight memory.", title)
+    labels = [r["model"] for r in rows]
+    fig = go.Figure([
+        go.Bar(x=labels, y=[r["fp16_bytes"] / 2**20 for r in rows], name="FP16", marker=dict(color="#BBBBBB"),
+               hovertemplate="%{x}<br>FP16: %{y:.2f} MiB<extra></extra>"),
+        go.Bar(x=labels, y=[r["quant_bytes"] / 2**20 for r in rows], name="quantized (packed)",
+               marker=dict(color="#4C78A8"), text=[_ratio(r) for r in rows], textposition="outside",
+               hovertemplate="%{x}<br>quantized: %{y:.2f} MiB<extra></extra>"),
+    ])
+    fig.update_layout(title=title, barmode="group", yaxis_title="MiB", legend=dict(orientation="h", y=-0.2),
+                      **_LAYOUT)
+    return fig
+
+
+def _ratio(row: Mapping[str, Any]) -> str:
+    q = row.get("quant_bytes") or 0
+    return f"{row['fp16_bytes'] / q:.2f}x smaller" if q else ""
+
+
+def _block_color(i: int) -> str:
+    return BLOCK_COLORS[i % len(BLOCK_COLORS)]
+
+
+def _fmt_pct(p: float | None) -> str:
+    return "—" if p is None else f"{p:.3f}"
+
+
+def _layer_name(e: Mapping[str, Any]) -> str:
+    tower = str(e.get("tower", "layer"))
+    return f"{'V' if tower == 'vision' else 'L' if tower == 'language' else tower}{e.get('index', '?')}"
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,98 @@
+"""App settings read once from the environment, so a Space or a lab server is configured without code.
+
+Environment variables (all optional):
+
+- ``QVLM_DEFAULT_MODEL``: the model preselected in the Quantize panel (default: the bundled model;
+  during development a folder such as ``/tmp/smoke``).
+- ``QVLM_ALLOWED_MODEL_DIRS``: ``os.pathsep``-separated folders local models may be loaded from
+  (default: the repository's ``assets/`` folder). Anything else typed into the model box is refused.
+- ``QVLM_HUB_MODELS``: comma-separated hub ids offered in the model list.
+- ``QVLM_MAX_VARIANTS`` / ``QVLM_VARIANT_BUDGET_MB``: how many quantized variants one browser
+  session may hold, and their total memory; the least recently used one is dropped beyond that.
+- ``QVLM_MAX_SESSIONS``: how many browser sessions keep variants at once (idle ones are dropped first).
+- ``QVLM_CONCURRENCY``: Gradio's default concurrency limit (default 2: this is a 2-core CPU app).
+- ``QVLM_MEMORY_BUDGET_MB``: the memory a model may use (default: what the machine has available).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qvlm.models import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME
+
+REPO_ROOT = BUNDLED_MODEL_DIR.parents[1]
+EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
+
+# Stock transformers LLaVA checkpoints a user may try; on a CPU Space only the small ones load,
+# the 7B ones are refused by the memory estimate with a message (which is itself instructive).
+DEFAULT_HUB_MODELS = (
+    "llava-hf/llava-interleave-qwen-0.5b-hf",
+    "llava-hf/llava-1.5-7b-hf",
+    "llava-hf/llava-v1.6-mistral-7b-hf",
+)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass
+class Settings:
+    """Everything configurable about one running app."""
+
+    default_model: str = BUNDLED_MODEL_NAME
+    allowed_roots: list[Path] = field(default_factory=lambda: [REPO_ROOT / "assets"])
+    hub_models: tuple[str, ...] = DEFAULT_HUB_MODELS
+    max_variants: int = 4
+    variant_budget_bytes: int = 2 * 2**30
+    max_sessions: int = 8
+    concurrency: int = 2
+    memory_budget_bytes: int | None = None
+    preload: bool = True
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        s = cls()
+        if os.environ.get("QVLM_DEFAULT_MODEL"):
+            s.default_model = os.environ["QVLM_DEFAULT_MODEL"]
+        if os.environ.get("QVLM_ALLOWED_MODEL_DIRS"):
+            s.allowed_roots = [Path(p) for p in os.environ["QVLM_ALLOWED_MODEL_DIRS"].split(os.pathsep) if p]
+        if os.environ.get("QVLM_HUB_MODELS") is not None:
+            s.hub_models = tuple(m.strip() for m in os.environ["QVLM_HUB_MODELS"].split(",") if m.strip())
+        s.max_variants = max(1, _env_int("QVLM_MAX_VARIANTS", s.max_variants))
+        s.variant_budget_bytes = max(1, _env_int("QVLM_VARIANT_BUDGET_MB", s.variant_budget_bytes // 2**20)) * 2**20
+        s.max_sessions = max(1, _env_int("QVLM_MAX_SESSIONS", s.max_sessions))
+        s.concurrency = max(1, _env_int("QVLM_CONCURRENCY", s.concurrency))
+        if os.environ.get("QVLM_MEMORY_BUDGET_MB"):
+            s.memory_budget_bytes = _env_int("QVLM_MEMORY_BUDGET_MB", 0) * 2**20 or None
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(s, key, value)
+        s._allow_default_model_folder()
+        return s
+
+    def _allow_default_model_folder(self) -> None:
+        """A default model given as a folder (by whoever started the app) is allowed by definition."""
+        if self.default_model in (BUNDLED_MODEL_NAME, "bundled"):
+            return
+        path = Path(self.default_model).expanduser()
+        if path.is_dir() and not any(path.resolve().is_relative_to(r.resolve()) for r in self.allowed_roots):
+            self.allowed_roots.append(path.resolve())
+
+    def model_choices(self) -> list[str]:
+        """The model dropdown: the default, the bundled model, local folders found in the allowed roots, hub ids."""
+        choices = [self.default_model]
+        if BUNDLED_MODEL_NAME not in choices and (BUNDLED_MODEL_DIR / "config.json").is_file():
+            choices.append(BUNDLED_MODEL_NAME)
+        for root in self.allowed_roots:
+            for config in sorted(root.glob("*/config.json")) if root.is_dir() else []:
+                folder = str(config.parent.resolve())
+                if config.parent.resolve() != BUNDLED_MODEL_DIR.resolve() and folder not in choices:
+                    choices.append(folder)
+        choices.extend(m for m in self.hub_models if m not in choices)
+        return choices

@@ -1,0 +1,73 @@
+"""The words of the app: titles and the "what am I looking at" text of each panel.
+
+Kept apart from the layout so a teacher can edit the explanations without touching code
+that builds components, and so the tests can check every panel has one.
+"""
+
+from __future__ import annotations
+
+PAPER = (
+    "Wang, Wang, Xu, Tang, Zhou, Lu. *Q-VLM: Post-training Quantization for Large Vision-Language Models.* "
+    "NeurIPS 2024. [arXiv:2410.08119](https://arxiv.org/abs/2410.08119)"
+)
+
+TITLE = "# Q-VLM Studio"
+SUBTITLE = (
+    "Quantize a LLaVA-style vision-language model with **Q-VLM** (post-training quantization), look inside the "
+    "algorithm, and ask the full-precision and the quantized model the same question. Runs on a CPU. "
+    f"Paper: {PAPER}."
+)
+
+QUANTIZE_HELP = """
+**What am I looking at?** *Quantization* stores a network's numbers with fewer bits. **W4A4** means the
+weights (W) and the activations (A, the numbers flowing between layers) are rounded to 4 bits: only 16
+possible values per tensor instead of 65,536 in FP16. Weights are known in advance, but activations depend on
+the input, so each layer needs a *clipping range*: values outside it are cut off, values inside are rounded to
+one of the 16 levels. Too wide a range wastes levels, too narrow clips outliers. W4A4 is hard because both
+errors are large and they **add up from layer to layer**.
+
+Q-VLM chooses each decoder layer's range (a percentile *p* of its activations) not layer by layer but
+**jointly within blocks** of neighbouring layers that depend on each other strongly (*CDM*, cross-layer
+dependency mining), and it also tunes the vision encoder's quantizers so the language model receives easier
+activations (*VEO*, visual encoder optimization). The recipes `qvlm-cdm` and `qvlm-veo` are its two halves
+(the paper's ablations); `rtn`, `qlora` and `awq` are baselines. Calibration uses a few image–question pairs
+from easy-VQA's *train* split. — {paper}
+""".format(paper=PAPER)
+
+ANALYSIS_HELP = """
+**What am I looking at?** The **block partition** shows how Q-VLM grouped the decoder layers. For each pair of
+neighbouring layers it measures **D(k,k+1)**, the *conditional entropy* of layer k+1's quantized activations given
+layer k's (Eq. 4): how much uncertainty is left about the next layer's rounding once you know this layer's. A
+high value means the two layers' rounding errors are entangled, so their clipping ranges should be chosen
+together. Neighbours whose average D is above the threshold **h0** (red dashed line) join one **block** (at most
+*max block depth* layers), and all ranges in a block are searched jointly to minimize the block's output error
+(Eq. 3). Hover a layer to see the percentile *p* it got.
+
+The **DED** (discretization error difference) is how much output error the joint search saves over the
+layer-by-layer search, per calibration sample. The paper's Fig. 2 shows DED grows almost linearly with the
+entropy (R² = 0.97 on LLaVA): that is why the cheap entropy is a good guide for the expensive joint search. The
+right-hand plot repeats this with the plain quantization error as the proxy (App. A: a weaker 0.81). On this tiny
+model with a handful of samples, expect a noisier picture. — {paper}
+""".format(paper=PAPER)
+
+ASK_HELP = """
+**What am I looking at?** The same image and question go to the **full-precision (FP)** model and to every
+quantized variant you hold; the answers appear side by side with their latency. A good quantization gives the
+same answers. The bundled model is a tiny LLaVA trained on **easy-VQA** (one coloured shape per 64x64 image), so ask
+about shape and colour: *what shape is in the image?*, *is there a red shape?*. Quantization here is *simulated*
+(fake-quantized tensors in float arithmetic, as in the paper's own code), so latency shows the cost of the
+simulation, not the speed-up of real 4-bit kernels. — {paper}
+""".format(paper=PAPER)
+
+RESULTS_HELP = """
+**What am I looking at?** Accuracy on a fixed random subset of the easy-VQA *test* split (the same questions for
+every model), overall and per question type (yes/no, colour, shape), for the FP model and each variant you
+hold. The memory plot compares the weights' size in FP16 with their size when packed at the variant's bit-width
+(the paper reports 2.78x less memory for LLaVA-13B at W4A4). Larger subsets give steadier numbers but take longer:
+about 100 questions a second for the bundled model on 2 CPU cores. — {paper}
+""".format(paper=PAPER)
+
+NO_VARIANT_NOTE = (
+    "No quantized variant yet: only the full-precision answer is shown. "
+    "Quantize a model in the **Quantize** tab to compare."
+)

@@ -1,0 +1,113 @@
+"""qvlm.plots: every figure builds from plain data, shows what the paper's figures show, and
+degrades to a readable placeholder on empty input (the app draws them before any run)."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import pytest
+
+from qvlm import plots
+
+
+def _texts(fig: go.Figure) -> str:
+    return " ".join(a.text or "" for a in fig.layout.annotations) + " " + str(fig.layout.title.text)
+
+
+def test_linear_fit_exact_line_has_r2_one():
+    fit = plots.linear_fit([0, 1, 2, 3], [1, 3, 5, 7])
+    assert fit["slope"] == pytest.approx(2) and fit["intercept"] == pytest.approx(1)
+    assert fit["r2"] == pytest.approx(1.0)
+
+
+def test_linear_fit_degenerate_inputs_are_finite():
+    for xs, ys in (([], []), ([1.0], [2.0]), ([1, 1, 1], [1, 2, 3])):
+        fit = plots.linear_fit(xs, ys)
+        assert all(math.isfinite(v) for v in fit.values())
+
+
+def test_ded_scatter_has_points_fit_line_and_r2_annotation():
+    points = [{"entropy": e, "ded": 0.5 * e + 0.1, "qerr": e * e, "sample": i} for i, e in enumerate([0.1, 0.4, 0.9, 1.3])]
+    fig = plots.ded_scatter(points, layer=3)
+    scatter, line = fig.data
+    assert len(scatter.x) == 4 and scatter.mode == "markers"
+    assert line.mode == "lines"
+    assert "R² = 1.0000" in _texts(fig)
+    assert "layer 3" in _texts(fig)
+    # the quantization-error variant uses the qerr key and the supplied fit
+    fig2 = plots.ded_scatter(points, layer=3, x_key="qerr", fit={"slope": 1.0, "intercept": 0.0, "r2": 0.81})
+    assert "R² = 0.8100" in _texts(fig2)
+    assert list(fig2.data[0].x) == [p["qerr"] for p in points]
+
+
+def test_ded_scatter_skips_non_finite_points_and_handles_empty():
+    fig = plots.ded_scatter([{"entropy": float("nan"), "ded": 1.0}], layer=0)
+    assert len(fig.data) == 0 and "No DED samples" in _texts(fig)
+
+
+def test_partition_figure_colours_layers_by_block_and_draws_h0():
+    entropies = [0.9, 0.2, 0.8, 0.7, 0.1]  # 6 layers
+    blocks = [[0, 1], [2, 3, 4], [5]]
+    pct = {0: 1.0, 1: 0.995, 2: 0.99, 3: 0.98, 4: 1.0, 5: 0.985}
+    fig = plots.partition_figure(entropies, blocks, h0=0.5, percentiles=pct)
+    block_traces = [t for t in fig.data if t.name and t.name.startswith("block")]
+    assert [list(t.x) for t in block_traces] == blocks
+    assert len({t.marker.color for t in block_traces}) == 3
+    # chosen percentile reaches the hover data
+    assert block_traces[1].customdata[1][1] == "0.980"
+    d_bars = next(t for t in fig.data if t.name == "D(k,k+1)")
+    assert list(d_bars.y) == entropies and list(d_bars.x) == [0.5, 1.5, 2.5, 3.5, 4.5]
+    # a bar inside a block takes the block's colour, a bar across a cut is grey
+    assert d_bars.marker.color[0] == block_traces[0].marker.color
+    assert d_bars.marker.color[1] == "#BBBBBB"
+    h0_line = next(t for t in fig.data if t.name and t.name.startswith("h0"))
+    assert set(h0_line.y) == {0.5}
+    assert "3 blocks" in _texts(fig)
+
+
+def test_partition_figure_empty_is_a_placeholder():
+    fig = plots.partition_figure([], [])
+    assert "Quantize a model" in _texts(fig)
+
+
+def test_layer_error_figure_groups_variants_and_shows_init():
+    errs = [{"tower": "vision", "index": 0, "quant_mse": 1e-3, "init_mse": 2e-3},
+            {"tower": "language", "index": 0, "quant_mse": 5e-4}]
+    fig = plots.layer_error_figure({"W4A4 qvlm": errs, "W8A8 rtn": [{"tower": "language", "index": 0, "quant_mse": 1e-5}]})
+    names = [t.name for t in fig.data]
+    assert "W4A4 qvlm (after search)" in names and "W4A4 qvlm (before search)" in names
+    assert "W8A8 rtn (after search)" in names
+    assert list(fig.data[0].x) == ["V0", "L0"]
+    assert fig.layout.yaxis.type == "log"
+    assert "Quantize a model" in _texts(plots.layer_error_figure({}))
+
+
+def test_veo_loss_figure_plots_each_term():
+    losses = [{"step": i, "epoch": i // 2, "total": 3 - 0.1 * i, "reg": 1.0, "ent": 0.5, "err": 1.5 - 0.1 * i}
+              for i in range(6)]
+    fig = plots.veo_loss_figure(losses)
+    assert [t.name for t in fig.data] == ["total L", "L_reg (answer CE)", "L_ent (entropy)", "L_err (output error)"]
+    assert "No VEO run" in _texts(plots.veo_loss_figure([]))
+
+
+def test_accuracy_and_memory_figures():
+    rows = [{"model": "FP", "accuracy": 0.9, "per_type": {"yes/no": 0.95, "shape": 0.8}, "is_fp": True},
+            {"model": "W4A4 qvlm", "accuracy": 0.85, "per_type": {"yes/no": 0.9, "shape": 0.7}}]
+    fig = plots.accuracy_figure(rows)
+    assert list(fig.data[0].x) == ["overall", "shape", "yes/no"]
+    assert fig.data[0].y[0] == pytest.approx(90.0)
+    mem = plots.memory_figure([{"model": "W4A4 qvlm", "fp16_bytes": 8 * 2**20, "quant_bytes": 2 * 2**20}])
+    assert mem.data[0].y[0] == pytest.approx(8.0) and mem.data[1].y[0] == pytest.approx(2.0)
+    assert mem.data[1].text[0] == "4.00x smaller"
+    assert "Run an evaluation" in _texts(plots.accuracy_figure([]))
+
+
+def test_plots_module_does_not_import_gradio():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(plots))
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "gradio" not in imported
