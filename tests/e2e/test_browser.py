@@ -1,0 +1,157 @@
+"""The real thing: start ``app.py`` on a free port, drive it with headless Chromium.
+
+Flow: W4A4 Q-VLM quantization of the bundled model with 8 calibration pairs (the status must
+show the stages while it runs), the partition and DED plots render in the Analysis tab, an
+example image is asked about and both the FP and the quantized answers appear. Screenshots
+and measured timings go to ``test-artifacts/``.
+
+Uses Debian's Chromium through Playwright (``/usr/bin/chromium``); Playwright's own browser
+download is never used. Skipped, with the reason, only when that binary is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run", "--disable-quic"]
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                       "(apt-get install chromium); Playwright's browser download is never used"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(bundled_dir: Path):
+    """``python app.py`` in a subprocess, as a user (or a Space) starts it; yields its URL."""
+    port = _free_port()
+    env = {**os.environ, "QVLM_DEFAULT_MODEL": str(bundled_dir), "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "e2e_app.log", "w")
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}; see {ARTIFACTS / 'e2e_app.log'}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - start > 90:
+                pytest.fail("app.py did not serve within 90 s")
+            time.sleep(0.25)
+        _record("startup_seconds", round(time.monotonic() - start, 2))
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _record(key: str, value) -> None:
+    path = ARTIFACTS / "e2e_timings.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+        pg.set_default_timeout(30_000)
+        pg.goto(app_url, wait_until="load")  # never "networkidle": the page keeps a live connection
+        pg.wait_for_selector("#start-btn")
+        yield pg
+        browser.close()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def test_quantize_analyse_and_ask_in_a_real_browser(page):
+    # --- Quantize: W4A4, Q-VLM, 8 calibration pairs -------------------------------------------------
+    page.click("#advanced button, #advanced .label-wrap")
+    page.fill("#calib-size input", "8")
+    page.locator("#calib-size input").press("Tab")
+    page.check("#bits input[value='W4A4']")
+    _shot(page, "01_quantize_form.png")
+
+    clicked = time.monotonic()
+    page.click("#start-btn")
+    # live progress: a stage line with a running marker appears before the result
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#quant-status')?.innerText || '';"
+        " return t.includes('▶') || t.includes('ready in'); }", timeout=60_000)
+    status_running = page.inner_text("#quant-status")
+    _shot(page, "02_quantize_progress.png")
+    page.wait_for_function(
+        "() => (document.querySelector('#quant-status')?.innerText || '').includes('ready in')", timeout=240_000)
+    seconds = time.monotonic() - clicked
+    _record("click_to_w4a4_qvlm_result_seconds", round(seconds, 1))
+    status = page.inner_text("#quant-status")
+    assert "W4A4 qvlm" in status
+    assert "calibration" in status_running + status and "block-wise percentile search" in status
+    assert "W4A4 qvlm" in page.inner_text("#held-variants")
+    _shot(page, "03_quantize_done.png")
+
+    # --- Analysis: partition and DED plots render ---------------------------------------------------
+    page.click("#tab-analysis-button")
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#partition-plot')?.textContent || '';"
+        " return /\\d+ blocks\\)/.test(t); }", timeout=120_000)
+    page.wait_for_function(
+        "() => (document.querySelector('#ded-plot')?.textContent || '').includes('R² =')", timeout=120_000)
+    assert page.locator("#partition-plot .main-svg").count() >= 1
+    assert page.locator("#ded-plot .main-svg").count() >= 1
+    assert "R² =" in page.locator("#qerr-plot").text_content()
+    page.wait_for_timeout(500)
+    _shot(page, "04_analysis.png")
+
+    # --- Ask: an example image, both answers side by side -------------------------------------------
+    page.click("#tab-ask-button")
+    page.locator("#image-examples tbody tr").first.click()
+    page.wait_for_function(
+        "() => (document.querySelector('#question textarea, #question input')?.value || '').length > 0")
+    page.wait_for_selector("#ask-image img")
+    page.click("#ask-btn")
+    page.wait_for_function("() => document.querySelectorAll('#answers .qvlm-card').length >= 2", timeout=60_000)
+    cards = page.locator("#answers .qvlm-card")
+    texts = [cards.nth(i).inner_text() for i in range(cards.count())]
+    assert "full precision" in texts[0] and any("W4A4 qvlm" in t for t in texts[1:])
+    latencies = [int(m.group(1)) for t in texts for m in [re.search(r"(\d+) ms", t)] if m]
+    assert len(latencies) == len(texts)
+    _record("answer_latency_ms", dict(zip(["FP", *[t.splitlines()[0] for t in texts[1:]]], latencies)))
+    _shot(page, "05_ask_side_by_side.png")
