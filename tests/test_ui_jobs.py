@@ -152,3 +152,29 @@ def test_cancel_raises_the_shared_cancelled_type():
     ev.set()
     with pytest.raises(Cancelled):
         check_cancel(ev)
+
+
+def test_results_panel_evaluates_fp_and_variants_and_reuses_results(ctl, bundled_dir):
+    list(ctl.quantize(str(bundled_dir), *_args(), request=_req("g")))
+    outs = list(ctl.evaluate(20, str(bundled_dir), _req("g")))
+    status, table, acc_fig, mem_fig = outs[-1]
+    assert "2 model(s) evaluated on the same 20 test questions" in status
+    assert [row[0] for row in table] == ["FP", "W4A4 qvlm"] and all(row[1] == 20 for row in table)
+    assert [t.name for t in acc_fig.data] == ["FP", "W4A4 qvlm"]
+    # a second run with the same subset reuses the stored results (no new computation, one update)
+    again = list(ctl.evaluate(20, str(bundled_dir), _req("g")))
+    assert len(again) == 1 and again[0][1] == table
+
+
+@pytest.mark.parametrize("n", [0, -5, "abc", 10**6])
+def test_results_panel_rejects_a_bad_subset_size(ctl, bundled_dir, n):
+    outs = list(ctl.evaluate(n, str(bundled_dir), _req("h")))
+    assert len(outs) == 1 and "Choose between 1 and" in outs[0][0]
+
+
+def test_results_panel_cancel_keeps_finished_evaluations(ctl, bundled_dir):
+    gen = ctl.evaluate(200, str(bundled_dir), _req("i"))
+    next(gen)
+    ctl.cancel(_req("i"))
+    outs = list(gen)
+    assert "Cancelled" in outs[-1][0] and not HEAVY_WORK.locked()
