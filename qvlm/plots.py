@@ -168,39 +168,48 @@ def partition_figure(
 def layer_error_figure(
     variants: Mapping[str, Sequence[Mapping[str, Any]]],
     tower: str | None = None,
-    title: str = "Per-layer quantization error (output MSE vs full precision)",
+    title: str = "Per-layer quantization error vs full precision",
 ) -> go.Figure:
     """Each layer's output error of the quantized model against the FP model, one trace per variant.
 
     The FP model is the reference (error 0), so the bars say how far each quantized layer
-    drifts from it; ``init_mse`` (the error before the search, i.e. the QLoRA-style init) is
-    drawn as hollow markers when a variant reports it, to show what the search bought.
-    A log axis keeps 8-bit and 3-bit variants readable together.
+    drifts from it. When the rows carry ``fp_mse`` (the FP output's mean square) the error is
+    shown relative to it, so vision and language layers of very different scales compare on
+    one axis. ``init_mse`` (before the search, i.e. after the QLoRA-style init) is drawn as
+    hollow markers when present, to show what the search bought. A log axis keeps 8-bit and
+    3-bit variants readable together.
     """
+    all_rows = [e for errors in variants.values() for e in errors]
+    relative = bool(all_rows) and all(_finite(e.get("fp_mse")) and float(e["fp_mse"]) > 0 for e in all_rows)
+
+    def value(e: Mapping[str, Any], key: str) -> float:
+        return float(e[key]) / float(e["fp_mse"]) if relative else float(e[key])
+
     traces = []
     for v, (label, errors) in enumerate(variants.items()):
         rows = [e for e in errors if (tower is None or e.get("tower") == tower) and _finite(e.get("quant_mse"))]
         if not rows:
             continue
-        names = [_layer_name(e) for e in rows]
         color = _block_color(v)
         traces.append(go.Bar(
-            x=names, y=[float(e["quant_mse"]) for e in rows], name=f"{label} (after search)",
-            marker=dict(color=color), hovertemplate="%{x}<br>MSE %{y:.3g}<extra>" + label + "</extra>",
+            x=[_layer_name(e) for e in rows], y=[value(e, "quant_mse") for e in rows], name=f"{label} (final)",
+            marker=dict(color=color), hovertemplate="%{x}<br>error %{y:.3g}<extra>" + label + "</extra>",
         ))
         init = [e for e in rows if _finite(e.get("init_mse"))]
         if init:
             traces.append(go.Scatter(
-                x=[_layer_name(e) for e in init], y=[float(e["init_mse"]) for e in init], mode="markers",
-                name=f"{label} (before search)",
+                x=[_layer_name(e) for e in init], y=[value(e, "init_mse") for e in init], mode="markers",
+                name=f"{label} (after init, before VEO/search)",
                 marker=dict(symbol="diamond-open", size=10, color=color, line=dict(width=2)),
-                hovertemplate="%{x}<br>init MSE %{y:.3g}<extra>" + label + "</extra>",
+                hovertemplate="%{x}<br>init error %{y:.3g}<extra>" + label + "</extra>",
             ))
     if not traces:
         return empty_figure("Quantize a model to see its per-layer error.", title)
     fig = go.Figure(traces)
-    fig.update_layout(title=title, barmode="group", yaxis_type="log", yaxis_title="MSE vs FP (log)",
-                      xaxis_title="layer", legend=dict(orientation="h", y=-0.3), **{**_LAYOUT, "height": 420})
+    y_title = "output MSE / FP output power (log)" if relative else "output MSE vs FP (log)"
+    fig.update_layout(title=title, barmode="group", yaxis_type="log", yaxis_title=y_title,
+                      xaxis_title="layer (V = vision, L = language)", legend=dict(orientation="h", y=-0.3),
+                      **{**_LAYOUT, "height": 420})
     return fig
 
 
@@ -225,8 +234,10 @@ def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss 
             line=dict(width=3 if key == "total" else 1.5), customdata=[r.get("epoch") for r in rows],
             hovertemplate="step %{x} (epoch %{customdata})<br>%{y:.4g}<extra>" + name + "</extra>",
         ))
-    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="loss",
-                      legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    values = [float(r[k]) for r in rows for k in names if _finite(r.get(k))]
+    log_axis = bool(values) and min(values) > 0 and max(values) / min(values) > 100
+    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="loss" + (" (log)" if log_axis else ""),
+                      yaxis_type="log" if log_axis else "linear", legend=dict(orientation="h", y=-0.25), **_LAYOUT)
     return fig
 
 

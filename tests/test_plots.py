@@ -76,11 +76,18 @@ def test_layer_error_figure_groups_variants_and_shows_init():
             {"tower": "language", "index": 0, "quant_mse": 5e-4}]
     fig = plots.layer_error_figure({"W4A4 qvlm": errs, "W8A8 rtn": [{"tower": "language", "index": 0, "quant_mse": 1e-5}]})
     names = [t.name for t in fig.data]
-    assert "W4A4 qvlm (after search)" in names and "W4A4 qvlm (before search)" in names
-    assert "W8A8 rtn (after search)" in names
+    assert "W4A4 qvlm (final)" in names and "W4A4 qvlm (after init, before VEO/search)" in names
+    assert "W8A8 rtn (final)" in names
     assert list(fig.data[0].x) == ["V0", "L0"]
     assert fig.layout.yaxis.type == "log"
     assert "Quantize a model" in _texts(plots.layer_error_figure({}))
+
+
+def test_layer_error_figure_is_relative_when_fp_power_is_known():
+    errs = [{"tower": "language", "index": 0, "fp_mse": 2.0, "quant_mse": 0.02, "init_mse": 0.04}]
+    fig = plots.layer_error_figure({"v": errs})
+    assert fig.data[0].y[0] == pytest.approx(0.01) and fig.data[1].y[0] == pytest.approx(0.02)
+    assert "FP output power" in fig.layout.yaxis.title.text
 
 
 def test_veo_loss_figure_plots_each_term():
@@ -89,6 +96,8 @@ def test_veo_loss_figure_plots_each_term():
     fig = plots.veo_loss_figure(losses)
     assert [t.name for t in fig.data] == ["total L", "L_reg (answer CE)", "L_ent (entropy)", "L_err (output error)"]
     assert "No VEO run" in _texts(plots.veo_loss_figure([]))
+    tiny_err = [{"step": 1, "total": 1.6, "reg": 1.6, "ent": 2.1, "err": 7e-4}]
+    assert plots.veo_loss_figure(tiny_err).layout.yaxis.type == "log"  # a 1e-3 term stays visible
 
 
 def test_accuracy_and_memory_figures():

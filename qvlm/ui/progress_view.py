@@ -21,7 +21,7 @@ STAGE_TITLES = {
     "veo": "VEO: optimize vision-encoder quantizers",
     "entropy": "entropy D(k,k+1) between decoder layers",
     "search": "block-wise percentile search",
-    "done": "done",
+    "done": "finish: measure per-layer errors",
     "eval": "easy-VQA evaluation",
 }
 
@@ -67,7 +67,7 @@ class StageTracker:
         if not self.stages and final is None:
             lines.append("- starting…")
         for stage, (fraction, message) in self.stages.items():
-            if stage == "done":
+            if stage == "done" and final is not None:
                 continue
             running = stage == self.current and final is None
             icon = "▶" if running else "✓"
