@@ -415,7 +415,7 @@ class Controller:
             ])
             acc_rows.append({"model": label, "accuracy": res.accuracy, "per_type": res.per_type, "n": res.n,
                              "is_fp": label == "FP"})
-            if fp16 and packed:
+            if fp16 and packed and label != "FP":  # FP's FP16 size is every variant's grey bar already
                 mem_rows.append({"model": label, "fp16_bytes": fp16, "quant_bytes": packed})
         return table, acc_rows, mem_rows
 

@@ -1,0 +1,81 @@
+"""The launched app through its HTTP API (gradio_client), as a script or a Space would use it.
+
+Checks what only a real server shows: uploads reach the Ask handler un-decoded (so a file
+that is not an image gets our message, not Gradio's generic error), the queue is on with a
+default concurrency limit, and the app builds and serves quickly.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from qvlm.ui import Settings, build_app
+from qvlm.ui.settings import EXAMPLES_DIR
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(bundled_dir: Path):
+    start = time.monotonic()
+    demo = build_app(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], hub_models=(),
+                              preload=False))
+    demo.queue(default_concurrency_limit=demo.controller.settings.concurrency)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    startup = time.monotonic() - start
+    from gradio_client import Client
+
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield demo, client, startup
+    client.close() if hasattr(client, "close") else None
+    demo.close()
+
+
+def test_serves_quickly_with_a_queue(served):
+    demo, _, startup = served
+    assert startup < 20, f"build + launch took {startup:.1f} s"
+    assert demo._queue is not None and demo._queue.default_concurrency_limit == demo.controller.settings.concurrency
+
+
+def test_api_lists_each_panels_main_endpoint(served):
+    _, client, _ = served
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/quantize", "/ask", "/evaluate", "/cancel", "/overview", "/ded"} <= names
+
+
+def test_ask_over_http_with_an_example_image(served, bundled_dir):
+    from gradio_client import handle_file
+
+    _, client, _ = served
+    html, note = client.predict(handle_file(str(EXAMPLES_DIR / "easyvqa_test_7.png")), "what color is the circle?",
+                                str(bundled_dir), api_name="/ask")
+    assert "FP · full precision" in html and "reference answer: <b>green</b>" in html
+    assert "No quantized variant yet" in note
+
+
+def test_ask_over_http_with_a_file_that_is_not_an_image(served, bundled_dir, tmp_path):
+    from gradio_client import handle_file
+
+    bogus = tmp_path / "holiday.jpg"
+    bogus.write_bytes(b"%PDF-1.4 definitely not a jpeg")
+    _, client, _ = served
+    _, note = client.predict(handle_file(str(bogus)), "what color is the circle?", str(bundled_dir), api_name="/ask")
+    assert "not an image" in note
+
+
+def test_quantize_over_http_reports_a_bad_setting(served, bundled_dir):
+    _, client, _ = served
+    status, *_ = client.predict(str(bundled_dir), "W4A4", "qvlm", 8, 3, "mean", "1.0, banana", 1, 1.0, 0.01, 1.0,
+                                api_name="/quantize")
+    assert "'banana' is not a number" in status
