@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder to write the model and processor to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vision-epochs", type=int, default=40)
-    p.add_argument("--joint-epochs", type=int, default=3)
+    p.add_argument("--joint-epochs", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke tests)")
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--eval-questions", type=int, default=1000)

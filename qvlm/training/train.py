@@ -40,9 +40,9 @@ class TrainConfig:
     vision_epochs: int = 40
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    joint_epochs: int = 3
+    joint_epochs: int = 4
     images_per_step: int = 6  # each image brings all of its ~10 questions
-    joint_lr: float = 1e-3
+    joint_lr: float = 1.5e-3
     joint_vision_lr: float = 2e-4
     aux_weight: float = 0.5
     weight_decay: float = 0.05
@@ -57,7 +57,13 @@ class TrainConfig:
 
 
 class AttributeHeads(nn.Module):
-    """Linear shape/colour classifiers on the mean of the patch features the LLM sees."""
+    """Linear shape/colour classifiers applied to *every* patch feature the LLM sees.
+
+    Per token rather than on the mean: it makes each image token carry the image's shape and
+    colour, so the LLM can read them with one attention hop to any image token instead of
+    having to find the few patches the shape covers. (With a mean-pooled head, the vision
+    tower reached 99% but the LLM plateaued near 92% on yes/no comparisons.)
+    """
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -65,8 +71,18 @@ class AttributeHeads(nn.Module):
         self.color = nn.Linear(hidden, len(COLORS))
 
     def forward(self, patch_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = patch_features.mean(dim=1)
-        return self.shape(pooled), self.color(pooled)
+        return self.shape(patch_features), self.color(patch_features)
+
+    def loss(self, patch_features: torch.Tensor, shape_y: torch.Tensor, color_y: torch.Tensor) -> torch.Tensor:
+        shape_logits, color_logits = self(patch_features)
+        tokens = patch_features.shape[1]
+        return F.cross_entropy(
+            shape_logits.flatten(0, 1), shape_y.repeat_interleave(tokens), ignore_index=-1
+        ) + F.cross_entropy(color_logits.flatten(0, 1), color_y.repeat_interleave(tokens), ignore_index=-1)
+
+    def predict(self, patch_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape_logits, color_logits = self(patch_features)
+        return shape_logits.mean(dim=1).argmax(-1), color_logits.mean(dim=1).argmax(-1)
 
 
 def _pixel_table(processor, split: str, ids: list[int]) -> torch.Tensor:
@@ -218,10 +234,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
             if step >= total:
                 break
             b = order[start : start + cfg.vision_batch]
-            shape_logits, color_logits = heads(_vision_patch_features(model, augment(pixels[b], gen)))
-            loss = F.cross_entropy(shape_logits, shape_y[b], ignore_index=-1) + F.cross_entropy(
-                color_logits, color_y[b], ignore_index=-1
-            )
+            loss = heads.loss(_vision_patch_features(model, augment(pixels[b], gen)), shape_y[b], color_y[b])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
             opt.step()
@@ -263,10 +276,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
             qa_loss, c, n = _answer_loss(
                 model, table, feats, [by_image[image_ids[i]] for i in b.tolist()], tokenizer.pad_token_id
             )
-            shape_logits, color_logits = heads(feats)
-            aux = F.cross_entropy(shape_logits, shape_y[b], ignore_index=-1) + F.cross_entropy(
-                color_logits, color_y[b], ignore_index=-1
-            )
+            aux = heads.loss(feats, shape_y[b], color_y[b])
             loss = qa_loss + cfg.aux_weight * aux
             loss.backward()
             torch.nn.utils.clip_grad_norm_(all_params, 1.0)
@@ -304,14 +314,14 @@ def _attribute_accuracy(model, heads: AttributeHeads, processor) -> dict[str, fl
     labels = {i: v for i, v in image_labels("test").items()}
     ids = sorted(labels)
     pixels = _pixel_table(processor, "test", ids)
-    shape_logits, color_logits = heads(_vision_patch_features(model, pixels))
+    shape_pred, color_pred = heads.predict(_vision_patch_features(model, pixels))
     shape_y = torch.tensor([labels[i][0] for i in ids])
     color_y = torch.tensor([labels[i][1] for i in ids])
     model.train()
     ks, kc = shape_y >= 0, color_y >= 0
     return {
-        "shape": round((shape_logits.argmax(-1)[ks] == shape_y[ks]).float().mean().item(), 4),
-        "color": round((color_logits.argmax(-1)[kc] == color_y[kc]).float().mean().item(), 4),
+        "shape": round((shape_pred[ks] == shape_y[ks]).float().mean().item(), 4),
+        "color": round((color_pred[kc] == color_y[kc]).float().mean().item(), 4),
     }
 
 
