@@ -178,3 +178,28 @@ def test_results_panel_cancel_keeps_finished_evaluations(ctl, bundled_dir):
     ctl.cancel(_req("i"))
     outs = list(gen)
     assert "Cancelled" in outs[-1][0] and not HEAVY_WORK.locked()
+
+
+def test_ded_is_computed_once_per_sample_count_then_browsed_by_layer(ctl, bundled_dir, monkeypatch):
+    calls = []
+
+    def fake_sweep(fp, result, n, progress, cancel):
+        calls.append(n)
+        progress("ded", 1.0, "layer 6")
+        pts = [{"sample": i, "entropy": 0.1 * i, "ded": 0.2 * i + 0.01, "qerr": 0.05 * i * i} for i in range(n)]
+        return {k: SimpleNamespace(layer=k, block=[k, k + 1], points=pts, fit=None, qerr_fit=None) for k in range(7)}
+
+    monkeypatch.setattr(callbacks.qb, "ded_sweep", fake_sweep)
+    list(ctl.quantize(str(bundled_dir), *_args(), request=_req("k")))
+    ded_fig, qerr_fig, note = ctl.ded("W4A4 qvlm", 3, 4, _req("k"))
+    assert "Compute DED" in note and len(ded_fig.data) == 0  # nothing measured yet: a pointer, not a failure
+    outs = list(ctl.compute_ded("W4A4 qvlm", 3, 4, _req("k")))
+    note, ded_fig, qerr_fig = outs[-1]
+    assert "Done in" in note and "R² = 1.0000" in str(ded_fig.layout.annotations[0].text)
+    assert "layers 3–4" in ded_fig.layout.title.text
+    ded_fig5, _, _ = ctl.ded("W4A4 qvlm", 5, 4, _req("k"))
+    assert "layers 5–6" in ded_fig5.layout.title.text
+    list(ctl.compute_ded("W4A4 qvlm", 5, 4, _req("k")))
+    assert calls == [4]  # the second request was served from the stored sweep
+    bad = list(ctl.compute_ded("W4A4 qvlm", 5, 1, _req("k")))
+    assert "from 2 to 64" in bad[-1][0]

@@ -237,36 +237,103 @@ class Controller:
         return _variant_info(variant), partition, errors, veo
 
     def ded(self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
-        """(entropy-vs-DED figure, qerr-vs-DED figure, note) for one decoder layer; cached per variant."""
+        """(entropy-vs-DED figure, qerr-vs-DED figure, note) for one decoder layer, from computed sweeps."""
         session = self.session(request)
         variant = session.variants.find_label(label) if label else None
         if variant is None:
             msg = "Quantize a model first to see DED plots."
             return plots.empty_figure(msg, "DED vs entropy"), plots.empty_figure(msg, "DED vs quantization error"), ""
         try:
-            layer_i = int(layer)
-            n = max(2, min(64, int(n_samples)))
+            layer_i, n = int(layer), int(n_samples)
         except (TypeError, ValueError):
             return SKIP(), SKIP(), _warn("Layer and number of samples must be whole numbers.")
-        n_layers = len(variant.handle.layer_map.language)
-        if not 0 <= layer_i < n_layers:
-            return SKIP(), SKIP(), _warn(f"This model has decoder layers 0..{n_layers - 1}.")
-        analysis = variant.analyses.get((layer_i, n))
-        if analysis is None:
-            try:
-                fp = self.models.get(variant.base_model)
-                analysis = qb.ded_analysis(fp, variant.result, layer_i, n)
-            except (ModelLoadError, ValueError) as err:
-                return SKIP(), SKIP(), _warn(str(err))
-            except Exception as err:  # noqa: BLE001
-                return SKIP(), SKIP(), _unexpected("The DED analysis", err)
-            variant.analyses[(layer_i, n)] = analysis
+        sweep = variant.analyses.get(n)
+        if sweep is None:
+            done = sorted(variant.analyses)
+            msg = "Press **Compute DED** to measure it"
+            if done:
+                msg += f" for {n} samples (computed so far for: {', '.join(map(str, done))} samples)"
+            init_s = (getattr(variant.result, "timings", None) or {}).get("init")
+            cost = f" It re-runs the layer-wise init on {n} samples (the init took {init_s:.0f} s)." if init_s else ""
+            blank = "Press 'Compute DED' to measure DED for every layer."
+            return (plots.empty_figure(blank, "DED vs entropy"), plots.empty_figure(blank, "DED vs quantization error"),
+                    msg + "." + cost)
+        if layer_i not in sweep:
+            return SKIP(), SKIP(), _warn(f"DED is defined for layers {min(sweep)}..{max(sweep)} (pairs k, k+1).")
+        analysis = sweep[layer_i]
         points = list(analysis.points)
-        ded_fig = plots.ded_scatter(points, layer_i, "entropy", getattr(analysis, "fit", None))
-        qerr_fig = plots.ded_scatter(points, layer_i, "qerr", getattr(analysis, "qerr_fit", None))
-        note = (f"Layer {layer_i} of `{variant.label}`: {len(points)} calibration samples. Each dot compares the "
-                "layer-wise and the joint search on one sample.")
+        block = getattr(analysis, "block", [layer_i, layer_i + 1])
+        title = f"Decoder layers {block[0]}–{block[-1]}"
+        ded_fig = plots.ded_scatter(points, layer_i, "entropy", getattr(analysis, "fit", None),
+                                    title=f"{title}: DED vs entropy D({block[0]},{block[-1]})")
+        qerr_fig = plots.ded_scatter(points, layer_i, "qerr", getattr(analysis, "qerr_fit", None),
+                                     title=f"{title}: DED vs quantization error")
+        note = (f"Layers {block[0]}–{block[-1]} of `{variant.label}`: {len(points)} calibration samples; each dot is "
+                "one sample, DED = its block-output error with the layer-by-layer choice minus with the joint choice.")
         return ded_fig, qerr_fig, note
+
+    def compute_ded(
+        self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        """Stream (note, entropy-vs-DED, qerr-vs-DED) while measuring DED for every layer of a variant."""
+        session = self.session(request)
+        variant = session.variants.find_label(label) if label else None
+        if variant is None:
+            yield _warn("Quantize a model first, then pick the variant to analyse."), SKIP(), SKIP()
+            return
+        try:
+            n = int(n_samples)
+            if not 2 <= n <= 64:
+                raise ValueError
+        except (TypeError, ValueError):
+            yield _warn("DED samples must be a whole number from 2 to 64."), SKIP(), SKIP()
+            return
+        if n in variant.analyses:
+            ded_fig, qerr_fig, note = self.ded(label, layer, n, request)
+            yield note, ded_fig, qerr_fig
+            return
+        if not session.begin("DED analysis"):
+            yield _warn(f"This session is already running a {session.busy}; wait for it or press Cancel."), \
+                SKIP(), SKIP()
+            return
+        tracker = StageTracker(f"DED analysis of {variant.label} on {n} samples")
+        job: BackgroundJob | None = None
+        locked = False
+        try:
+            fp = self.models.get(variant.base_model)
+            while not (locked := HEAVY_WORK.acquire(f"a DED analysis ({variant.label})", timeout=0.5)):
+                if session.cancel.is_set():
+                    yield tracker.markdown("■ Cancelled while waiting."), SKIP(), SKIP()
+                    return
+                tracker.note = f"Waiting: another session is running {HEAVY_WORK.describe()}."
+                yield tracker.markdown(), SKIP(), SKIP()
+            tracker.note = ""
+            job = BackgroundJob(lambda cb: qb.ded_sweep(fp, variant.result, n, cb, session.cancel)).start()
+            for events in job.poll():
+                tracker.update(events)
+                yield tracker.markdown(), SKIP(), SKIP()
+            variant.analyses[n] = job.outcome()
+        except qb.cancelled_types():
+            yield tracker.markdown("■ Cancelled. The plots you had are unchanged."), SKIP(), SKIP()
+            return
+        except (ModelLoadError, ValueError) as err:
+            yield tracker.markdown(_warn(str(err))), SKIP(), SKIP()
+            return
+        except Exception as err:  # noqa: BLE001
+            yield tracker.markdown(_unexpected("The DED analysis", err)), SKIP(), SKIP()
+            return
+        finally:
+            if job is not None and not job.done:
+                session.cancel.set()
+                try:
+                    job.outcome()
+                except BaseException:  # noqa: BLE001
+                    pass
+            if locked:
+                HEAVY_WORK.release()
+            session.end()
+        ded_fig, qerr_fig, note = self.ded(label, layer, n, request)
+        yield tracker.markdown(f"✓ Done in {job.elapsed:.1f} s. " + note), ded_fig, qerr_fig
 
     def variant_choices(self, request: gr.Request | None = None) -> Any:
         labels = self.session(request).variants.labels()

@@ -70,20 +70,20 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
             # ---------------------------------------------------------------- Analysis
             with gr.Tab("2 · Analysis", id="tab-analysis", elem_id="tab-analysis"):
                 _help(texts.ANALYSIS_HELP)
-                with gr.Row():
-                    variant = gr.Dropdown([], value=None, label="Quantized variant", elem_id="analysis-variant",
-                                          scale=2)
-                    layer = gr.Slider(0, 6, value=3, step=1, label="Decoder layer k for the DED plots",
-                                      elem_id="ded-layer", scale=2)
-                    n_samples = gr.Number(8, precision=0, minimum=2, maximum=64, label="DED samples",
-                                          elem_id="ded-samples", scale=1)
+                variant = gr.Dropdown([], value=None, label="Quantized variant", elem_id="analysis-variant")
                 info = gr.Markdown("*Quantize a model first (Quantize tab).*", elem_id="analysis-info")
                 partition = gr.Plot(plots.partition_figure([], []), label="Block partition", elem_id="partition-plot")
+                with gr.Row(equal_height=True):
+                    layer = gr.Slider(0, 6, value=3, step=1, label="DED of decoder layers k, k+1: choose k",
+                                      elem_id="ded-layer", scale=3)
+                    n_samples = gr.Number(8, precision=0, minimum=2, maximum=64, label="DED samples",
+                                          elem_id="ded-samples", scale=1)
+                    ded_btn = gr.Button("Compute DED", elem_id="ded-btn", scale=1)
+                ded_note = gr.Markdown("", elem_id="ded-note")
                 with gr.Row():
                     ded = gr.Plot(plots.ded_scatter([], 0), label="DED vs entropy", elem_id="ded-plot")
                     qerr = gr.Plot(plots.ded_scatter([], 0, "qerr"), label="DED vs quantization error",
                                    elem_id="qerr-plot")
-                ded_note = gr.Markdown("", elem_id="ded-note")
                 with gr.Row():
                     errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
                     veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
@@ -143,6 +143,8 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
          .then(ctl.ded, [variant, layer, n_samples], [ded, qerr, ded_note], api_name=False))
         layer.release(ctl.ded, [variant, layer, n_samples], [ded, qerr, ded_note], api_name="ded")
         n_samples.submit(ctl.ded, [variant, layer, n_samples], [ded, qerr, ded_note], api_name=False)
+        ded_btn.click(ctl.compute_ded, [variant, layer, n_samples], [ded_note, ded, qerr], show_progress="minimal",
+                      api_name="compute_ded", **heavy)
 
         # preprocess=False: the image arrives as a file path that ctl.ask checks itself, so a file that
         # is not an image gets a message instead of failing inside Gradio's own image decoding.

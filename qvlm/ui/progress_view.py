@@ -23,6 +23,7 @@ STAGE_TITLES = {
     "search": "block-wise percentile search",
     "done": "finish: measure per-layer errors",
     "eval": "easy-VQA evaluation",
+    "ded": "DED: layer-wise vs joint search, per sample",
 }
 
 

@@ -201,7 +201,12 @@ def weight_memory(model: Any) -> dict[str, Any] | None:
     return wm(model)
 
 
-def ded_analysis(fp_handle: Any, result: Any, layer: int, n_samples: int) -> Any:
-    from qvlm.analysis import ded_analysis as run
+def ded_sweep(fp_handle: Any, result: Any, n_samples: int, progress: Any = None, cancel: Any = None) -> dict[int, Any]:
+    """DED analyses of every adjacent decoder-layer pair, {k: analysis of (k, k+1)}.
 
-    return run(fp_handle, result, layer=layer, n_samples=n_samples)
+    One sweep rebuilds the layer-wise initialization once and then walks all layers, so the
+    layer slider is instant afterwards; per-layer calls would each pay for the rebuild.
+    """
+    from qvlm.analysis import ded_sweep as run
+
+    return {a.layer: a for a in run(fp_handle, result, n_samples=n_samples, progress=progress, cancel=cancel)}

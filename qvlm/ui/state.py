@@ -40,7 +40,7 @@ class Variant:
     seconds: float
     created: float = field(default_factory=time.time)
     evals: dict[tuple[int, int], Any] = field(default_factory=dict)  # (n questions, seed) -> EvalResult
-    analyses: dict[tuple[int, int], Any] = field(default_factory=dict)  # (layer, n_samples) -> DEDAnalysis
+    analyses: dict[int, dict[int, Any]] = field(default_factory=dict)  # n_samples -> {layer: DEDAnalysis}
     memory: dict[str, Any] | None = None
 
     @property
