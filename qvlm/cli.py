@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tiny", help="train the bundled tiny LLaVA on easy-VQA (CPU, ~35 min on 2 cores)")
     p.add_argument("--out", required=True, type=Path, help="folder to write the model and processor to")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vision-epochs", type=int, default=40)
+    p.add_argument("--vision-epochs", type=int, default=30)
     p.add_argument("--joint-epochs", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke tests)")
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
