@@ -88,7 +88,11 @@ class Controller:
         """Load the default FP model in the background so the first click does not wait for it."""
         def run() -> None:
             try:
-                self.models.get(self.settings.default_model)
+                fp = self.models.get(self.settings.default_model)
+                images = self.examples.get("images", [])
+                if images:  # one tiny generation warms up the kernels: the first real answer is not 10x slower
+                    img, _ = load_user_image(str(EXAMPLES_DIR / images[0]["file"]))
+                    self._answer_card("warm-up", "fp", fp, img, images[0]["questions"][0]["question"])
             except Exception:  # noqa: BLE001 - reported when the user actually uses it
                 log.warning("preloading %s failed", self.settings.default_model, exc_info=True)
 

@@ -13,7 +13,7 @@ from qvlm.data import load_split
 from qvlm.ui import quant_bridge as qb
 from qvlm.ui import texts
 from qvlm.ui.callbacks import EVAL_COLUMNS, Controller
-from qvlm.ui.render import answers_html
+from qvlm.ui.render import answers_html, variants_markdown
 from qvlm.ui.settings import EXAMPLES_DIR, Settings
 
 
@@ -65,7 +65,8 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                 status = gr.Markdown("*Pick a model and a bit-width, then press **Start quantization**.*",
                                      elem_id="quant-status")
-                held = gr.Markdown(ctl.held_markdown(ctl.sessions.get("__empty__")), elem_id="held-variants")
+                held = gr.Markdown(variants_markdown([], settings.variant_budget_bytes, settings.max_variants),
+                                   elem_id="held-variants")
 
             # ---------------------------------------------------------------- Analysis
             with gr.Tab("2 · Analysis", id="tab-analysis", elem_id="tab-analysis"):

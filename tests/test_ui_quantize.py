@@ -1,0 +1,103 @@
+"""The panels on a REAL quantization of the bundled model (the core, not a stand-in).
+
+One small W4A4 Q-VLM run is shared by the module (calibration pairs, VEO epochs and the
+percentile grid are cut down so it takes seconds, not minutes); every panel's main callback is
+then checked on its result: the streamed stages, the Analysis figures built from what the
+core returned, side-by-side answers, accuracy and packed weight memory, and a cancel that
+really interrupts the core.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from qvlm.ui.callbacks import Controller
+from qvlm.ui.jobs import HEAVY_WORK
+from qvlm.ui.settings import EXAMPLES_DIR, Settings
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# model, bits, recipe, calib, depth, h0, percentiles, VEO epochs, eta, lambda1, lambda2
+SMALL_RUN = ["W4A4", "qvlm", 4, 3, "mean", "1.0, 0.99, 0.98", 2, 1.0, 0.01, 1.0]
+LABEL = "W4A4 qvlm"
+
+
+def _req(sid: str) -> SimpleNamespace:
+    return SimpleNamespace(session_hash=sid)
+
+
+@pytest.fixture(scope="module")
+def run(bundled_dir: Path):
+    ctl = Controller(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], preload=False))
+    start = time.monotonic()
+    outs = list(ctl.quantize(str(bundled_dir), *SMALL_RUN, request=_req("real")))
+    return SimpleNamespace(ctl=ctl, outs=outs, seconds=time.monotonic() - start, model=str(bundled_dir))
+
+
+def test_real_run_streams_every_stage_and_holds_the_variant(run):
+    final = run.outs[-1][0]
+    assert "ready in" in final, final
+    for stage in ("calibration", "init ranges", "VEO", "entropy D(k,k+1)", "block-wise percentile search"):
+        assert stage in final
+    assert len(run.outs) >= 3  # streamed
+    session = run.ctl.session(_req("real"))
+    assert session.variants.labels() == [LABEL]
+    variant = session.variants.find_label(LABEL)
+    assert variant.result.config.w_bits == 4 and variant.result.config.calib_size == 4
+
+
+def test_analysis_figures_come_from_the_real_result(run):
+    info, partition, errors, veo = run.ctl.overview(LABEL, _req("real"))
+    r = run.ctl.session(_req("real")).variants.find_label(LABEL).result
+    assert f"{len(r.blocks)} blocks" in info and f"({len(r.blocks)} blocks)" in partition.layout.title.text
+    block_traces = [t for t in partition.data if (t.name or "").startswith("block")]
+    assert [list(t.x) for t in block_traces] == [list(b) for b in r.blocks]
+    d_bars = next(t for t in partition.data if t.name == "D(k,k+1)")
+    assert list(d_bars.y) == pytest.approx(list(r.entropies))
+    assert any((t.name or "").startswith("h0") for t in partition.data)
+    assert len(errors.data) >= 1 and len(errors.data[0].x) == len(r.layer_errors)
+    assert len(veo.data) >= 1 and len(veo.data[0].x) == len(r.veo_losses)
+
+
+def test_ded_sweep_on_the_real_result(run):
+    outs = list(run.ctl.compute_ded(LABEL, 2, 2, _req("real")))
+    note, ded_fig, qerr_fig = outs[-1]
+    assert "Done in" in note, note
+    assert "R² =" in ded_fig.layout.annotations[0].text and len(ded_fig.data[0].x) == 2
+    assert "R² =" in qerr_fig.layout.annotations[0].text
+
+
+def test_fp_and_quantized_answer_side_by_side(run):
+    html, note = run.ctl.ask(str(EXAMPLES_DIR / "easyvqa_test_11.png"), "what is the black shape?", run.model,
+                             _req("real"))
+    assert "FP · full precision" in html and LABEL in html and html.count(" ms<") == 2
+    assert "reference answer: <b>rectangle</b>" in html
+
+
+def test_results_show_accuracy_and_packed_memory(run):
+    status, table, acc, mem = list(run.ctl.evaluate(20, run.model, _req("real")))[-1]
+    assert "2 model(s) evaluated" in status
+    fp_row, q_row = table
+    assert fp_row[0] == "FP" and q_row[0] == LABEL
+    assert q_row[-1].endswith("x") and float(q_row[-1][:-1]) > 2.5  # W4 packs weights > 2.5x smaller than FP16
+    assert [t.name for t in mem.data] == ["FP16", "quantized (packed)"] and list(mem.data[0].x) == [LABEL]
+
+
+def test_cancel_interrupts_the_real_core(run):
+    ctl = run.ctl
+    gen = ctl.quantize(run.model, "W8A8", "qvlm", *SMALL_RUN[2:], request=_req("real"))
+    statuses = []
+    canceller = None
+    for out in gen:
+        statuses.append(out[0])
+        if canceller is None and "calibration" in out[0]:
+            canceller = threading.Timer(0.1, ctl.cancel, args=(_req("real"),))
+            canceller.start()
+    assert "Cancelled" in statuses[-1]
+    assert ctl.session(_req("real")).variants.labels() == [LABEL]  # nothing lost, nothing half-added
+    assert not HEAVY_WORK.locked()
