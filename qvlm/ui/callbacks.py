@@ -232,8 +232,12 @@ class Controller:
             return (f"*{msg}*", plots.empty_figure(msg, "Block partition"),
                     plots.empty_figure(msg, "Per-layer error"), plots.empty_figure(msg, "VEO loss"))
         r = variant.result
-        partition = plots.partition_figure(list(r.entropies or []), [list(b) for b in (r.blocks or [])],
-                                           r.h0, dict(r.percentiles or {}))
+        if r.entropies:
+            partition = plots.partition_figure(list(r.entropies), [list(b) for b in (r.blocks or [])],
+                                               r.h0, dict(r.percentiles or {}))
+        else:
+            partition = plots.empty_figure(f"'{variant.label}' has no CDM step, so no block partition: "
+                                           "use the qvlm or qvlm-cdm recipe.", "Block partition")
         compare = {v.label: list(v.result.layer_errors or []) for v in session.variants.variants(variant.base_model)}
         compare = {variant.label: compare.pop(variant.label), **compare}  # the chosen one first
         errors = plots.layer_error_figure(compare)
@@ -506,7 +510,10 @@ def _variant_info(v: Variant) -> str:
     r = v.result
     blocks = r.blocks or []
     parts = [f"**{v.label}** of `{v.base_model}` · quantized in {v.seconds:.1f} s · {human_bytes(v.nbytes)} in memory"]
-    if blocks:
+    if not r.entropies:
+        parts.append(f"The `{r.config.recipe}` recipe has no CDM step: no D(k,k+1) was measured and every decoder "
+                     "layer keeps its own (layer-wise) range. Quantize with `qvlm` or `qvlm-cdm` to see a partition.")
+    elif blocks:
         sizes = ", ".join(f"[{b[0]}–{b[-1]}]" if len(b) > 1 else f"[{b[0]}]" for b in blocks)
         h0 = f"{r.h0:.4g}" if isinstance(r.h0, (int, float)) else "—"
         parts.append(f"{len(blocks)} blocks over {sum(len(b) for b in blocks)} decoder layers: {sizes}; h0 = {h0}.")

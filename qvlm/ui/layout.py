@@ -80,6 +80,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
                     n_samples = gr.Number(8, precision=0, minimum=2, maximum=64, label="DED samples",
                                           elem_id="ded-samples", scale=1)
                     ded_btn = gr.Button("Compute DED", elem_id="ded-btn", scale=1)
+                    ded_cancel = gr.Button("Cancel", variant="stop", elem_id="ded-cancel-btn", scale=1)
                 ded_note = gr.Markdown("", elem_id="ded-note")
                 with gr.Row():
                     ded = gr.Plot(plots.ded_scatter([], 0), label="DED vs entropy", elem_id="ded-plot")
@@ -139,6 +140,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
          .then(ctl.ded, [variant, layer, n_samples], [ded, qerr, ded_note], api_name=False))
         cancel.click(ctl.cancel, None, None, concurrency_limit=None, api_name="cancel")
         cancel_eval.click(ctl.cancel, None, None, concurrency_limit=None, api_name=False)
+        ded_cancel.click(ctl.cancel, None, None, concurrency_limit=None, api_name=False)
 
         (variant.input(ctl.overview, [variant], [info, partition, errors, veo], api_name="overview")
          .then(ctl.ded, [variant, layer, n_samples], [ded, qerr, ded_note], api_name=False))
