@@ -6,7 +6,8 @@ trains the vision tower alone to classify each image's shape and colour (labels 
 by the training questions, :func:`qvlm.data.image_labels`), with flips, 90-degree turns and
 shifts as augmentation (all answer-preserving for easy-VQA). Stage 2 trains the whole
 LLaVA on the answer tokens, keeping the shape/colour heads as an auxiliary loss so the
-vision tower does not forget.
+vision tower does not forget, on each image's own questions plus questions written from the
+dataset's templates with balanced comparisons (:mod:`qvlm.training.questions`).
 
 Why it is affordable on 2 cores: each image is encoded once per step for *all* of its
 questions, and the loss only needs the answer positions.
@@ -28,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qvlm.data import COLORS, SHAPES, chat_messages, image_labels, load_image, load_split
+from qvlm.training.questions import QuestionSynth
 from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
 
 
@@ -40,12 +42,13 @@ class TrainConfig:
     vision_epochs: int = 30
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    joint_epochs: int = 4
+    joint_epochs: int = 3
     images_per_step: int = 6  # each image brings all of its ~10 questions
     joint_lr: float = 1.5e-3
     joint_vision_lr: float = 2e-4
     aux_weight: float = 0.5
-    balance_yes_no: bool = True  # see balanced_answer_weights
+    original_per_image: int = 6  # of an image's ~10 own questions, this many per step
+    synth_per_image: int = 6  # plus this many from the templates, comparisons balanced (questions.py)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     max_steps: int | None = None  # per stage; for smoke tests
@@ -152,56 +155,22 @@ class _QuestionTable:
         return self._cache[key]
 
 
-def question_form(sample) -> tuple[str, bool]:
-    """(attribute asked about, negated?) of a yes/no question, e.g. ("color", False) for "is there a red shape?"."""
-    q = f" {sample.question} "
-    kind = "shape" if any(f" {w}" in q for w in SHAPES) else "color"
-    return kind, " not " in q or q.startswith(" is no ")
-
-
-def balanced_answer_weights(samples) -> dict[tuple, float]:
-    """Loss weight per (question form, answer) so both answers of each yes/no form weigh the same.
-
-    Why: "is there a <colour> shape?" is answered "yes" only 1 time in 8 (one colour of eight is
-    present), so an unweighted loss rewards the "no" prior and the model never learns the
-    comparison on the rare positive cases. Colour/shape questions keep weight 1.
-    """
-    counts: dict[tuple, int] = {}
-    for s in samples:
-        if s.question_type == "yes/no":
-            key = (*question_form(s), s.answer)
-            counts[key] = counts.get(key, 0) + 1
-    weights = {}
-    for (kind, neg, answer), n in counts.items():
-        pair_total = counts.get((kind, neg, "yes"), 0) + counts.get((kind, neg, "no"), 0)
-        weights[(kind, neg, answer)] = pair_total / (2 * n)
-    return weights
-
-
-def _sample_weight(sample, weights: dict[tuple, float]) -> float:
-    if sample.question_type != "yes/no":
-        return 1.0
-    return weights.get((*question_form(sample), sample.answer), 1.0)
-
-
 def _vision_patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     cfg = model.config
     out = model.model.vision_tower(pixels, output_hidden_states=True)
     return out.hidden_states[cfg.vision_feature_layer][:, 1:]
 
 
-def _answer_loss(model, table: _QuestionTable, patch_feats: torch.Tensor, questions: list[list], pad_id: int,
-                 weights: dict[tuple, float] | None = None):
-    """Weighted cross-entropy on answer tokens of every question of every image; returns (loss, correct, count)."""
+def _answer_loss(model, table: _QuestionTable, patch_feats: torch.Tensor, questions: list[list], pad_id: int):
+    """Cross-entropy on answer tokens of every question of every image; returns (loss, correct, count)."""
     image_embeds = model.model.multi_modal_projector(patch_feats)
-    rows, owners, starts, row_weights = [], [], [], []
+    rows, owners, starts = [], [], []
     for img_index, qs in enumerate(questions):
         for q in qs:
             ids, start = table.encode(q.question, q.answer)
             rows.append(ids)
             owners.append(img_index)
             starts.append(start)
-            row_weights.append(_sample_weight(q, weights or {}))
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -212,17 +181,15 @@ def _answer_loss(model, table: _QuestionTable, patch_feats: torch.Tensor, questi
     embeds = model.get_input_embeddings()(ids.masked_fill(is_image, pad_id))
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds[owners].reshape(-1, embeds.shape[-1]))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    targets, positions, token_weights = [], [], []
+    targets, positions = [], []
     for i, (r, s) in enumerate(zip(rows, starts)):
         for t in range(s, len(r)):
             positions.append((i, t - 1))
             targets.append(r[t])
-            token_weights.append(row_weights[i])
     idx = torch.tensor(positions)
     logits = model.lm_head(hidden[idx[:, 0], idx[:, 1]])
     targets_t = torch.tensor(targets)
-    w = torch.tensor(token_weights)
-    loss = (F.cross_entropy(logits, targets_t, reduction="none") * w).sum() / w.sum()
+    loss = F.cross_entropy(logits, targets_t)
     first = torch.tensor([positions.index((i, s - 1)) for i, s in enumerate(starts)])
     correct = (logits[first].argmax(-1) == targets_t[first]).sum().item()
     return loss, correct, len(rows)
@@ -289,8 +256,14 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
     for s in load_split("train"):
         by_image.setdefault(s.image_id, []).append(s)
     table = _QuestionTable(processor, cfg.spec.image_tokens)
-    answer_weights = balanced_answer_weights(load_split("train")) if cfg.balance_yes_no else {}
-    report["answer_weights"] = {" ".join(map(str, k)): round(v, 3) for k, v in answer_weights.items()}
+    synth = QuestionSynth()
+    rng = random.Random(cfg.seed)
+
+    def questions_of(image_id: int) -> list:
+        own = by_image[image_id]
+        own = rng.sample(own, min(len(own), cfg.original_per_image))
+        return own + synth.sample(*labels[image_id], cfg.synth_per_image, rng)
+
     vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in vision_ids], "lr": cfg.joint_lr},
@@ -313,8 +286,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
             b = order[start : start + cfg.images_per_step]
             feats = _vision_patch_features(model, augment(pixels[b], gen))
             qa_loss, c, n = _answer_loss(
-                model, table, feats, [by_image[image_ids[i]] for i in b.tolist()], tokenizer.pad_token_id,
-                answer_weights,
+                model, table, feats, [questions_of(image_ids[i]) for i in b.tolist()], tokenizer.pad_token_id
             )
             aux = heads.loss(feats, shape_y[b], color_y[b])
             loss = qa_loss + cfg.aux_weight * aux
