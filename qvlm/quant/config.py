@@ -1,0 +1,286 @@
+"""QuantConfig: every parameter of a quantization run, with the reason for each default.
+
+The paper leaves many choices open (design note ``qvlm-algorithm.md`` §4.3, §5.3, §8); each
+one is a field here so a run is reproducible from its saved JSON alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from qvlm.quant.methods import RECIPES, get_recipe
+
+_BITS_RE = re.compile(r"^\s*w(\d+)\s*a(\d+)\s*$", re.IGNORECASE)
+_H0_RE = re.compile(r"^(mean|median|quantile:(?P<q>[0-9.eE+-]+)|value:(?P<v>[0-9.eE+-]+))$")
+
+
+@dataclass
+class QuantConfig:
+    """One quantization run. ``validate()`` turns bad values into a user-facing ValueError."""
+
+    # --- what and how many bits ---------------------------------------------------------------
+    recipe: str = "qvlm"
+    """One of ``RECIPES``: fp, rtn, qlora, awq, qvlm-cdm, qvlm-veo, qvlm."""
+    w_bits: int = 4
+    """Weight bit-width, 2..8 (paper: W6A6 and W4A4; W8A8 in Tables 4/6)."""
+    a_bits: int = 4
+    """Activation bit-width, 2..8."""
+    weight_format: str = "auto"
+    """"uniform" (asymmetric round-to-nearest, the paper's stated quantizer), "nf4" (NormalFloat
+    levels as in QLoRA; at bits other than 4 the same construction with 2^b levels), or "auto":
+    the recipe's own choice (nf4 for ``qlora``, uniform for every other recipe)."""
+    weight_group_size: int | None = None
+    """Uniform: None = one range per output channel, else groups of this many input elements.
+    NormalFloat: None = QLoRA's block size of 64 input elements."""
+    act_granularity_language: str = "channel"
+    """LLM activation ranges: "channel" (static per input channel, RPTQ-style, paper §4.3) or "tensor"."""
+    act_granularity_vision: str = "token"
+    """Vision activation ranges: "token" (static per token position, OS-style, paper §4.3),
+    "channel" or "tensor"."""
+    quantize_vision: bool = True
+    """Quantize the vision-tower Linears (the paper's memory argument in Table 4 needs it)."""
+    quantize_language: bool = True
+    """Quantize the LLM decoder Linears."""
+    quantize_projector: bool = False
+    """Quantize the multimodal projector (kept FP16 by the authors' code; the paper is silent)."""
+    quantize_lm_head: bool = False
+    """Quantize lm_head (kept FP by HF/bitsandbytes and the authors' code)."""
+    quantize_embeddings: bool = False
+    """Weight-only RTN of the token-embedding table (kept FP by default)."""
+
+    # --- calibration --------------------------------------------------------------------------
+    calib_size: int = 64
+    """Image-question-answer pairs from the easy-VQA *train* split (paper: 64)."""
+    calib_seed: int = 0
+    calib_batch: int = 8
+    """Samples per forward pass during calibration and VEO (paper: batch 8)."""
+
+    # --- layer-wise init (the QLoRA-style initialization, paper §4.1) -------------------------
+    init_clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+    """Shrink factors of the min/max range tried by the lp clipping search (the authors' grid)."""
+    init_lp_norm: float = 2.0
+    """p of the lp distance mean|Q(x)-x|^p minimised by the clipping search. The paper cites
+    LAPQ/AWQ without a value; 2 (MSE) is the common choice (the authors' code uses 0.5)."""
+
+    # --- CDM: entropy, partition, block search (Eqs. 3-7) -------------------------------------
+    percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
+    """Percentile grid searched per decoder layer (paper: 1.0 to 0.98, step 0.005)."""
+    percentile_source: str = "quantized"
+    """Distribution the percentiles are read from: "quantized" (each quantizer's own input on the
+    quantized path, what it will see at inference) or "fp" (the full-precision model's input)."""
+    max_block_depth: int = 3
+    """Maximum decoder layers per block (paper: 3)."""
+    h0_rule: str = "mean"
+    """Eq. 7 threshold: "mean" of D(k,k+1) (as the authors' Dec-2024 code), "median",
+    "quantile:<q>" or "value:<x>"."""
+    soft_temperature: float = 1.0
+    """tau of the Eq. 5 soft assignment exp(-((x-q_m)/Delta)^2 / tau) (scale-invariant form)."""
+    soft_delta_mode: str = "scaled"
+    """"scaled": exp(-((x-q)/Delta)^2/tau) (recommended); "literal": exp(-(x-q)^2/Delta) as printed."""
+    entropy_site: str = "attn_input"
+    """Activations Eq. 4 pairs across layers: "attn_input" (post-input-norm input of q/k/v, quantized
+    with that layer's q_proj grid) or "residual" (the residual stream entering the layer, min/max grid)."""
+    joint_search: str = "exhaustive"
+    """Eq. 3 search within a block: "exhaustive" (all |G|^|B| combinations, prefix-shared; paper)
+    or "coordinate" (coordinate descent from the greedy solution: cheaper, never worse than greedy)."""
+
+    # --- VEO (Eqs. 8-10) ----------------------------------------------------------------------
+    veo_epochs: int = 10
+    """Passes over the calibration set (paper: 10 epochs of 64 pairs, batch 8 = 80 steps)."""
+    veo_lr: float = 1e-3
+    """Adam learning rate on the log-magnitude of each vision activation bound."""
+    veo_lambda1: float = 0.01
+    """Weight of the Jacobian-weighted entropy L_ent (authors' code uses 0.01 for its entropy term)."""
+    veo_lambda2: float = 1.0
+    """Weight of the error term L_err."""
+    veo_eta: float = 1.0
+    """Balance between visual-output and LLM-output error inside L_err (Eq. 9)."""
+    veo_params: str = "act_bounds"
+    """What VEO trains: "act_bounds" (vision activation-quantizer bounds; recommended) or
+    "act_bounds+layernorm" (also the vision LayerNorm affine parameters)."""
+    veo_visual_output: str = "projector"
+    """X^v of Eq. 9: "projector" (the image tokens the LLM sees) or "vision" (selected vision features)."""
+    veo_jacobian_every: int = 1
+    """Recompute the Eq. 8 Jacobian weights every this many steps (1 = every batch, as designed)."""
+
+    # --- AWQ baseline -------------------------------------------------------------------------
+    awq_grid: int = 20
+    """Number of alpha values in [0, 1) for AWQ's scale search s = mean|x|^alpha (AWQ: 20)."""
+    awq_max_tokens: int = 4096
+    """Calibration tokens (random subset) used to score each AWQ candidate."""
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    seed: int = 0
+    """Seed for any subsampling."""
+    keep_per_sample_stats: bool = False
+    """Keep per-sample entropies in the result (for DED analysis)."""
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_bits(cls, bits: str, recipe: str = "qvlm", **overrides: Any) -> "QuantConfig":
+        """``QuantConfig.from_bits("W4A4", recipe="qvlm")``; accepts any case and "w6a6"-style."""
+        m = _BITS_RE.match(str(bits))
+        if not m:
+            raise ValueError(f"bit setting {bits!r} not understood; write it like W4A4, W6A6 or W8A8")
+        cfg = cls(recipe=recipe, w_bits=int(m.group(1)), a_bits=int(m.group(2)), **overrides)
+        cfg.validate()
+        return cfg
+
+    @property
+    def bits_label(self) -> str:
+        return "FP" if self.recipe == "fp" else f"W{self.w_bits}A{self.a_bits}"
+
+    def resolved_weight_format(self) -> str:
+        if self.weight_format == "auto":
+            return get_recipe(self.recipe).weight_format
+        return self.weight_format
+
+    def h0_value(self, values: list[float]) -> float:
+        """The Eq. 7 threshold for these D(k,k+1) values, by ``h0_rule``."""
+        import statistics
+
+        m = _H0_RE.match(self.h0_rule.strip())
+        if not m:
+            raise ValueError(f"h0_rule {self.h0_rule!r} not understood")
+        if m.group("v") is not None:
+            return float(m.group("v"))
+        if not values:
+            return math.inf
+        if m.group(1) == "mean":
+            return float(statistics.fmean(values))
+        q = 0.5 if m.group(1) == "median" else float(m.group("q"))
+        s = sorted(values)
+        pos = q * (len(s) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(s) - 1)
+        return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+
+    def validate(self) -> "QuantConfig":
+        """Raise ValueError naming the field and the allowed values; return self when fine."""
+        get_recipe(self.recipe)
+        for name in ("w_bits", "a_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+                raise ValueError(f"{name} must be a whole number of bits from 2 to 8, got {v!r}")
+        _choice("weight_format", self.weight_format, ("auto", "uniform", "nf4"))
+        if self.weight_group_size is not None and (
+            isinstance(self.weight_group_size, bool) or not isinstance(self.weight_group_size, int)
+            or self.weight_group_size < 2
+        ):
+            raise ValueError(f"weight_group_size must be None or an integer >= 2, got {self.weight_group_size!r}")
+        _choice("act_granularity_language", self.act_granularity_language, ("channel", "tensor"))
+        _choice("act_granularity_vision", self.act_granularity_vision, ("token", "channel", "tensor"))
+        for name in ("quantize_vision", "quantize_language", "quantize_projector", "quantize_lm_head",
+                     "quantize_embeddings", "keep_per_sample_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _positive_int("calib_size", self.calib_size)
+        _positive_int("calib_batch", self.calib_batch)
+        _int("calib_seed", self.calib_seed)
+        _int("seed", self.seed)
+        _grid("init_clip_grid", self.init_clip_grid, low=0.0, low_open=True)
+        _number("init_lp_norm", self.init_lp_norm, low=0.0, low_open=True)
+        _grid("percentiles", self.percentiles, low=0.5, low_open=True)
+        _choice("percentile_source", self.percentile_source, ("quantized", "fp"))
+        _positive_int("max_block_depth", self.max_block_depth)
+        if not _H0_RE.match(str(self.h0_rule).strip()):
+            raise ValueError(
+                f"h0_rule must be 'mean', 'median', 'quantile:<q>' or 'value:<x>', got {self.h0_rule!r}"
+            )
+        m = _H0_RE.match(str(self.h0_rule).strip())
+        if m and m.group("q") is not None and not 0.0 <= float(m.group("q")) <= 1.0:
+            raise ValueError(f"h0_rule quantile must be between 0 and 1, got {m.group('q')}")
+        _number("soft_temperature", self.soft_temperature, low=0.0, low_open=True)
+        _choice("soft_delta_mode", self.soft_delta_mode, ("scaled", "literal"))
+        _choice("entropy_site", self.entropy_site, ("attn_input", "residual"))
+        _choice("joint_search", self.joint_search, ("exhaustive", "coordinate"))
+        _int("veo_epochs", self.veo_epochs, low=0)
+        _number("veo_lr", self.veo_lr, low=0.0, low_open=True)
+        _number("veo_lambda1", self.veo_lambda1, low=0.0)
+        _number("veo_lambda2", self.veo_lambda2, low=0.0)
+        _number("veo_eta", self.veo_eta, low=0.0)
+        _choice("veo_params", self.veo_params, ("act_bounds", "act_bounds+layernorm"))
+        _choice("veo_visual_output", self.veo_visual_output, ("projector", "vision"))
+        _positive_int("veo_jacobian_every", self.veo_jacobian_every)
+        _positive_int("awq_grid", self.awq_grid)
+        _positive_int("awq_max_tokens", self.awq_max_tokens)
+        return self
+
+    # --- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise ValueError("a quantization config must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
+        kwargs = {}
+        for k, v in d.items():
+            if isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def from_json(cls, s: str) -> "QuantConfig":
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"quantization config is not valid JSON: {err}") from err
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return QuantConfig.from_dict(d)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+
+
+def _int(name: str, value: Any, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _int(name, value, low=1)
+
+
+def _number(name: str, value: Any, low: float | None = None, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'greater than' if low_open else 'at least'} {low}, got {value}")
+
+
+def _grid(name: str, values: Any, low: float, low_open: bool) -> None:
+    if not isinstance(values, (tuple, list)) or not values:
+        raise ValueError(f"{name} must be a non-empty list of numbers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 1.0 or (
+            v < low or (low_open and v == low)
+        ):
+            raise ValueError(f"every value of {name} must be in ({low}, 1.0], got {v!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has repeated values: {list(values)}")
+

@@ -1,0 +1,69 @@
+"""Weight-memory arithmetic: what a model would take stored as FP16 vs with packed quantized weights.
+
+An estimate from shapes and bit-widths (fake quantization keeps FP tensors in memory); a later
+issue makes the packed storage real. Packed sizes count the b-bit codes plus, per group, an FP16
+step and a b-bit zero point (uniform) or an FP16 absmax (NormalFloat, no double quantization).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qvlm.quant.qlinear import QuantLinear
+
+FAMILIES = ("vision", "projector", "language", "embeddings", "lm_head", "other")
+
+
+def _family(name: str) -> str:
+    if "vision_tower" in name:
+        return "vision"
+    if "multi_modal_projector" in name:
+        return "projector"
+    if name.startswith("lm_head") or ".lm_head" in name:
+        return "lm_head"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if "language_model" in name:
+        return "language"
+    return "other"
+
+
+def _packed_bytes(numel: int, rows: int, cols: int, bits: int, fmt: str | None, group: int | None) -> int:
+    codes = (numel * bits + 7) // 8
+    if fmt == "nf4":
+        g = group or 64
+        return codes + rows * max(1, cols // g) * 2
+    g = group or cols
+    n_groups = rows * max(1, cols // g)
+    return codes + n_groups * 2 + (n_groups * bits + 7) // 8
+
+
+def weight_memory(model: nn.Module) -> dict:
+    """{"fp16_bytes", "quant_bytes", "by_family": {family: {"params", "fp16_bytes", "quant_bytes"}}}."""
+    fam = {f: {"params": 0, "fp16_bytes": 0, "quant_bytes": 0} for f in FAMILIES}
+    counted: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            if id(param) in counted:
+                continue
+            counted.add(id(param))
+            f = _family(f"{mod_name}.{p_name}")
+            n = param.numel()
+            fam[f]["params"] += n
+            fam[f]["fp16_bytes"] += 2 * n
+            bits = None
+            if isinstance(module, QuantLinear) and p_name == "weight" and module.weight_quantized:
+                bits, fmt, group = module.w_bits, module.w_format, module.w_group
+                q = _packed_bytes(n, module.out_features, module.in_features, bits, fmt, group)
+            elif p_name == "weight" and getattr(module, "_qvlm_w_bits", None):
+                bits = module._qvlm_w_bits
+                rows, cols = param.shape
+                q = _packed_bytes(n, rows, cols, bits, "uniform", None)
+            else:
+                q = 2 * n
+            fam[f]["quant_bytes"] += q
+    return {
+        "fp16_bytes": sum(v["fp16_bytes"] for v in fam.values()),
+        "quant_bytes": sum(v["quant_bytes"] for v in fam.values()),
+        "by_family": {k: v for k, v in fam.items() if v["params"]},
+    }

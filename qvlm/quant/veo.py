@@ -1,0 +1,194 @@
+"""Visual encoder optimization (paper §3.3, Eqs. 8-10; design note §5.3).
+
+Trainable: the vision tower's activation-quantizer bounds (log-magnitudes, STE through round),
+optionally the vision LayerNorm affine parameters. Frozen: every weight, the projector, and the
+whole LLM including its (already initialised) activation quantizers.
+
+    L     = L_reg + lambda1 * L_ent + lambda2 * L_err                          (Eq. 10)
+    L_reg = next-token cross-entropy on the answer tokens (teacher forcing)
+    L_ent = sum_k w_k * D_soft(k, k+1)                                         (Eq. 8, sign corrected:
+            the paper's  sum p log p  is -D; adding it would *maximise* entropy, against the text)
+    w_k   = || dE / dX^(k) ||, E = ||X_q^(n) - X_r^(n)||^2, normalised to sum 1, detached
+    L_err = MSE(X_q^v, X_r^v) + eta * MSE(X_q^(n), X_r^(n))                    (Eq. 9, norms as MSE)
+
+X^v is the projector output (the image tokens the LLM sees) or the selected vision features;
+X^(n) is the LLM's last hidden state (after the final norm, before lm_head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qvlm.progress import check_cancel, report
+from qvlm.quant.calibration import CalibBatch
+from qvlm.quant.entropy import pair_entropy
+from qvlm.quant.qlinear import QuantLinear
+
+
+@dataclass
+class VEOSpec:
+    epochs: int
+    lr: float
+    lambda1: float
+    lambda2: float
+    eta: float
+    params: str
+    visual_output: str
+    jacobian_every: int
+    a_bits: int
+    tau: float
+    delta_mode: str
+    entropy_site: str
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    sq = (a.float() - b.float()).pow(2).mean(dim=-1)
+    if mask is None:
+        return sq.mean()
+    m = mask.float()
+    return (sq * m).sum() / m.sum().clamp_min(1)
+
+
+def _core(model):
+    return getattr(model, "model", model)
+
+
+@torch.no_grad()
+def fp_targets(fp_model, batches: list[CalibBatch], visual_output: str) -> list[dict[str, torch.Tensor]]:
+    """X_r^v and X_r^(n) per batch, from the FP model (read-only calls, no hooks on it)."""
+    core = _core(fp_model)
+    out = []
+    for b in batches:
+        if visual_output == "projector":
+            feats = core.get_image_features(pixel_values=b.pixel_values).pooler_output
+            xv = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        else:
+            xv = _selected_vision_features(fp_model, b.pixel_values)
+        hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
+        out.append({"xv": xv.detach(), "xn": hidden.detach()})
+    return out
+
+
+def _selected_vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    cfg = model.config
+    core = _core(model)
+    hs = core.vision_tower(pixel_values, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+    return hs[:, 1:] if cfg.vision_feature_select_strategy == "default" else hs
+
+
+def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
+            grids: list[tuple[torch.Tensor, torch.Tensor]], progress=None, cancel=None) -> list[dict]:
+    """Optimise the vision quantizers in place; returns the per-step loss log.
+
+    ``grids[k]`` is the fixed (step, zero point) of decoder layer k's entropy site.
+    """
+    vision_qs = [lin.act for entry in qmap.vision for lin in entry.linears.values()
+                 if isinstance(lin, QuantLinear) and lin.act is not None and lin.act.calibrated]
+    if not vision_qs or spec.epochs == 0:
+        return []
+    targets = fp_targets(fp_model, batches, spec.visual_output)
+    params: list[torch.nn.Parameter] = []
+    for q in vision_qs:
+        params += q.make_learnable()
+    ln_params: list[torch.nn.Parameter] = []
+    if spec.params == "act_bounds+layernorm":
+        for entry in qmap.vision:
+            for mod in entry.module.modules():
+                if isinstance(mod, torch.nn.LayerNorm):
+                    for p in mod.parameters():
+                        p.requires_grad_(True)
+                        ln_params.append(p)
+    groups = [{"params": params, "lr": spec.lr}]
+    if ln_params:
+        groups.append({"params": ln_params, "lr": spec.lr * 0.1})
+    opt = torch.optim.Adam(groups)
+
+    core = _core(qmodel)
+    decoder_layers = [e.module for e in qmap.language]
+    site_modules = [e.linears["q"] if spec.entropy_site == "attn_input" and "q" in e.linears else e.module
+                    for e in qmap.language]
+
+    captured: dict[str, list] = {"layer_in": [None] * len(decoder_layers), "site": [None] * len(decoder_layers)}
+
+    def layer_hook(i):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            captured["layer_in"][i] = h
+        return hook
+
+    def site_hook(i):
+        def hook(module, args, kwargs):
+            captured["site"][i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    proj_io: dict[str, torch.Tensor] = {}
+
+    def proj_hook(module, args, output):
+        proj_io["in"], proj_io["out"] = args[0], output
+
+    handles = [m.register_forward_pre_hook(layer_hook(i), with_kwargs=True) for i, m in enumerate(decoder_layers)]
+    handles += [m.register_forward_pre_hook(site_hook(i), with_kwargs=True) for i, m in enumerate(site_modules)]
+    handles.append(core.multi_modal_projector.register_forward_hook(proj_hook))
+    log: list[dict] = []
+    weights: torch.Tensor | None = None
+    total_steps = spec.epochs * len(batches)
+    step = 0
+    try:
+        with torch.enable_grad():
+            for epoch in range(spec.epochs):
+                for bi, batch in enumerate(batches):
+                    check_cancel(cancel, "quantization")
+                    tgt = targets[bi]
+                    out = core(**batch.model_inputs(), use_cache=False)
+                    hidden = out.last_hidden_state
+                    mask = batch.valid
+                    # L_reg: next-token CE on the answer tokens.
+                    pos = batch.answer_mask.nonzero(as_tuple=False)
+                    logits = qmodel.lm_head(hidden[pos[:, 0], pos[:, 1] - 1])
+                    l_reg = F.cross_entropy(logits.float(), batch.input_ids[pos[:, 0], pos[:, 1]])
+                    e_n = _masked_mse(hidden, tgt["xn"], mask)
+                    xv = proj_io["out"] if spec.visual_output == "projector" else proj_io["in"]
+                    l_err = _masked_mse(xv, tgt["xv"], None) + spec.eta * e_n
+                    # Jacobian weights w_k (detached), recomputed every `jacobian_every` steps.
+                    if weights is None or step % spec.jacobian_every == 0:
+                        ins = [h for h in captured["layer_in"]]
+                        usable = [h is not None and h.requires_grad for h in ins]
+                        grads = torch.autograd.grad(e_n, [h for h, u in zip(ins, usable) if u],
+                                                    retain_graph=True, allow_unused=True)
+                        norms, gi = [], iter(grads)
+                        for u in usable:
+                            g = next(gi) if u else None
+                            norms.append(0.0 if g is None else float(g.float().norm()))
+                        w = torch.tensor(norms)
+                        weights = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / max(1, len(w)))
+                    l_ent = hidden.new_zeros((), dtype=torch.float32)
+                    for k in range(len(decoder_layers) - 1):
+                        if weights[k] == 0:
+                            continue
+                        d = pair_entropy(captured["site"][k], captured["site"][k + 1], grids[k], grids[k + 1],
+                                         spec.a_bits, mask, spec.tau, spec.delta_mode)
+                        l_ent = l_ent + weights[k] * d.mean()
+                    loss = l_reg + spec.lambda1 * l_ent + spec.lambda2 * l_err
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    log.append({"step": step, "epoch": epoch + 1, "total": loss.item(), "reg": l_reg.item(),
+                                "ent": l_ent.item(), "err": l_err.item()})
+                    if not math.isfinite(log[-1]["total"]):
+                        raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr")
+                    report(progress, "veo", step / total_steps, f"epoch {epoch + 1}/{spec.epochs}")
+                    captured["layer_in"] = [None] * len(decoder_layers)
+                    captured["site"] = [None] * len(decoder_layers)
+    finally:
+        for h in handles:
+            h.remove()
+        for q in vision_qs:
+            q.freeze()
+        for p in ln_params:
+            p.requires_grad_(False)
+    return log
