@@ -43,14 +43,24 @@ class StageTracker:
     current: str | None = None
     started: float = field(default_factory=time.monotonic)
     note: str = ""
+    spans: dict[str, list[float]] = field(default_factory=dict)  # stage -> [first event, last handover]
 
     def update(self, events: Iterable[ProgressEvent]) -> None:
         for e in events:
             if self.current is not None and e.stage != self.current and self.current in self.stages:
                 _, msg = self.stages[self.current]
                 self.stages[self.current] = (1.0, msg)  # a stage that hands over is finished
+                self.spans[self.current][1] = e.at
             self.stages[e.stage] = (e.fraction, e.message)
+            span = self.spans.setdefault(e.stage, [e.at, e.at])
+            span[1] = e.at
             self.current = e.stage
+
+    def seconds(self, stage: str) -> float:
+        """How long a stage has taken (so far): where a student sees the time go."""
+        first, last = self.spans.get(stage, (0.0, 0.0))
+        end = time.monotonic() if stage == self.current else last
+        return max(0.0, end - first)
 
     @property
     def overall(self) -> tuple[str, float, str]:
@@ -73,7 +83,8 @@ class StageTracker:
             running = stage == self.current and final is None
             icon = "▶" if running else "✓"
             shown = fraction if running else 1.0
-            lines.append(f"- {icon} **{STAGE_TITLES.get(stage, stage)}** `{bar(shown)}` {message}")
+            lines.append(f"- {icon} **{STAGE_TITLES.get(stage, stage)}** `{bar(shown)}` {message} "
+                         f"· {self.seconds(stage):.1f} s")
         if final:
             lines.append("")
             lines.append(final)
