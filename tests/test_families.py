@@ -31,3 +31,20 @@ def test_generate_runs_with_the_family_prompt_format(family_handle):
     answers = generate_answers(handle.model, handle.processor, [s.load_image() for s in samples],
                                [s.question for s in samples], max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+@pytest.mark.parametrize("recipe", ["rtn", "qlora", "awq", "qvlm-cdm", "qvlm-veo", "qvlm"])
+def test_every_recipe_quantizes_the_family_and_generates(family_handle, recipe):
+    from qvlm.quant import QuantConfig, quantize
+    from qvlm.quant.packing import PackedLinear
+
+    family, handle = family_handle
+    cfg = QuantConfig.from_bits("W4A4", recipe=recipe, calib_size=4, calib_batch=2, veo_epochs=1)
+    result = quantize(handle, cfg)
+    packed = [m for m in result.handle.model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == sum(1 for _ in handle.layer_map.linears())
+    samples = load_split("test")[:2]
+    answers = generate_answers(result.handle.model, result.handle.processor, [s.load_image() for s in samples],
+                               [s.question for s in samples], max_new_tokens=2)
+    assert len(answers) == 2
+    assert all(isinstance(m, nn.Linear) for _, m in handle.layer_map.linears())  # FP model untouched

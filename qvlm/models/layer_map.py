@@ -96,9 +96,16 @@ def _resolve(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+def _is_linear(module: nn.Module | None) -> bool:
+    """nn.Linear, or a stand-in that computes one (packed low-bit layers): duck-typed on its sizes."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Module) and hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
+
+
 def _match_style(layer: nn.Module, styles: dict[str, dict[str, str]]) -> str | None:
     for style, roles in styles.items():
-        if all(isinstance(_resolve(layer, p), nn.Linear) for p in roles.values()):
+        if all(_is_linear(_resolve(layer, p)) for p in roles.values()):
             return style
     return None
 

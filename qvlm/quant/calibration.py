@@ -28,6 +28,8 @@ class CalibBatch:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
     answer_mask: torch.Tensor
+    image_sizes: torch.Tensor | None = None
+    """(height, width) per image, for families that tile images (LLaVA-NeXT); None otherwise."""
 
     @property
     def valid(self) -> torch.Tensor:
@@ -38,11 +40,16 @@ class CalibBatch:
         return int(self.input_ids.shape[0])
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
+        return inputs | self.image_inputs()
+
+    def image_inputs(self) -> dict[str, torch.Tensor]:
+        """Extra image inputs a family needs besides ``pixel_values`` (``get_image_features`` too)."""
+        return {} if self.image_sizes is None else {"image_sizes": self.image_sizes}
 
 
-def _encode(processor, sample: VQASample) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(input ids of prompt+answer, pixel values, number of answer tokens at the end)."""
+def _encode(processor, sample: VQASample) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """(input ids of prompt+answer, pixel values, number of answer tokens at the end, image size or None)."""
     image = sample.load_image()
     full_text = processor.apply_chat_template(chat_messages(sample.question, sample.answer))
     prompt_text = build_prompt(processor, sample.question)
@@ -54,7 +61,17 @@ def _encode(processor, sample: VQASample) -> tuple[torch.Tensor, torch.Tensor, i
         # Tokenizers that merge across the prompt/answer boundary: count the answer on its own.
         n_answer = len(processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"]) + 1
         n_prompt = max(1, len(ids) - n_answer)
-    return ids, full["pixel_values"][0], len(ids) - n_prompt
+    sizes = full["image_sizes"][0] if "image_sizes" in full else None
+    return ids, full["pixel_values"][0], len(ids) - n_prompt, sizes
+
+
+def _stack_padded(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image pixel tensors; tiled families (LLaVA-NeXT) may differ in their number of
+    tiles, so pad the leading dim with zeros as their processors do."""
+    if all(p.shape == pixels[0].shape for p in pixels):
+        return torch.stack(pixels)
+    n = max(p.shape[0] for p in pixels)
+    return torch.stack([torch.cat([p, p.new_zeros((n - p.shape[0], *p.shape[1:]))]) for p in pixels])
 
 
 def build_batches(processor, samples: list[VQASample], batch_size: int,
@@ -67,16 +84,18 @@ def build_batches(processor, samples: list[VQASample], batch_size: int,
     batches = []
     for at in range(0, len(encoded), batch_size):
         chunk = encoded[at : at + batch_size]
-        length = max(len(ids) for ids, _, _ in chunk)
+        length = max(len(ids) for ids, _, _, _ in chunk)
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), length), dtype=torch.long)
         answer = torch.zeros((len(chunk), length), dtype=torch.bool)
-        for i, (row, _, n_answer) in enumerate(chunk):
+        for i, (row, _, n_answer, _) in enumerate(chunk):
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
             answer[i, len(row) - n_answer : len(row)] = True
-        pixels = torch.stack([p for _, p, _ in chunk]).to(device=device, dtype=dtype)
-        batches.append(CalibBatch(ids.to(device), mask.to(device), pixels, answer.to(device)))
+        pixels = _stack_padded([p for _, p, _, _ in chunk]).to(device=device, dtype=dtype)
+        sizes = [s for _, _, _, s in chunk]
+        image_sizes = torch.stack(sizes).to(device) if sizes[0] is not None else None
+        batches.append(CalibBatch(ids.to(device), mask.to(device), pixels, answer.to(device), image_sizes))
     return batches
 
 

@@ -113,6 +113,12 @@ class QuantConfig:
     awq_max_tokens: int = 4096
     """Calibration tokens (random subset) used to score each AWQ candidate."""
 
+    # --- storage ------------------------------------------------------------------------------
+    pack_weights: bool = True
+    """At the end of the run, store every quantized weight as packed b-bit codes with its steps
+    and zero points (:class:`qvlm.quant.packing.PackedLinear`, dequantized in each forward): the
+    weight memory is then real, and the answers are bit-identical to the fake-quant model."""
+
     # --- bookkeeping --------------------------------------------------------------------------
     seed: int = 0
     """Seed for any subsampling."""

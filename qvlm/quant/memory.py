@@ -1,14 +1,17 @@
-"""Weight-memory arithmetic: what a model would take stored as FP16 vs with packed quantized weights.
+"""Weight memory: what a model takes stored as FP16 vs with its quantized weights packed.
 
-An estimate from shapes and bit-widths (fake quantization keeps FP tensors in memory); a later
-issue makes the packed storage real. Packed sizes count the b-bit codes plus, per group, an FP16
-step and a b-bit zero point (uniform) or an FP16 absmax (NormalFloat, no double quantization).
+For a :class:`~qvlm.quant.packing.PackedLinear` (the default result of ``quantize``) the count is
+the bytes the layer really holds (codes, steps, zero points). For a fake-quant
+:class:`QuantLinear` (``pack_weights=False``) it is the arithmetic size of the same packing: the
+b-bit codes plus, per group, an FP16 step and a b-bit zero point (uniform) or an FP16 absmax
+(NormalFloat). Unquantized tensors count at FP16 in both columns.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from qvlm.quant.packing import PackedLinear
 from qvlm.quant.qlinear import QuantLinear
 
 FAMILIES = ("vision", "projector", "language", "embeddings", "lm_head", "other")
@@ -43,6 +46,12 @@ def weight_memory(model: nn.Module) -> dict:
     fam = {f: {"params": 0, "fp16_bytes": 0, "quant_bytes": 0} for f in FAMILIES}
     counted: set[int] = set()
     for mod_name, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            f = _family(mod_name)
+            n = module.out_features * module.in_features
+            fam[f]["params"] += n
+            fam[f]["fp16_bytes"] += 2 * n
+            fam[f]["quant_bytes"] += module.storage_bytes()
         for p_name, param in module.named_parameters(recurse=False):
             if id(param) in counted:
                 continue

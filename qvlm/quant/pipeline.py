@@ -20,13 +20,14 @@ import copy
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from qvlm.models import VLMHandle, build_layer_map
 from qvlm.progress import Cancelled, ProgressCallback, check_cancel, report
 from qvlm.quant.calibration import (
+    build_batches,
     LayerInputs,
     calibration_batches,
     capture_layer_inputs,
@@ -40,6 +41,7 @@ from qvlm.quant.cdm import EntropySpec, entropy_pass, residual_grid, search_bloc
 from qvlm.quant.config import QuantConfig
 from qvlm.quant.layerwise import ActInitSpec, WeightSpec, init_layer
 from qvlm.quant.methods import get_recipe
+from qvlm.quant.packing import pack_model
 from qvlm.quant.partition import partition_layers, singleton_blocks
 from qvlm.quant.qlinear import QuantLinear, replace_module
 from qvlm.quant.quantizers import ActQuantizer, lp_clip_search, minmax_ranges, quantize_weight_uniform
@@ -93,10 +95,13 @@ class QuantResult:
 
 
 def quantize(handle: VLMHandle, config: QuantConfig, progress: ProgressCallback | None = None,
-             cancel: threading.Event | None = None) -> QuantResult:
+             cancel: threading.Event | None = None, calibration: Sequence | None = None) -> QuantResult:
     """Quantize a copy of ``handle``'s model by ``config.recipe``; raises :class:`Cancelled` if asked to stop.
 
     For recipe "fp" nothing is copied: the result's handle is the FP handle itself.
+    ``calibration``: image-question-answer samples (anything with ``load_image()``, ``question``
+    and ``answer``) to calibrate on instead of ``config.calib_size`` easy-VQA train pairs, e.g.
+    the train split of the benchmark a hub model is evaluated on.
     """
     config.validate()
     recipe = get_recipe(config.recipe)
@@ -104,12 +109,13 @@ def quantize(handle: VLMHandle, config: QuantConfig, progress: ProgressCallback 
         report(progress, "done", 1.0, "full precision: nothing to quantize")
         blocks = singleton_blocks(len(handle.layer_map.language))
         return QuantResult(handle=handle, config=config, blocks=blocks, timings={"total": 0.0})
-    return _Run(handle, config, progress, cancel).run()
+    return _Run(handle, config, progress, cancel, calibration).run()
 
 
 class _Run:
-    def __init__(self, handle: VLMHandle, cfg: QuantConfig, progress, cancel) -> None:
+    def __init__(self, handle: VLMHandle, cfg: QuantConfig, progress, cancel, calibration=None) -> None:
         self.fp = handle
+        self.calibration = calibration
         self.cfg = cfg
         self.recipe = get_recipe(cfg.recipe)
         self.progress = progress
@@ -136,7 +142,11 @@ class _Run:
         cfg = self.cfg
         with torch.no_grad():
             report(self.progress, "calibration", 0.0, f"{cfg.calib_size} calibration pairs")
-            self.batches = calibration_batches(self.fp, cfg.calib_size, cfg.calib_seed, cfg.calib_batch)
+            if self.calibration is not None:
+                self.batches = build_batches(self.fp.processor, list(self.calibration), cfg.calib_batch,
+                                             self.fp.device, self.fp.dtype)
+            else:
+                self.batches = calibration_batches(self.fp, cfg.calib_size, cfg.calib_seed, cfg.calib_batch)
             self._check()
             report(self.progress, "calibration", 0.4, "copying the model")
             self.qmodel = copy.deepcopy(self.fp.model)
@@ -202,6 +212,8 @@ class _Run:
             t = self._tick("measure", t)
         self.timings["total"] = round(time.perf_counter() - t0, 4)
         self._release()
+        if cfg.pack_weights:
+            pack_model(self.qmodel)
         report(self.progress, "done", 1.0, f"{cfg.recipe} {cfg.bits_label} in {self.timings['total']:.1f} s")
         qhandle = VLMHandle(model=self.qmodel, processor=self.fp.processor, layer_map=build_layer_map(self.qmodel),
                             name=f"{self.fp.name} [{cfg.recipe} {cfg.bits_label}]", source=self.fp.source)
@@ -286,13 +298,29 @@ class _Run:
             self._init_extra(q)
 
     def _init_extra(self, q: QuantLinear) -> None:
-        """Weights + ranges of a Linear outside the layer stacks (projector, lm_head), from one full pass."""
+        """Weights + ranges of a Linear outside the layer stacks (projector, lm_head), from one pass.
+
+        The pass stops right after ``q`` (a hook on it), so a projector costs only the vision tower.
+        """
+        from qvlm.quant.calibration import StopForward
+
         q.quantize_weight_(self.cfg.w_bits, self.weights.fmt, self.weights.group_size)
-        with observing([q.act]):
-            for b in self.batches:
-                self._check()
-                self.qmodel(**b.model_inputs(), use_cache=False)
-            view = torch.cat([q.act.stat_view(r) for r in q.act.records])
+
+        def stop(module, args, output):
+            raise StopForward
+
+        handle = q.register_forward_hook(stop)
+        try:
+            with observing([q.act]):
+                for b in self.batches:
+                    self._check()
+                    try:
+                        self.qmodel(**b.model_inputs(), use_cache=False)
+                    except StopForward:
+                        pass
+                view = torch.cat([q.act.stat_view(r, b.valid) for r, b in zip(q.act.records, self.batches)])
+        finally:
+            handle.remove()
         release_records([q.act])
         lo, hi = minmax_ranges(view)
         if self.act_init.method == "lp":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlm.quant.quantizers import ActQuantizer, quantize_weight
+from qvlm.quant.quantizers import ActQuantizer, EncodedWeight, encode_weight
 
 
 class QuantLinear(nn.Linear):
@@ -37,6 +37,7 @@ class QuantLinear(nn.Linear):
         q.w_bits: int | None = None
         q.w_format: str | None = None
         q.w_group: int | None = None
+        q.encoded: EncodedWeight | None = None
         return q
 
     @property
@@ -53,7 +54,8 @@ class QuantLinear(nn.Linear):
         if smooth is not None:
             self.smooth = smooth.detach().to(w.device, torch.float32)
             w = w * self.smooth.to(w.dtype)
-        self.weight.data = quantize_weight(w, bits, fmt, group_size)
+        self.encoded = encode_weight(w, bits, fmt, group_size)
+        self.weight.data = self.encoded.decode(w.dtype)
         self.w_bits, self.w_format, self.w_group = bits, fmt, group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

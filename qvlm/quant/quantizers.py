@@ -19,6 +19,7 @@ within Delta/2 of [lo', hi']; inside the grid the error is at most Delta/2.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -76,14 +77,50 @@ def fake_quant_ste(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: in
     return (q - zp) * scale
 
 
-def quantize_weight_uniform(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """Round-to-nearest with min/max ranges per output channel (or per group of input elements)."""
+@dataclass
+class EncodedWeight:
+    """A quantized weight as integer codes plus the floats that map them back (what gets stored).
+
+    ``fmt == "uniform"``: w_hat = (codes - zero) * scale, one (scale, zero) per [out, group].
+    ``fmt == "nf"``: w_hat = levels[codes] * scale, ``scale`` being each block's absmax.
+    """
+
+    fmt: str
+    bits: int
+    shape: tuple[int, int]
+    group: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        out_f, in_f = self.shape
+        grouped = self.codes.view(out_f, in_f // self.group, self.group)
+        return decode_weight(self.fmt, self.bits, grouped, self.scale, self.zero).reshape(out_f, in_f).to(dtype)
+
+
+def decode_weight(fmt: str, bits: int, codes: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor | None) -> torch.Tensor:
+    """float32 weights from grouped codes: the one place the weight dequantization arithmetic lives,
+    shared by the fake quantizer and the packed layer so both compute bit-identical weights."""
+    if fmt == "uniform":
+        return (codes.float() - zero) * scale
+    return normal_float_levels(bits).to(codes.device)[codes.long()] * scale
+
+
+def encode_uniform(w: torch.Tensor, bits: int, group_size: int | None = None) -> EncodedWeight:
+    """Asymmetric round-to-nearest codes with min/max ranges per output channel (or group of inputs)."""
     out_f, in_f = w.shape
     g = _group(in_f, group_size)
     wg = w.float().reshape(out_f, in_f // g, g)
-    lo = wg.amin(dim=-1, keepdim=True)
-    hi = wg.amax(dim=-1, keepdim=True)
-    return fake_quant_range(wg, lo, hi, bits).reshape(out_f, in_f).to(w.dtype)
+    scale, zp = qparams(wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True), bits)
+    codes = torch.clamp(torch.round(wg / scale) + zp, 0, qmax_of(bits))
+    return EncodedWeight("uniform", bits, (out_f, in_f), g, codes.to(torch.uint8).reshape(-1), scale, zp)
+
+
+def quantize_weight_uniform(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Round-to-nearest with min/max ranges per output channel (or per group of input elements)."""
+    return encode_uniform(w, bits, group_size).decode(w.dtype)
 
 
 def _group(in_features: int, group_size: int | None) -> int:
@@ -118,22 +155,30 @@ def normal_float_levels(bits: int = 4) -> torch.Tensor:
     return torch.tensor(_normal_float_levels(bits), dtype=torch.float32)
 
 
-def quantize_weight_nf(w: torch.Tensor, bits: int = 4, block_size: int | None = 64) -> torch.Tensor:
-    """Blockwise absmax NormalFloat round-to-nearest (QLoRA, no double quantization)."""
+def encode_normal_float(w: torch.Tensor, bits: int = 4, block_size: int | None = 64) -> EncodedWeight:
+    """Blockwise absmax NormalFloat level indices (QLoRA, no double quantization)."""
     out_f, in_f = w.shape
     g = _group(in_f, block_size or 64)
     wg = w.float().reshape(out_f, in_f // g, g)
     absmax = wg.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
     levels = normal_float_levels(bits).to(w.device)
-    mids = (levels[1:] + levels[:-1]) / 2
-    idx = torch.bucketize((wg / absmax).contiguous(), mids)
-    return (levels[idx] * absmax).reshape(out_f, in_f).to(w.dtype)
+    idx = torch.bucketize((wg / absmax).contiguous(), (levels[1:] + levels[:-1]) / 2)
+    return EncodedWeight("nf", bits, (out_f, in_f), g, idx.to(torch.uint8).reshape(-1), absmax)
+
+
+def quantize_weight_nf(w: torch.Tensor, bits: int = 4, block_size: int | None = 64) -> torch.Tensor:
+    """Blockwise absmax NormalFloat round-to-nearest (QLoRA, no double quantization)."""
+    return encode_normal_float(w, bits, block_size).decode(w.dtype)
+
+
+def encode_weight(w: torch.Tensor, bits: int, fmt: str, group_size: int | None) -> EncodedWeight:
+    if fmt == "nf4":
+        return encode_normal_float(w, bits, group_size)
+    return encode_uniform(w, bits, group_size)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, fmt: str, group_size: int | None) -> torch.Tensor:
-    if fmt == "nf4":
-        return quantize_weight_nf(w, bits, group_size)
-    return quantize_weight_uniform(w, bits, group_size)
+    return encode_weight(w, bits, fmt, group_size).decode(w.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

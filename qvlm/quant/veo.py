@@ -59,25 +59,28 @@ def _core(model):
 
 @torch.no_grad()
 def fp_targets(fp_model, batches: list[CalibBatch], visual_output: str) -> list[dict[str, torch.Tensor]]:
-    """X_r^v and X_r^(n) per batch, from the FP model (read-only calls, no hooks on it)."""
+    """X_r^v and X_r^(n) per batch, from the FP model.
+
+    X^v is taken with a hook on the projector (its output, or its input for "vision"), exactly
+    where the quantized path's X_q^v is taken, so both have the same layout in every family
+    (LLaVA-NeXT tiles and re-packs image features after the projector).
+    """
     core = _core(fp_model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args, output):
+        captured["in"], captured["out"] = args[0], output
+
+    handle = core.multi_modal_projector.register_forward_hook(hook)
     out = []
-    for b in batches:
-        if visual_output == "projector":
-            feats = core.get_image_features(pixel_values=b.pixel_values).pooler_output
-            xv = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-        else:
-            xv = _selected_vision_features(fp_model, b.pixel_values)
-        hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
-        out.append({"xv": xv.detach(), "xn": hidden.detach()})
+    try:
+        for b in batches:
+            hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
+            xv = captured["out"] if visual_output == "projector" else captured["in"]
+            out.append({"xv": xv.detach(), "xn": hidden.detach()})
+    finally:
+        handle.remove()
     return out
-
-
-def _selected_vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    cfg = model.config
-    core = _core(model)
-    hs = core.vision_tower(pixel_values, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
-    return hs[:, 1:] if cfg.vision_feature_select_strategy == "default" else hs
 
 
 def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,

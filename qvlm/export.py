@@ -1,0 +1,191 @@
+"""Save a quantized model as safetensors + JSON, and load it back, bit-for-bit.
+
+Layout of an export folder (format ``qvlm-packed``, version :data:`FORMAT_VERSION`):
+
+* ``qvlm_quant.json``   format name and version, the ``QuantConfig``, the base model's name,
+  one entry per packed Linear (bits, format, group, shape, activation quantizer) and the run's
+  statistics;
+* ``model.safetensors`` every tensor: packed codes, steps, zero points, activation ranges, AWQ
+  smoothing vectors, and the full-precision tensors that stay unquantized (embeddings, norms,
+  projector, lm_head, biases); no pickle anywhere;
+* ``config.json`` and the processor files, so the folder is self-contained (no base download).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qvlm.models.layer_map import build_layer_map
+from qvlm.models.loader import ModelLoadError, VLMHandle, _model_classes
+from qvlm.quant.packing import PackedLinear, pack_model
+from qvlm.quant.qlinear import replace_module
+from qvlm.quant.quantizers import ActQuantizer, EncodedWeight
+
+FORMAT_NAME = "qvlm-packed"
+FORMAT_VERSION = 1
+MANIFEST = "qvlm_quant.json"
+WEIGHTS = "model.safetensors"
+
+
+class ExportError(ModelLoadError):
+    """A folder that is not a readable export of this format version."""
+
+
+def _act_entry(act: ActQuantizer | None) -> dict[str, Any] | None:
+    if act is None or not act.calibrated:
+        return None
+    return {"bits": act.bits, "granularity": act.granularity}
+
+
+def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None) -> Path:
+    """Write ``handle`` (whose quantized Linears are packed, or get packed here) to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pack_model(handle.model)
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    packed_names = set()
+    for name, m in handle.model.named_modules():
+        if not isinstance(m, PackedLinear):
+            continue
+        packed_names.add(name)
+        modules[name] = {"bits": m.bits, "format": m.fmt, "group": m.group, "shape": [m.out_features, m.in_features],
+                         "tower": m.tower, "role": m.role, "act": _act_entry(m.act),
+                         "bias": m.bias is not None, "smooth": m.smooth is not None}
+        for key in ("packed", "scale", "zero", "smooth", "bias"):
+            t = getattr(m, key)
+            if t is not None:
+                tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
+        if m.act is not None and m.act.calibrated:
+            tensors[f"{name}.act.lo"] = m.act.lo.contiguous().cpu()
+            tensors[f"{name}.act.hi"] = m.act.hi.contiguous().cpu()
+    for key, t in handle.model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if not any(owner == n or owner.startswith(n + ".") for n in packed_names):
+            tensors.setdefault(key, t.detach().contiguous().cpu())
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+    handle.model.config.save_pretrained(out)
+    handle.model.generation_config.save_pretrained(out)
+    handle.processor.save_pretrained(out)
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_model": handle.name,
+                "dtype": str(handle.dtype).removeprefix("torch."), "quant_config": config_dict,
+                "modules": modules, "stats": stats or {}}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return out
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{folder} is not a Q-VLM export: {MANIFEST} is missing.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path} is corrupted ({err}).") from err
+    if manifest.get("format") != FORMAT_NAME:
+        raise ExportError(f"{folder} holds format {manifest.get('format')!r}, not {FORMAT_NAME!r}.")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{folder} was written with export format version {manifest.get('format_version')}; this version of "
+            f"Q-VLM Studio reads version {FORMAT_VERSION}. Re-export it with a matching version."
+        )
+    return manifest
+
+
+def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> VLMHandle:
+    """Rebuild a packed quantized model from an export folder; raises :class:`ExportError` when unreadable."""
+    from transformers import AutoConfig, AutoProcessor
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"No export folder at {folder}.")
+    manifest = _read_manifest(folder)
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, FileNotFoundError, OSError) as err:
+        raise ExportError(f"{folder / WEIGHTS} is missing or corrupted ({err}).") from err
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{folder}: config or processor files are missing or unreadable ({err}).") from err
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    cls = _model_classes().get(config.model_type)
+    if cls is None:
+        raise ExportError(f"{folder}: unsupported model type {config.model_type!r}.")
+    with torch.device("meta"):
+        model = cls(config)
+    model.to(dtype)
+    try:
+        for name, entry in manifest["modules"].items():
+            replace_module(model, name, _packed_from(name, entry, tensors, dtype))
+        model.load_state_dict(
+            {k: v for k, v in tensors.items() if k in model.state_dict()}, strict=False, assign=True
+        )
+    except KeyError as err:
+        raise ExportError(f"{folder}: the export is partial, tensor {err} is missing.") from err
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ExportError(f"{folder}: the export is partial ({len(still_meta)} tensors missing, e.g. {still_meta[0]}).")
+    _materialize_buffers(model)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    model.generation_config = _generation_config(folder, model)
+    return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model),
+                     name=f"export: {folder.name}", source="local")
+
+
+def _packed_from(name: str, entry: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> PackedLinear:
+    out_f, in_f = entry["shape"]
+    encoded = EncodedWeight(entry["format"], entry["bits"], (out_f, in_f), entry["group"],
+                            codes=torch.zeros(0, dtype=torch.uint8), scale=tensors[f"{name}.scale"],
+                            zero=tensors.get(f"{name}.zero"))
+    act = None
+    if entry.get("act"):
+        act = ActQuantizer(entry["act"]["bits"], entry["act"]["granularity"])
+        act.set_range(tensors[f"{name}.act.lo"], tensors[f"{name}.act.hi"])
+    smooth = tensors[f"{name}.smooth"] if entry.get("smooth") else None
+    bias = tensors[f"{name}.bias"] if entry.get("bias") else None
+    layer = PackedLinear.__new__(PackedLinear)
+    nn.Module.__init__(layer)
+    layer.out_features, layer.in_features = out_f, in_f
+    layer.fmt, layer.bits, layer.group = encoded.fmt, encoded.bits, encoded.group
+    layer.compute_dtype, layer.tower, layer.role = dtype, entry.get("tower", ""), entry.get("role", "")
+    layer.register_buffer("packed", tensors[f"{name}.packed"])
+    layer.register_buffer("scale", encoded.scale)
+    layer.register_buffer("zero", encoded.zero)
+    layer.register_buffer("smooth", smooth)
+    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    layer.act = act
+    return layer
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``, CLIP ``position_ids``) are not in the state dict:
+    rebuild each owning module from its config on the CPU and take its buffers."""
+    for module in model.modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if not meta:
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise ExportError(f"cannot rebuild buffers {meta} of {type(module).__name__}")
+        fresh = type(module)(config)
+        for n in meta:
+            setattr(module, n, getattr(fresh, n))
+
+
+def _generation_config(folder: Path, model: nn.Module):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return GenerationConfig.from_model_config(model.config)

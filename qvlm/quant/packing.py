@@ -1,0 +1,135 @@
+"""Real low-bit weight storage: integer codes packed into bytes, and a Linear that computes from them.
+
+Why our own format and not bitsandbytes: the paper's weight quantizers are *asymmetric uniform*
+per output channel (or group) at any bit-width 2-8, and bitsandbytes stores symmetric int8 or
+NF4/FP4 blocks only, so a bnb layer would compute a different weight than the one that was
+calibrated and searched. Here a weight is held as b-bit codes packed into a ``uint8`` stream
+plus one (step, zero point) per channel/group, or (for NormalFloat) 4-bit level indices plus
+one absmax per block; :class:`PackedLinear` dequantizes it on the fly, with exactly the
+arithmetic of the fake quantizer, so a packed model answers bit-for-bit like the fake-quant one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvlm.quant.qlinear import QuantLinear, replace_module
+from qvlm.quant.quantizers import ActQuantizer, EncodedWeight, decode_weight
+
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integer ``codes`` (< 2**bits) into a flat little-endian ``uint8`` bit stream."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    flat = codes.reshape(-1).to(torch.int32)
+    if bits == 8:
+        return flat.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, no bit-level expansion needed
+        per_byte = 8 // bits
+        flat = F.pad(flat, (0, (-flat.numel()) % per_byte)).view(-1, per_byte)
+        shifts = torch.arange(per_byte, dtype=torch.int32, device=flat.device) * bits
+        return (flat << shifts).sum(dim=1).to(torch.uint8)
+    bit_stream = (flat.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1
+    bit_stream = F.pad(bit_stream.reshape(-1), (0, (-bit_stream.numel()) % 8)).view(-1, 8)
+    return (bit_stream * _BIT_WEIGHTS.to(flat.device)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` codes as ``int32``."""
+    data = packed.to(torch.int32)
+    if bits == 8:
+        return data[:count]
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.int32, device=data.device) * bits
+        return ((data.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+    bit_stream = ((data.unsqueeze(1) >> torch.arange(8, device=data.device)) & 1).reshape(-1)
+    bit_stream = bit_stream[: count * bits].view(count, bits)
+    return (bit_stream << torch.arange(bits, device=data.device)).sum(dim=1)
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight lives as packed b-bit codes; it dequantizes in each forward.
+
+    Holds the same input path as the fake-quant layer it replaces (AWQ smoothing, then the
+    static activation quantizer), so outputs are identical; only the weight storage changes.
+    """
+
+    def __init__(self, encoded: EncodedWeight, bias: torch.Tensor | None, act: ActQuantizer | None,
+                 smooth: torch.Tensor | None, dtype: torch.dtype, tower: str = "", role: str = "") -> None:
+        super().__init__()
+        self.out_features, self.in_features = encoded.shape
+        self.fmt, self.bits, self.group = encoded.fmt, encoded.bits, encoded.group
+        self.compute_dtype = dtype
+        self.tower, self.role = tower, role
+        self.register_buffer("packed", pack_bits(encoded.codes, encoded.bits))
+        self.register_buffer("scale", encoded.scale.float().reshape(self.out_features, -1))
+        zero = encoded.zero.to(torch.uint8).reshape(self.out_features, -1) if encoded.zero is not None else None
+        self.register_buffer("zero", zero)
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act = act
+
+    weight_quantized = True  # same question a fake-quant QuantLinear answers
+
+    @property
+    def w_bits(self) -> int:
+        return self.bits
+
+    @property
+    def w_format(self) -> str:
+        """The QuantConfig spelling of the weight format ("uniform" or "nf4")."""
+        return "nf4" if self.fmt == "nf" else "uniform"
+
+    @property
+    def w_group(self) -> int:
+        return self.group
+
+    def dequantized_weight(self) -> torch.Tensor:
+        out_f, in_f = self.out_features, self.in_features
+        codes = unpack_bits(self.packed, self.bits, out_f * in_f).view(out_f, in_f // self.group, self.group)
+        zero = None if self.zero is None else self.zero.float().unsqueeze(-1)
+        w = decode_weight(self.fmt, self.bits, codes, self.scale.unsqueeze(-1), zero)
+        return w.reshape(out_f, in_f).to(self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads ``.weight`` (shape/dtype/device checks)."""
+        return self.dequantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        if self.act is not None:
+            x = self.act(x)
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def storage_bytes(self) -> int:
+        """Bytes this layer really holds for its weight (codes + scales + zero points)."""
+        tensors = [self.packed, self.scale] + ([self.zero] if self.zero is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}->{self.out_features}, W{self.bits}:{self.fmt} packed "
+                f"({self.storage_bytes()} bytes), tower={self.tower}, role={self.role}")
+
+
+def pack_model(model: nn.Module) -> dict[str, int]:
+    """Replace every weight-quantized :class:`QuantLinear` by a :class:`PackedLinear`, in place.
+
+    Returns {"layers": n, "packed_bytes": b}. The forward pass is unchanged bit-for-bit.
+    """
+    count, total = 0, 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear) and module.weight_quantized and module.encoded is not None:
+            packed = PackedLinear(module.encoded, module.bias, module.act, module.smooth,
+                                  module.weight.dtype, module.tower, module.role)
+            packed.to(module.weight.device)
+            replace_module(model, name, packed)
+            count += 1
+            total += packed.storage_bytes()
+    return {"layers": count, "packed_bytes": total}
