@@ -85,3 +85,17 @@ def test_bad_export_folders_give_clear_errors(exported, tmp_path):
     (future / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="version"):
         load_quantized(future)
+
+
+def test_cli_save_then_reload_through_the_model_loader(tmp_path, bundled_dir, capsys):
+    import qvlm
+    from qvlm.cli import main
+    from qvlm.models import load_vlm
+
+    save = tmp_path / "saved"
+    assert main(["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "rtn",
+                 "--calib-size", "8", "--out", str(tmp_path / "run"), "--save", str(save)]) == 0
+    assert "saved the packed model" in capsys.readouterr().out
+    handle = load_vlm(save)  # what the app's model picker calls
+    assert any(isinstance(m, PackedLinear) for m in handle.model.modules())
+    assert isinstance(qvlm.load_quantized(save).model, type(handle.model))

@@ -168,6 +168,10 @@ def load_vlm(
     several; the memory check is then left to accelerate.
     """
     location, source = resolve_source(name_or_path, allowed_roots)
+    if source != "hub" and (Path(location) / "qvlm_quant.json").is_file():
+        from qvlm.export import load_quantized  # a packed export: same picker, same handle type
+
+        return load_quantized(location, device=device)
     config = load_config(location, source)
     if device_map is None and torch.device(device).type == "cpu":
         check_fits(config, dtype, memory_budget_bytes)
