@@ -80,6 +80,107 @@ class _progress_bar:
         self.bar.close()
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from qvlm.data import evaluation_subset
+    from qvlm.eval import evaluate
+    from qvlm.models import load_vlm
+    from qvlm.quant import QuantConfig, quantize
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be a positive number of questions")
+    overrides = {}
+    if args.config is not None:
+        overrides = QuantConfig.from_json(args.config.read_text()).to_dict()
+        for key in ("recipe", "w_bits", "a_bits"):
+            overrides.pop(key, None)
+    if args.calib_size is not None:
+        overrides["calib_size"] = args.calib_size
+    cfg = QuantConfig.from_bits(args.bits, recipe=args.method, **overrides)
+    handle = load_vlm(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(cfg.to_json())
+    with _progress_bar("quantize") as progress:
+        result = quantize(handle, cfg, progress=progress)
+    (args.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    if args.save is not None:
+        from qvlm.export import save_quantized
+        from qvlm.quant.memory import weight_memory
+
+        save_quantized(result.handle, args.save, cfg.to_dict(), result.to_dict())
+        mem = weight_memory(result.handle.model)
+        print(f"saved the packed model to {args.save} (weights: {mem['quant_bytes']:,} bytes packed vs "
+              f"{mem['fp16_bytes']:,} in FP16); reload with qvlm.load_quantized")
+    t = result.timings
+    print(f"{handle.name}: {cfg.recipe} {cfg.bits_label} in {t.get('total', 0.0):.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in t.items() if k != 'total')})")
+    if result.blocks and result.entropies:
+        print(f"blocks: {result.blocks}  h0 = {result.h0:.4f}")
+    if args.eval:
+        samples = evaluation_subset(args.limit)
+        with _progress_bar("eval") as progress:
+            ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=args.batch_size,
+                          progress=progress)
+        print(format_eval(result.handle.name, ev))
+        (args.out / "eval.json").write_text(json.dumps({"model": result.handle.name, "config": cfg.to_dict(),
+                                                        "limit": args.limit, **ev.to_dict()}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from qvlm.bench import BenchOptions, run_bench
+    from qvlm.quant import RECIPES, QuantConfig
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be a positive number of questions")
+    bits = tuple(b.strip().upper() for b in args.bits.split(",") if b.strip())
+    for b in bits:
+        QuantConfig.from_bits(b)  # validates the spelling
+    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip()) if args.recipes else \
+        tuple(r for r in RECIPES if r != "fp")
+    for r in recipes:
+        if r not in RECIPES or r == "fp":
+            raise ValueError(f"unknown recipe {r!r} for --recipes; choose from {', '.join(RECIPES[1:])}")
+    opts = BenchOptions(model=args.model, bits=bits, recipes=recipes, limit=args.limit, calib_size=args.calib_size,
+                        batch_size=args.batch_size, w3a3=args.w3a3, ded=not args.no_ded,
+                        ded_samples=args.ded_samples, timing_baseline=not args.no_timing, out_dir=args.out)
+    run_bench(opts)
+    print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.json'}")
+    return 0
+
+
+def _add_quant_commands(sub) -> None:
+    """The ``quantize`` and ``bench`` subcommands (quantization core, issue 3)."""
+    p = sub.add_parser("quantize", help="quantize a model with one recipe; save config, statistics (and accuracy)")
+    p.add_argument("--model", default="bundled", help="model folder, hub id, or 'bundled' (default)")
+    p.add_argument("--bits", default="w4a4", help="weight/activation bits, e.g. w4a4, W6A6, w8a8")
+    p.add_argument("--method", default="qvlm", help="recipe: fp, rtn, qlora, awq, qvlm-cdm, qvlm-veo, qvlm")
+    p.add_argument("--config", type=Path, default=None, help="a QuantConfig JSON file for the other parameters")
+    p.add_argument("--calib-size", type=int, default=None, help="calibration pairs (default 64)")
+    p.add_argument("--eval", action="store_true", help="also measure easy-VQA test accuracy")
+    p.add_argument("--limit", type=int, default=None, help="with --eval: a fixed random subset of N questions")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, type=Path, help="folder for config.json, result.json, eval.json")
+    p.add_argument("--save", type=Path, default=None,
+                   help="also write the packed quantized model (safetensors + JSON) to this folder")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("bench", help="FP and every recipe at W8A8/W6A6/W4A4 -> benchmarks/results/bench.{md,json}")
+    p.add_argument("--model", default="bundled")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N test questions")
+    p.add_argument("--bits", default="W8A8,W6A6,W4A4", help="comma-separated bit settings")
+    p.add_argument("--recipes", default=None, help="comma-separated recipes (default: all but fp)")
+    p.add_argument("--calib-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--w3a3", choices=("auto", "yes", "no"), default="auto",
+                   help="add W3A3 (auto: only if W4A4 shows no gap to FP)")
+    p.add_argument("--no-ded", action="store_true", help="skip the entropy-vs-DED R^2 analysis")
+    p.add_argument("--ded-samples", type=int, default=64)
+    p.add_argument("--no-timing", action="store_true", help="skip the timing-target runs")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qvlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder to write the model and processor to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vision-epochs", type=int, default=30)
-    p.add_argument("--joint-epochs", type=int, default=4)
+    p.add_argument("--joint-epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke tests)")
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--eval-questions", type=int, default=1000)
@@ -102,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=_cmd_eval)
+    _add_quant_commands(sub)
     return parser
 
 
