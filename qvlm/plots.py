@@ -95,6 +95,10 @@ def ded_scatter(
     fig.add_annotation(text=f"R² = {fit['r2']:.4f}", x=0.03, y=0.97, xref="paper", yref="paper",
                        xanchor="left", yanchor="top", showarrow=False, font=dict(size=16),
                        bgcolor="rgba(255,255,255,0.8)")
+    if max(abs(y) for y in ys) == 0:
+        fig.add_annotation(text="DED = 0 for every sample: the layer-by-layer and the joint search<br>"
+                                "chose the same ranges here (no cross-layer dependency to exploit).",
+                           x=0.5, y=0.15, xref="paper", yref="paper", showarrow=False, font=dict(size=12, color="#666"))
     fig.update_layout(title=title, xaxis_title=proxy, yaxis_title="DED (layer-wise − joint error)",
                       showlegend=False, **_LAYOUT)
     return fig

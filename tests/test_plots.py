@@ -41,6 +41,11 @@ def test_ded_scatter_has_points_fit_line_and_r2_annotation():
     assert list(fig2.data[0].x) == [p["qerr"] for p in points]
 
 
+def test_ded_scatter_explains_an_all_zero_ded():
+    fig = plots.ded_scatter([{"entropy": e, "ded": 0.0, "qerr": e} for e in (1.0, 1.5, 2.0)], layer=4)
+    assert "chose the same ranges" in _texts(fig)
+
+
 def test_ded_scatter_skips_non_finite_points_and_handles_empty():
     fig = plots.ded_scatter([{"entropy": float("nan"), "ded": 1.0}], layer=0)
     assert len(fig.data) == 0 and "No DED samples" in _texts(fig)

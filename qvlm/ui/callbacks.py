@@ -137,7 +137,7 @@ class Controller:
         key = qb.config_key(base, cfg)
         existing = session.variants.get(key, touch=False)
         label = existing.label if existing else session.variants.unique_label(qb.variant_label(bits, recipe))
-        tracker = StageTracker(f"Quantizing {base} → {label}")
+        tracker = StageTracker(f"Quantizing {base} → {label}" + _config_summary(cfg))
         job: BackgroundJob | None = None
         locked = False
         try:
@@ -504,6 +504,19 @@ class Controller:
 
 def normalize_q(q: str) -> str:
     return " ".join(q.lower().replace("?", " ").split())
+
+
+def _config_summary(cfg: Any) -> str:
+    """" (8 calibration pairs, VEO 10 epochs, blocks ≤ 3)": the settings a run's status should echo."""
+    parts = []
+    recipe = getattr(cfg, "recipe", "")
+    if getattr(cfg, "calib_size", None) is not None:
+        parts.append(f"{cfg.calib_size} calibration pairs")
+    if getattr(cfg, "veo_epochs", None) is not None and recipe in ("qvlm", "qvlm-veo"):
+        parts.append(f"VEO {cfg.veo_epochs} epochs")
+    if getattr(cfg, "max_block_depth", None) is not None and recipe in ("qvlm", "qvlm-cdm"):
+        parts.append(f"blocks of ≤ {cfg.max_block_depth} layers")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _variant_info(v: Variant) -> str:

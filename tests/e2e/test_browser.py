@@ -97,6 +97,17 @@ def page(app_url):
         browser.close()
 
 
+def _set_number(page, selector: str, value: str) -> None:
+    """Fill a number box and make sure the value stuck (a re-render right after page load can reset it)."""
+    for _ in range(10):
+        page.fill(selector, value)
+        page.locator(selector).press("Tab")
+        page.wait_for_timeout(300)
+        if page.input_value(selector) == value:
+            return
+    raise AssertionError(f"{selector} would not keep the value {value}")
+
+
 def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
@@ -104,8 +115,7 @@ def _shot(page, name: str) -> None:
 def test_quantize_analyse_and_ask_in_a_real_browser(page):
     # --- Quantize: W4A4, Q-VLM, 8 calibration pairs -------------------------------------------------
     page.click("#advanced button, #advanced .label-wrap")
-    page.fill("#calib-size input", "8")
-    page.locator("#calib-size input").press("Tab")
+    _set_number(page, "#calib-size input", "8")
     page.check("#bits input[value='W4A4']")
     _shot(page, "01_quantize_form.png")
 
@@ -122,7 +132,7 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     seconds = time.monotonic() - clicked
     _record("click_to_w4a4_qvlm_result_seconds", round(seconds, 1))
     status = page.inner_text("#quant-status")
-    assert "W4A4 qvlm" in status
+    assert "W4A4 qvlm" in status and "(8 calibration pairs" in status  # the form's setting reached the core
     assert "calibration" in status_running + status and "block-wise percentile search" in status
     assert "W4A4 qvlm" in page.inner_text("#held-variants")
     _shot(page, "03_quantize_done.png")
@@ -133,8 +143,7 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
         "() => { const t = document.querySelector('#partition-plot')?.textContent || '';"
         " return /\\d+ blocks\\)/.test(t); }", timeout=120_000)
     # DED re-runs the layer-wise init on its samples: 4 keep the test short
-    page.fill("#ded-samples input", "4")
-    page.locator("#ded-samples input").press("Tab")
+    _set_number(page, "#ded-samples input", "4")
     clicked = time.monotonic()
     page.click("#ded-btn")
     page.wait_for_function(
