@@ -72,6 +72,8 @@ class Controller:
         self.models = ModelCache(settings.allowed_roots, settings.memory_budget_bytes)
         self.examples = _load_examples()
         self._reference = None
+        self._preloaded = not settings.preload
+        self._preload_lock = threading.Lock()
 
     # ------------------------------------------------------------------ sessions
     def session(self, request: Any) -> SessionState:
@@ -85,7 +87,17 @@ class Controller:
             self.sessions.drop(sid)
 
     def preload(self) -> None:
-        """Load the default FP model in the background so the first click does not wait for it."""
+        """Load the default FP model in the background so the first click does not wait for it.
+
+        Called on the first page view, not at build time: while ``launch()`` starts, Gradio probes
+        its own URL with a 3 s timeout and gives up on the first miss, and a model load competing
+        for 2 busy cores can make it miss.
+        """
+        with self._preload_lock:
+            if self._preloaded:
+                return
+            self._preloaded = True
+
         def run() -> None:
             try:
                 fp = self.models.get(self.settings.default_model)
@@ -194,7 +206,11 @@ class Controller:
             gr.Info(msg)
             lines.append(f"ℹ {msg}")
         n_layers = len(result.handle.layer_map.language)
-        slider = gr.update(maximum=max(0, n_layers - 2), value=min(n_layers // 2, max(0, n_layers - 2)))
+        top = max(0, n_layers - 2)
+        entropies = list(result.entropies or [])
+        # start the DED plots on the most dependent pair (highest D(k,k+1)): the interesting one
+        k = max(range(len(entropies)), key=entropies.__getitem__) if entropies else n_layers // 2
+        slider = gr.update(maximum=top, value=min(k, top))
         yield (tracker.markdown("\n\n".join(lines)), gr.update(choices=session.variants.labels(), value=label),
                self.held_markdown(session), slider)
 
@@ -219,6 +235,11 @@ class Controller:
 
     def held(self, request: gr.Request | None = None) -> str:
         return self.held_markdown(self.session(request))
+
+    def on_page_load(self, request: gr.Request | None = None) -> str:
+        """A browser opened the app: warm the default model up (once) and show this session's variants."""
+        self.preload()
+        return self.held(request)
 
     # ------------------------------------------------------------------ Analysis panel
     def overview(self, label: str | None, request: gr.Request | None = None) -> tuple[Any, ...]:

@@ -158,9 +158,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         run_eval.click(ctl.evaluate, [n_eval, model], [eval_status, table, acc, mem], show_progress="minimal",
                        api_name="evaluate", **heavy)
 
-        demo.load(ctl.held, None, [held], api_name=False)
+        demo.load(ctl.on_page_load, None, [held], api_name=False)
         demo.unload(ctl.drop_session)
-    if settings.preload:
-        ctl.preload()
     demo.controller = ctl  # type: ignore[attr-defined]  # for tests and app.py introspection
     return demo
