@@ -262,7 +262,7 @@ def accuracy_figure(rows: Sequence[Mapping[str, Any]], title: str = "easy-VQA ac
             text=[f"{100 * v:.1f}" if v is not None else "" for v in values], textposition="outside",
             hovertemplate="%{x}: %{y:.1f}%<extra>" + r["model"] + "</extra>",
         ))
-    fig.update_layout(title=title, barmode="group", yaxis=dict(title="accuracy (%)", range=[0, 105]),
+    fig.update_layout(title=title, barmode="group", yaxis=dict(title="accuracy (%)", range=[0, 112]),
                       legend=dict(orientation="h", y=-0.2), **_LAYOUT)
     return fig
 

@@ -128,8 +128,8 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
                     acc = gr.Plot(plots.accuracy_figure([]), label="Accuracy", elem_id="acc-plot")
                     mem = gr.Plot(plots.memory_figure([]), label="Weight memory", elem_id="mem-plot")
 
-        gr.Markdown(f"<small>{texts.PAPER}. Q-VLM Studio runs on CPU; quantization is simulated "
-                    "(fake-quant), as in the paper's released code.</small>")
+        gr.Markdown(f"<small>{texts.PAPER}. Q-VLM Studio runs on CPU; quantized weights are "
+                    "stored packed for real, activations are fake-quantized, as in the paper's released code.</small>")
 
         # ---------------------------------------------------------------- events
         heavy = dict(concurrency_limit=max(2, settings.concurrency), concurrency_id="heavy")

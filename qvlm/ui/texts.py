@@ -54,9 +54,10 @@ ASK_HELP = """
 **What am I looking at?** The same image and question go to the **full-precision (FP)** model and to every
 quantized variant you hold; the answers appear side by side with their latency. A good quantization gives the
 same answers. The bundled model is a tiny LLaVA trained on **easy-VQA** (one coloured shape per 64x64 image), so ask
-about shape and colour: *what shape is in the image?*, *is there a red shape?*. Quantization here is *simulated*
-(fake-quantized tensors in float arithmetic, as in the paper's own code), so latency shows the cost of the
-simulation, not the speed-up of real 4-bit kernels. — {paper}
+about shape and colour: *what shape is in the image?*, *is there a red shape?*. Quantized weights are held packed
+(4 bits really take half a byte) and unpacked in every forward pass, while activations are fake-quantized in float
+arithmetic as in the paper's own code, so latency shows the cost of that simulation, not the speed-up of real
+4-bit kernels. — {paper}
 """.format(paper=PAPER)
 
 RESULTS_HELP = """
