@@ -77,7 +77,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
                 with gr.Row(equal_height=True):
                     layer = gr.Slider(0, 6, value=3, step=1, label="DED of decoder layers k, k+1: choose k",
                                       elem_id="ded-layer", scale=3)
-                    n_samples = gr.Number(8, precision=0, minimum=2, maximum=64, label="DED samples",
+                    n_samples = gr.Number(16, precision=0, minimum=2, maximum=64, label="DED samples",
                                           elem_id="ded-samples", scale=1)
                     ded_btn = gr.Button("Compute DED", elem_id="ded-btn", scale=1)
                     ded_cancel = gr.Button("Cancel", variant="stop", elem_id="ded-cancel-btn", scale=1)
