@@ -63,6 +63,20 @@ def _image_path(value: Any) -> Any:
     return value
 
 
+def _end_heavy_work(session, job, locked: bool) -> None:
+    """Whatever ended a long callback (done, error, cancel, a closed tab): stop its worker thread,
+    wait for it, and free the cross-session lock, so no run outlives its page."""
+    if job is not None and not job.done:
+        session.cancel.set()
+        try:
+            job.outcome()
+        except BaseException:  # noqa: BLE001 - the callback already reported the real outcome
+            pass
+    if locked:
+        HEAVY_WORK.release()
+    session.end()
+
+
 class Controller:
     """The app's server-side state (sessions, FP models) and every panel's handlers."""
 
@@ -184,15 +198,7 @@ class Controller:
             yield tracker.markdown(_unexpected("Quantization", err)), SKIP(), SKIP(), SKIP()
             return
         finally:
-            if job is not None and not job.done:  # the browser went away mid-run: stop the worker first
-                session.cancel.set()
-                try:
-                    job.outcome()
-                except BaseException:  # noqa: BLE001
-                    pass
-            if locked:
-                HEAVY_WORK.release()
-            session.end()
+            _end_heavy_work(session, job, locked)
 
         variant = Variant(key=key, label=label, base_model=base, result=result,
                           nbytes=module_bytes(result.handle.model), seconds=job.elapsed)
@@ -352,15 +358,7 @@ class Controller:
             yield tracker.markdown(_unexpected("The DED analysis", err)), SKIP(), SKIP()
             return
         finally:
-            if job is not None and not job.done:
-                session.cancel.set()
-                try:
-                    job.outcome()
-                except BaseException:  # noqa: BLE001
-                    pass
-            if locked:
-                HEAVY_WORK.release()
-            session.end()
+            _end_heavy_work(session, job, locked)
         ded_fig, qerr_fig, note = self.ded(label, layer, n, request)
         yield tracker.markdown(f"✓ Done in {job.elapsed:.1f} s. " + note), ded_fig, qerr_fig
 
@@ -480,15 +478,7 @@ class Controller:
             yield tracker.markdown(_unexpected("Evaluation", err)), SKIP(), SKIP(), SKIP()
             return
         finally:
-            if job is not None and not job.done:
-                session.cancel.set()
-                try:
-                    job.outcome()
-                except BaseException:  # noqa: BLE001
-                    pass
-            if locked:
-                HEAVY_WORK.release()
-            session.end()
+            _end_heavy_work(session, job, locked)
         table, acc_rows, mem_rows = self._results_rows(models)
         final = f"✓ {len(models)} model(s) evaluated on the same {n} test questions."
         if len(models) == 1:
