@@ -19,7 +19,7 @@ def main() -> None:
     args = parser.parse_args()
     demo = build_app(default_model=args.model)
     demo.queue(default_concurrency_limit=demo.controller.settings.concurrency).launch(
-        server_name=args.host, server_port=args.port
+        server_name=args.host, server_port=args.port, max_file_size="20mb"  # uploads are images; refuse huge files early
     )
 
 

@@ -133,7 +133,8 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     _record("click_to_w4a4_qvlm_result_seconds", round(seconds, 1))
     status = page.inner_text("#quant-status")
     assert "W4A4 qvlm" in status and "(8 calibration pairs" in status  # the form's setting reached the core
-    assert "calibration" in status_running + status and "block-wise percentile search" in status
+    assert "▶" in status_running, status_running  # a stage was shown running before the result
+    assert "calibration" in status and "VEO" in status and "block-wise percentile search" in status
     assert "W4A4 qvlm" in page.inner_text("#held-variants")
     _shot(page, "03_quantize_done.png")
 
