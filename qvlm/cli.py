@@ -143,7 +143,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown recipe {r!r} for --recipes; choose from {', '.join(RECIPES[1:])}")
     opts = BenchOptions(model=args.model, bits=bits, recipes=recipes, limit=args.limit, calib_size=args.calib_size,
                         batch_size=args.batch_size, w3a3=args.w3a3, ded=not args.no_ded,
-                        ded_samples=args.ded_samples, timing_baseline=not args.no_timing, out_dir=args.out)
+                        ded_samples=args.ded_samples, timing_baseline=not args.no_timing, out_dir=args.out,
+                        timing_repeats=args.timing_repeats,
+                        calib_sweep=tuple(int(x) for x in args.calib_sweep.split(",") if x.strip()))
     run_bench(opts)
     print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.json'}")
     return 0
@@ -177,6 +179,9 @@ def _add_quant_commands(sub) -> None:
     p.add_argument("--no-ded", action="store_true", help="skip the entropy-vs-DED R^2 analysis")
     p.add_argument("--ded-samples", type=int, default=64)
     p.add_argument("--no-timing", action="store_true", help="skip the timing-target runs")
+    p.add_argument("--timing-repeats", type=int, default=2, help="best-of-N for the timing-target runs")
+    p.add_argument("--calib-sweep", default="256",
+                   help="extra calibration sizes for rtn/qvlm at W8A8 and W4A4 (comma list; empty to skip)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.set_defaults(func=_cmd_bench)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +32,7 @@ class EntropyPass:
     per_sample: torch.Tensor  # [n_layers - 1, n_samples], D(k, k+1) per calibration sample
     tables: list[Table]  # per layer: role -> [(lo, hi) per percentile]
     grids: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    entropy_seconds: float = 0.0  # the part spent on Eqs. 4-5 (the rest: the pass and percentile tables)
 
     @property
     def entropies(self) -> list[float]:
@@ -89,6 +91,7 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
     tables: list[Table] = []
     grids: list[tuple[torch.Tensor, torch.Tensor]] = []
     prev_site: list[torch.Tensor] | None = None
+    d_seconds = 0.0
     n = len(entries)
     for k, entry in enumerate(entries):
         check_cancel(cancel, "quantization")
@@ -118,18 +121,20 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
             grid = residual_grid(xs, inputs.masks, spec.a_bits)
         grids.append(grid)
         if prev_site is not None:
+            t_d = time.perf_counter()
             d = torch.cat([
                 pair_entropy(a, b, grids[k - 1], grid, spec.a_bits, m, spec.tau, spec.delta_mode)
                 for a, b, m in zip(prev_site, site, inputs.masks)
             ])
             per_sample.append(d.cpu())
+            d_seconds += time.perf_counter() - t_d
         prev_site = list(site)
         release_records(qs.values())
         del source, cache
         xs = ys
         report(progress, "entropy", (k + 1) / n, f"layer {k + 1}/{n}")
     stacked = torch.stack(per_sample) if per_sample else torch.zeros(0, len(xq0) and sum(x.shape[0] for x in xq0))
-    return EntropyPass(stacked, tables, grids)
+    return EntropyPass(stacked, tables, grids, d_seconds)
 
 
 def apply_candidate(entry, table: Table, c: int) -> None:

@@ -12,8 +12,8 @@ Eq. 4 with the design note's resolution (§4.3.2): pool elements ij of one sampl
 
 i.e. H(level at layer k+1 | level at layer k). Everything is differentiable in x (VEO needs
 that); grids (Delta, zero point) are constants. For M <= 32 the M x M joint is one batched
-matmul; for more levels only the 2K+1 nearest levels get mass (K = 4 sigma of the kernel) and
-the joint is accumulated with ``index_add`` so 8-bit grids stay affordable.
+matmul; for more levels only the 2K+1 nearest levels get mass (weights below 1e-5 dropped) and
+the joint is accumulated with ``index_add`` so 8-bit grids stay affordable (K = 3 for tau = 1).
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ def soft_assign(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: in
 
 
 def band_width(tau: float, mode: str, max_scale: float) -> int:
-    """Half-width K (levels) beyond which the kernel weight is < exp(-16) relative to the nearest."""
+    """Half-width K (levels) of the band: a level K + 1/2 steps away or more has a kernel weight below
+    1e-5 of the nearest level's (exp(-11.5)), negligible for the joint table."""
+    cut = 11.5
     if mode == "literal":
         per_step = max(max_scale, 1e-12)  # exp(-d^2 * Delta)
-        return int(math.ceil(math.sqrt(16.0 / per_step)))
-    return int(math.ceil(math.sqrt(16.0 * tau)))
+        return max(1, int(math.ceil(math.sqrt(cut / per_step) - 0.5)))
+    return max(1, int(math.ceil(math.sqrt(cut * tau) - 0.5)))
 
 
 def soft_assign_banded(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, half_width: int,

@@ -72,6 +72,9 @@ class QuantResult:
     search: list[dict] = field(default_factory=list)
     init_notes: dict[str, Any] = field(default_factory=dict)
     output_mse: float | None = None
+    timing_details: dict[str, float] = field(default_factory=dict)
+    """Sub-stage seconds, e.g. "entropy_eq45": the part of "entropy" spent on Eqs. 4-5 (the rest of
+    that stage is the quantized pass and the percentile tables, which a layer-wise search needs too)."""
 
     def to_dict(self) -> dict:
         """JSON-serialisable statistics (no tensors, no model)."""
@@ -90,6 +93,7 @@ class QuantResult:
             "search": list(self.search),
             "init_notes": dict(self.init_notes),
             "output_mse": self.output_mse,
+            "timing_details": dict(self.timing_details),
             "entropies_per_sample": [list(r) for r in self.entropies_per_sample],
         }
 
@@ -121,6 +125,7 @@ class _Run:
         self.progress = progress
         self.cancel = cancel
         self.timings: dict[str, float] = {}
+        self.timing_details: dict[str, float] = {}  # sub-stage times (not added to the stage totals)
         self.errors: dict[tuple[str, int], dict] = {}
         self.notes: dict[str, Any] = {}
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -192,6 +197,7 @@ class _Run:
                 entropies = ep.entropies
                 per_sample = ep.per_sample.tolist()
                 t = self._tick("entropy", t)
+                self.timing_details["entropy_eq45"] = round(ep.entropy_seconds, 4)  # part of "entropy"
                 h0 = cfg.h0_value(entropies)
                 blocks = partition_layers(entropies, h0, cfg.max_block_depth)
                 outcomes = search_blocks(self.qmap.language, self.fp.layer_map.language, self.lang_in, xq0,
@@ -221,7 +227,8 @@ class _Run:
         return QuantResult(handle=qhandle, config=cfg, entropies=entropies, h0=h0, blocks=blocks,
                            percentiles=percentiles, layer_errors=layer_errors, veo_losses=veo_log,
                            timings=dict(self.timings), entropies_per_sample=per_sample if cfg.keep_per_sample_stats else [],
-                           search=search_log, init_notes=self.notes, output_mse=output_mse)
+                           search=search_log, init_notes=self.notes, output_mse=output_mse,
+                           timing_details=dict(self.timing_details))
 
     # ------------------------------------------------------------------------------------------
     def _wrap(self) -> None:
