@@ -30,12 +30,13 @@ class QuantConfig:
     a_bits: int = 4
     """Activation bit-width, 2..8."""
     weight_format: str = "auto"
-    """"uniform" (asymmetric round-to-nearest, the paper's stated quantizer), "nf4" (NormalFloat
-    levels as in QLoRA; at bits other than 4 the same construction with 2^b levels), or "auto":
-    the recipe's own choice (nf4 for ``qlora``, uniform for every other recipe)."""
+    """"uniform" (asymmetric round-to-nearest), "nf4" (NormalFloat levels as in QLoRA; at bits other
+    than 4 the same construction with 2^b levels), or "auto": the recipe's own choice (nf4 for
+    ``qlora`` and the Q-VLM recipes built on it, uniform for ``rtn`` and ``awq``; see
+    :mod:`qvlm.quant.methods` for why)."""
     weight_group_size: int | None = None
-    """Uniform: None = one range per output channel, else groups of this many input elements.
-    NormalFloat: None = QLoRA's block size of 64 input elements."""
+    """Input elements sharing one weight range. None = the recipe's default: NormalFloat uses QLoRA's
+    block of 64, ``awq`` groups of 64, ``rtn`` (and uniform weights otherwise) one range per output channel."""
     act_granularity_language: str = "channel"
     """LLM activation ranges: "channel" (static per input channel, RPTQ-style, paper §4.3) or "tensor"."""
     act_granularity_vision: str = "token"
@@ -144,6 +145,13 @@ class QuantConfig:
         if self.weight_format == "auto":
             return get_recipe(self.recipe).weight_format
         return self.weight_format
+
+    def resolved_weight_group(self) -> int | None:
+        if self.weight_group_size is not None:
+            return self.weight_group_size
+        if self.resolved_weight_format() == "nf4":
+            return 64
+        return get_recipe(self.recipe).weight_group
 
     def h0_value(self, values: list[float]) -> float:
         """The Eq. 7 threshold for these D(k,k+1) values, by ``h0_rule``."""

@@ -5,15 +5,26 @@ all mean the same thing by "qlora" or "qvlm". Numeric knobs stay in :class:`Quan
 
 Paper mapping (arXiv 2410.08119, Table 1/2 and §4.3; design note §7-§8):
 
-* ``rtn``      round-to-nearest weights, min/max static activation ranges; the floor.
-* ``qlora``    the paper's "QLoRA" baseline: NormalFloat weights (NF4 at 4 bits), per-channel
-               (LLM) / per-token (vision) activations, min/max then layer-wise lp clipping.
-               No LoRA fine-tuning is involved (the paper's baseline has none either).
+* ``rtn``      round-to-nearest uniform weights (per output channel), min/max static activation
+               ranges; the floor.
+* ``qlora``    the paper's "QLoRA" baseline: NormalFloat weights (NF4 at 4 bits, blocks of 64),
+               per-channel (LLM) / per-token (vision) activations, min/max then layer-wise lp
+               clipping. No LoRA fine-tuning is involved (the paper's baseline has none either).
 * ``awq``      the paper's "AWQ" baseline: AWQ's activation-aware per-channel weight scaling
-               search, uniform weights, plus the same activation quantizers as ``qlora``.
-* ``qvlm-cdm`` layer-wise init + cross-layer dependency mining (Eqs. 3-7).
-* ``qvlm-veo`` layer-wise init + visual encoder optimization (Eqs. 8-10).
-* ``qvlm``     init -> VEO -> CDM (the full method).
+               search on grouped uniform weights (AWQ's INT-g128 setting, with groups of 64 because
+               128 does not divide the bundled model's 192-wide layers), plus the same activation
+               quantizers as ``qlora``.
+* ``qvlm-cdm`` the ``qlora`` baseline + cross-layer dependency mining (Eqs. 3-7).
+* ``qvlm-veo`` the ``qlora`` baseline + visual encoder optimization (Eqs. 8-10).
+* ``qvlm``     the ``qlora`` baseline -> VEO -> CDM (the full method).
+
+Why the Q-VLM recipes keep the baseline's NormalFloat weights (``weight_format="auto"``): the paper
+builds Q-VLM on the QLoRA initialisation ("we followed the initialization ... in QLoRA for the
+baseline methods and our Q-VLM"), its ablation (Table 1) reports the *same* memory for the QLoRA
+row and the +CDM / +VEO / Q-VLM rows, and the authors' code quantizes Q-VLM's weights to NF4.
+CDM and VEO only touch activation ranges, so sharing the weights makes the ablation measure them
+and nothing else. The paper's sentence on "uniform quantization" is honoured for activations; set
+``weight_format="uniform"`` for uniform weights everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ class Recipe:
     description: str
     quantize: bool = True
     weight_format: WeightFormat = "uniform"  # used when QuantConfig.weight_format == "auto"
+    weight_group: int | None = None  # uniform weights, when QuantConfig.weight_group_size is None
     act_init: ActInit = "lp"
     awq: bool = False
     veo: bool = False
@@ -47,10 +59,14 @@ _RECIPE_LIST = (
         "NormalFloat weights; per-channel/per-token activations; min/max then layer-wise lp clipping.",
         weight_format="nf4",
     ),
-    Recipe("awq", "AWQ (baseline)", "AWQ activation-aware weight scaling; same activation quantizers.", awq=True),
-    Recipe("qvlm-cdm", "Q-VLM: CDM only", "Layer-wise init + entropy-guided block partition + joint search.", cdm=True),
-    Recipe("qvlm-veo", "Q-VLM: VEO only", "Layer-wise init + visual-encoder optimization.", veo=True),
-    Recipe("qvlm", "Q-VLM (CDM + VEO)", "Layer-wise init -> VEO -> CDM: the full method.", veo=True, cdm=True),
+    Recipe("awq", "AWQ (baseline)", "AWQ activation-aware weight scaling (grouped uniform weights); same "
+           "activation quantizers.", awq=True, weight_group=64),
+    Recipe("qvlm-cdm", "Q-VLM: CDM only", "QLoRA baseline + entropy-guided block partition + joint search.",
+           weight_format="nf4", cdm=True),
+    Recipe("qvlm-veo", "Q-VLM: VEO only", "QLoRA baseline + visual-encoder optimization.", weight_format="nf4",
+           veo=True),
+    Recipe("qvlm", "Q-VLM (CDM + VEO)", "QLoRA baseline -> VEO -> CDM: the full method.", weight_format="nf4",
+           veo=True, cdm=True),
 )
 
 RECIPE_INFO: dict[str, Recipe] = {r.name: r for r in _RECIPE_LIST}

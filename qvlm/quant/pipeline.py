@@ -129,7 +129,7 @@ class _Run:
         self.errors: dict[tuple[str, int], dict] = {}
         self.notes: dict[str, Any] = {}
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.weights = WeightSpec(cfg.w_bits, cfg.resolved_weight_format(), cfg.weight_group_size)
+        self.weights = WeightSpec(cfg.w_bits, cfg.resolved_weight_format(), cfg.resolved_weight_group())
         self.act_init = ActInitSpec(self.recipe.act_init, tuple(cfg.init_clip_grid), cfg.init_lp_norm)
 
     # ------------------------------------------------------------------------------------------
