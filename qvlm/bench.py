@@ -51,6 +51,11 @@ class BenchOptions:
     """Extra calibration sizes, run for ``sweep_recipes`` at ``sweep_bits`` (static ranges need coverage)."""
     sweep_recipes: tuple[str, ...] = ("rtn", "qvlm")
     sweep_bits: tuple[str, ...] = ("W8A8", "W4A4")
+    variants: tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...] = (
+        ("W4A4", "qlora", (("weight_format", "uniform"),)),
+        ("W4A4", "qvlm", (("weight_format", "uniform"),)),
+    )
+    """Extra (bits, recipe, config overrides) rows, e.g. the paper-literal uniform weights for Q-VLM."""
     out_dir: Path = Path("benchmarks/results")
     log: Callable[[str], None] = print
     extra: dict = field(default_factory=dict)
@@ -134,6 +139,20 @@ def run_bench(opts: BenchOptions) -> dict:
                                     "every recipe at W4A4 is within 1 pt of FP, so W4A4 shows no gap."))
                 bits_list.append("W3A3")
 
+    for bits, recipe, overrides in opts.variants:
+        cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=opts.calib_size, **dict(overrides))
+        start = time.perf_counter()
+        result = quantize(handle, cfg)
+        seconds = time.perf_counter() - start
+        ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=opts.batch_size)
+        row = _row(bits, recipe, ev, result, seconds)
+        row["overrides"] = dict(overrides)
+        out["rows"].append(row)
+        opts.log(f"{bits} {recipe:9s} {dict(overrides)}: acc {ev.accuracy:.4f}  quantize {seconds:.1f} s")
+        del result
+        gc.collect()
+        save()
+
     for size in opts.calib_sweep:
         for bits in opts.sweep_bits:
             for recipe in opts.sweep_recipes:
@@ -211,13 +230,17 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
+def _overrides(row: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (row.get("overrides") or {}).items())
+
+
 def _find(rows: list[dict], bits: str, recipe: str) -> dict | None:
     return next((r for r in rows if r["bits"] == bits and r["recipe"] == recipe), None)
 
 
 def verdicts(out: dict) -> list[str]:
     """The issue's targets, each judged from the measured rows."""
-    rows = [r for r in out["rows"] if r.get("calib_size") in (None, out["calib_size"])]
+    rows = [r for r in out["rows"] if r.get("calib_size") in (None, out["calib_size"]) and not r.get("overrides")]
     fp = _find(rows, "FP", "fp")
     if fp is None:
         return []
@@ -254,10 +277,12 @@ def verdicts(out: dict) -> list[str]:
                 and v["qvlm-veo"] < v["qvlm"]
             lines.append(f"{bits} ablation qlora < qvlm-cdm, qvlm-veo < qvlm: {'holds' if order else 'does not hold'} "
                          f"({', '.join(f'{k} {_pct(x)}' for k, x in v.items())}).")
-    sweep = [r for r in out["rows"] if r.get("calib_size") not in (None, out["calib_size"])]
-    for r in sweep:
-        lines.append(f"{r['bits']} {r['recipe']} with {r['calib_size']} calibration pairs: "
-                     f"{100 * (r['accuracy'] - acc):+.2f} pt vs FP.")
+    for r in out["rows"]:
+        if r.get("overrides"):
+            lines.append(f"{r['bits']} {r['recipe']} with {_overrides(r)}: {100 * (r['accuracy'] - acc):+.2f} pt vs FP.")
+        elif r.get("calib_size") not in (None, out["calib_size"]):
+            lines.append(f"{r['bits']} {r['recipe']} with {r['calib_size']} calibration pairs: "
+                         f"{100 * (r['accuracy'] - acc):+.2f} pt vs FP.")
     t = out.get("timing") or {}
     if t:
         total = t["qvlm_total_s"]
@@ -299,7 +324,8 @@ def render_markdown(out: dict) -> str:
     for r in rows:
         delta = "" if fp is None or r is fp else f"{100 * (r['accuracy'] - fp['accuracy']):+.2f}"
         types = " | ".join(_pct(r["per_type"].get(t)) for t in QUESTION_TYPES)
-        lines.append(f"| {r['bits']} | {r['recipe']} | {r.get('calib_size') or '–'} | {_pct(r['accuracy'])} | {delta} | {types} | "
+        name = r["recipe"] + (f" ({_overrides(r)})" if r.get("overrides") else "")
+        lines.append(f"| {r['bits']} | {name} | {r.get('calib_size') or '–'} | {_pct(r['accuracy'])} | {delta} | {types} | "
                      f"{r.get('calibration_s', '–')} | {r.get('search_s', '–')} | {r.get('quantize_s', '–')} |")
     v = verdicts(out)
     if v:
