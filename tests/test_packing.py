@@ -42,3 +42,13 @@ def test_packed_linear_matches_a_dense_layer_and_holds_fewer_bytes():
     # 4-bit codes: 64*32/2 bytes, plus a float32 step and a uint8 zero point per output channel
     assert layer.storage_bytes() == 64 * 32 // 2 + 32 * 4 + 32
     assert layer.storage_bytes() < 64 * 32 * 2  # less than the FP16 weight
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_packed_stream_is_the_little_endian_bit_layout(bits):
+    """Code i sits at stream bits i*bits..; exports written before the word-wise packer stay readable."""
+    codes = torch.tensor([1, (1 << bits) - 1, 2, 0, 5 % (1 << bits)])
+    stream = sum(int(c) << (i * bits) for i, c in enumerate(codes))
+    expected = torch.tensor([(stream >> (8 * j)) & 0xFF for j in range((codes.numel() * bits + 7) // 8)],
+                            dtype=torch.uint8)
+    assert torch.equal(pack_bits(codes, bits), expected)
