@@ -58,6 +58,32 @@ class HeavyWorkLock:
 HEAVY_WORK = HeavyWorkLock()
 
 
+class HeavyWorkTurn:
+    """Wait for :data:`HEAVY_WORK` inside a streaming handler: iterate it to get status texts.
+
+    Why a class: the handler must re-yield each status in its own output tuple and then learn
+    whether it got the lock or was cancelled while waiting (``acquired``); the three long
+    callbacks (quantize, evaluate, DED) share this loop instead of writing it each.
+    ``tracker`` is a :class:`qvlm.ui.progress_view.StageTracker` (``note`` and ``markdown``).
+    """
+
+    def __init__(self, what: str, tracker, cancel: threading.Event, waiting_tail: str = "",
+                 cancelled_message: str = "■ Cancelled while waiting.") -> None:
+        self.what, self.tracker, self.cancel = what, tracker, cancel
+        self.waiting_tail, self.cancelled_message = waiting_tail, cancelled_message
+        self.acquired = False
+
+    def __iter__(self) -> Iterator[str]:
+        while not HEAVY_WORK.acquire(self.what, timeout=0.5):
+            if self.cancel.is_set():
+                yield self.tracker.markdown(self.cancelled_message)
+                return
+            self.tracker.note = f"Waiting: another session is running {HEAVY_WORK.describe()}{self.waiting_tail}"
+            yield self.tracker.markdown()
+        self.tracker.note = ""
+        self.acquired = True
+
+
 class BackgroundJob(Generic[T]):
     """``fn(progress)`` in a daemon thread; :meth:`poll` yields progress until it finishes.
 

@@ -16,7 +16,7 @@ from qvlm import plots
 from qvlm.models import ModelLoadError
 from qvlm.ui import quant_bridge as qb
 from qvlm.ui.feedback import SKIP, end_heavy_work, unexpected, warn
-from qvlm.ui.jobs import HEAVY_WORK, BackgroundJob
+from qvlm.ui.jobs import BackgroundJob, HeavyWorkTurn
 from qvlm.ui.panel_base import PanelBase
 from qvlm.ui.progress_view import StageTracker
 from qvlm.ui.render import human_bytes
@@ -114,13 +114,11 @@ class AnalysisPanel(PanelBase):
         locked = False
         try:
             fp = self.models.get(variant.base_model)
-            while not (locked := HEAVY_WORK.acquire(f"a DED analysis ({variant.label})", timeout=0.5)):
-                if session.cancel.is_set():
-                    yield tracker.markdown("■ Cancelled while waiting."), SKIP(), SKIP()
-                    return
-                tracker.note = f"Waiting: another session is running {HEAVY_WORK.describe()}."
-                yield tracker.markdown(), SKIP(), SKIP()
-            tracker.note = ""
+            turn = HeavyWorkTurn(f"a DED analysis ({variant.label})", tracker, session.cancel, waiting_tail=".")
+            for status in turn:
+                yield status, SKIP(), SKIP()
+            if not (locked := turn.acquired):
+                return
             job = BackgroundJob(lambda cb: qb.ded_sweep(fp, variant.result, n, cb, session.cancel)).start()
             for events in job.poll():
                 tracker.update(events)

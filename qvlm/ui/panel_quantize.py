@@ -16,7 +16,7 @@ import gradio as gr
 from qvlm.models import ModelLoadError
 from qvlm.ui import quant_bridge as qb
 from qvlm.ui.feedback import SKIP, end_heavy_work, unexpected, warn
-from qvlm.ui.jobs import HEAVY_WORK, BackgroundJob
+from qvlm.ui.jobs import BackgroundJob, HeavyWorkTurn
 from qvlm.ui.model_cache import canonical_name
 from qvlm.ui.panel_base import PanelBase
 from qvlm.ui.progress_view import StageTracker
@@ -70,14 +70,14 @@ class QuantizePanel(PanelBase):
         job: BackgroundJob | None = None
         locked = False
         try:
-            while not (locked := HEAVY_WORK.acquire(f"a quantization ({label})", timeout=0.5)):
-                if session.cancel.is_set():
-                    yield tracker.markdown("■ Cancelled while waiting; nothing was started."), SKIP(), SKIP(), SKIP()
-                    return
-                tracker.note = (f"Waiting: another session is running {HEAVY_WORK.describe()}. Jobs run one at a "
-                                "time on this CPU; yours starts when it finishes (or press Cancel).")
-                yield tracker.markdown(), SKIP(), SKIP(), SKIP()
-            tracker.note = ""
+            turn = HeavyWorkTurn(f"a quantization ({label})", tracker, session.cancel,
+                                 waiting_tail=". Jobs run one at a time on this CPU; yours starts when it "
+                                              "finishes (or press Cancel).",
+                                 cancelled_message="■ Cancelled while waiting; nothing was started.")
+            for status in turn:
+                yield status, SKIP(), SKIP(), SKIP()
+            if not (locked := turn.acquired):
+                return
             job = BackgroundJob(lambda cb: self._run_quantize(base, cfg, cb, session.cancel)).start()
             for events in job.poll():
                 tracker.update(events)

@@ -16,7 +16,7 @@ from qvlm.data import load_split
 from qvlm.models import ModelLoadError, VLMHandle
 from qvlm.ui import quant_bridge as qb
 from qvlm.ui.feedback import SKIP, end_heavy_work, log, unexpected, warn
-from qvlm.ui.jobs import HEAVY_WORK, BackgroundJob
+from qvlm.ui.jobs import BackgroundJob, HeavyWorkTurn
 from qvlm.ui.model_cache import canonical_name
 from qvlm.ui.panel_base import PanelBase
 from qvlm.ui.progress_view import StageTracker
@@ -64,14 +64,12 @@ class ResultsPanel(PanelBase):
             models += [(v.label, v.handle, v.evals, (n, seed)) for v in session.variants.variants(base)]
             todo = [m for m in models if m[3] not in m[2]]
             if todo:
-                while not (locked := HEAVY_WORK.acquire(f"an evaluation ({n} questions)", timeout=0.5)):
-                    if session.cancel.is_set():
-                        yield tracker.markdown("■ Cancelled while waiting."), SKIP(), SKIP(), SKIP()
-                        return
-                    tracker.note = (f"Waiting: another session is running {HEAVY_WORK.describe()}; "
-                                    "yours starts when it finishes.")
-                    yield tracker.markdown(), SKIP(), SKIP(), SKIP()
-                tracker.note = ""
+                turn = HeavyWorkTurn(f"an evaluation ({n} questions)", tracker, session.cancel,
+                                     waiting_tail="; yours starts when it finishes.")
+                for status in turn:
+                    yield status, SKIP(), SKIP(), SKIP()
+                if not (locked := turn.acquired):
+                    return
                 samples = evaluation_subset(n, seed=seed)
                 for label, handle, cache, key in todo:
                     def work(cb, handle=handle, label=label):
