@@ -14,14 +14,15 @@ from pathlib import Path
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from qvlm.training.train import TrainConfig, train_tiny_llava
 
+    given = {"vision_epochs": args.vision_epochs, "caption_steps": args.caption_steps,
+             "align_steps": args.align_steps, "joint_epochs": args.joint_epochs}
     cfg = TrainConfig(
         seed=args.seed,
-        vision_epochs=args.vision_epochs,
-        joint_epochs=args.joint_epochs,
         max_steps=args.max_steps,
         train_images=args.train_images,
         eval_questions=args.eval_questions,
         threads=args.threads,
+        **{k: v for k, v in given.items() if v is not None},
     )
     if args.tiny:
         from qvlm.training.tiny_llava import TinyLlavaSpec
@@ -193,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tiny", help="train the bundled tiny LLaVA on easy-VQA (CPU, ~35 min on 2 cores)")
     p.add_argument("--out", required=True, type=Path, help="folder to write the model and processor to")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vision-epochs", type=int, default=30)
-    p.add_argument("--joint-epochs", type=int, default=3)
+    p.add_argument("--vision-epochs", type=int, default=None, help="stage 1 epochs (default: TrainConfig's)")
+    p.add_argument("--caption-steps", type=int, default=None, help="stage 2 steps (default: TrainConfig's)")
+    p.add_argument("--align-steps", type=int, default=None, help="stage 3 steps (default: TrainConfig's)")
+    p.add_argument("--joint-epochs", type=int, default=None, help="stage 4 epochs (default: TrainConfig's)")
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke tests)")
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--eval-questions", type=int, default=1000)

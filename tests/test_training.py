@@ -24,3 +24,22 @@ def test_train_tiny_smoke_run_saves_a_reloadable_llava(tmp_path, capsys):
     assert isinstance(answers[0], str)
     handle = load_vlm(out)
     assert len(handle.layer_map.language) == 2 and len(handle.layer_map.vision) == 1
+
+
+def test_caption_tokens_are_the_label_words_in_the_llms_own_embedding_space():
+    import torch
+
+    from qvlm.data import COLORS, SHAPES
+    from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_tokenizer
+    from qvlm.training.train import _CaptionTokens
+
+    tok = build_tokenizer()
+    spec = TinyLlavaSpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,
+                         text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64)
+    model = build_model(spec, tok)
+    tokens = _CaptionTokens(tok, 3)(model, torch.tensor([0, 2]), torch.tensor([1, 5]))
+    emb = model.get_input_embeddings().weight
+    ids = tok.convert_tokens_to_ids
+    assert tokens.shape == (2, 3, 32)
+    assert torch.equal(tokens[1, 2], emb[ids(COLORS[5])] + emb[ids(SHAPES[2])])
+    assert torch.equal(tokens[0, 0], tokens[0, 1])

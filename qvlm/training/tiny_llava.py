@@ -44,14 +44,17 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyLlavaSpec:
-    """Sizes of the bundled model. Defaults give ~4.6M parameters and 64 image tokens.
+    """Sizes of the bundled model. Defaults give ~4.4M parameters and 16 image tokens.
 
     ``vision_feature_layer=-1`` (not LLaVA-1.5's -2) so every vision layer feeds the LLM and
-    its quantization matters; 8x8 patches because easy-VQA shapes can be as small as ~8 px.
+    its quantization matters. 16x16 patches (16 image tokens, not 64): the LLM learns to compare
+    a question word with the image about twice as fast with 16 tokens as with 64 (measured), each
+    training step is ~2.6x cheaper, and the vision tower still separates easy-VQA's shapes (some
+    only ~8 px wide) given enough stage-1 epochs.
     """
 
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
