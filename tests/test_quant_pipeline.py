@@ -51,8 +51,10 @@ def test_w8a8_logits_close_to_fp_and_w4a4_further(bundled):
     samples = evaluation_subset(6, seed=3)
     ref = _logits(bundled.model, bundled.processor, samples)
     errs = {}
+    # The default 64 calibration pairs (rtn has no search, so this stays fast): static per-channel
+    # ranges from 8 pairs miss words the test prompts use, and clipping them costs ~12% here.
     for bits in ("W8A8", "W4A4"):
-        res = quantize(bundled, QuantConfig.from_bits(bits, recipe="rtn", **FAST))
+        res = quantize(bundled, QuantConfig.from_bits(bits, recipe="rtn", **(FAST | {"calib_size": 64, "calib_batch": 8})))
         q = _logits(res.handle.model, res.handle.processor, samples)
         errs[bits] = float((q - ref).norm() / ref.norm())
     assert errs["W8A8"] < 0.05, errs

@@ -101,4 +101,4 @@ def test_model_too_big_for_memory(bundled_dir):
     tight = Controller(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir],
                                 memory_budget_bytes=1024, preload=False))
     _, note = tight.ask(EXAMPLE, "what shape is present?", str(bundled_dir), _req("ask-8"))
-    assert "only 0.0 GiB is available" in note or "is available here" in note
+    assert "needs about" in note and "is free here" in note

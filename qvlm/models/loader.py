@@ -129,8 +129,12 @@ def estimate_weight_bytes(config: PretrainedConfig, dtype: torch.dtype = torch.f
     return n * torch.tensor([], dtype=dtype).element_size()
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), or a large number where it cannot be read."""
+def available_memory_bytes(device: str | torch.device = "cpu") -> int:
+    """Free memory where the model will live: the GPU's free bytes for a CUDA device, otherwise
+    MemAvailable from /proc/meminfo (Linux), or a large number where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -140,15 +144,25 @@ def available_memory_bytes() -> int:
     return 1 << 62
 
 
-def check_fits(config: PretrainedConfig, dtype: torch.dtype, budget_bytes: int | None = None, factor: float = 2.5) -> int:
-    """Refuse a model whose weights times ``factor`` (FP copy, quantized copy, activations) exceed the budget."""
+QUANTIZE_MEMORY_FACTOR = 1.6
+"""Peak memory of a quantize run as a multiple of the FP weights: the FP model (1.0), the packed
+quantized Linears of the working copy (at most 0.5 at W8 from FP16; the rest of the copy shares the
+FP tensors, :mod:`qvlm.quant.working_copy`), and cached calibration activations plus one layer being
+searched or one VEO micro-batch (~0.1 for LLaVA-1.5-7B with 64 pairs). See benchmarks/README.md."""
+
+
+def check_fits(config: PretrainedConfig, dtype: torch.dtype, budget_bytes: int | None = None,
+               factor: float = QUANTIZE_MEMORY_FACTOR, device: str | torch.device = "cpu") -> int:
+    """Refuse a model whose weights times ``factor`` (FP model + packed copy + activations) exceed
+    the free memory of ``device`` (or ``budget_bytes``), before any weight is loaded."""
     need = estimate_weight_bytes(config, dtype)
-    budget = available_memory_bytes() if budget_bytes is None else budget_bytes
+    budget = available_memory_bytes(device) if budget_bytes is None else budget_bytes
     if need * factor > budget:
+        where = "on this GPU" if torch.device(device).type == "cuda" else "here"
         raise ModelLoadError(
             f"This model needs about {need / 2**30:.1f} GiB for its weights in {str(dtype).removeprefix('torch.')} "
-            f"(about {need * factor / 2**30:.1f} GiB with a quantized copy), but only {budget / 2**30:.1f} GiB "
-            "is available here."
+            f"(about {need * factor / 2**30:.1f} GiB to quantize it), but only {budget / 2**30:.1f} GiB "
+            f"is free {where}. Try a smaller model, dtype float16, or device_map='auto' across devices."
         )
     return need
 
@@ -173,8 +187,8 @@ def load_vlm(
 
         return load_quantized(location, device=device)
     config = load_config(location, source)
-    if device_map is None and torch.device(device).type == "cpu":
-        check_fits(config, dtype, memory_budget_bytes)
+    if device_map is None:
+        check_fits(config, dtype, memory_budget_bytes, device=device)
     cls = _model_classes()[config.model_type]
     local_only = source != "hub"
     extra = {"device_map": device_map} if device_map is not None else {}

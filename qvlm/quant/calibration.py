@@ -39,6 +39,14 @@ class CalibBatch:
     def size(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def split(self, rows: int) -> list["CalibBatch"]:
+        """Consecutive row slices of at most ``rows`` pairs (micro-batches), same padding."""
+        if rows >= self.size:
+            return [self]
+        return [CalibBatch(*(None if t is None else t[start : start + rows] for t in
+                             (self.input_ids, self.attention_mask, self.pixel_values, self.answer_mask, self.image_sizes)))
+                for start in range(0, self.size, rows)]
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
         return inputs | self.image_inputs()

@@ -107,6 +107,13 @@ class QuantConfig:
     """X^v of Eq. 9: "projector" (the image tokens the LLM sees) or "vision" (selected vision features)."""
     veo_jacobian_every: int = 1
     """Recompute the Eq. 8 Jacobian weights every this many steps (1 = every batch, as designed)."""
+    veo_micro_batch: int | None = None
+    """Pairs per forward/backward pass in VEO; gradients accumulate over the calibration batch, so
+    each optimizer step still sees ``calib_batch`` pairs. Why: VEO backpropagates through the whole
+    LLM, whose saved activations grow with the batch (LLaVA-1.5-7B at batch 8 needs far more than
+    a 24 GB GPU holds). None = the whole batch in one pass (the reference behaviour); with fewer,
+    each loss term is a row-weighted mean of the micro-batch means (the same up to how answer
+    tokens are spread over the rows)."""
 
     # --- AWQ baseline -------------------------------------------------------------------------
     awq_grid: int = 20
@@ -116,9 +123,11 @@ class QuantConfig:
 
     # --- storage ------------------------------------------------------------------------------
     pack_weights: bool = True
-    """At the end of the run, store every quantized weight as packed b-bit codes with its steps
-    and zero points (:class:`qvlm.quant.packing.PackedLinear`, dequantized in each forward): the
-    weight memory is then real, and the answers are bit-identical to the fake-quant model."""
+    """Store every quantized weight as packed b-bit codes with its steps and zero points
+    (:class:`qvlm.quant.packing.PackedLinear`, dequantized in each forward): the weight memory is
+    then real, and the answers are bit-identical to the fake-quant model. Decoder layers are
+    packed as soon as their init is done (their weights are final then), so the copy never holds
+    the LLM decoded; the vision tower, projector and lm_head at the end of the run."""
 
     # --- bookkeeping --------------------------------------------------------------------------
     seed: int = 0
@@ -220,6 +229,8 @@ class QuantConfig:
         _choice("veo_params", self.veo_params, ("act_bounds", "act_bounds+layernorm"))
         _choice("veo_visual_output", self.veo_visual_output, ("projector", "vision"))
         _positive_int("veo_jacobian_every", self.veo_jacobian_every)
+        if self.veo_micro_batch is not None:
+            _positive_int("veo_micro_batch", self.veo_micro_batch)
         _positive_int("awq_grid", self.awq_grid)
         _positive_int("awq_max_tokens", self.awq_max_tokens)
         return self

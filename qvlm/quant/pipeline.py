@@ -16,7 +16,6 @@ or changed, so the app can keep answering with it while a quantization runs.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from qvlm.quant.partition import partition_layers, singleton_blocks
 from qvlm.quant.qlinear import QuantLinear, replace_module
 from qvlm.quant.quantizers import ActQuantizer, lp_clip_search, minmax_ranges, quantize_weight_uniform
 from qvlm.quant.veo import VEOSpec, run_veo
+from qvlm.quant.working_copy import working_copy
 
 
 @dataclass
@@ -154,7 +154,7 @@ class _Run:
                 self.batches = calibration_batches(self.fp, cfg.calib_size, cfg.calib_seed, cfg.calib_batch)
             self._check()
             report(self.progress, "calibration", 0.4, "copying the model")
-            self.qmodel = copy.deepcopy(self.fp.model)
+            self.qmodel = working_copy(self.fp.model)
             self.qmodel.requires_grad_(False)
             self.qmodel.eval()
             qmap = build_layer_map(self.qmodel)
@@ -178,7 +178,7 @@ class _Run:
         if self.recipe.veo and cfg.quantize_vision:
             spec = VEOSpec(cfg.veo_epochs, cfg.veo_lr, cfg.veo_lambda1, cfg.veo_lambda2, cfg.veo_eta, cfg.veo_params,
                            cfg.veo_visual_output, cfg.veo_jacobian_every, cfg.a_bits, cfg.soft_temperature,
-                           cfg.soft_delta_mode, cfg.entropy_site)
+                           cfg.soft_delta_mode, cfg.entropy_site, cfg.veo_micro_batch)
             veo_log = run_veo(self.qmodel, self.fp.model, self.qmap, self.batches, spec, self._entropy_grids(),
                               self.progress, self.cancel)
             t = self._tick("veo", t)
@@ -296,9 +296,14 @@ class _Run:
                 self.notes.update({f"language.{i}.{k}": v for k, v in notes.items()})
             ys = run_layer(entry.module, self.lang_in, xs, self.cancel)
             self._record("language", i, ys, yr, self.lang_in, "init_mse")
+            if cfg.pack_weights:
+                # A decoder layer's weights are final after its init (VEO and CDM move activation
+                # ranges only), so it is packed now: the copy never holds the LLM's weights decoded.
+                pack_model(entry.module)
             xs, xr = ys, yr
             done += 1
             report(self.progress, "init", done / n_total, f"language layer {i + 1}/{len(self.qmap.language)}")
+        self.qmap = build_layer_map(self.qmodel)
         if cfg.quantize_lm_head:
             q = QuantLinear.wrap(self.qmodel.lm_head, ActQuantizer(cfg.a_bits, "channel"), tower="lm_head", role="lm_head")
             self.qmodel.lm_head = q
@@ -348,8 +353,9 @@ class _Run:
         grids = []
         for i, entry in enumerate(self.qmap.language):
             q = entry.linears.get("q")
-            if self.cfg.entropy_site == "attn_input" and isinstance(q, QuantLinear) and q.act is not None and q.act.calibrated:
-                grids.append((q.act._scale.detach(), q.act._zp.detach().float()))
+            act = getattr(q, "act", None)
+            if self.cfg.entropy_site == "attn_input" and act is not None and act.calibrated:
+                grids.append((act._scale.detach(), act._zp.detach().float()))
             else:
                 grids.append(self.residual_grids[i])
         return grids

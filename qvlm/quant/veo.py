@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from qvlm.progress import check_cancel, report
 from qvlm.quant.calibration import CalibBatch
 from qvlm.quant.entropy import pair_entropy
-from qvlm.quant.qlinear import QuantLinear
 
 
 @dataclass
@@ -43,6 +42,7 @@ class VEOSpec:
     tau: float
     delta_mode: str
     entropy_site: str
+    micro_batch: int | None = None
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -90,10 +90,14 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
     ``grids[k]`` is the fixed (step, zero point) of decoder layer k's entropy site.
     """
     vision_qs = [lin.act for entry in qmap.vision for lin in entry.linears.values()
-                 if isinstance(lin, QuantLinear) and lin.act is not None and lin.act.calibrated]
+                 if getattr(lin, "act", None) is not None and lin.act.calibrated]
     if not vision_qs or spec.epochs == 0:
         return []
-    targets = fp_targets(fp_model, batches, spec.visual_output)
+    # Micro-batches are cut before the FP targets are taken, so each target has its chunk's layout
+    # (LLaVA-NeXT's projector output is not row-aligned with the batch).
+    chunks = [b.split(spec.micro_batch) if spec.micro_batch else [b] for b in batches]
+    flat_targets = iter(fp_targets(fp_model, [c for cs in chunks for c in cs], spec.visual_output))
+    targets = [[next(flat_targets) for _ in cs] for cs in chunks]
     params: list[torch.nn.Parameter] = []
     for q in vision_qs:
         params += q.make_learnable()
@@ -140,53 +144,62 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
     weights: torch.Tensor | None = None
     total_steps = spec.epochs * len(batches)
     step = 0
+
+    def loss_terms(chunk: CalibBatch, tgt: dict[str, torch.Tensor], new_weights: bool) -> dict[str, torch.Tensor]:
+        """Eq. 10's terms on one (micro-)batch; recomputes the Jacobian weights w_k when asked."""
+        nonlocal weights
+        hidden = core(**chunk.model_inputs(), use_cache=False).last_hidden_state
+        mask = chunk.valid
+        # L_reg: next-token CE on the answer tokens.
+        pos = chunk.answer_mask.nonzero(as_tuple=False)
+        logits = qmodel.lm_head(hidden[pos[:, 0], pos[:, 1] - 1])
+        l_reg = F.cross_entropy(logits.float(), chunk.input_ids[pos[:, 0], pos[:, 1]])
+        e_n = _masked_mse(hidden, tgt["xn"], mask)
+        xv = proj_io["out"] if spec.visual_output == "projector" else proj_io["in"]
+        l_err = _masked_mse(xv, tgt["xv"], None) + spec.eta * e_n
+        if new_weights:  # w_k (detached), from dE/dX^(k)
+            ins = list(captured["layer_in"])
+            usable = [h is not None and h.requires_grad for h in ins]
+            grads = torch.autograd.grad(e_n, [h for h, u in zip(ins, usable) if u], retain_graph=True,
+                                        allow_unused=True)
+            norms, gi = [], iter(grads)
+            for u in usable:
+                g = next(gi) if u else None
+                norms.append(0.0 if g is None else float(g.float().norm()))
+            w = torch.tensor(norms)
+            weights = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / max(1, len(w)))
+        l_ent = hidden.new_zeros((), dtype=torch.float32)
+        for k in range(len(decoder_layers) - 1):
+            if weights[k] == 0:
+                continue
+            d = pair_entropy(captured["site"][k], captured["site"][k + 1], grids[k], grids[k + 1],
+                             spec.a_bits, mask, spec.tau, spec.delta_mode)
+            l_ent = l_ent + weights[k] * d.mean()
+        captured["layer_in"] = [None] * len(decoder_layers)
+        captured["site"] = [None] * len(decoder_layers)
+        total = l_reg + spec.lambda1 * l_ent + spec.lambda2 * l_err
+        return {"total": total, "reg": l_reg, "ent": l_ent, "err": l_err}
+
     try:
         with torch.enable_grad():
             for epoch in range(spec.epochs):
                 for bi, batch in enumerate(batches):
-                    check_cancel(cancel, "quantization")
-                    tgt = targets[bi]
-                    out = core(**batch.model_inputs(), use_cache=False)
-                    hidden = out.last_hidden_state
-                    mask = batch.valid
-                    # L_reg: next-token CE on the answer tokens.
-                    pos = batch.answer_mask.nonzero(as_tuple=False)
-                    logits = qmodel.lm_head(hidden[pos[:, 0], pos[:, 1] - 1])
-                    l_reg = F.cross_entropy(logits.float(), batch.input_ids[pos[:, 0], pos[:, 1]])
-                    e_n = _masked_mse(hidden, tgt["xn"], mask)
-                    xv = proj_io["out"] if spec.visual_output == "projector" else proj_io["in"]
-                    l_err = _masked_mse(xv, tgt["xv"], None) + spec.eta * e_n
-                    # Jacobian weights w_k (detached), recomputed every `jacobian_every` steps.
-                    if weights is None or step % spec.jacobian_every == 0:
-                        ins = [h for h in captured["layer_in"]]
-                        usable = [h is not None and h.requires_grad for h in ins]
-                        grads = torch.autograd.grad(e_n, [h for h, u in zip(ins, usable) if u],
-                                                    retain_graph=True, allow_unused=True)
-                        norms, gi = [], iter(grads)
-                        for u in usable:
-                            g = next(gi) if u else None
-                            norms.append(0.0 if g is None else float(g.float().norm()))
-                        w = torch.tensor(norms)
-                        weights = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / max(1, len(w)))
-                    l_ent = hidden.new_zeros((), dtype=torch.float32)
-                    for k in range(len(decoder_layers) - 1):
-                        if weights[k] == 0:
-                            continue
-                        d = pair_entropy(captured["site"][k], captured["site"][k + 1], grids[k], grids[k + 1],
-                                         spec.a_bits, mask, spec.tau, spec.delta_mode)
-                        l_ent = l_ent + weights[k] * d.mean()
-                    loss = l_reg + spec.lambda1 * l_ent + spec.lambda2 * l_err
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    sums = dict.fromkeys(("total", "reg", "ent", "err"), 0.0)
+                    for ci, (chunk, tgt) in enumerate(zip(chunks[bi], targets[bi])):
+                        check_cancel(cancel, "quantization")
+                        share = chunk.size / batch.size
+                        new_weights = ci == 0 and (weights is None or step % spec.jacobian_every == 0)
+                        terms = loss_terms(chunk, tgt, new_weights)
+                        (terms["total"] * share).backward()
+                        for key, value in terms.items():
+                            sums[key] += value.item() * share
                     opt.step()
                     step += 1
-                    log.append({"step": step, "epoch": epoch + 1, "total": loss.item(), "reg": l_reg.item(),
-                                "ent": l_ent.item(), "err": l_err.item()})
-                    if not math.isfinite(log[-1]["total"]):
+                    log.append({"step": step, "epoch": epoch + 1, **sums})
+                    if not math.isfinite(sums["total"]):
                         raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr")
                     report(progress, "veo", step / total_steps, f"epoch {epoch + 1}/{spec.epochs}")
-                    captured["layer_in"] = [None] * len(decoder_layers)
-                    captured["site"] = [None] * len(decoder_layers)
     finally:
         for h in handles:
             h.remove()

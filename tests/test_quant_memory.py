@@ -1,0 +1,76 @@
+"""What keeps a quantize run's memory bounded: the shared working copy, packing as layers finish,
+and VEO's micro-batches (a 7B model's budget depends on all three; see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qvlm.quant import QuantConfig, quantize
+from qvlm.quant import pipeline
+from qvlm.quant.calibration import calibration_batches
+from qvlm.quant.packing import PackedLinear
+from qvlm.quant.working_copy import shared_bytes, working_copy
+
+FAST = dict(calib_size=8, calib_batch=4, veo_epochs=1, max_block_depth=2)
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def test_working_copy_shares_linear_and_embedding_storage_only(bundled):
+    fp = bundled.model
+    copy = working_copy(fp)
+    big = [p for m in fp.modules() if isinstance(m, (nn.Linear, nn.Embedding)) for p in m.parameters(recurse=False)]
+    assert shared_bytes(fp, copy) == _bytes(big)
+    assert _bytes(big) > 0.95 * _bytes(fp.parameters())
+    fp_norm = fp.model.language_model.norm.weight
+    copy_norm = copy.model.language_model.norm.weight
+    assert copy_norm.data_ptr() != fp_norm.data_ptr() and torch.equal(copy_norm, fp_norm)
+    # A new Parameter object: replacing its data (what quantizing does) leaves the FP model alone.
+    fp_lin = fp.model.language_model.layers[0].mlp.down_proj
+    copy_lin = copy.model.language_model.layers[0].mlp.down_proj
+    before = fp_lin.weight.clone()
+    copy_lin.weight.data = torch.zeros_like(copy_lin.weight)
+    assert torch.equal(fp_lin.weight, before)
+
+
+def test_decoder_layers_are_packed_before_the_search(bundled, monkeypatch):
+    seen: list[type] = []
+    real = pipeline.search_blocks
+
+    def spy(q_entries, *args, **kwargs):
+        seen.extend(type(lin) for e in q_entries for lin in e.linears.values())
+        return real(q_entries, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "search_blocks", spy)
+    quantize(bundled, QuantConfig(recipe="qvlm-cdm", **FAST))
+    assert seen and all(t is PackedLinear for t in seen)
+
+
+def test_calib_batch_split_keeps_rows_in_order(bundled):
+    (batch,) = calibration_batches(bundled, 4, 0, 4)
+    parts = batch.split(3)
+    assert [p.size for p in parts] == [3, 1]
+    for name in ("input_ids", "attention_mask", "pixel_values", "answer_mask"):
+        assert torch.equal(torch.cat([getattr(p, name) for p in parts]), getattr(batch, name))
+    assert batch.split(4) == [batch]
+
+
+def test_veo_micro_batches_accumulate_to_the_whole_batch_loss(bundled):
+    logs = {}
+    for micro in (None, 1):
+        res = quantize(bundled, QuantConfig(recipe="qvlm-veo", veo_micro_batch=micro, **FAST))
+        logs[micro] = res.veo_losses
+    whole, micro = logs[None][0], logs[1][0]
+    # Same data and start point; only the averaging of CE over answer tokens differs by row.
+    for key in ("total", "reg", "err"):
+        assert micro[key] == pytest.approx(whole[key], rel=0.05), key
+    assert len(logs[1]) == len(logs[None])
+
+
+def test_bad_micro_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="veo_micro_batch"):
+        QuantConfig(veo_micro_batch=0).validate()
