@@ -9,8 +9,9 @@ depths give the per-layer slope to extrapolate to 32 (7B) or 40 (13B) layers.
 
 It samples the process's resident memory every 10 ms (CPU, float32) and reports the peak during
 quantize() as a multiple of the FP weight bytes, for the pipeline as it is ("shared": the working
-copy shares the FP tensors and decoder layers are packed as they finish) and, with ``--compare``,
-for the former design ("deepcopy": a full copy, weights decoded until the end).
+copy shares the FP tensors, decoder layers are packed as they finish, VEO runs in micro-batches with
+activation checkpointing) and, with ``--compare``, for the former design ("deepcopy": a full copy,
+weights decoded until the end, VEO on whole batches).
 
     python benchmarks/memory_scaled.py --layers 1 2 [--compare] [--json benchmarks/results/memory_scaled.json]
 """
@@ -56,7 +57,8 @@ def _build(layers: int, vision_layers: int):
                          image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok, patch_size=14,
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
     return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name="llava-7b-shaped",
@@ -74,9 +76,11 @@ def measure(layers: int, vision_layers: int, design: str, calib: int, micro: int
     weight_bytes = sum(p.numel() * p.element_size() for p in handle.model.parameters())
     if design == "deepcopy":
         pipeline.working_copy = copy.deepcopy
+    shared = design == "shared"
+    # "shared": the large-model settings (micro-batches + checkpointing in VEO); "deepcopy": as before.
     cfg = QuantConfig(recipe="qvlm", w_bits=4, a_bits=4, calib_size=calib, calib_batch=calib, veo_epochs=1,
-                      veo_micro_batch=micro, percentiles=[1.0, 0.99], max_block_depth=2,
-                      pack_weights=design == "shared")
+                      veo_micro_batch=micro if shared else None, veo_checkpoint=shared,
+                      percentiles=[1.0, 0.99], max_block_depth=2, pack_weights=shared)
     base = _rss()
     peak = [base]
     done = threading.Event()

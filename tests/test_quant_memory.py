@@ -3,11 +3,14 @@ and VEO's micro-batches (a 7B model's budget depends on all three; see benchmark
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
 
-from qvlm.quant import QuantConfig, quantize
+from qvlm.quant import QuantConfig, QuantLinear, quantize
 from qvlm.quant import pipeline
 from qvlm.quant.calibration import calibration_batches
 from qvlm.quant.packing import PackedLinear
@@ -37,17 +40,33 @@ def test_working_copy_shares_linear_and_embedding_storage_only(bundled):
     assert torch.equal(fp_lin.weight, before)
 
 
-def test_decoder_layers_are_packed_before_the_search(bundled, monkeypatch):
+def test_decoder_layers_are_packed_and_their_decoded_weights_freed_before_the_search(bundled, monkeypatch):
     seen: list[type] = []
-    real = pipeline.search_blocks
+    replaced: list[weakref.ref] = []
+    alive_at_search: list[tuple[int, int]] = []
+    alive_at_pack: list[int] = []
+    real_search, real_pack = pipeline.search_blocks, pipeline.pack_model
 
-    def spy(q_entries, *args, **kwargs):
+    def pack_spy(module):
+        gc.collect()
+        alive_at_pack.append(sum(r() is not None for r in replaced))  # earlier layers' decoded weights
+        replaced.extend(weakref.ref(m) for m in module.modules() if isinstance(m, QuantLinear))
+        return real_pack(module)
+
+    def search_spy(q_entries, *args, **kwargs):
         seen.extend(type(lin) for e in q_entries for lin in e.linears.values())
-        return real(q_entries, *args, **kwargs)
+        gc.collect()
+        alive_at_search.append((len(replaced), sum(r() is not None for r in replaced)))
+        return real_search(q_entries, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "search_blocks", spy)
+    monkeypatch.setattr(pipeline, "search_blocks", search_spy)
+    monkeypatch.setattr(pipeline, "pack_model", pack_spy)
     quantize(bundled, QuantConfig(recipe="qvlm-cdm", **FAST))
     assert seen and all(t is PackedLinear for t in seen)
+    # all decoder Linears were packed before the search, and nothing holds their decoded weights
+    n_layers = len(bundled.layer_map.language)
+    assert alive_at_search == [(7 * n_layers, 0)]
+    assert alive_at_pack[:n_layers] == [0] * n_layers  # freed layer by layer, not at the end of init
 
 
 def test_calib_batch_split_keeps_rows_in_order(bundled):
@@ -74,3 +93,19 @@ def test_veo_micro_batches_accumulate_to_the_whole_batch_loss(bundled):
 def test_bad_micro_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="veo_micro_batch"):
         QuantConfig(veo_micro_batch=0).validate()
+
+
+def test_veo_checkpointing_gives_the_same_losses_and_bounds(bundled):
+    runs = {}
+    for ckpt in (False, True):
+        res = quantize(bundled, QuantConfig(recipe="qvlm-veo", veo_checkpoint=ckpt, **FAST))
+        bounds = [m.act.hi.clone() for m in res.handle.model.modules()
+                  if isinstance(m, PackedLinear) and m.tower == "vision"]
+        runs[ckpt] = (res.veo_losses, bounds)
+    (plain, b0), (ckpt, b1) = runs[False], runs[True]
+    for a, b in zip(plain, ckpt):
+        for key in ("total", "reg", "ent", "err"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(b0, b1))
+    # the layers' forward is restored afterwards
+    assert all("forward" not in layer.__dict__ for layer in res.handle.model.model.language_model.layers)

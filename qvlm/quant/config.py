@@ -114,6 +114,11 @@ class QuantConfig:
     a 24 GB GPU holds). None = the whole batch in one pass (the reference behaviour); with fewer,
     each loss term is a row-weighted mean of the micro-batch means (the same up to how answer
     tokens are spread over the rows)."""
+    veo_checkpoint: bool = False
+    """Recompute each decoder layer's activations in VEO's backward instead of keeping them
+    (activation checkpointing): the backward through the LLM then holds one layer's activations,
+    not all of them, for about one extra forward pass. Same losses and gradients; for large models
+    (with ``veo_micro_batch``, what lets LLaVA-1.5-7B's VEO fit a 24 GB GPU)."""
 
     # --- AWQ baseline -------------------------------------------------------------------------
     awq_grid: int = 20
@@ -198,7 +203,7 @@ class QuantConfig:
         _choice("act_granularity_language", self.act_granularity_language, ("channel", "tensor"))
         _choice("act_granularity_vision", self.act_granularity_vision, ("token", "channel", "tensor"))
         for name in ("quantize_vision", "quantize_language", "quantize_projector", "quantize_lm_head",
-                     "quantize_embeddings", "keep_per_sample_stats"):
+                     "quantize_embeddings", "keep_per_sample_stats", "pack_weights", "veo_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _positive_int("calib_size", self.calib_size)

@@ -178,7 +178,7 @@ class _Run:
         if self.recipe.veo and cfg.quantize_vision:
             spec = VEOSpec(cfg.veo_epochs, cfg.veo_lr, cfg.veo_lambda1, cfg.veo_lambda2, cfg.veo_eta, cfg.veo_params,
                            cfg.veo_visual_output, cfg.veo_jacobian_every, cfg.a_bits, cfg.soft_temperature,
-                           cfg.soft_delta_mode, cfg.entropy_site, cfg.veo_micro_batch)
+                           cfg.soft_delta_mode, cfg.entropy_site, cfg.veo_micro_batch, cfg.veo_checkpoint)
             veo_log = run_veo(self.qmodel, self.fp.model, self.qmap, self.batches, spec, self._entropy_grids(),
                               self.progress, self.cancel)
             t = self._tick("veo", t)
@@ -300,6 +300,8 @@ class _Run:
                 # A decoder layer's weights are final after its init (VEO and CDM move activation
                 # ranges only), so it is packed now: the copy never holds the LLM's weights decoded.
                 pack_model(entry.module)
+                # Point the map at the packed layers, or it keeps the decoded QuantLinears alive.
+                entry.linears = {role: self.qmodel.get_submodule(name) for role, name in entry.linear_names.items()}
             xs, xr = ys, yr
             done += 1
             report(self.progress, "init", done / n_total, f"language layer {i + 1}/{len(self.qmap.language)}")

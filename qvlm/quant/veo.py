@@ -43,6 +43,7 @@ class VEOSpec:
     delta_mode: str
     entropy_site: str
     micro_batch: int | None = None
+    checkpoint: bool = False
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -81,6 +82,30 @@ def fp_targets(fp_model, batches: list[CalibBatch], visual_output: str) -> list[
     finally:
         handle.remove()
     return out
+
+
+def _checkpoint_layers(layers: list[torch.nn.Module]) -> None:
+    """Run each decoder layer under non-reentrant activation checkpointing (recomputed in backward).
+
+    Why: VEO backpropagates through the whole LLM, and without this every layer's activations are
+    kept for the backward pass. Non-reentrant checkpointing keeps the autograd graph (hooks that
+    capture tensors inside a layer, e.g. the entropy site, still get gradients); the layers are
+    deterministic, so the recomputation reproduces the forward exactly.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        original = layer.forward
+
+        def forward(*args, _original=original, **kwargs):
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+def _restore_layers(layers: list[torch.nn.Module]) -> None:
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
 
 
 def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
@@ -137,6 +162,8 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
     def proj_hook(module, args, output):
         proj_io["in"], proj_io["out"] = args[0], output
 
+    if spec.checkpoint:
+        _checkpoint_layers(decoder_layers)
     handles = [m.register_forward_pre_hook(layer_hook(i), with_kwargs=True) for i, m in enumerate(decoder_layers)]
     handles += [m.register_forward_pre_hook(site_hook(i), with_kwargs=True) for i, m in enumerate(site_modules)]
     handles.append(core.multi_modal_projector.register_forward_hook(proj_hook))
@@ -203,6 +230,8 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
     finally:
         for h in handles:
             h.remove()
+        if spec.checkpoint:
+            _restore_layers(decoder_layers)
         for q in vision_qs:
             q.freeze()
         for p in ln_params:
