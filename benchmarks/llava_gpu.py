@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", default="W6A6,W4A4")
     p.add_argument("--methods", default="fp,qlora,awq,qvlm")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--veo-micro-batch", type=int, default=1,
+                   help="pairs per VEO backward (1 keeps 7B's VEO within a 24 GB GPU; see benchmarks/README.md)")
+    p.add_argument("--no-veo-checkpoint", action="store_true", help="keep all LLM activations in VEO's backward")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/llava_gpu.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             if method == "fp":
                 handle, stats = fp, {}
             else:
-                cfg = QuantConfig.from_bits(bits, recipe=method, calib_size=args.calib_size)
+                cfg = QuantConfig.from_bits(bits, recipe=method, calib_size=args.calib_size,
+                                            veo_micro_batch=args.veo_micro_batch,
+                                            veo_checkpoint=not args.no_veo_checkpoint)
                 result = quantize(fp, cfg, calibration=calib_samples)
                 handle, stats = result.handle, {"timings": result.timings}
             quant_seconds = time.perf_counter() - start

@@ -83,24 +83,32 @@ def measure(layers: int, vision_layers: int, design: str, calib: int, micro: int
                       percentiles=[1.0, 0.99], max_block_depth=2, pack_weights=shared)
     base = _rss()
     peak = [base]
+    stage = ["start"]
+    by_stage: dict[str, int] = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss())
+            now = _rss()
+            peak[0] = max(peak[0], now)
+            by_stage[stage[0]] = max(by_stage.get(stage[0], 0), now - base)
             time.sleep(0.01)
+
+    def progress(name: str, fraction: float, message: str) -> None:
+        stage[0] = name
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t = time.perf_counter()
-    result = quantize(handle, cfg)
+    result = quantize(handle, cfg, progress=progress)
     seconds = time.perf_counter() - t
     done.set()
     thread.join()
     return {"layers": layers, "vision_layers": vision_layers, "design": design, "calib_pairs": calib,
             "veo_micro_batch": micro, "fp_weight_bytes": weight_bytes, "peak_extra_bytes": peak[0] - base,
             "peak_extra_over_weights": round((peak[0] - base) / weight_bytes, 3), "seconds": round(seconds, 1),
-            "kept_after_bytes": _rss() - base, "blocks": result.blocks}
+            "kept_after_bytes": _rss() - base, "blocks": result.blocks,
+            "peak_extra_bytes_by_stage": by_stage}
 
 
 def main() -> None:

@@ -52,3 +52,21 @@ def test_packed_stream_is_the_little_endian_bit_layout(bits):
     expected = torch.tensor([(stream >> (8 * j)) & 0xFF for j in range((codes.numel() * bits + 7) // 8)],
                             dtype=torch.uint8)
     assert torch.equal(pack_bits(codes, bits), expected)
+
+
+def test_packed_linear_backward_matches_the_dequantized_weight_without_saving_it():
+    torch.manual_seed(0)
+    w = torch.randn(24, 32)
+    layer = PackedLinear(encode_uniform(w, 4), torch.randn(24), None, None, torch.float32)
+    x = torch.randn(5, 32, requires_grad=True)
+    out = layer(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(ref_x, layer.dequantized_weight(), layer.bias)
+    assert torch.allclose(out, ref)
+    # nothing is saved for backward (F.linear would save the decoded weight): only the packed layer
+    assert out.grad_fn.saved_tensors == ()
+    assert ref.grad_fn._saved_mat2.numel() == w.numel()  # F.linear keeps the decoded weight, for contrast
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.allclose(x.grad, ref_x.grad, atol=1e-6)

@@ -111,6 +111,8 @@ class PackedLinear(nn.Module):
             x = x / self.smooth.to(x.dtype)
         if self.act is not None:
             x = self.act(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedMatmul.apply(x, self)
         return F.linear(x, self.dequantized_weight(), self.bias)
 
     def storage_bytes(self) -> int:
@@ -121,6 +123,25 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features}->{self.out_features}, W{self.bits}:{self.fmt} packed "
                 f"({self.storage_bytes()} bytes), tower={self.tower}, role={self.role}")
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """``x @ W^T + b`` for a packed layer when a gradient must reach ``x`` (VEO's backward).
+
+    Why not ``F.linear``: autograd would save the dequantized weight of every layer for the
+    backward pass, i.e. hold the whole LLM decoded again (LLaVA-7B: 13 GB) while VEO backpropagates
+    through it. Here only the packed codes are kept; the weight is dequantized again in backward.
+    Weights and bias are frozen, so only the input's gradient is computed (and ``x`` is not saved).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "PackedLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(), layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.layer.dequantized_weight().to(grad_out.dtype), None
 
 
 def pack_model(model: nn.Module) -> dict[str, int]:
