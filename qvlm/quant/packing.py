@@ -156,6 +156,10 @@ def pack_model(model: nn.Module) -> dict[str, int]:
                                   module.weight.dtype, module.tower, module.role)
             packed.to(module.weight.device)
             replace_module(model, name, packed)
+            # Drop the decoded weight now: the Parameter object may still be reachable from elsewhere
+            # (the Linear it was wrapped from, a layer map), and would keep a full-size copy alive.
+            module.weight.data = module.weight.data.new_empty(0)
+            module.encoded = None
             count += 1
             total += packed.storage_bytes()
     return {"layers": count, "packed_bytes": total}
