@@ -10,7 +10,7 @@ called directly with the captured keyword arguments (attention mask, rotary embe
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator
 
 import torch
@@ -43,8 +43,8 @@ class CalibBatch:
         """Consecutive row slices of at most ``rows`` pairs (micro-batches), same padding."""
         if rows >= self.size:
             return [self]
-        return [CalibBatch(*(None if t is None else t[start : start + rows] for t in
-                             (self.input_ids, self.attention_mask, self.pixel_values, self.answer_mask, self.image_sizes)))
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return [CalibBatch(**{name: None if t is None else t[start : start + rows] for name, t in tensors.items()})
                 for start in range(0, self.size, rows)]
 
     def model_inputs(self) -> dict[str, torch.Tensor]:

@@ -305,7 +305,6 @@ class _Run:
             xs, xr = ys, yr
             done += 1
             report(self.progress, "init", done / n_total, f"language layer {i + 1}/{len(self.qmap.language)}")
-        self.qmap = build_layer_map(self.qmodel)
         if cfg.quantize_lm_head:
             q = QuantLinear.wrap(self.qmodel.lm_head, ActQuantizer(cfg.a_bits, "channel"), tower="lm_head", role="lm_head")
             self.qmodel.lm_head = q

@@ -28,6 +28,11 @@ class SynthQuestion:
     question_type: str
 
 
+def mentions_color(question: str) -> bool:
+    """Whether a question names one of easy-VQA's colours (a yes/no question that does compares one)."""
+    return _COLOR.search(question.lower()) is not None
+
+
 def _negated(question: str) -> bool:
     q = f" {question} "
     return " not " in q or q.startswith(" is no ")

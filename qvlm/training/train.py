@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qvlm.data import COLORS, SHAPES, chat_messages, image_labels, load_image, load_split
-from qvlm.training.questions import QuestionSynth
+from qvlm.training.questions import QuestionSynth, mentions_color
 from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
 
 
@@ -137,6 +137,11 @@ def augment(pixels: torch.Tensor, generator: torch.Generator, max_shift: int = 8
     return out
 
 
+def _capped(steps: int, max_steps: int | None) -> int:
+    """A stage's step count, capped by ``TrainConfig.max_steps`` (smoke runs)."""
+    return min(steps, max_steps) if max_steps else steps
+
+
 def _lr_lambda(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
     warmup = max(1, int(total_steps * warmup_fraction))
 
@@ -228,7 +233,7 @@ class _Tally:
 
     def add(self, questions: list[list], correct: torch.Tensor) -> None:
         flat = [q for qs in questions for q in qs]
-        is_color_yn = torch.tensor([q.question_type == "yes/no" and _mentions_color(q.question) for q in flat])
+        is_color_yn = torch.tensor([q.question_type == "yes/no" and mentions_color(q.question) for q in flat])
         self.seen += len(flat)
         self.correct += int(correct.sum())
         self.color_seen += int(is_color_yn.sum())
@@ -239,10 +244,6 @@ class _Tally:
                "color_yn": f"{self.color_correct / max(1, self.color_seen):.3f}"}
         self.__init__()
         return out
-
-
-def _mentions_color(question: str) -> bool:
-    return any(w in COLORS for w in question.lower().replace("?", " ").split())
 
 
 class _CaptionTokens:
@@ -313,9 +314,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
     # ---- stage 1: vision tower + attribute heads -------------------------------------------
     vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     steps_per_epoch = math.ceil(len(image_ids) / cfg.vision_batch)
-    total = steps_per_epoch * cfg.vision_epochs
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    total = _capped(steps_per_epoch * cfg.vision_epochs, cfg.max_steps)
     opt = torch.optim.AdamW(vision_params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_fraction))
     model.train()
@@ -355,9 +354,6 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
         own = rng.sample(own, min(len(own), cfg.original_per_image))
         return own + synth.sample(*labels[image_id], cfg.synth_per_image, rng)
 
-    def capped(steps: int) -> int:
-        return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
     def image_batch(pool: torch.Tensor) -> torch.Tensor:
         return pool[torch.randint(0, len(pool), (cfg.images_per_step,), generator=gen)]
 
@@ -374,7 +370,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
     language = [p for p in model.parameters() if id(p) not in vision_ids and id(p) not in projector_ids]
 
     # ---- stage 2: the LLM on label captions -----------------------------------------------------
-    total = capped(cfg.caption_steps)
+    total = _capped(cfg.caption_steps, cfg.max_steps)
     if total:
         opt, sched = optimizer([{"params": language, "lr": cfg.caption_lr}], total)
 
@@ -387,7 +383,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
         _run_steps("stage 2: captions", total, language, opt, sched, caption_step)
 
     # ---- stage 3: the projector onto the caption tokens (LLaVA's feature alignment) ---------------
-    total = capped(cfg.align_steps)
+    total = _capped(cfg.align_steps, cfg.max_steps)
     if total:
         for p in language + vision:
             p.requires_grad_(False)
@@ -410,7 +406,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
 
     # ---- stage 4: the whole LLaVA on answer tokens -------------------------------------------
     steps_per_epoch = math.ceil(len(image_ids) / cfg.images_per_step)
-    total = capped(steps_per_epoch * cfg.joint_epochs)
+    total = _capped(steps_per_epoch * cfg.joint_epochs, cfg.max_steps)
     groups = [
         {"params": language + projector, "lr": cfg.joint_lr},
         {"params": vision + list(heads.parameters()), "lr": cfg.joint_vision_lr},
