@@ -5,13 +5,15 @@
 """
 
 from qvlm.progress import Cancelled
-from qvlm.quant.config import QuantConfig
-from qvlm.quant.methods import RECIPE_INFO, RECIPES, Recipe, get_recipe
+from qvlm.quant.config import BIT_SETTINGS, QuantConfig
+from qvlm.quant.recipes import MENU_ORDER, RECIPE_INFO, RECIPES, Recipe, get_recipe
 from qvlm.quant.pipeline import QuantResult, quantize
 from qvlm.quant.qlinear import QuantLinear
 from qvlm.quant.quantizers import ActQuantizer
 
 __all__ = [
+    "BIT_SETTINGS",
+    "MENU_ORDER",
     "RECIPES",
     "RECIPE_INFO",
     "ActQuantizer",

@@ -12,7 +12,10 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from qvlm.quant.methods import RECIPES, get_recipe
+from qvlm.quant.recipes import RECIPES, get_recipe
+
+BIT_SETTINGS: tuple[str, ...] = ("W8A8", "W6A6", "W4A4", "W4A3", "W3A3")
+"""The bit settings the app and the bench offer (any WxAy with x, y in 2..8 is valid in a config)."""
 
 _BITS_RE = re.compile(r"^\s*w(\d+)\s*a(\d+)\s*$", re.IGNORECASE)
 _H0_RE = re.compile(r"^(mean|median|quantile:(?P<q>[0-9.eE+-]+)|value:(?P<v>[0-9.eE+-]+))$")
@@ -33,7 +36,7 @@ class QuantConfig:
     """"uniform" (asymmetric round-to-nearest), "nf4" (NormalFloat levels as in QLoRA; at bits other
     than 4 the same construction with 2^b levels), or "auto": the recipe's own choice (nf4 for
     ``qlora`` and the Q-VLM recipes built on it, uniform for ``rtn`` and ``awq``; see
-    :mod:`qvlm.quant.methods` for why)."""
+    :mod:`qvlm.quant.recipes` for why)."""
     weight_group_size: int | None = None
     """Input elements sharing one weight range. None = the recipe's default: NormalFloat uses QLoRA's
     block of 64, ``awq`` groups of 64, ``rtn`` (and uniform weights otherwise) one range per output channel."""

@@ -39,7 +39,7 @@ from qvlm.quant.calibration import (
 from qvlm.quant.cdm import EntropySpec, entropy_pass, residual_grid, search_blocks
 from qvlm.quant.config import QuantConfig
 from qvlm.quant.layerwise import ActInitSpec, WeightSpec, init_layer
-from qvlm.quant.methods import get_recipe
+from qvlm.quant.recipes import get_recipe
 from qvlm.quant.packing import pack_model
 from qvlm.quant.partition import partition_layers, singleton_blocks
 from qvlm.quant.qlinear import QuantLinear, replace_module

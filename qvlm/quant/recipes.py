@@ -51,19 +51,20 @@ class Recipe:
 
 
 _RECIPE_LIST = (
-    Recipe("fp", "Full precision", "No quantization (reference).", quantize=False),
-    Recipe("rtn", "RTN", "Round-to-nearest weights; min/max static activation ranges.", act_init="minmax"),
+    Recipe("fp", "no quantization (reference)", "No quantization (reference).", quantize=False),
+    Recipe("rtn", "round-to-nearest, min/max (baseline)", "Round-to-nearest weights; min/max static activation "
+           "ranges.", act_init="minmax"),
     Recipe(
         "qlora",
-        "QLoRA (baseline)",
+        "QLoRA-style lp clipping (baseline)",
         "NormalFloat weights; per-channel/per-token activations; min/max then layer-wise lp clipping.",
         weight_format="nf4",
     ),
     Recipe("awq", "AWQ (baseline)", "AWQ activation-aware weight scaling (grouped uniform weights); same "
            "activation quantizers.", awq=True, weight_group=64),
-    Recipe("qvlm-cdm", "Q-VLM: CDM only", "QLoRA baseline + entropy-guided block partition + joint search.",
+    Recipe("qvlm-cdm", "Q-VLM, CDM only (ablation)", "QLoRA baseline + entropy-guided block partition + joint search.",
            weight_format="nf4", cdm=True),
-    Recipe("qvlm-veo", "Q-VLM: VEO only", "QLoRA baseline + visual-encoder optimization.", weight_format="nf4",
+    Recipe("qvlm-veo", "Q-VLM, VEO only (ablation)", "QLoRA baseline + visual-encoder optimization.", weight_format="nf4",
            veo=True),
     Recipe("qvlm", "Q-VLM (CDM + VEO)", "QLoRA baseline -> VEO -> CDM: the full method.", weight_format="nf4",
            veo=True, cdm=True),
@@ -71,7 +72,10 @@ _RECIPE_LIST = (
 
 RECIPE_INFO: dict[str, Recipe] = {r.name: r for r in _RECIPE_LIST}
 RECIPES: tuple[str, ...] = tuple(RECIPE_INFO)
-"""Recipe names in display order."""
+"""Recipe names in table order (the reference, the baselines, the ablations, the full method)."""
+
+MENU_ORDER: tuple[str, ...] = ("qvlm", "qvlm-cdm", "qvlm-veo", "qlora", "awq", "rtn")
+"""The quantizing recipes in the order the app offers them: the method, its ablations, the baselines."""
 
 
 def get_recipe(name: str) -> Recipe:
