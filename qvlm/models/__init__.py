@@ -1,6 +1,6 @@
 """Loading LLaVA-family models and mapping their layers."""
 
-from qvlm.models.layer_map import LayerEntry, LayerMap, build_layer_map
+from qvlm.models.layer_map import LayerEntry, LayerMap, build_layer_map, core_model
 from qvlm.models.loader import (
     BUNDLED_MODEL_DIR,
     BUNDLED_MODEL_NAME,
@@ -20,6 +20,7 @@ __all__ = [
     "ModelLoadError",
     "VLMHandle",
     "build_layer_map",
+    "core_model",
     "estimate_weight_bytes",
     "load_vlm",
 ]

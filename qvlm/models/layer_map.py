@@ -129,9 +129,18 @@ def _entries(tower: Tower, prefix: str, layers: nn.ModuleList, roles: dict[str, 
     return entries
 
 
+def core_model(model: nn.Module) -> nn.Module:
+    """The module holding ``vision_tower``/``multi_modal_projector``/``language_model``.
+
+    transformers 5 nests them under ``model.model`` (``LlavaForConditionalGeneration.model``) and
+    keeps ``lm_head`` outside; a bare ``LlavaModel`` is its own core.
+    """
+    return getattr(model, "model", model)
+
+
 def build_layer_map(model: nn.Module) -> LayerMap:
     """Map a LLaVA-family model; raises ValueError naming what is missing for an unknown layout."""
-    core = getattr(model, "model", model)
+    core = core_model(model)
     vision_tower = getattr(core, "vision_tower", None)
     language_model = getattr(core, "language_model", None)
     if vision_tower is None or language_model is None:

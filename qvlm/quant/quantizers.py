@@ -30,9 +30,21 @@ Granularity = Literal["channel", "token", "tensor"]
 EPS = 1e-8
 
 
+def valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[tokens, C] rows of ``x`` ([B, T, C] or [N, C]), real (unpadded) tokens only.
+
+    Why one helper: every range, table and grid is taken over the tokens the model really sees;
+    a padded position counted once would move a min/max range.
+    """
+    if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+        x = x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
 # ----------------------------------------------------------------------------------------------
 # uniform asymmetric
 # ----------------------------------------------------------------------------------------------
+
 def qmax_of(bits: int) -> int:
     return (1 << bits) - 1
 
@@ -237,10 +249,7 @@ class ActQuantizer(nn.Module):
         if self.granularity == "token":
             t = x.shape[-2]
             return x.transpose(-2, -1).reshape(-1, t)
-        c = x.shape[-1]
-        if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-            x = x[mask]
-        rows = x.reshape(-1, c)
+        rows = valid_rows(x, mask)
         return rows if self.granularity == "channel" else rows.reshape(-1, 1)
 
     def broadcast_shape(self, x_dim: int, g: int) -> list[int]:
