@@ -240,6 +240,10 @@ class ActQuantizer(nn.Module):
             return -torch.exp(self.log_neg_lo), torch.exp(self.log_hi)
         return self.lo, self.hi
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, zero point as float) of the calibrated grid, detached: what Eq. 4 assigns levels on."""
+        return self._scale.detach(), self._zp.detach().float()
+
     def axis(self, x: torch.Tensor) -> int:
         return x.dim() - 1 if self.granularity == "channel" else x.dim() - 2
 
