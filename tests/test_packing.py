@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from qvlm.quant.packing import PackedLinear, pack_bits, unpack_bits
-from qvlm.quant.quantizers import encode_normal_float, encode_uniform, quantize_weight_nf, quantize_weight_uniform
+from qvlm.quant.packing import PackedLinear, pack_bits, packed_weight_bytes, unpack_bits
+from qvlm.quant.quantizers import (
+    encode_normal_float,
+    encode_uniform,
+    encode_weight,
+    quantize_weight_nf,
+    quantize_weight_uniform,
+)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -35,7 +41,7 @@ def test_packed_linear_matches_a_dense_layer_and_holds_fewer_bytes():
     torch.manual_seed(0)
     dense = torch.nn.Linear(64, 32)
     enc = encode_uniform(dense.weight.data, 4, None)
-    layer = PackedLinear(enc, dense.bias.data, act=None, smooth=None, dtype=torch.float32)
+    layer = PackedLinear.from_encoded(enc, dense.bias.data, act=None, smooth=None, dtype=torch.float32)
     x = torch.randn(3, 5, 64)
     expected = torch.nn.functional.linear(x, enc.decode(torch.float32), dense.bias)
     assert torch.equal(layer(x), expected)
@@ -57,7 +63,7 @@ def test_packed_stream_is_the_little_endian_bit_layout(bits):
 def test_packed_linear_backward_matches_the_dequantized_weight_without_saving_it():
     torch.manual_seed(0)
     w = torch.randn(24, 32)
-    layer = PackedLinear(encode_uniform(w, 4), torch.randn(24), None, None, torch.float32)
+    layer = PackedLinear.from_encoded(encode_uniform(w, 4), torch.randn(24), None, None, torch.float32)
     x = torch.randn(5, 32, requires_grad=True)
     out = layer(x)
     ref_x = x.detach().clone().requires_grad_(True)
@@ -70,3 +76,17 @@ def test_packed_linear_backward_matches_the_dequantized_weight_without_saving_it
     out.backward(g)
     ref.backward(g)
     assert torch.allclose(x.grad, ref_x.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt,bits,group", [("uniform", 4, 64), ("uniform", 3, None), ("uniform", 6, 32),
+                                            ("nf4", 4, 64), ("nf4", 3, None)])
+@pytest.mark.parametrize("shape", [(16, 4304), (5, 1152), (3, 37)])
+def test_any_width_packs_and_dequantizes_bit_exactly(fmt, bits, group, shape):
+    """Widths that 64 does not divide (SigLIP-so400m's 4304, odd toy widths) pack, hold the bytes
+    packed_weight_bytes predicts, and decode to the fake-quantized weight bit for bit."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+    enc = encode_weight(w, bits, fmt, group)
+    layer = PackedLinear.from_encoded(enc, None, None, None, torch.float32)
+    assert torch.equal(layer.dequantized_weight(), enc.decode(torch.float32))
+    assert layer.storage_bytes() == packed_weight_bytes(shape, bits, fmt, group)
+    assert layer.w_format == fmt

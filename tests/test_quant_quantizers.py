@@ -7,6 +7,8 @@ import torch
 
 from qvlm.quant.quantizers import (
     ActQuantizer,
+    encode_normal_float,
+    encode_uniform,
     fake_quant,
     fake_quant_ste,
     lp_clip_search,
@@ -76,8 +78,62 @@ def test_weight_quant_groups_have_their_own_ranges():
     assert float((grouped[:, small] - w[:, small]).abs().mean()) < float((per_channel[:, small] - w[:, small]).abs().mean())
     for row in grouped:
         assert row[:16].unique().numel() <= 16 and row[16:].unique().numel() <= 16
-    with pytest.raises(ValueError, match="does not divide"):
-        quantize_weight_uniform(w, 4, group_size=5)
+
+
+@pytest.mark.parametrize("width", [4304, 100, 37])
+def test_uniform_groups_fit_any_width_with_a_shorter_last_group_per_row(width):
+    """SigLIP-so400m's fc2 reads 4304 features (67 groups of 64 and one of 16): each group, the short
+    one included, gets its own range inside its row."""
+    w = torch.randn(3, width, generator=torch.Generator().manual_seed(width))
+    w[1, (width // 64) * 64:] *= 1e-3  # a tiny tail: only a range of its own keeps its resolution
+    enc = encode_uniform(w, 4, 64)
+    n_groups = -(-width // 64)
+    assert enc.scale.shape == (3, n_groups) and enc.zero.shape == (3, n_groups)
+    wq = enc.decode(torch.float32)
+    assert wq.shape == w.shape
+    for start in range(0, width, 64):
+        block = wq[:, start:start + 64]
+        step = enc.scale[:, start // 64].unsqueeze(1)
+        assert bool(((block - w[:, start:start + 64]).abs() <= step / 2 + 1e-6).all())
+    if width % 64:
+        tail = slice((width // 64) * 64, width)
+        assert float((wq[1, tail] - w[1, tail]).abs().max()) < 1e-3
+
+
+def test_a_group_wider_than_the_layer_is_one_range_per_row():
+    w = torch.randn(4, 48, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(quantize_weight_uniform(w, 4, 128), quantize_weight_uniform(w, 4, None))
+
+
+@pytest.mark.parametrize("bad", [0, -64, 7, 96, 8192, 64.0, True, "64"])
+def test_bad_group_sizes_are_a_clear_error(bad):
+    w = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="group size .* power of two"):
+        quantize_weight_uniform(w, 4, group_size=bad)
+    with pytest.raises(ValueError, match="group size"):
+        quantize_weight_nf(w, 4, bad)
+
+
+def test_nf4_levels_are_bitsandbytes_table_exactly():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(normal_float_levels(4), bnb.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (96, 1152), (8, 4304), (3, 100), (5, 7)])
+def test_nf4_codes_and_absmax_equal_bitsandbytes_quantize_4bit(shape):
+    """Blocks of 64 over the flattened weight, the last one shorter: bitsandbytes' layout, so a later
+    switch to ``quantize_4bit`` keeps every code, absmax and dequantized float."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(-1)  # high nibble first
+    enc = encode_normal_float(w, 4, 64)
+    assert torch.equal(enc.codes, nibbles[: w.numel()])
+    assert torch.equal(enc.scale, state.absmax)
+    if shape[1] % 2 == 0 and shape[1] % 64 == 0:
+        # bitsandbytes 0.50.2's CPU dequantize kernel reads blocks per row, which only matches its own
+        # flattened quantize_4bit when 64 divides the width; compare floats there.
+        assert torch.equal(enc.decode(torch.float32), bnb.dequantize_4bit(packed, state))
 
 
 def test_nf4_levels_match_bitsandbytes_table():

@@ -5,6 +5,10 @@ per-input-channel scale s = mean|x|^alpha (normalised so sqrt(max*min) = 1) that
 weight-quantization error of the outputs, || Q(W diag(s)) (x / s) - W x ||^2, exactly AWQ's
 weight-only objective. The division by s is kept on the input (in a real kernel it is folded
 into the preceding norm), so the activation quantizer then sees the smoothed x / s.
+
+The weights are quantized with the run's format and group (the ``awq`` recipe: uniform groups of
+64), through :func:`~qvlm.quant.quantizers.quantize_weight`, so the search scores exactly the weight
+that is then stored; any layer width works (a row's last group is shorter where 64 does not divide it).
 """
 
 from __future__ import annotations

@@ -2,16 +2,16 @@
 
 For a :class:`~qvlm.quant.packing.PackedLinear` (the default result of ``quantize``) the count is
 the bytes the layer really holds (codes, steps, zero points). For a fake-quant
-:class:`QuantLinear` (``pack_weights=False``) it is the arithmetic size of the same packing: the
-b-bit codes plus, per group, an FP16 step and a b-bit zero point (uniform) or an FP16 absmax
-(NormalFloat). Unquantized tensors count at FP16 in both columns.
+:class:`QuantLinear` (``pack_weights=False``) it is what packing that layer would hold
+(:func:`~qvlm.quant.packing.packed_weight_bytes`), so both columns agree whether or not a run packs.
+Unquantized tensors count at FP16 in both columns.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from qvlm.quant.packing import PackedLinear
+from qvlm.quant.packing import PackedLinear, packed_weight_bytes
 from qvlm.quant.qlinear import QuantLinear
 
 FAMILIES = ("vision", "projector", "language", "embeddings", "lm_head", "other")
@@ -29,16 +29,6 @@ def _family(name: str) -> str:
     if "language_model" in name:
         return "language"
     return "other"
-
-
-def _packed_bytes(numel: int, rows: int, cols: int, bits: int, fmt: str | None, group: int | None) -> int:
-    codes = (numel * bits + 7) // 8
-    if fmt == "nf4":
-        g = group or 64
-        return codes + rows * max(1, cols // g) * 2
-    g = group or cols
-    n_groups = rows * max(1, cols // g)
-    return codes + n_groups * 2 + (n_groups * bits + 7) // 8
 
 
 def weight_memory(model: nn.Module) -> dict:
@@ -60,14 +50,11 @@ def weight_memory(model: nn.Module) -> dict:
             n = param.numel()
             fam[f]["params"] += n
             fam[f]["fp16_bytes"] += 2 * n
-            bits = None
             if isinstance(module, QuantLinear) and p_name == "weight" and module.weight_quantized:
-                bits, fmt, group = module.w_bits, module.w_format, module.w_group
-                q = _packed_bytes(n, module.out_features, module.in_features, bits, fmt, group)
+                q = packed_weight_bytes((module.out_features, module.in_features), module.w_bits,
+                                        module.w_format, module.w_group)
             elif p_name == "weight" and getattr(module, "_qvlm_w_bits", None):
-                bits = module._qvlm_w_bits
-                rows, cols = param.shape
-                q = _packed_bytes(n, rows, cols, bits, "uniform", None)
+                q = packed_weight_bytes(tuple(param.shape), module._qvlm_w_bits, "uniform", None)
             else:
                 q = 2 * n
             fam[f]["quant_bytes"] += q

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvlm.quant.qlinear import QuantLinear, replace_module
-from qvlm.quant.quantizers import ActQuantizer, EncodedWeight, decode_weight
+from qvlm.quant.quantizers import NF4_BLOCK, WEIGHT_FORMATS, ActQuantizer, EncodedWeight, decode_weight
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integer ``codes`` (< 2**bits) into a flat little-endian ``uint8`` bit stream.
@@ -62,22 +62,37 @@ class PackedLinear(nn.Module):
 
     Holds the same input path as the fake-quant layer it replaces (AWQ smoothing, then the
     static activation quantizer), so outputs are identical; only the weight storage changes.
+    Build it with :meth:`from_encoded` (after quantizing) or the constructor (an export's stored
+    tensors). Buffers: ``packed`` (the code stream), ``scale`` ([out, n_groups] float32 steps for
+    uniform weights, [n_blocks] float32 absmax for NormalFloat), ``zero`` ([out, n_groups] uint8, or
+    None), ``smooth`` (AWQ, or None); the group layouts are :class:`EncodedWeight`'s.
     """
 
-    def __init__(self, encoded: EncodedWeight, bias: torch.Tensor | None, act: ActQuantizer | None,
-                 smooth: torch.Tensor | None, dtype: torch.dtype, tower: str = "", role: str = "") -> None:
+    def __init__(self, packed: torch.Tensor, fmt: str, bits: int, shape: tuple[int, int], group: int,
+                 scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
+                 act: ActQuantizer | None, smooth: torch.Tensor | None, dtype: torch.dtype,
+                 tower: str = "", role: str = "") -> None:
         super().__init__()
-        self.out_features, self.in_features = encoded.shape
-        self.fmt, self.bits, self.group = encoded.fmt, encoded.bits, encoded.group
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
+        self.out_features, self.in_features = shape
+        self.fmt, self.bits, self.group = fmt, bits, group
         self.compute_dtype = dtype
         self.tower, self.role = tower, role
-        self.register_buffer("packed", pack_bits(encoded.codes, encoded.bits))
-        self.register_buffer("scale", encoded.scale.float().reshape(self.out_features, -1))
-        zero = encoded.zero.to(torch.uint8).reshape(self.out_features, -1) if encoded.zero is not None else None
-        self.register_buffer("zero", zero)
+        self.register_buffer("packed", packed)
+        scale = scale.float()
+        self.register_buffer("scale", scale.reshape(self.out_features, -1) if fmt == "uniform" else scale.reshape(-1))
+        self.register_buffer("zero", None if zero is None else zero.to(torch.uint8).reshape(self.out_features, -1))
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act = act
+
+    @classmethod
+    def from_encoded(cls, encoded: EncodedWeight, bias: torch.Tensor | None, act: ActQuantizer | None,
+                     smooth: torch.Tensor | None, dtype: torch.dtype, tower: str = "", role: str = "") -> "PackedLinear":
+        """The packed form of ``encoded`` (codes packed to ``bits`` bits each) with this input path."""
+        return cls(pack_bits(encoded.codes, encoded.bits), encoded.fmt, encoded.bits, encoded.shape, encoded.group,
+                   encoded.scale, encoded.zero, bias, act, smooth, dtype, tower, role)
 
     weight_quantized = True  # same question a fake-quant QuantLinear answers
 
@@ -87,19 +102,18 @@ class PackedLinear(nn.Module):
 
     @property
     def w_format(self) -> str:
-        """The QuantConfig spelling of the weight format ("uniform" or "nf4")."""
-        return "nf4" if self.fmt == "nf" else "uniform"
+        """The weight format, spelled as in QuantConfig ("uniform" or "nf4")."""
+        return self.fmt
 
     @property
     def w_group(self) -> int:
         return self.group
 
     def dequantized_weight(self) -> torch.Tensor:
-        out_f, in_f = self.out_features, self.in_features
-        codes = unpack_bits(self.packed, self.bits, out_f * in_f).view(out_f, in_f // self.group, self.group)
-        zero = None if self.zero is None else self.zero.float().unsqueeze(-1)
-        w = decode_weight(self.fmt, self.bits, codes, self.scale.unsqueeze(-1), zero)
-        return w.reshape(out_f, in_f).to(self.compute_dtype)
+        shape = (self.out_features, self.in_features)
+        codes = unpack_bits(self.packed, self.bits, shape[0] * shape[1])
+        w = decode_weight(self.fmt, self.bits, shape, self.group, codes, self.scale, self.zero)
+        return w.to(self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -123,6 +137,20 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features}->{self.out_features}, W{self.bits}:{self.fmt} packed "
                 f"({self.storage_bytes()} bytes), tower={self.tower}, role={self.role}")
+
+
+def packed_weight_bytes(shape: tuple[int, int], bits: int, fmt: str, group: int | None) -> int:
+    """Bytes :class:`PackedLinear` holds for an [out, in] weight stored as ``fmt`` with ``group``
+    (None: per output channel for uniform, :data:`NF4_BLOCK` for NormalFloat), without building it:
+    the code stream, a float32 step (uniform) or absmax (NormalFloat) per group, a uint8 zero point
+    per uniform group. Groups follow :class:`EncodedWeight` (the last one of a row or of the
+    flattened weight may be shorter)."""
+    out_f, in_f = shape
+    codes = (out_f * in_f * bits + 7) // 8
+    if fmt == "nf4":
+        return codes + 4 * -(-(out_f * in_f) // (group or NF4_BLOCK))
+    groups = out_f * -(-in_f // (group or in_f))
+    return codes + 5 * groups
 
 
 class _PackedMatmul(torch.autograd.Function):
@@ -152,8 +180,8 @@ def pack_model(model: nn.Module) -> dict[str, int]:
     count, total = 0, 0
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.weight_quantized and module.encoded is not None:
-            packed = PackedLinear(module.encoded, module.bias, module.act, module.smooth,
-                                  module.weight.dtype, module.tower, module.role)
+            packed = PackedLinear.from_encoded(module.encoded, module.bias, module.act, module.smooth,
+                                               module.weight.dtype, module.tower, module.role)
             packed.to(module.weight.device)
             replace_module(model, name, packed)
             # Drop the decoded weight now: the Parameter object may still be reachable from elsewhere

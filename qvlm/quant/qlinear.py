@@ -47,7 +47,11 @@ class QuantLinear(nn.Linear):
     @torch.no_grad()
     def quantize_weight_(self, bits: int, fmt: str, group_size: int | None,
                          smooth: torch.Tensor | None = None) -> None:
-        """Quantize the (FP) weight in place; with ``smooth`` s, store Q(W diag(s)) and divide inputs by s."""
+        """Quantize the (FP) weight in place; with ``smooth`` s, store Q(W diag(s)) and divide inputs by s.
+
+        ``fmt``/``group_size`` as :func:`~qvlm.quant.quantizers.encode_weight`: any layer width works,
+        a group size that is not a power of two from 2 to 4096 raises ValueError.
+        """
         if self.weight_quantized:
             raise RuntimeError("weight already quantized")
         w = self.weight.data

@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Granularity = Literal["channel", "token", "tensor"]
@@ -89,12 +90,63 @@ def fake_quant_ste(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: in
     return (q - zp) * scale
 
 
+WEIGHT_FORMATS = ("uniform", "nf4")
+"""The weight formats, spelled as in ``QuantConfig.weight_format``, export manifests and the UI.
+``"nf4"`` names NormalFloat at any bit-width (NF4 at 4 bits, NF3 at 3, ...)."""
+
+NF4_BLOCK = 64
+"""NormalFloat block size when none is given: bitsandbytes' ``quantize_4bit`` default (QLoRA)."""
+
+MAX_GROUP = 4096
+"""Largest weight group: bitsandbytes' largest block size; for uniform weights, per output channel
+(no group size) is the way to ask for one range per row."""
+
+
+def check_group_size(group_size: int | None) -> None:
+    """Raise ValueError unless ``group_size`` is None or a power of two from 2 to :data:`MAX_GROUP`.
+
+    Why powers of two: they are the block sizes bitsandbytes (NF4) and the grouped-int kernels
+    (AWQ, GPTQ: 32, 64, 128) accept, so a quantized weight can move to those kernels unchanged.
+    Any layer width works with any such size (see :func:`encode_uniform`, :func:`encode_normal_float`).
+    """
+    if group_size is None:
+        return
+    ok = (isinstance(group_size, int) and not isinstance(group_size, bool)
+          and 2 <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0)
+    if not ok:
+        raise ValueError(
+            f"weight group size {group_size!r} is not a power of two from 2 to {MAX_GROUP} "
+            "(e.g. 32, 64, 128); leave it empty for one range per output channel"
+        )
+
+
+def _blocks(t: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., L] -> [..., ceil(L / size), size]: consecutive blocks of the last dimension, the last one
+    zero-padded. Zero padding moves no range: uniform ranges always contain 0 (:func:`qparams`) and
+    an absmax ignores zeros; padded codes are dropped again after encoding and decoding."""
+    pad = (-t.shape[-1]) % size
+    if pad:
+        t = F.pad(t, (0, pad))
+    return t.unflatten(-1, (-1, size))
+
+
 @dataclass
 class EncodedWeight:
-    """A quantized weight as integer codes plus the floats that map them back (what gets stored).
+    """A quantized [out, in] weight as integer codes plus the floats that map them back (what gets stored).
 
-    ``fmt == "uniform"``: w_hat = (codes - zero) * scale, one (scale, zero) per [out, group].
-    ``fmt == "nf"``: w_hat = levels[codes] * scale, ``scale`` being each block's absmax.
+    ``codes``: [out * in] uint8, row-major. The blocks differ by format, so that every layer width
+    works (issue 12: SigLIP-so400m's 4304-wide fc2 input is not a multiple of 64):
+
+    * ``"uniform"``: groups of ``group`` consecutive inputs *within each output row*, the last group of
+      a row shorter when ``group`` does not divide ``in``. ``scale``/``zero``: [out, ceil(in / group)],
+      w_hat = (codes - zero) * scale. ``group == in`` is one range per output channel. A group never
+      spans two rows: AWQ's per-input-channel scales and the per-channel case stay row-local.
+    * ``"nf4"`` (NormalFloat, any bits): blocks of ``group`` consecutive elements of the *flattened*
+      weight, the last block shorter when ``group`` does not divide out * in; ``scale``: [n_blocks]
+      absmax, ``zero`` None, w_hat = levels[codes] * absmax. This is exactly bitsandbytes'
+      ``quantize_4bit(w, blocksize=group, quant_type="nf4")`` layout (same codes, same absmax, same
+      dequantized floats; bitsandbytes packs the first code of a byte in the high nibble, ours in the
+      low one), and for in % group == 0 it equals per-row groups.
     """
 
     fmt: str
@@ -106,28 +158,40 @@ class EncodedWeight:
     zero: torch.Tensor | None = None
 
     def decode(self, dtype: torch.dtype) -> torch.Tensor:
-        out_f, in_f = self.shape
-        grouped = self.codes.view(out_f, in_f // self.group, self.group)
-        return decode_weight(self.fmt, self.bits, grouped, self.scale, self.zero).reshape(out_f, in_f).to(dtype)
+        return decode_weight(self.fmt, self.bits, self.shape, self.group, self.codes, self.scale, self.zero).to(dtype)
 
 
-def decode_weight(fmt: str, bits: int, codes: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor | None) -> torch.Tensor:
-    """float32 weights from grouped codes: the one place the weight dequantization arithmetic lives,
-    shared by the fake quantizer and the packed layer so both compute bit-identical weights."""
+def decode_weight(fmt: str, bits: int, shape: tuple[int, int], group: int, codes: torch.Tensor,
+                  scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """float32 [out, in] weight from flat codes (layouts: :class:`EncodedWeight`).
+
+    The one place the weight dequantization arithmetic lives, shared by the fake quantizer and the
+    packed layer so both compute bit-identical weights.
+    """
+    out_f, in_f = shape
     if fmt == "uniform":
-        return (codes.float() - zero) * scale
-    return normal_float_levels(bits).to(codes.device)[codes.long()] * scale
+        grouped = _blocks(codes.reshape(out_f, in_f), group)
+        w = (grouped.float() - zero.float().reshape(out_f, -1, 1)) * scale.reshape(out_f, -1, 1)
+        w = w.flatten(1)
+        return w if w.shape[1] == in_f else w[:, :in_f].contiguous()
+    if fmt != "nf4":
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
+    grouped = _blocks(codes.reshape(-1), group)
+    w = normal_float_levels(bits).to(codes.device)[grouped.long()] * scale.reshape(-1, 1)
+    return w.reshape(-1)[: out_f * in_f].reshape(out_f, in_f)
 
 
 def encode_uniform(w: torch.Tensor, bits: int, group_size: int | None = None) -> EncodedWeight:
-    """Asymmetric round-to-nearest codes with min/max ranges per output channel (or group of inputs)."""
+    """Asymmetric round-to-nearest codes with min/max ranges per output channel, or per group of
+    ``group_size`` inputs of a row (the row's last group shorter when it does not divide the width)."""
+    check_group_size(group_size)
     out_f, in_f = w.shape
-    g = _group(in_f, group_size)
-    wg = w.float().reshape(out_f, in_f // g, g)
-    scale, zp = qparams(wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True), bits)
-    codes = torch.clamp(torch.round(wg / scale) + zp, 0, qmax_of(bits))
-    return EncodedWeight("uniform", bits, (out_f, in_f), g, codes.to(torch.uint8).reshape(-1), scale, zp)
+    g = in_f if group_size is None else min(group_size, in_f)
+    wg = _blocks(w.float(), g)
+    lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
+    scale, zp = qparams(lo, hi, bits)
+    codes = torch.clamp(torch.round(wg / scale) + zp, 0, qmax_of(bits)).to(torch.uint8).flatten(1)[:, :in_f]
+    return EncodedWeight("uniform", bits, (out_f, in_f), g, codes.reshape(-1), scale.squeeze(-1), zp.squeeze(-1))
 
 
 def quantize_weight_uniform(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
@@ -135,22 +199,24 @@ def quantize_weight_uniform(w: torch.Tensor, bits: int, group_size: int | None =
     return encode_uniform(w, bits, group_size).decode(w.dtype)
 
 
-def _group(in_features: int, group_size: int | None) -> int:
-    if group_size is None:
-        return in_features
-    if in_features % group_size:
-        raise ValueError(
-            f"weight group size {group_size} does not divide a layer's {in_features} input features; "
-            "choose a divisor or leave the group size empty (per output channel)"
-        )
-    return group_size
-
-
 # ----------------------------------------------------------------------------------------------
 # NormalFloat (QLoRA)
 # ----------------------------------------------------------------------------------------------
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+"""bitsandbytes' NF4 table (``bitsandbytes.functional.get_4bit_type("nf4")``, from QLoRA), verbatim:
+the formula below reproduces it only to ~2e-7, and equal floats make our NF4 weights bit-identical
+to bitsandbytes' dequantized ones."""
+
+
 @lru_cache(maxsize=16)
 def _normal_float_levels(bits: int) -> tuple[float, ...]:
+    if bits == 4:
+        return NF4_LEVELS
     n_pos = 1 << (bits - 1)
     n_neg = n_pos - 1
     # QLoRA's offset, 1 - (1/(2(2^b-1)) + 1/(2*2^b))/2, generalised from b=4 (0.9677083).
@@ -163,30 +229,42 @@ def _normal_float_levels(bits: int) -> tuple[float, ...]:
 
 
 def normal_float_levels(bits: int = 4) -> torch.Tensor:
-    """The 2^b NormalFloat levels in [-1, 1] (b=4 gives bitsandbytes' NF4 table)."""
+    """The 2^b NormalFloat levels in [-1, 1], sorted (b=4: bitsandbytes' NF4 table, :data:`NF4_LEVELS`)."""
     return torch.tensor(_normal_float_levels(bits), dtype=torch.float32)
 
 
-def encode_normal_float(w: torch.Tensor, bits: int = 4, block_size: int | None = 64) -> EncodedWeight:
-    """Blockwise absmax NormalFloat level indices (QLoRA, no double quantization)."""
+def encode_normal_float(w: torch.Tensor, bits: int = 4, block_size: int | None = NF4_BLOCK) -> EncodedWeight:
+    """Blockwise absmax NormalFloat level indices (QLoRA, no double quantization).
+
+    Blocks of ``block_size`` consecutive elements of the flattened weight, the last one shorter, with
+    bitsandbytes' arithmetic (x * (1 / absmax), clamped to [-1, 1], nearest level by midpoints), so at
+    4 bits the codes and absmax equal ``bitsandbytes.functional.quantize_4bit``'s for any shape.
+    """
+    check_group_size(block_size)
     out_f, in_f = w.shape
-    g = _group(in_f, block_size or 64)
-    wg = w.float().reshape(out_f, in_f // g, g)
-    absmax = wg.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    g = min(block_size or NF4_BLOCK, out_f * in_f)
+    blocks = _blocks(w.float().reshape(-1), g)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(-1), -1.0, 1.0)
     levels = normal_float_levels(bits).to(w.device)
-    idx = torch.bucketize((wg / absmax).contiguous(), (levels[1:] + levels[:-1]) / 2)
-    return EncodedWeight("nf", bits, (out_f, in_f), g, idx.to(torch.uint8).reshape(-1), absmax)
+    idx = torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2)
+    codes = idx.to(torch.uint8).reshape(-1)[: out_f * in_f]
+    return EncodedWeight("nf4", bits, (out_f, in_f), g, codes, absmax)
 
 
-def quantize_weight_nf(w: torch.Tensor, bits: int = 4, block_size: int | None = 64) -> torch.Tensor:
+def quantize_weight_nf(w: torch.Tensor, bits: int = 4, block_size: int | None = NF4_BLOCK) -> torch.Tensor:
     """Blockwise absmax NormalFloat round-to-nearest (QLoRA, no double quantization)."""
     return encode_normal_float(w, bits, block_size).decode(w.dtype)
 
 
 def encode_weight(w: torch.Tensor, bits: int, fmt: str, group_size: int | None) -> EncodedWeight:
+    """Codes of ``w`` in ``fmt`` (:data:`WEIGHT_FORMATS`); ``group_size`` None is per output channel
+    (uniform) or :data:`NF4_BLOCK` (NormalFloat). Any width works; bad sizes raise ValueError."""
     if fmt == "nf4":
         return encode_normal_float(w, bits, group_size)
-    return encode_uniform(w, bits, group_size)
+    if fmt == "uniform":
+        return encode_uniform(w, bits, group_size)
+    raise ValueError(f"unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
 
 
 def quantize_weight(w: torch.Tensor, bits: int, fmt: str, group_size: int | None) -> torch.Tensor:
