@@ -9,6 +9,12 @@ Layout of an export folder (format ``qvlm-packed``, version :data:`FORMAT_VERSIO
   smoothing vectors, and the full-precision tensors that stay unquantized (embeddings, norms,
   projector, lm_head, biases); no pickle anywhere;
 * ``config.json`` and the processor files, so the folder is self-contained (no base download).
+
+Versions: 2 (this one) allows any layer width (a uniform row's last group and NormalFloat's last
+flattened block may be shorter, :class:`~qvlm.quant.quantizers.EncodedWeight`), spells NormalFloat
+``"nf4"`` and stores its absmax as [n_blocks]. Version 1 folders (every width a multiple of the
+group, NormalFloat spelled ``"nf"``, absmax [out, in / group]) hold the same numbers in the same
+order, so they are read as they are; a reader of version 1 refuses a version 2 folder by its version.
 """
 
 from __future__ import annotations
@@ -22,15 +28,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qvlm.models.layer_map import build_layer_map
-from qvlm.models.loader import ModelLoadError, VLMHandle, _model_classes
+from qvlm.models import (
+    PACKED_EXPORT_MANIFEST,
+    ModelLoadError,
+    VLMHandle,
+    build_layer_map,
+    is_packed_export,
+    load_vlm,
+    model_classes,
+    resolve_device,
+)
+from qvlm.models.loader import resolve_source
 from qvlm.quant.packing import PackedLinear, pack_model
 from qvlm.quant.qlinear import replace_module
-from qvlm.quant.quantizers import ActQuantizer, EncodedWeight
+from qvlm.quant.quantizers import ActQuantizer
 
 FORMAT_NAME = "qvlm-packed"
-FORMAT_VERSION = 1
-MANIFEST = "qvlm_quant.json"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+LEGACY_FORMAT_NAMES = {"nf": "nf4"}  # version 1 spelled NormalFloat "nf"
+MANIFEST = PACKED_EXPORT_MANIFEST
 WEIGHTS = "model.safetensors"
 
 
@@ -91,16 +108,34 @@ def _read_manifest(folder: Path) -> dict:
         raise ExportError(f"{path} is corrupted ({err}).") from err
     if manifest.get("format") != FORMAT_NAME:
         raise ExportError(f"{folder} holds format {manifest.get('format')!r}, not {FORMAT_NAME!r}.")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ExportError(
             f"{folder} was written with export format version {manifest.get('format_version')}; this version of "
-            f"Q-VLM Studio reads version {FORMAT_VERSION}. Re-export it with a matching version."
+            f"Q-VLM Studio reads versions {', '.join(map(str, READABLE_VERSIONS))}. Re-export it with a matching "
+            "version."
         )
     return manifest
 
 
-def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> VLMHandle:
-    """Rebuild a packed quantized model from an export folder; raises :class:`ExportError` when unreadable."""
+def load_vlm_or_export(name_or_path: str | Path, **kwargs: Any) -> VLMHandle:
+    """Load whatever the CLI or the app's model picker is given: a Q-VLM packed export folder
+    (:func:`load_quantized`) or a checkpoint (bundled, local folder, hub id: :func:`qvlm.models.load_vlm`).
+
+    Why here and not in ``load_vlm``: reading the packed format needs the quantized layer classes,
+    and :mod:`qvlm.models` sits below :mod:`qvlm.quant`. ``kwargs`` are ``load_vlm``'s; an export
+    uses ``device`` and checks ``allowed_roots`` (its dtype is the one it was saved in).
+    """
+    location, source = resolve_source(name_or_path, kwargs.get("allowed_roots"))
+    if source != "hub" and is_packed_export(location):
+        return load_quantized(location, device=kwargs.get("device"))
+    return load_vlm(name_or_path, **kwargs)
+
+
+def load_quantized(folder: str | Path, device: str | torch.device | None = None) -> VLMHandle:
+    """Rebuild a packed quantized model from an export folder; raises :class:`ExportError` when unreadable.
+
+    ``device`` None: :func:`~qvlm.models.device.resolve_device` (``$QVLM_DEVICE``, else CUDA when available).
+    """
     from transformers import AutoConfig, AutoProcessor
 
     folder = Path(folder)
@@ -117,7 +152,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> VL
     except (OSError, ValueError) as err:
         raise ExportError(f"{folder}: config or processor files are missing or unreadable ({err}).") from err
     dtype = getattr(torch, manifest.get("dtype", "float32"))
-    cls = _model_classes().get(config.model_type)
+    cls = model_classes().get(config.model_type)
     if cls is None:
         raise ExportError(f"{folder}: unsupported model type {config.model_type!r}.")
     with torch.device("meta"):
@@ -126,16 +161,21 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> VL
     try:
         for name, entry in manifest["modules"].items():
             replace_module(model, name, _packed_from(name, entry, tensors, dtype))
+        # the packed layers already hold their tensors (normalised to this version's layout)
+        packed = set(manifest["modules"])
         model.load_state_dict(
-            {k: v for k, v in tensors.items() if k in model.state_dict()}, strict=False, assign=True
+            {k: v for k, v in tensors.items() if k in model.state_dict() and k.rsplit(".", 1)[0] not in packed},
+            strict=False, assign=True,
         )
     except KeyError as err:
         raise ExportError(f"{folder}: the export is partial, tensor {err} is missing.") from err
+    except ValueError as err:  # an entry this version cannot build (unknown weight format, bad shape)
+        raise ExportError(f"{folder}: unreadable layer entry ({err}).") from err
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise ExportError(f"{folder}: the export is partial ({len(still_meta)} tensors missing, e.g. {still_meta[0]}).")
     _materialize_buffers(model)
-    model.to(device).eval()
+    model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
     model.generation_config = _generation_config(folder, model)
     return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model),
@@ -143,28 +183,19 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> VL
 
 
 def _packed_from(name: str, entry: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> PackedLinear:
-    out_f, in_f = entry["shape"]
-    encoded = EncodedWeight(entry["format"], entry["bits"], (out_f, in_f), entry["group"],
-                            codes=torch.zeros(0, dtype=torch.uint8), scale=tensors[f"{name}.scale"],
-                            zero=tensors.get(f"{name}.zero"))
+    """The PackedLinear of manifest ``entry`` from its stored tensors (version 1 or 2)."""
     act = None
     if entry.get("act"):
         act = ActQuantizer(entry["act"]["bits"], entry["act"]["granularity"])
         act.set_range(tensors[f"{name}.act.lo"], tensors[f"{name}.act.hi"])
-    smooth = tensors[f"{name}.smooth"] if entry.get("smooth") else None
-    bias = tensors[f"{name}.bias"] if entry.get("bias") else None
-    layer = PackedLinear.__new__(PackedLinear)
-    nn.Module.__init__(layer)
-    layer.out_features, layer.in_features = out_f, in_f
-    layer.fmt, layer.bits, layer.group = encoded.fmt, encoded.bits, encoded.group
-    layer.compute_dtype, layer.tower, layer.role = dtype, entry.get("tower", ""), entry.get("role", "")
-    layer.register_buffer("packed", tensors[f"{name}.packed"])
-    layer.register_buffer("scale", encoded.scale)
-    layer.register_buffer("zero", encoded.zero)
-    layer.register_buffer("smooth", smooth)
-    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-    layer.act = act
-    return layer
+    fmt = LEGACY_FORMAT_NAMES.get(entry["format"], entry["format"])
+    return PackedLinear(
+        tensors[f"{name}.packed"], fmt, entry["bits"], tuple(entry["shape"]), entry["group"],
+        tensors[f"{name}.scale"], tensors.get(f"{name}.zero"),
+        tensors[f"{name}.bias"] if entry.get("bias") else None, act,
+        tensors[f"{name}.smooth"] if entry.get("smooth") else None, dtype,
+        entry.get("tower", ""), entry.get("role", ""),
+    )
 
 
 def _materialize_buffers(model: nn.Module) -> None:

@@ -7,7 +7,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qvlm.data import evaluation_subset
-from qvlm.export import FORMAT_VERSION, MANIFEST, WEIGHTS, ExportError, load_quantized, save_quantized
+from qvlm.export import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    ExportError,
+    load_quantized,
+    load_vlm_or_export,
+    save_quantized,
+)
 from qvlm.inference import generate_answers, prepare_inputs
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.memory import weight_memory
@@ -90,12 +98,41 @@ def test_bad_export_folders_give_clear_errors(exported, tmp_path):
 def test_cli_save_then_reload_through_the_model_loader(tmp_path, bundled_dir, capsys):
     import qvlm
     from qvlm.cli import main
-    from qvlm.models import load_vlm
+    from qvlm.models import ModelLoadError, load_vlm
 
     save = tmp_path / "saved"
     assert main(["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "rtn",
                  "--calib-size", "8", "--out", str(tmp_path / "run"), "--save", str(save)]) == 0
     assert "saved the packed model" in capsys.readouterr().out
-    handle = load_vlm(save)  # what the app's model picker calls
+    handle = load_vlm_or_export(save)  # what the app's model picker and the CLI call
     assert any(isinstance(m, PackedLinear) for m in handle.model.modules())
     assert isinstance(qvlm.load_quantized(save).model, type(handle.model))
+    assert isinstance(load_vlm_or_export(bundled_dir).model, type(handle.model))  # checkpoints too
+    # the checkpoint loader never reads packed codes as weights (they would load as random layers)
+    with pytest.raises(ModelLoadError, match="packed export"):
+        load_vlm(save)
+
+
+def test_version_1_exports_still_load(exported, tmp_path):
+    """Version 1 spelled NormalFloat "nf" and stored its absmax as [out, in / 64]; same numbers, same order."""
+    import shutil
+
+    result, folder = exported
+    old = tmp_path / "v1"
+    shutil.copytree(folder, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    tensors = load_file(str(old / WEIGHTS))
+    for name, entry in manifest["modules"].items():
+        if entry["format"] == "nf4":
+            entry["format"] = "nf"
+            out_f, in_f = entry["shape"]
+            tensors[f"{name}.scale"] = tensors[f"{name}.scale"].reshape(out_f, in_f // entry["group"])
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    save_file(tensors, str(old / WEIGHTS))
+    again = load_quantized(old)
+    assert {m.fmt for m in again.model.modules() if isinstance(m, PackedLinear)} == {"nf4"}  # qvlm, qlora: NormalFloat
+    batch = prepare_inputs(again.processor, [s.load_image() for s in evaluation_subset(2, seed=1)],
+                           [s.question for s in evaluation_subset(2, seed=1)])
+    with torch.no_grad():
+        assert torch.equal(result.handle.model(**batch).logits, again.model(**batch).logits)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoProcessor, PretrainedConfig
 
+from qvlm.models.device import default_dtype, resolve_device
 from qvlm.models.layer_map import LayerMap, build_layer_map
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,14 +28,31 @@ Source = Literal["bundled", "local", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _model_classes() -> dict[str, type]:
+def model_classes() -> dict[str, type]:
     """model_type -> the transformers class; families are added here and in the layer map only."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
-    return {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    return {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+            "llava_onevision": LlavaOnevisionForConditionalGeneration}
 
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+
+PACKED_EXPORT_MANIFEST = "qvlm_quant.json"
+"""The file that marks a folder as a Q-VLM packed export (written by :mod:`qvlm.export`)."""
+
+
+def is_packed_export(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a Q-VLM packed export rather than a transformers checkpoint.
+
+    Its ``model.safetensors`` holds packed codes, not the model's weights: loading it as a checkpoint
+    would leave every quantized Linear randomly initialised, so the loaders ask this first.
+    """
+    return (Path(folder) / PACKED_EXPORT_MANIFEST).is_file()
 
 
 @dataclass
@@ -122,7 +140,7 @@ def load_config(location: str, source: Source) -> PretrainedConfig:
 
 def estimate_weight_bytes(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of the weights in ``dtype``, counted on the meta device (no memory, no download of weights)."""
-    cls = _model_classes()[config.model_type]
+    cls = model_classes()[config.model_type]
     with torch.device("meta"):
         model = cls(config)
     n = sum(p.numel() for p in model.parameters())
@@ -167,29 +185,51 @@ def check_fits(config: PretrainedConfig, dtype: torch.dtype, budget_bytes: int |
     return need
 
 
+def copies_fit(config: PretrainedConfig, copies: int = 2, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None, budget_bytes: int | None = None) -> bool:
+    """Whether ``copies`` full-precision copies of this model's weights fit in the free memory of
+    ``device`` (default: :func:`resolve_device`), e.g. the FP model and a second one side by side.
+
+    A packed quantized variant is smaller than an FP copy, so two FP copies is the safe bound for an
+    FP + quantized pair; this counts weights only (activations of one generate call come on top).
+    """
+    device = resolve_device(device)
+    need = estimate_weight_bytes(config, dtype or default_dtype(device)) * copies
+    return need <= (available_memory_bytes(device) if budget_bytes is None else budget_bytes)
+
+
 def load_vlm(
     name_or_path: str | os.PathLike = BUNDLED_MODEL_NAME,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
     allowed_roots: list[Path] | None = None,
     memory_budget_bytes: int | None = None,
     device_map: str | dict | None = None,
 ) -> VLMHandle:
-    """Load model + processor + layer map. Raises :class:`ModelLoadError` with a readable message.
+    """Load model + processor + layer map of a checkpoint. Raises :class:`ModelLoadError` with a readable message.
 
+    ``device`` None: :func:`~qvlm.models.device.resolve_device` (``$QVLM_DEVICE``, else CUDA when
+    available, else CPU); ``dtype`` None: :func:`~qvlm.models.device.default_dtype` of that device.
     ``device_map="auto"`` (needs ``accelerate``) spreads a model larger than one device over
     several; the memory check is then left to accelerate.
+
+    A Q-VLM packed export folder is refused with a message naming ``qvlm.load_vlm``: the packed
+    format is read by :mod:`qvlm.export`, which sits above this module (``qvlm.load_vlm`` and
+    ``qvlm.export.load_vlm_or_export`` take both kinds of folder).
     """
     location, source = resolve_source(name_or_path, allowed_roots)
-    if source != "hub" and (Path(location) / "qvlm_quant.json").is_file():
-        from qvlm.export import load_quantized  # a packed export: same picker, same handle type
-
-        return load_quantized(location, device=device)
+    if source != "hub" and is_packed_export(location):
+        raise ModelLoadError(
+            f"{name_or_path} is a Q-VLM packed export, not a checkpoint: open it with qvlm.load_vlm "
+            "or qvlm.export.load_vlm_or_export (or qvlm.load_quantized)."
+        )
+    device = resolve_device(device)
+    dtype = dtype or default_dtype(device)
     config = load_config(location, source)
     if device_map is None:
         check_fits(config, dtype, memory_budget_bytes, device=device)
-    cls = _model_classes()[config.model_type]
+    cls = model_classes()[config.model_type]
     local_only = source != "hub"
     extra = {"device_map": device_map} if device_map is not None else {}
     try:
