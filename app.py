@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qvlm.ui import build_app
+from qvlm.ui import Settings, build_app
 
 
 def main() -> None:
@@ -17,9 +17,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--model", default=None, help="default model (else QVLM_DEFAULT_MODEL or the bundled one)")
     args = parser.parse_args()
-    demo = build_app(default_model=args.model)
-    demo.queue(default_concurrency_limit=demo.controller.settings.concurrency).launch(
-        server_name=args.host, server_port=args.port, max_file_size="20mb"  # uploads are images; refuse huge files early
+    settings = Settings.from_env(default_model=args.model)
+    build_app(settings).queue(default_concurrency_limit=settings.concurrency).launch(
+        server_name=args.host, server_port=args.port,
+        max_file_size="20mb",  # uploads are images; refuse huge files early
     )
 
 

@@ -1,16 +1,19 @@
-"""Input checks behind the panels: images, config fields, settings (no model needed)."""
+"""Input checks behind the panels: images, the quantize form, settings (no model needed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from PIL import Image
 
-from qvlm.ui import quant_bridge as qb
+from qvlm.quant import BIT_SETTINGS, MENU_ORDER, QuantConfig, get_recipe
 from qvlm.ui.images import MAX_SIDE, ImageError, load_user_image
 from qvlm.ui.render import AnswerCard, answers_html, variants_markdown
+from qvlm.ui.panel_quantize import FIRST_RUN_CALIB_PAIRS, QuantizePanel, config_from_form, parse_percentiles
 from qvlm.ui.settings import EXAMPLES_DIR, Settings
+from qvlm.ui.state import AppState
 
 
 def test_no_image_message():
@@ -61,24 +64,57 @@ def test_example_images_load_and_match_the_json():
         assert item["questions"]
 
 
-def test_percentile_parsing():
-    assert qb.parse_percentiles("1.0, 0.995 0.99;0.98") == (1.0, 0.995, 0.99, 0.98)
-    for bad, msg in (("", "empty"), ("1.0, abc", "not a number"), ("1.2", "outside"), ("0.99,0.99", "twice")):
-        with pytest.raises(ValueError, match=msg):
-            qb.parse_percentiles(bad)
+def test_percentile_text_becomes_numbers():
+    assert parse_percentiles("1.0, 0.995 0.99;0.98") == (1.0, 0.995, 0.99, 0.98)
+    with pytest.raises(ValueError, match="'abc' is not a number"):
+        parse_percentiles("1.0, abc")
 
 
-def test_h0_rule_normalization():
-    assert qb.normalize_h0_rule("Mean") == "mean"
-    assert qb.normalize_h0_rule("0.25") == "value:0.25"
-    assert qb.normalize_h0_rule("quantile:0.75") == "quantile:0.75"
-    with pytest.raises(ValueError, match="not understood"):
-        qb.normalize_h0_rule("biggest")
+def _form(**changes):
+    """The quantize form's values (as Gradio passes them: numbers may be floats), with some changed."""
+    values = dict(bits="W4A4", recipe="qvlm", calib_size=8.0, max_block_depth=3.0, h0_rule="mean",
+                  percentiles="1.0, 0.99", veo_epochs=2.0, veo_eta=1.0, veo_lambda1=0.01, veo_lambda2=1.0)
+    return {**values, **changes}
 
 
-def test_recipes_put_qvlm_first_and_hide_fp():
-    names = qb.recipes()
-    assert names[0] == "qvlm" and "fp" not in names and {"rtn", "qlora", "awq", "qvlm-cdm", "qvlm-veo"} <= set(names)
+def test_form_becomes_a_quant_config():
+    cfg = config_from_form(**_form(h0_rule=" 0.25 ", percentiles="1.0, 0.995 0.99;0.98"))
+    assert (cfg.w_bits, cfg.a_bits, cfg.recipe) == (4, 4, "qvlm")
+    assert cfg.calib_size == 8 and isinstance(cfg.calib_size, int) and cfg.veo_epochs == 2
+    assert cfg.h0_rule == "value:0.25" and cfg.percentiles == (1.0, 0.995, 0.99, 0.98)
+    assert config_from_form(**_form(h0_rule="Median")).h0_rule == "median"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"calib_size": 0}, "calib_size"),
+    ({"calib_size": 2.5}, "calib_size"),
+    ({"percentiles": ""}, "percentiles"),
+    ({"percentiles": "1.2"}, "percentiles"),
+    ({"percentiles": "0.99, 0.99"}, "percentiles"),
+    ({"h0_rule": "biggest"}, "h0_rule"),
+    ({"veo_eta": -1.0}, "veo_eta"),
+    ({"veo_lambda1": None}, "veo_lambda1"),
+    ({"recipe": "nope"}, "recipe"),
+])
+def test_bad_form_values_get_the_configs_own_message(change, field):
+    with pytest.raises(ValueError, match=field):
+        config_from_form(**_form(**change))
+
+
+def test_quantize_form_offers_the_cores_recipes_bits_and_defaults(bundled_dir):
+    panel = QuantizePanel(AppState.from_settings(Settings(default_model=str(bundled_dir), preload=False)))
+    with gr.Blocks():
+        panel.layout()
+    assert panel.recipe.choices == [(get_recipe(name).label, name) for name in MENU_ORDER]
+    assert panel.recipe.choices[0][1] == "qvlm" and "fp" not in [v for _, v in panel.recipe.choices]
+    assert [v for _, v in panel.bits.choices] == list(BIT_SETTINGS)
+    defaults = QuantConfig()
+    assert (panel.bits.value, panel.recipe.value) == (defaults.bits_label, defaults.recipe)
+    assert panel.percentiles.value == ", ".join(f"{p:g}" for p in defaults.percentiles)
+    assert (panel.max_block_depth.value, panel.h0_rule.value) == (defaults.max_block_depth, defaults.h0_rule)
+    assert (panel.veo_epochs.value, panel.veo_eta.value) == (defaults.veo_epochs, defaults.veo_eta)
+    assert (panel.veo_lambda1.value, panel.veo_lambda2.value) == (defaults.veo_lambda1, defaults.veo_lambda2)
+    assert panel.calib_size.value == FIRST_RUN_CALIB_PAIRS < defaults.calib_size  # the UI's one deliberate change
 
 
 def test_settings_from_env(monkeypatch, tmp_path: Path):

@@ -1,57 +1,64 @@
-"""Quantize-panel job handling with a stand-in for the core: streaming, cancel, the cross-session
-lock, LRU eviction with a message. Fast and deterministic; the real core is exercised in
-tests/test_ui_quantize.py and the browser test."""
+"""Long-job handling with a stand-in for the core: streaming, cancel, the cross-session lock, LRU
+eviction with a message, DED computed once then browsed. Fast and deterministic; the real core is
+exercised in tests/test_ui_quantize.py and the browser test.
+
+The stand-ins are passed in where the panels are built (``QuantizePanel(app, quantize=...)``,
+``AnalysisPanel(app, ded_sweep=...)``), as the app passes the core's functions.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 
 from qvlm.progress import Cancelled, check_cancel
-from qvlm.ui import callbacks
-from qvlm.ui.callbacks import Controller
 from qvlm.ui.jobs import HEAVY_WORK
-from qvlm.ui.settings import Settings
+from qvlm.ui.panel_analysis import AnalysisPanel
+from qvlm.ui.panel_ask import AskPanel
+from qvlm.ui.panel_quantize import QuantizePanel
+from qvlm.ui.panel_results import ResultsPanel
+from qvlm.ui.settings import EXAMPLES_DIR, Settings
+from qvlm.ui.state import AppState
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@dataclasses.dataclass
-class FakeConfig:
-    bits: str
-    recipe: str
-    calib_size: int
-
-
-def _fake_build_config(bits, recipe, calib_size, *rest):
-    if int(calib_size) < 1:
-        raise ValueError("Calibration size must be between 1 and 256 (got 0).")
-    return FakeConfig(bits, recipe, int(calib_size))
+def fake_quantize(fp, cfg, progress=None, cancel=None, delay=0.05):
+    """The core's quantize() in shape only: four stages of progress, cancellable, a result on the FP model."""
+    for stage, steps in (("calibration", 2), ("veo", 4), ("entropy", 1), ("search", 3)):
+        for i in range(steps):
+            check_cancel(cancel, stage)
+            progress(stage, (i + 1) / steps, f"{stage} {i + 1}/{steps}")
+            time.sleep(delay)
+    return SimpleNamespace(handle=fp, config=cfg, entropies=[0.5] * 7, h0=0.5, blocks=[[0, 1, 2], [3, 4], [5, 6, 7]],
+                           percentiles={k: 1.0 for k in range(8)}, layer_errors=[], veo_losses=[], timings={})
 
 
 @pytest.fixture
-def ctl(bundled_dir: Path, monkeypatch) -> Controller:
-    monkeypatch.setattr(callbacks.qb, "build_config", _fake_build_config)
-    c = Controller(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], max_variants=2,
-                            preload=False))
+def ui(bundled_dir: Path) -> SimpleNamespace:
+    """The four panels on one app state, laid out as build_app does, with the core's long work faked."""
+    sweeps: list[int] = []
 
-    def fake_run(base, cfg, progress, cancel, delay=0.05):
-        fp = c.models.get(base)
-        for stage, steps in (("calibration", 2), ("veo", 4), ("entropy", 1), ("search", 3)):
-            for i in range(steps):
-                check_cancel(cancel, stage)
-                progress(stage, (i + 1) / steps, f"{stage} {i + 1}/{steps}")
-                time.sleep(delay)
-        return SimpleNamespace(handle=fp, config=cfg, entropies=[0.5] * 7, h0=0.5, blocks=[[0, 1, 2], [3, 4], [5, 6, 7]],
-                               percentiles={k: 1.0 for k in range(8)}, layer_errors=[], veo_losses=[], timings={})
+    def fake_ded_sweep(fp, result, layers=None, n_samples=None, depth=2, progress=None, cancel=None):
+        sweeps.append(n_samples)
+        progress("ded", 1.0, "layer 6")
+        pts = [{"sample": i, "entropy": 0.1 * i, "ded": 0.2 * i + 0.01, "qerr": 0.05 * i * i} for i in range(n_samples)]
+        return [SimpleNamespace(layer=k, block=[k, k + 1], points=pts, fit=None, qerr_fit=None) for k in range(7)]
 
-    monkeypatch.setattr(c, "_run_quantize", fake_run)
-    return c
+    app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], max_variants=2,
+                                          preload=False))
+    ui = SimpleNamespace(app=app, quantize=QuantizePanel(app, quantize=fake_quantize),
+                         analysis=AnalysisPanel(app, ded_sweep=fake_ded_sweep), ask=AskPanel(app),
+                         results=ResultsPanel(app), sweeps=sweeps)
+    with gr.Blocks():
+        for panel in (ui.quantize, ui.analysis, ui.ask, ui.results):
+            panel.layout()
+    return ui
 
 
 def _args(bits="W4A4", recipe="qvlm", calib=8):
@@ -62,87 +69,112 @@ def _req(sid):
     return SimpleNamespace(session_hash=sid)
 
 
-def test_progress_streams_stage_by_stage_then_the_variant_appears(ctl, bundled_dir):
-    outs = list(ctl.quantize(str(bundled_dir), *_args(), request=_req("j1")))
-    statuses = [o[0] for o in outs]
+def test_progress_streams_stage_by_stage_then_the_variant_appears(ui, bundled_dir):
+    q, a = ui.quantize, ui.analysis
+    outs = list(q.quantize(str(bundled_dir), *_args(), request=_req("j1")))
+    statuses = [o[q.status] for o in outs]
     assert len(statuses) >= 3  # streamed, not one final update
     assert any("**calibration" in s for s in statuses[:-1])
     assert any("▶ **" in s for s in statuses[:-1])  # a running stage is shown as such
     assert "✓ **VEO" in statuses[-1] and "✓ **block-wise percentile search" in statuses[-1]
-    final_status, dropdown, held, slider = outs[-1]
-    assert "W4A4 qvlm" in final_status and "ready in" in final_status
-    assert dropdown["choices"] == [("W4A4 qvlm", "W4A4 qvlm")] or "W4A4 qvlm" in str(dropdown["choices"])
-    assert dropdown["value"] == "W4A4 qvlm" and "1/2" in held
-    assert slider["maximum"] == 6
+    assert "W4A4 qvlm" in statuses[-1] and "ready in" in statuses[-1]
+    assert "(8 calibration pairs)" in statuses[0]  # the form's setting reached the config
+    assert "1/2" in outs[-1][q.held] and outs[-1][q.new_variant] == "W4A4 qvlm"
+    # the Analysis tab then opens the new variant, its layer slider bounded by the model's decoder pairs
+    opened = a.select_variant(outs[-1][q.new_variant], _req("j1"))
+    assert opened[a.variant]["value"] == "W4A4 qvlm" and "W4A4 qvlm" in str(opened[a.variant]["choices"])
+    assert opened[a.layer]["maximum"] == 6
 
 
-def test_bad_config_is_reported_before_anything_runs(ctl, bundled_dir):
-    outs = list(ctl.quantize(str(bundled_dir), *_args(calib=0), request=_req("j2")))
-    assert len(outs) == 1 and "Calibration size" in outs[0][0]
-    assert ctl.session(_req("j2")).busy is None
+def test_bad_config_is_reported_before_anything_runs(ui, bundled_dir):
+    q = ui.quantize
+    outs = list(q.quantize(str(bundled_dir), *_args(calib=0), request=_req("j2")))
+    assert len(outs) == 1 and "calib_size" in outs[0][q.status] and outs[0][q.status].startswith("⚠")
+    assert outs[0][q.new_variant] is None and q.held not in outs[0]  # nothing else on the page changes
+    assert ui.app.session(_req("j2")).busy is None
 
 
-def test_cancel_mid_run_keeps_held_variants(ctl, bundled_dir):
-    list(ctl.quantize(str(bundled_dir), *_args("W8A8", "rtn"), request=_req("j3")))
-    gen = ctl.quantize(str(bundled_dir), *_args(), request=_req("j3"))
+def test_cancel_mid_run_keeps_held_variants_and_the_analysis_selection(ui, bundled_dir):
+    q = ui.quantize
+    list(q.quantize(str(bundled_dir), *_args("W8A8", "rtn"), request=_req("j3")))
+    gen = q.quantize(str(bundled_dir), *_args(), request=_req("j3"))
     next(gen)
-    ctl.cancel(_req("j3"))
+    ui.app.cancel(_req("j3"))
     outs = list(gen)
-    assert "Cancelled" in outs[-1][0] and "still here" in outs[-1][0]
-    assert ctl.session(_req("j3")).variants.labels() == ["W8A8 rtn"]
-    assert ctl.session(_req("j3")).busy is None and not HEAVY_WORK.locked()
+    assert "Cancelled" in outs[-1][q.status] and "still here" in outs[-1][q.status]
+    assert "W8A8 rtn" in outs[-1][q.held]
+    assert outs[-1][q.new_variant] is None and ui.analysis.select_variant(None, _req("j3")) == {}
+    assert ui.app.session(_req("j3")).variants.labels() == ["W8A8 rtn"]
+    assert ui.app.session(_req("j3")).busy is None and not HEAVY_WORK.locked()
 
 
-def test_lru_eviction_is_announced(ctl, bundled_dir):
+def test_lru_eviction_is_announced(ui, bundled_dir):
+    q = ui.quantize
     for bits in ("W8A8", "W6A6"):
-        list(ctl.quantize(str(bundled_dir), *_args(bits), request=_req("j4")))
-    final = list(ctl.quantize(str(bundled_dir), *_args("W4A4"), request=_req("j4")))[-1]
-    assert "dropped the least recently used variant 'W8A8 qvlm'" in final[0]
-    assert ctl.session(_req("j4")).variants.labels() == ["W6A6 qvlm", "W4A4 qvlm"]
+        list(q.quantize(str(bundled_dir), *_args(bits), request=_req("j4")))
+    final = list(q.quantize(str(bundled_dir), *_args("W4A4"), request=_req("j4")))[-1]
+    assert "dropped the least recently used variant 'W8A8 qvlm'" in final[q.status]
+    assert ui.app.session(_req("j4")).variants.labels() == ["W6A6 qvlm", "W4A4 qvlm"]
     # the Analysis panel asked for the dropped variant says so instead of failing
-    info, *_ = ctl.overview("W8A8 qvlm", _req("j4"))
-    assert "no longer held" in info
+    assert "no longer held" in ui.analysis.show_overview("W8A8 qvlm", _req("j4"))[ui.analysis.info]
 
 
-def test_second_session_waits_with_a_message(ctl, bundled_dir):
-    first = ctl.quantize(str(bundled_dir), *_args(), request=_req("a"))
+def test_second_session_waits_with_a_message(ui, bundled_dir):
+    q = ui.quantize
+    first = q.quantize(str(bundled_dir), *_args(), request=_req("a"))
     next(first)  # session a now holds the lock
     assert HEAVY_WORK.locked()
-    second = ctl.quantize(str(bundled_dir), *_args("W8A8"), request=_req("b"))
-    waiting = next(second)[0]
+    second = q.quantize(str(bundled_dir), *_args("W8A8"), request=_req("b"))
+    waiting = next(second)[q.status]
     assert "Waiting: another session is running a quantization (W4A4 qvlm)" in waiting
     list(first)  # a finishes and releases the lock
     outs = list(second)
-    assert "W8A8 qvlm" in outs[-1][0] and "ready in" in outs[-1][0]
+    assert "W8A8 qvlm" in outs[-1][q.status] and "ready in" in outs[-1][q.status]
 
 
-def test_same_session_cannot_start_twice(ctl, bundled_dir):
-    first = ctl.quantize(str(bundled_dir), *_args(), request=_req("c"))
+def test_cancel_while_waiting_for_another_session_starts_nothing(ui, bundled_dir):
+    q = ui.quantize
+    first = q.quantize(str(bundled_dir), *_args(), request=_req("w1"))
     next(first)
-    again = list(ctl.quantize(str(bundled_dir), *_args("W8A8"), request=_req("c")))
-    assert "already running a quantize" in again[0][0]
+    second = q.quantize(str(bundled_dir), *_args("W8A8"), request=_req("w2"))
+    next(second)  # waiting
+    ui.app.cancel(_req("w2"))
+    outs = list(second)
+    assert "Cancelled while waiting; nothing was started" in outs[-1][q.status]
+    assert ui.app.session(_req("w2")).busy is None and ui.app.session(_req("w2")).variants.labels() == []
     list(first)
-
-
-def test_closing_the_tab_mid_run_stops_the_worker_and_frees_the_lock(ctl, bundled_dir):
-    gen = ctl.quantize(str(bundled_dir), *_args(), request=_req("d"))
-    next(gen)
-    next(gen)
-    gen.close()  # what Gradio does when the client disconnects
-    assert not HEAVY_WORK.locked() and ctl.session(_req("d")).busy is None
-
-
-def test_model_load_error_in_quantize(ctl, tmp_path):
-    outs = list(ctl.quantize(str(tmp_path), *_args(), request=_req("e")))
-    assert "outside the folders" in outs[-1][0] or "no config.json" in outs[-1][0]
     assert not HEAVY_WORK.locked()
 
 
-def test_ask_shows_every_held_variant_side_by_side(ctl, bundled_dir):
-    from qvlm.ui.settings import EXAMPLES_DIR
+def test_same_session_cannot_start_twice(ui, bundled_dir):
+    q = ui.quantize
+    first = q.quantize(str(bundled_dir), *_args(), request=_req("c"))
+    next(first)
+    again = list(q.quantize(str(bundled_dir), *_args("W8A8"), request=_req("c")))
+    assert "already running a quantization" in again[0][q.status]
+    list(first)
 
-    list(ctl.quantize(str(bundled_dir), *_args(), request=_req("f")))
-    html, note = ctl.ask(str(EXAMPLES_DIR / "easyvqa_test_0.png"), "what is the red shape?", str(bundled_dir), _req("f"))
+
+def test_closing_the_tab_mid_run_stops_the_worker_and_frees_the_lock(ui, bundled_dir):
+    gen = ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("d"))
+    next(gen)
+    next(gen)
+    gen.close()  # what Gradio does when the client disconnects
+    assert not HEAVY_WORK.locked() and ui.app.session(_req("d")).busy is None
+
+
+def test_model_load_error_in_quantize(ui, tmp_path):
+    q = ui.quantize
+    outs = list(q.quantize(str(tmp_path), *_args(), request=_req("e")))
+    assert "outside the folders" in outs[-1][q.status] or "no config.json" in outs[-1][q.status]
+    assert not HEAVY_WORK.locked()
+
+
+def test_ask_shows_every_held_variant_side_by_side(ui, bundled_dir):
+    list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("f")))
+    out = ui.ask.answer_all(str(EXAMPLES_DIR / "easyvqa_test_0.png"), "what is the red shape?", str(bundled_dir),
+                            _req("f"))
+    html, note = out[ui.ask.answers], out[ui.ask.note]
     assert "FP · full precision" in html and "W4A4 qvlm" in html and html.count(" ms<") == 2
     assert "No quantized variant" not in note
 
@@ -154,52 +186,43 @@ def test_cancel_raises_the_shared_cancelled_type():
         check_cancel(ev)
 
 
-def test_results_panel_evaluates_fp_and_variants_and_reuses_results(ctl, bundled_dir):
-    list(ctl.quantize(str(bundled_dir), *_args(), request=_req("g")))
-    outs = list(ctl.evaluate(20, str(bundled_dir), _req("g")))
-    status, table, acc_fig, mem_fig = outs[-1]
-    assert "2 model(s) evaluated on the same 20 test questions" in status
+def test_results_panel_evaluates_fp_and_variants_and_reuses_results(ui, bundled_dir):
+    r = ui.results
+    list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("g")))
+    final = list(r.evaluate(20, str(bundled_dir), _req("g")))[-1]
+    assert "2 model(s) evaluated on the same 20 test questions" in final[r.status]
+    table = final[r.table]
     assert [row[0] for row in table] == ["FP", "W4A4 qvlm"] and all(row[1] == 20 for row in table)
-    assert [t.name for t in acc_fig.data] == ["FP", "W4A4 qvlm"]
+    assert [t.name for t in final[r.accuracy].data] == ["FP", "W4A4 qvlm"]
     # a second run with the same subset reuses the stored results (no new computation, one update)
-    again = list(ctl.evaluate(20, str(bundled_dir), _req("g")))
-    assert len(again) == 1 and again[0][1] == table
+    again = list(r.evaluate(20, str(bundled_dir), _req("g")))
+    assert len(again) == 1 and again[0][r.table] == table
 
 
-@pytest.mark.parametrize("n", [0, -5, "abc", 10**6])
-def test_results_panel_rejects_a_bad_subset_size(ctl, bundled_dir, n):
-    outs = list(ctl.evaluate(n, str(bundled_dir), _req("h")))
-    assert len(outs) == 1 and "Choose between 1 and" in outs[0][0]
+@pytest.mark.parametrize("n", [0, -5, "abc", 10**6, 2.5])
+def test_results_panel_rejects_a_bad_subset_size(ui, bundled_dir, n):
+    outs = list(ui.results.evaluate(n, str(bundled_dir), _req("h")))
+    assert len(outs) == 1 and "Choose between 1 and" in outs[0][ui.results.status]
 
 
-def test_results_panel_cancel_keeps_finished_evaluations(ctl, bundled_dir):
-    gen = ctl.evaluate(200, str(bundled_dir), _req("i"))
+def test_results_panel_cancel_keeps_finished_evaluations(ui, bundled_dir):
+    gen = ui.results.evaluate(200, str(bundled_dir), _req("i"))
     next(gen)
-    ctl.cancel(_req("i"))
+    ui.app.cancel(_req("i"))
     outs = list(gen)
-    assert "Cancelled" in outs[-1][0] and not HEAVY_WORK.locked()
+    assert "Cancelled" in outs[-1][ui.results.status] and not HEAVY_WORK.locked()
 
 
-def test_ded_is_computed_once_per_sample_count_then_browsed_by_layer(ctl, bundled_dir, monkeypatch):
-    calls = []
-
-    def fake_sweep(fp, result, n, progress, cancel):
-        calls.append(n)
-        progress("ded", 1.0, "layer 6")
-        pts = [{"sample": i, "entropy": 0.1 * i, "ded": 0.2 * i + 0.01, "qerr": 0.05 * i * i} for i in range(n)]
-        return {k: SimpleNamespace(layer=k, block=[k, k + 1], points=pts, fit=None, qerr_fit=None) for k in range(7)}
-
-    monkeypatch.setattr(callbacks.qb, "ded_sweep", fake_sweep)
-    list(ctl.quantize(str(bundled_dir), *_args(), request=_req("k")))
-    ded_fig, qerr_fig, note = ctl.ded("W4A4 qvlm", 3, 4, _req("k"))
-    assert "Compute DED" in note and len(ded_fig.data) == 0  # nothing measured yet: a pointer, not a failure
-    outs = list(ctl.compute_ded("W4A4 qvlm", 3, 4, _req("k")))
-    note, ded_fig, qerr_fig = outs[-1]
-    assert "Done in" in note and "R² = 1.0000" in str(ded_fig.layout.annotations[0].text)
-    assert "layers 3–4" in ded_fig.layout.title.text
-    ded_fig5, _, _ = ctl.ded("W4A4 qvlm", 5, 4, _req("k"))
-    assert "layers 5–6" in ded_fig5.layout.title.text
-    list(ctl.compute_ded("W4A4 qvlm", 5, 4, _req("k")))
-    assert calls == [4]  # the second request was served from the stored sweep
-    bad = list(ctl.compute_ded("W4A4 qvlm", 5, 1, _req("k")))
-    assert "from 2 to 64" in bad[-1][0]
+def test_ded_is_computed_once_per_sample_count_then_browsed_by_layer(ui, bundled_dir):
+    a = ui.analysis
+    list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("k")))
+    shown = a.show_ded("W4A4 qvlm", 3, 4, _req("k"))
+    assert "Compute DED" in shown[a.ded_note] and len(shown[a.ded_plot].data) == 0  # a pointer, not a failure
+    final = list(a.compute_ded("W4A4 qvlm", 3, 4, _req("k")))[-1]
+    assert "Done in" in final[a.ded_note] and "R² = 1.0000" in str(final[a.ded_plot].layout.annotations[0].text)
+    assert "layers 3–4" in final[a.ded_plot].layout.title.text
+    assert "layers 5–6" in a.show_ded("W4A4 qvlm", 5, 4, _req("k"))[a.ded_plot].layout.title.text
+    list(a.compute_ded("W4A4 qvlm", 5, 4, _req("k")))
+    assert ui.sweeps == [4]  # the second request was served from the stored sweep
+    bad = list(a.compute_ded("W4A4 qvlm", 5, 1, _req("k")))
+    assert "from 2 to 64" in bad[-1][a.ded_note] and a.ded_plot not in bad[-1]  # the plots stay

@@ -14,11 +14,16 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 
-from qvlm.ui.callbacks import Controller
 from qvlm.ui.jobs import HEAVY_WORK
+from qvlm.ui.panel_analysis import AnalysisPanel
+from qvlm.ui.panel_ask import AskPanel
+from qvlm.ui.panel_quantize import QuantizePanel
+from qvlm.ui.panel_results import ResultsPanel
 from qvlm.ui.settings import EXAMPLES_DIR, Settings
+from qvlm.ui.state import AppState
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -33,27 +38,35 @@ def _req(sid: str) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def run(bundled_dir: Path):
-    ctl = Controller(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], preload=False))
+    """The four panels as build_app makes them (the core's own quantize and DED sweep), after one real run."""
+    app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], preload=False))
+    ui = SimpleNamespace(app=app, quantize=QuantizePanel(app), analysis=AnalysisPanel(app), ask=AskPanel(app),
+                         results=ResultsPanel(app))
+    with gr.Blocks():
+        for panel in (ui.quantize, ui.analysis, ui.ask, ui.results):
+            panel.layout()
     start = time.monotonic()
-    outs = list(ctl.quantize(str(bundled_dir), *SMALL_RUN, request=_req("real")))
-    return SimpleNamespace(ctl=ctl, outs=outs, seconds=time.monotonic() - start, model=str(bundled_dir))
+    outs = list(ui.quantize.quantize(str(bundled_dir), *SMALL_RUN, request=_req("real")))
+    return SimpleNamespace(ui=ui, app=app, outs=outs, seconds=time.monotonic() - start, model=str(bundled_dir))
 
 
 def test_real_run_streams_every_stage_and_holds_the_variant(run):
-    final = run.outs[-1][0]
+    final = run.outs[-1][run.ui.quantize.status]
     assert "ready in" in final, final
     for stage in ("calibration", "init ranges", "VEO", "entropy D(k,k+1)", "block-wise percentile search"):
         assert stage in final
     assert len(run.outs) >= 3  # streamed
-    session = run.ctl.session(_req("real"))
+    session = run.app.session(_req("real"))
     assert session.variants.labels() == [LABEL]
     variant = session.variants.find_label(LABEL)
     assert variant.result.config.w_bits == 4 and variant.result.config.calib_size == 4
 
 
 def test_analysis_figures_come_from_the_real_result(run):
-    info, partition, errors, veo = run.ctl.overview(LABEL, _req("real"))
-    r = run.ctl.session(_req("real")).variants.find_label(LABEL).result
+    a = run.ui.analysis
+    shown = a.show_overview(LABEL, _req("real"))
+    info, partition, errors, veo = shown[a.info], shown[a.partition], shown[a.errors], shown[a.veo]
+    r = run.app.session(_req("real")).variants.find_label(LABEL).result
     assert f"{len(r.blocks)} blocks" in info and f"({len(r.blocks)} blocks)" in partition.layout.title.text
     block_traces = [t for t in partition.data if (t.name or "").startswith("block")]
     assert [list(t.x) for t in block_traces] == [list(b) for b in r.blocks]
@@ -65,22 +78,25 @@ def test_analysis_figures_come_from_the_real_result(run):
 
 
 def test_ded_sweep_on_the_real_result(run):
-    outs = list(run.ctl.compute_ded(LABEL, 2, 2, _req("real")))
-    note, ded_fig, qerr_fig = outs[-1]
+    a = run.ui.analysis
+    final = list(a.compute_ded(LABEL, 2, 2, _req("real")))[-1]
+    note, ded_fig, qerr_fig = final[a.ded_note], final[a.ded_plot], final[a.qerr_plot]
     assert "Done in" in note, note
     assert "R² =" in ded_fig.layout.annotations[0].text and len(ded_fig.data[0].x) == 2
     assert "R² =" in qerr_fig.layout.annotations[0].text
 
 
 def test_fp_and_quantized_answer_side_by_side(run):
-    html, note = run.ctl.ask(str(EXAMPLES_DIR / "easyvqa_test_11.png"), "what is the black shape?", run.model,
-                             _req("real"))
+    html = run.ui.ask.answer_all(str(EXAMPLES_DIR / "easyvqa_test_11.png"), "what is the black shape?", run.model,
+                                 _req("real"))[run.ui.ask.answers]
     assert "FP · full precision" in html and LABEL in html and html.count(" ms<") == 2
     assert "reference answer: <b>rectangle</b>" in html
 
 
 def test_results_show_accuracy_and_packed_memory(run):
-    status, table, acc, mem = list(run.ctl.evaluate(20, run.model, _req("real")))[-1]
+    r = run.ui.results
+    final = list(r.evaluate(20, run.model, _req("real")))[-1]
+    status, table, mem = final[r.status], final[r.table], final[r.memory]
     assert "2 model(s) evaluated" in status
     fp_row, q_row = table
     assert fp_row[0] == "FP" and q_row[0] == LABEL
@@ -89,15 +105,15 @@ def test_results_show_accuracy_and_packed_memory(run):
 
 
 def test_cancel_interrupts_the_real_core(run):
-    ctl = run.ctl
-    gen = ctl.quantize(run.model, "W8A8", "qvlm", *SMALL_RUN[2:], request=_req("real"))
+    q = run.ui.quantize
+    gen = q.quantize(run.model, "W8A8", "qvlm", *SMALL_RUN[2:], request=_req("real"))
     statuses = []
     canceller = None
     for out in gen:
-        statuses.append(out[0])
-        if canceller is None and "calibration" in out[0]:
-            canceller = threading.Timer(0.1, ctl.cancel, args=(_req("real"),))
+        statuses.append(out[q.status])
+        if canceller is None and "calibration" in out[q.status]:
+            canceller = threading.Timer(0.1, run.app.cancel, args=(_req("real"),))
             canceller.start()
     assert "Cancelled" in statuses[-1]
-    assert ctl.session(_req("real")).variants.labels() == [LABEL]  # nothing lost, nothing half-added
+    assert run.app.session(_req("real")).variants.labels() == [LABEL]  # nothing lost, nothing half-added
     assert not HEAVY_WORK.locked()

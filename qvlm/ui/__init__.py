@@ -1,6 +1,6 @@
 """The Gradio app (the only package that imports gradio). ``build_app()`` returns the Blocks."""
 
-from qvlm.ui.layout import build_app
+from qvlm.ui.app import build_app
 from qvlm.ui.settings import Settings
 
 __all__ = ["Settings", "build_app"]

@@ -1,23 +1,18 @@
-"""How handlers talk back: a warning that shows as a toast *and* in the status text, one line
-for an unexpected error (traceback in the server log), and the common end of every long job.
+"""How handlers talk back: a warning that shows as a toast *and* in the status text, and one line
+for an unexpected error (its traceback goes to the server log).
 
-Shared by the panel modules so each reports problems the same way.
+A problem the user can fix is reported with both, because a toast alone is easy to miss and
+absent from API calls; the handler leaves every other output as it was, so bad input never costs
+the user what they computed.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import gradio as gr
 
-from qvlm.ui.jobs import HEAVY_WORK, BackgroundJob
-from qvlm.ui.state import SessionState
-
 log = logging.getLogger("qvlm.ui")
-
-SKIP = gr.skip
-"""Leave an output as it is: what a handler returns for outputs a problem must not wipe."""
 
 
 def warn(message: str) -> str:
@@ -32,24 +27,3 @@ def unexpected(what: str, err: BaseException) -> str:
     message = f"{what} failed unexpectedly: {type(err).__name__}: {err}. Nothing you computed before was lost."
     gr.Warning(message)
     return f"✗ {message}"
-
-
-def image_path(value: Any) -> Any:
-    """The file path of an image input, which arrives un-preprocessed (a FileData dict) or as a path."""
-    if isinstance(value, dict):
-        return value.get("path") or None
-    return value
-
-
-def end_heavy_work(session: SessionState, job: BackgroundJob | None, locked: bool) -> None:
-    """Whatever ended a long callback (done, error, cancel, a closed tab): stop its worker thread,
-    wait for it, and free the cross-session lock, so no run outlives its page."""
-    if job is not None and not job.done:
-        session.cancel.set()
-        try:
-            job.outcome()
-        except BaseException:  # noqa: BLE001 - the callback already reported the real outcome
-            pass
-    if locked:
-        HEAVY_WORK.release()
-    session.end()

@@ -1,34 +1,36 @@
-"""Running a long computation in a worker thread while a Gradio generator reports its progress.
+"""Long jobs (quantize, DED, evaluate): one helper waits for the CPU, runs the work in a worker
+thread, streams its stages as Markdown, and cleans up on any exit.
 
-The quantization core reports progress through a plain ``(stage, fraction, message)``
-callback. A Gradio handler that wants to *stream* a status display must be a generator that
-yields between steps, so the core runs in a worker thread and the handler polls the
-latest progress. One process-wide :data:`HEAVY_WORK` lock serializes quantizations and
-evaluations across sessions: on 2 CPU cores two of them at once would each run at half
-speed and double the memory, and the waiting session is told why it waits.
+The core reports progress through a plain ``(stage, fraction, message)`` callback. A Gradio
+handler that *streams* a status must be a generator that yields between steps, so the work runs
+in a worker thread and the handler polls its latest progress. One process-wide
+:data:`HEAVY_WORK` lock serializes long jobs across sessions: on 2 CPU cores two at once would
+each run at half speed and double the memory, and the waiting session is told why it waits.
+
+A panel describes its job as a :class:`LongJob` (its work function and its final render) and
+hands it to :func:`stream_job`; everything else is written once, here.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-from qvlm.progress import ProgressCallback
+from gradio.components import Component
+
+from qvlm.progress import Cancelled, ProgressCallback
+from qvlm.ui.feedback import unexpected, warn
+from qvlm.ui.state import SessionState
 
 T = TypeVar("T")
+Outputs = dict[Component, Any]
+"""A handler's return value: only the components it changes, keyed by component."""
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    stage: str
-    fraction: float
-    message: str
-    at: float
-
-
+# ---------------------------------------------------------------------------- the cross-session lock
 class HeavyWorkLock:
     """A lock that remembers who holds it, so a waiting session can be told what it waits for."""
 
@@ -58,30 +60,13 @@ class HeavyWorkLock:
 HEAVY_WORK = HeavyWorkLock()
 
 
-class HeavyWorkTurn:
-    """Wait for :data:`HEAVY_WORK` inside a streaming handler: iterate it to get status texts.
-
-    Why a class: the handler must re-yield each status in its own output tuple and then learn
-    whether it got the lock or was cancelled while waiting (``acquired``); the three long
-    callbacks (quantize, evaluate, DED) share this loop instead of writing it each.
-    ``tracker`` is a :class:`qvlm.ui.progress_view.StageTracker` (``note`` and ``markdown``).
-    """
-
-    def __init__(self, what: str, tracker, cancel: threading.Event, waiting_tail: str = "",
-                 cancelled_message: str = "■ Cancelled while waiting.") -> None:
-        self.what, self.tracker, self.cancel = what, tracker, cancel
-        self.waiting_tail, self.cancelled_message = waiting_tail, cancelled_message
-        self.acquired = False
-
-    def __iter__(self) -> Iterator[str]:
-        while not HEAVY_WORK.acquire(self.what, timeout=0.5):
-            if self.cancel.is_set():
-                yield self.tracker.markdown(self.cancelled_message)
-                return
-            self.tracker.note = f"Waiting: another session is running {HEAVY_WORK.describe()}{self.waiting_tail}"
-            yield self.tracker.markdown()
-        self.tracker.note = ""
-        self.acquired = True
+# ---------------------------------------------------------------------------- the worker thread
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: str
+    fraction: float
+    message: str
+    at: float
 
 
 class BackgroundJob(Generic[T]):
@@ -143,3 +128,163 @@ class BackgroundJob(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._result  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- the stage-by-stage status
+STAGE_TITLES = {
+    "load": "load model",
+    "calibration": "calibration: record FP activations",
+    "init": "init ranges (lp clipping, QLoRA-style)",
+    "veo": "VEO: optimize vision-encoder quantizers",
+    "entropy": "entropy D(k,k+1) between decoder layers",
+    "search": "block-wise percentile search",
+    "done": "finish: measure per-layer errors",
+    "eval": "easy-VQA evaluation",
+    "ded": "DED: layer-wise vs joint search, per sample",
+}
+"""How the status names each stage the core reports; a stage not listed is shown by its own name
+(the evaluation reports one stage per model, named by the model's label)."""
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar; Markdown-safe and readable in a screenshot."""
+    f = min(1.0, max(0.0, fraction))
+    full = round(f * width)
+    return "█" * full + "░" * (width - full) + f" {100 * f:3.0f}%"
+
+
+@dataclass
+class StageTracker:
+    """The latest (fraction, message) of every stage, in the order stages first appeared.
+
+    Shown as one line per stage, finished or running, with its latest message ("VEO epoch 3/10",
+    "block 2 of 4") and its time, so a student can follow what Q-VLM is doing while it runs.
+    """
+
+    title: str
+    stages: dict[str, tuple[float, str]] = field(default_factory=dict)
+    current: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    note: str = ""
+    spans: dict[str, list[float]] = field(default_factory=dict)  # stage -> [first event, last handover]
+
+    def update(self, events: Iterable[ProgressEvent]) -> None:
+        for e in events:
+            if self.current is not None and e.stage != self.current and self.current in self.stages:
+                _, msg = self.stages[self.current]
+                self.stages[self.current] = (1.0, msg)  # a stage that hands over is finished
+                self.spans[self.current][1] = e.at
+            self.stages[e.stage] = (e.fraction, e.message)
+            span = self.spans.setdefault(e.stage, [e.at, e.at])
+            span[1] = e.at
+            self.current = e.stage
+
+    def seconds(self, stage: str) -> float:
+        """How long a stage has taken (so far): where a student sees the time go."""
+        first, last = self.spans.get(stage, (0.0, 0.0))
+        end = time.monotonic() if stage == self.current else last
+        return max(0.0, end - first)
+
+    def markdown(self, final: str | None = None) -> str:
+        """The status: title and elapsed time, an optional note, one line per stage, then ``final``."""
+        elapsed = time.monotonic() - self.started
+        lines = [f"**{self.title}** · {elapsed:.1f} s"]
+        if self.note:
+            lines.append(f"> {self.note}")
+        if not self.stages and final is None:
+            lines.append("- starting…")
+        for stage, (fraction, message) in self.stages.items():
+            if stage == "done" and final is not None:
+                continue
+            running = stage == self.current and final is None
+            icon = "▶" if running else "✓"
+            shown = fraction if running else 1.0
+            lines.append(f"- {icon} **{STAGE_TITLES.get(stage, stage)}** `{bar(shown)}` {message} "
+                         f"· {self.seconds(stage):.1f} s")
+        if final:
+            lines.append("")
+            lines.append(final)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the one long-job helper
+@dataclass
+class LongJob(Generic[T]):
+    """What a panel says about one long job; :func:`stream_job` does the rest."""
+
+    name: str
+    """What the session is busy with ("quantization"): the "already running a ..." message."""
+    title: str
+    """The status heading, e.g. "Quantizing tiny-llava → W4A4 qvlm (16 calibration pairs)"."""
+    holder: str
+    """What another session is told it waits for, e.g. "a quantization (W4A4 qvlm)"."""
+    work: Callable[[ProgressCallback, threading.Event], T]
+    """``work(progress, cancel)``, run in the worker thread; raises ``Cancelled`` when cancelled."""
+    render: Callable[[T, float], tuple[str, Outputs]]
+    """``render(result, seconds)`` -> (the status's last line, the other outputs that change)."""
+    cancelled: str = "■ Cancelled."
+    """The status's last line after a cancel: say what the user still has."""
+    stopped: Callable[[], Outputs] = dict
+    """The outputs to refresh when the job ends without a result (refused, cancelled or failed)."""
+
+
+def stream_job(job: LongJob[T], session: SessionState, status: Component) -> Iterator[Outputs]:
+    """Run ``job`` for ``session``, yielding ``{status: markdown}`` while it runs and the render at the end.
+
+    One job per session (a double click is refused); one long job at a time across sessions
+    (:data:`HEAVY_WORK`), with a "waiting" status meanwhile. Whatever ends it (done, an error, a
+    cancel, a closed tab, which closes this generator) stops the worker and frees the lock, so no
+    run outlives its page. A ``ValueError`` (bad input, a model that cannot load) is shown as a
+    warning; anything else as one unexpected-error line, with the traceback in the server log.
+    """
+    if not session.begin(job.name):
+        yield {status: warn(f"This session is already running a {session.busy}; wait for it or press Cancel."),
+               **job.stopped()}
+        return
+    tracker = StageTracker(job.title)
+    worker: BackgroundJob[T] | None = None
+    locked = False
+    try:
+        while not (locked := HEAVY_WORK.acquire(job.holder, timeout=0.5)):
+            if session.cancel.is_set():
+                yield {status: tracker.markdown("■ Cancelled while waiting; nothing was started."), **job.stopped()}
+                return
+            tracker.note = (f"Waiting: another session is running {HEAVY_WORK.describe()}. Jobs run one at a time "
+                            "on this CPU; yours starts when it finishes (or press Cancel).")
+            yield {status: tracker.markdown()}
+        tracker.note = ""
+        worker = BackgroundJob(lambda progress: job.work(progress, session.cancel)).start()
+        for events in worker.poll():
+            tracker.update(events)
+            yield {status: tracker.markdown()}
+        result = worker.outcome()
+    except Cancelled:
+        yield {status: tracker.markdown(job.cancelled), **job.stopped()}
+        return
+    except ValueError as err:  # ModelLoadError and the config's own checks are ValueErrors with a message
+        yield {status: tracker.markdown(warn(str(err))), **job.stopped()}
+        return
+    except MemoryError as err:
+        yield {status: tracker.markdown(warn(f"Out of memory during the {job.name} ({err}); try a smaller model "
+                                             "or fewer samples.")), **job.stopped()}
+        return
+    except Exception as err:  # noqa: BLE001 - shown as one line, logged with its traceback
+        yield {status: tracker.markdown(unexpected(job.name[:1].upper() + job.name[1:], err)), **job.stopped()}
+        return
+    finally:
+        _stop(session, worker, locked)
+    line, outputs = job.render(result, worker.elapsed)
+    yield {status: tracker.markdown(line), **outputs}
+
+
+def _stop(session: SessionState, worker: BackgroundJob | None, locked: bool) -> None:
+    """Stop the worker if it still runs and wait for it, free the cross-session lock, end the session's job."""
+    if worker is not None and not worker.done:
+        session.cancel.set()
+        try:
+            worker.outcome()
+        except BaseException:  # noqa: BLE001 - stream_job already reported the real outcome
+            pass
+    if locked:
+        HEAVY_WORK.release()
+    session.end()

@@ -1,41 +1,105 @@
-"""Analysis panel: block partition, per-layer error, VEO loss, and DED vs entropy / quantization error.
+"""Analysis tab: block partition, per-layer error, VEO loss, and DED vs entropy / quantization error.
 
-The partition, errors and losses come with the quantization result and draw instantly; the
-DED needs its own measurement (a rebuild of the layer-wise init plus a search per sample), so
-it runs on request for every layer at once and is then browsed by layer from the cache.
+The partition, errors and losses come with the quantization result and draw instantly
+(:meth:`AnalysisPanel.show_overview`). The DED needs its own measurement (a rebuild of the
+layer-wise init plus a search per sample), so :meth:`~AnalysisPanel.compute_ded` measures every
+layer at once on request and :meth:`~AnalysisPanel.show_ded` then draws any layer from that cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
 
 from qvlm import plots
-from qvlm.models import ModelLoadError
-from qvlm.ui import quant_bridge as qb
-from qvlm.ui.feedback import SKIP, end_heavy_work, unexpected, warn
-from qvlm.ui.jobs import BackgroundJob, HeavyWorkTurn
-from qvlm.ui.panel_base import PanelBase
-from qvlm.ui.progress_view import StageTracker
+from qvlm.analysis import ded_sweep
+from qvlm.progress import ProgressCallback
+from qvlm.ui.feedback import warn
+from qvlm.ui.jobs import LongJob, Outputs, stream_job
 from qvlm.ui.render import human_bytes
-from qvlm.ui.state import Variant
+from qvlm.ui.state import AppState, Variant
+
+DEDSweepFn = Callable[..., list[Any]]
+DED_SAMPLES = (2, 64)
+"""DED samples allowed: a regression line needs two points; beyond 64 the sweep ties up the CPU for minutes."""
 
 
-class AnalysisPanel(PanelBase):
-    """Handlers of the Analysis tab."""
+def _sample_count(value: Any) -> int:
+    """The DED sample count as an int; ValueError with the allowed range otherwise."""
+    lo, hi = DED_SAMPLES
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        n = math.nan
+    if not n.is_integer() or not lo <= n <= hi:
+        raise ValueError(f"DED samples must be a whole number from {lo} to {hi}.")
+    return int(n)
 
-    def overview(self, label: str | None, request: gr.Request | None = None) -> tuple[Any, ...]:
-        """(info, partition figure, per-layer error figure, VEO loss figure) for one held variant."""
-        session = self.session(request)
-        variant = session.variants.find_label(label) if label else None
+
+class AnalysisPanel:
+    """The Analysis tab: its components (made by :meth:`layout`) and its handlers.
+
+    ``ded_sweep`` is :func:`qvlm.analysis.ded_sweep`; a test passes a stand-in with its signature.
+    """
+
+    def __init__(self, app: AppState, ded_sweep: DEDSweepFn = ded_sweep) -> None:
+        self.app = app
+        self._ded_sweep = ded_sweep
+
+    def layout(self) -> None:
+        """The tab's components, top to bottom; handlers read and write them by attribute."""
+        self.variant = gr.Dropdown([], value=None, label="Quantized variant", elem_id="analysis-variant")
+        self.info = gr.Markdown("*Quantize a model first (Quantize tab).*", elem_id="analysis-info")
+        self.partition = gr.Plot(plots.partition_figure([], []), label="Block partition", elem_id="partition-plot")
+        with gr.Row(equal_height=True):
+            self.layer = gr.Slider(0, 6, value=3, step=1, label="DED of decoder layers k, k+1: choose k",
+                                   elem_id="ded-layer", scale=3)
+            self.n_samples = gr.Number(16, precision=0, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
+                                       label="DED samples", elem_id="ded-samples", scale=1)
+            self.compute = gr.Button("Compute DED", elem_id="ded-btn", scale=1)
+            self.cancel = gr.Button("Cancel", variant="stop", elem_id="ded-cancel-btn", scale=1)
+        self.ded_note = gr.Markdown("", elem_id="ded-note")
+        with gr.Row():
+            self.ded_plot = gr.Plot(plots.ded_scatter([], 0), label="DED vs entropy", elem_id="ded-plot")
+            self.qerr_plot = gr.Plot(plots.ded_scatter([], 0, "qerr"), label="DED vs quantization error",
+                                     elem_id="qerr-plot")
+        with gr.Row():
+            self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
+            self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
+
+    def select_variant(self, label: str | None, request: gr.Request | None = None) -> Outputs:
+        """Offer a just-made variant in the menu, chosen, with the layer slider on its most dependent pair.
+
+        ``label`` is None when the run made no variant: then nothing changes.
+        """
+        session = self.app.session(request)
+        variant = session.variants.find_label(label)
+        if variant is None:
+            return {}
+        r = variant.result
+        n_layers = len(r.handle.layer_map.language)
+        top = max(0, n_layers - 2)
+        entropies = list(r.entropies or [])
+        # start the DED plots on the most dependent pair (highest D(k,k+1)): the interesting one
+        k = max(range(len(entropies)), key=entropies.__getitem__) if entropies else n_layers // 2
+        return {self.variant: gr.update(choices=session.variants.labels(), value=label),
+                self.layer: gr.update(maximum=top, value=min(k, top))}
+
+    def show_overview(self, label: str | None, request: gr.Request | None = None) -> Outputs:
+        """Draw the info, block partition, per-layer error and VEO loss of one held variant."""
+        session = self.app.session(request)
+        variant = session.variants.find_label(label)
         if variant is None:
             msg = "Quantize a model first (Quantize tab), then pick the variant here."
             if label:
                 msg = f"The variant '{label}' is no longer held (dropped by the memory bound); pick another."
-            return (f"*{msg}*", plots.empty_figure(msg, "Block partition"),
-                    plots.empty_figure(msg, "Per-layer error"), plots.empty_figure(msg, "VEO loss"))
+            return {self.info: f"*{msg}*", self.partition: plots.empty_figure(msg, "Block partition"),
+                    self.errors: plots.empty_figure(msg, "Per-layer error"),
+                    self.veo: plots.empty_figure(msg, "VEO loss")}
         r = variant.result
         if r.entropies:
             partition = plots.partition_figure(list(r.entropies), [list(b) for b in (r.blocks or [])],
@@ -45,108 +109,94 @@ class AnalysisPanel(PanelBase):
                                            "use the qvlm or qvlm-cdm recipe.", "Block partition")
         compare = {v.label: list(v.result.layer_errors or []) for v in session.variants.variants(variant.base_model)}
         compare = {variant.label: compare.pop(variant.label), **compare}  # the chosen one first
-        errors = plots.layer_error_figure(compare)
-        veo = plots.veo_loss_figure(list(r.veo_losses or []))
-        return _variant_info(variant), partition, errors, veo
+        return {self.info: _variant_info(variant), self.partition: partition,
+                self.errors: plots.layer_error_figure(compare),
+                self.veo: plots.veo_loss_figure(list(r.veo_losses or []))}
 
-    def ded(self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
-        """(entropy-vs-DED figure, qerr-vs-DED figure, note) for one decoder layer, from computed sweeps."""
-        session = self.session(request)
-        variant = session.variants.find_label(label) if label else None
+    def show_ded(self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None) -> Outputs:
+        """Draw DED vs entropy and vs quantization error for decoder layers (k, k+1) from a computed sweep."""
+        variant = self.app.session(request).variants.find_label(label)
         if variant is None:
             msg = "Quantize a model first to see DED plots."
-            return plots.empty_figure(msg, "DED vs entropy"), plots.empty_figure(msg, "DED vs quantization error"), ""
+            return {self.ded_plot: plots.empty_figure(msg, "DED vs entropy"),
+                    self.qerr_plot: plots.empty_figure(msg, "DED vs quantization error"), self.ded_note: ""}
         try:
-            layer_i, n = int(layer), int(n_samples)
+            layer_i = int(layer)
         except (TypeError, ValueError):
-            return SKIP(), SKIP(), warn("Layer and number of samples must be whole numbers.")
+            return {self.ded_note: warn("The layer k must be a whole number.")}
+        try:
+            n = _sample_count(n_samples)
+        except ValueError as err:
+            return {self.ded_note: warn(str(err))}
         sweep = variant.analyses.get(n)
         if sweep is None:
             done = sorted(variant.analyses)
             msg = "Press **Compute DED** to measure it"
             if done:
                 msg += f" for {n} samples (computed so far for: {', '.join(map(str, done))} samples)"
-            init_s = (getattr(variant.result, "timings", None) or {}).get("init")
+            init_s = (variant.result.timings or {}).get("init")
             cost = f" It re-runs the layer-wise init on {n} samples (the init took {init_s:.0f} s)." if init_s else ""
             blank = "Press 'Compute DED' to measure DED for every layer."
-            return (plots.empty_figure(blank, "DED vs entropy"), plots.empty_figure(blank, "DED vs quantization error"),
-                    msg + "." + cost)
+            return {self.ded_plot: plots.empty_figure(blank, "DED vs entropy"),
+                    self.qerr_plot: plots.empty_figure(blank, "DED vs quantization error"),
+                    self.ded_note: msg + "." + cost}
         if layer_i not in sweep:
-            return SKIP(), SKIP(), warn(f"DED is defined for layers {min(sweep)}..{max(sweep)} (pairs k, k+1).")
+            return {self.ded_note: warn(f"DED is defined for layers {min(sweep)}..{max(sweep)} (pairs k, k+1).")}
         analysis = sweep[layer_i]
         points = list(analysis.points)
-        block = getattr(analysis, "block", [layer_i, layer_i + 1])
+        block = analysis.block
         title = f"Decoder layers {block[0]}–{block[-1]}"
-        ded_fig = plots.ded_scatter(points, layer_i, "entropy", getattr(analysis, "fit", None),
-                                    title=f"{title}: DED vs entropy D({block[0]},{block[-1]})")
-        qerr_fig = plots.ded_scatter(points, layer_i, "qerr", getattr(analysis, "qerr_fit", None),
-                                     title=f"{title}: DED vs quantization error")
-        note = (f"Layers {block[0]}–{block[-1]} of `{variant.label}`: {len(points)} calibration samples; each dot is "
-                "one sample, DED = its block-output error with the layer-by-layer choice minus with the joint choice.")
-        return ded_fig, qerr_fig, note
+        return {
+            self.ded_plot: plots.ded_scatter(points, layer_i, "entropy", analysis.fit,
+                                             title=f"{title}: DED vs entropy D({block[0]},{block[-1]})"),
+            self.qerr_plot: plots.ded_scatter(points, layer_i, "qerr", analysis.qerr_fit,
+                                              title=f"{title}: DED vs quantization error"),
+            self.ded_note: (f"Layers {block[0]}–{block[-1]} of `{variant.label}`: {len(points)} calibration samples; "
+                            "each dot is one sample, DED = its block-output error with the layer-by-layer choice "
+                            "minus with the joint choice."),
+        }
 
     def compute_ded(
         self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None
-    ) -> Iterator[tuple[Any, Any, Any]]:
-        """Stream (note, entropy-vs-DED, qerr-vs-DED) while measuring DED for every layer of a variant."""
-        session = self.session(request)
-        variant = session.variants.find_label(label) if label else None
+    ) -> Iterator[Outputs]:
+        """Measure DED for every layer of a variant (streaming the stages to ``ded_note``), then draw layer k."""
+        session = self.app.session(request)
+        variant = session.variants.find_label(label)
         if variant is None:
-            yield warn("Quantize a model first, then pick the variant to analyse."), SKIP(), SKIP()
+            yield {self.ded_note: warn("Quantize a model first, then pick the variant to analyse.")}
             return
         try:
-            n = int(n_samples)
-            if not 2 <= n <= 64:
-                raise ValueError
-        except (TypeError, ValueError):
-            yield warn("DED samples must be a whole number from 2 to 64."), SKIP(), SKIP()
+            n = _sample_count(n_samples)
+        except ValueError as err:
+            yield {self.ded_note: warn(str(err))}
             return
         if n in variant.analyses:
-            ded_fig, qerr_fig, note = self.ded(label, layer, n, request)
-            yield note, ded_fig, qerr_fig
+            yield self.show_ded(label, layer, n, request)
             return
-        if not session.begin("DED analysis"):
-            yield warn(f"This session is already running a {session.busy}; wait for it or press Cancel."), \
-                SKIP(), SKIP()
-            return
-        tracker = StageTracker(f"DED analysis of {variant.label} on {n} samples")
-        job: BackgroundJob | None = None
-        locked = False
-        try:
-            fp = self.models.get(variant.base_model)
-            turn = HeavyWorkTurn(f"a DED analysis ({variant.label})", tracker, session.cancel, waiting_tail=".")
-            for status in turn:
-                yield status, SKIP(), SKIP()
-            if not (locked := turn.acquired):
-                return
-            job = BackgroundJob(lambda cb: qb.ded_sweep(fp, variant.result, n, cb, session.cancel)).start()
-            for events in job.poll():
-                tracker.update(events)
-                yield tracker.markdown(), SKIP(), SKIP()
-            variant.analyses[n] = job.outcome()
-        except qb.cancelled_types():
-            yield tracker.markdown("■ Cancelled. The plots you had are unchanged."), SKIP(), SKIP()
-            return
-        except (ModelLoadError, ValueError) as err:
-            yield tracker.markdown(warn(str(err))), SKIP(), SKIP()
-            return
-        except Exception as err:  # noqa: BLE001
-            yield tracker.markdown(unexpected("The DED analysis", err)), SKIP(), SKIP()
-            return
-        finally:
-            end_heavy_work(session, job, locked)
-        ded_fig, qerr_fig, note = self.ded(label, layer, n, request)
-        yield tracker.markdown(f"✓ Done in {job.elapsed:.1f} s. " + note), ded_fig, qerr_fig
 
-    def variant_choices(self, request: gr.Request | None = None) -> Any:
-        labels = self.session(request).variants.labels()
-        return gr.update(choices=labels, value=labels[-1] if labels else None)
+        def work(progress: ProgressCallback, cancel: threading.Event) -> dict[int, Any]:
+            fp = self.app.models.get(variant.base_model)
+            return {a.layer: a for a in self._ded_sweep(fp, variant.result, n_samples=n, progress=progress,
+                                                        cancel=cancel)}
+
+        def render(sweep: dict[int, Any], seconds: float) -> tuple[str, Outputs]:
+            variant.analyses[n] = sweep
+            shown = self.show_ded(label, layer, n, request)
+            return f"✓ Done in {seconds:.1f} s. " + shown.pop(self.ded_note), shown
+
+        yield from stream_job(LongJob(
+            name="DED analysis", title=f"DED analysis of {variant.label} on {n} samples",
+            holder=f"a DED analysis ({variant.label})", work=work, render=render,
+            cancelled="■ Cancelled. The plots you had are unchanged.",
+        ), session, self.ded_note)
 
 
 def _variant_info(v: Variant) -> str:
+    """The Markdown above the partition: what the variant is, and how its layers were grouped."""
     r = v.result
     blocks = r.blocks or []
-    parts = [f"**{v.label}** of `{v.base_model}` · quantized in {v.seconds:.1f} s · {human_bytes(v.nbytes)} in memory"]
+    parts = [f"**{v.label}** of `{v.base_model}` · quantized in {v.seconds:.1f} s · "
+             f"{human_bytes(v.nbytes)} in memory"]
     if not r.entropies:
         parts.append(f"The `{r.config.recipe}` recipe has no CDM step: no D(k,k+1) was measured and every decoder "
                      "layer keeps its own (layer-wise) range. Quantize with `qvlm` or `qvlm-cdm` to see a partition.")

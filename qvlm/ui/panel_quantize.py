@@ -1,164 +1,194 @@
-"""Quantize panel: start a run with live progress by stage, cancel it, list the held variants.
+"""Quantize tab: the form that becomes a ``QuantConfig``, a run with live progress by stage, the held variants.
 
-A run streams its status from a worker thread, waits (with a message) while another session
-holds the CPU, and on success adds the variant to the session's LRU store, announcing any
-variant the memory bound drops.
+The recipe menu, its labels, the bit settings and every default shown come from the core
+(``qvlm.quant``); the form only turns text into values and shows what ``QuantConfig.validate()``
+says is wrong. A run streams its stages from a worker thread (:func:`~qvlm.ui.jobs.stream_job`) and
+on success adds the variant to the session's LRU store, announcing any variant the bound drops.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
 
-from qvlm.models import ModelLoadError
-from qvlm.ui import quant_bridge as qb
-from qvlm.ui.feedback import SKIP, end_heavy_work, unexpected, warn
-from qvlm.ui.jobs import BackgroundJob, HeavyWorkTurn
-from qvlm.ui.model_cache import canonical_name
-from qvlm.ui.panel_base import PanelBase
-from qvlm.ui.progress_view import StageTracker
+from qvlm.progress import ProgressCallback
+from qvlm.quant import BIT_SETTINGS, MENU_ORDER, QuantConfig, QuantResult, get_recipe, quantize
+from qvlm.ui.feedback import warn
+from qvlm.ui.jobs import LongJob, Outputs, stream_job
 from qvlm.ui.render import human_bytes, variants_markdown
-from qvlm.ui.state import SessionState, Variant, module_bytes
+from qvlm.ui.state import AppState, SessionState, Variant, canonical_name, module_bytes
+
+FIRST_RUN_CALIB_PAIRS = 16
+"""The form starts at 16 calibration pairs, not ``QuantConfig``'s 64 (the paper's): a first W4A4
+Q-VLM run of the bundled model then finishes in well under a minute on a 2-core CPU."""
+
+MAX_PERCENTILES = 20
+"""The joint search tries up to |grid|^depth combinations per block; a longer grid would tie up
+the app's shared CPU for minutes."""
+
+H0_SUGGESTIONS = ("mean", "median", "quantile:0.75")
+"""Offered in the h0 menu; any rule ``QuantConfig.h0_rule`` accepts, or a bare number, may be typed."""
+
+QuantizeFn = Callable[..., QuantResult]
 
 
-class QuantizePanel(PanelBase):
-    """Handlers of the Quantize tab."""
+def parse_percentiles(text: str | None) -> tuple[float, ...]:
+    """"1.0, 0.995 0.99;0.98" -> (1.0, 0.995, 0.99, 0.98); which values are allowed is the config's call."""
+    tokens = [t for t in re.split(r"[,\s;]+", (text or "").strip()) if t]
+    values = []
+    for t in tokens:
+        try:
+            values.append(float(t))
+        except ValueError:
+            raise ValueError(f"Percentile grid: '{t}' is not a number.") from None
+    if len(values) > MAX_PERCENTILES:
+        raise ValueError(f"The percentile grid has {len(values)} values; at most {MAX_PERCENTILES} keep the "
+                         "search fast.")
+    return tuple(values)
 
-    def held_markdown(self, session: SessionState) -> str:
-        """The session's variants, with the bound they live under."""
-        rows = [(v.label, v.seconds, v.nbytes) for v in session.variants.variants()]
-        return variants_markdown(rows, self.settings.variant_budget_bytes, self.settings.max_variants)
+
+def parse_h0_rule(text: str | None) -> str:
+    """The h0 field as ``QuantConfig`` spells it: a bare number is a fixed threshold ("0.25" -> "value:0.25")."""
+    rule = (text or "").strip().lower()
+    try:
+        return f"value:{float(rule):g}"
+    except ValueError:
+        return rule
+
+
+def _whole(value: Any) -> Any:
+    """8.0 -> 8 (number boxes and sliders may send floats); anything else unchanged, for the config to judge."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def config_from_form(
+    bits: str, recipe: str, calib_size: Any, max_block_depth: Any, h0_rule: str, percentiles: str,
+    veo_epochs: Any, veo_eta: Any, veo_lambda1: Any, veo_lambda2: Any,
+) -> QuantConfig:
+    """The form's ``QuantConfig``; a ValueError with the config's own message for any bad field."""
+    return QuantConfig.from_bits(
+        bits, recipe=recipe, calib_size=_whole(calib_size), max_block_depth=_whole(max_block_depth),
+        h0_rule=parse_h0_rule(h0_rule), percentiles=parse_percentiles(percentiles), veo_epochs=_whole(veo_epochs),
+        veo_eta=veo_eta, veo_lambda1=veo_lambda1, veo_lambda2=veo_lambda2,
+    )
+
+
+def config_key(model: str, cfg: QuantConfig) -> str:
+    """Two runs with this key would give the same variant: the model and every config field."""
+    return json.dumps({"model": model, **cfg.to_dict()}, sort_keys=True, default=str)
+
+
+class QuantizePanel:
+    """The Quantize tab: its components (made by :meth:`layout`) and its handlers.
+
+    ``quantize`` is the core's :func:`qvlm.quant.quantize`; a test passes a stand-in with the same
+    signature to check the job handling in a fraction of a second.
+    """
+
+    def __init__(self, app: AppState, quantize: QuantizeFn = quantize) -> None:
+        self.app = app
+        self._core_quantize = quantize
+
+    def layout(self) -> None:
+        """The tab's components, top to bottom; handlers read and write them by attribute."""
+        defaults = QuantConfig()
+        settings = self.app.settings
+        with gr.Row():
+            self.model = gr.Dropdown(settings.model_choices(), value=settings.default_model, label="Model",
+                                     info="The bundled tiny LLaVA, an allowed local folder, or a hub LLaVA id.",
+                                     allow_custom_value=True, elem_id="model", scale=3)
+            self.bits = gr.Radio(list(BIT_SETTINGS), value=defaults.bits_label,
+                                 label="Bit-width (weights / activations)", elem_id="bits", scale=2)
+            self.recipe = gr.Dropdown([(get_recipe(name).label, name) for name in MENU_ORDER], value=defaults.recipe,
+                                      label="Recipe", elem_id="recipe", scale=2)
+        with gr.Accordion("Advanced: QuantConfig", open=False, elem_id="advanced"):
+            with gr.Row():
+                self.calib_size = gr.Number(FIRST_RUN_CALIB_PAIRS, label="Calibration pairs (easy-VQA train)",
+                                            precision=0, minimum=1, maximum=256, elem_id="calib-size")
+                self.max_block_depth = gr.Slider(1, 6, value=defaults.max_block_depth, step=1,
+                                                 label="Max block depth (layers per block)", elem_id="max-depth")
+                self.h0_rule = gr.Dropdown(list(H0_SUGGESTIONS), value=defaults.h0_rule, allow_custom_value=True,
+                                           label="h0 rule (threshold on D(k,k+1); 'mean', 'median' or a number)",
+                                           elem_id="h0-rule")
+            self.percentiles = gr.Textbox(", ".join(f"{p:g}" for p in defaults.percentiles),
+                                          label="Percentile grid searched per layer", elem_id="percentiles")
+            with gr.Row():
+                self.veo_epochs = gr.Number(defaults.veo_epochs, precision=0, minimum=0, maximum=100,
+                                            label="VEO epochs", elem_id="veo-epochs")
+                self.veo_eta = gr.Number(defaults.veo_eta, label="η (LLM-output error weight)", elem_id="veo-eta")
+                self.veo_lambda1 = gr.Number(defaults.veo_lambda1, label="λ1 (entropy term)", elem_id="veo-l1")
+                self.veo_lambda2 = gr.Number(defaults.veo_lambda2, label="λ2 (error term)", elem_id="veo-l2")
+        with gr.Row():
+            self.start = gr.Button("Start quantization", variant="primary", elem_id="start-btn")
+            self.cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+        self.status = gr.Markdown("*Pick a model and a bit-width, then press **Start quantization**.*",
+                                  elem_id="quant-status")
+        self.held = gr.Markdown(variants_markdown([], settings.variant_budget_bytes, settings.max_variants),
+                                elem_id="held-variants")
+        self.new_variant = gr.State(None)  # the label of the variant the last run made; None when it made none
+
+    @property
+    def form(self) -> list[gr.components.Component]:
+        """The inputs of :meth:`quantize`, in its argument order."""
+        return [self.model, self.bits, self.recipe, self.calib_size, self.max_block_depth, self.h0_rule,
+                self.percentiles, self.veo_epochs, self.veo_eta, self.veo_lambda1, self.veo_lambda2]
 
     def quantize(
-        self,
-        model_name: str,
-        bits: str,
-        recipe: str,
-        calib_size: Any,
-        max_block_depth: Any,
-        h0_rule: str,
-        percentiles: str,
-        veo_epochs: Any,
-        veo_eta: Any,
-        veo_lambda1: Any,
-        veo_lambda2: Any,
+        self, model_name: str, bits: str, recipe: str, calib_size: Any, max_block_depth: Any, h0_rule: str,
+        percentiles: str, veo_epochs: Any, veo_eta: Any, veo_lambda1: Any, veo_lambda2: Any,
         request: gr.Request | None = None,
-    ) -> Iterator[tuple[Any, Any, Any, Any]]:
-        """Stream (status, analysis-variant dropdown, held-variants text, layer slider) while quantizing."""
-        session = self.session(request)
+    ) -> Iterator[Outputs]:
+        """Quantize the chosen model, streaming its stages to ``status``; the new variant's label goes to
+        ``new_variant`` (None when the run made none), from where the Analysis tab opens it."""
+        session = self.app.session(request)
         try:
-            cfg = qb.build_config(bits, recipe, calib_size, max_block_depth, h0_rule, percentiles,
-                                  veo_epochs, veo_eta, veo_lambda1, veo_lambda2)
-        except ImportError as err:
-            yield unexpected("Loading the quantization core", err), SKIP(), SKIP(), SKIP()
-            return
+            cfg = config_from_form(bits, recipe, calib_size, max_block_depth, h0_rule, percentiles,
+                                   veo_epochs, veo_eta, veo_lambda1, veo_lambda2)
         except ValueError as err:
-            yield warn(str(err)), SKIP(), SKIP(), SKIP()
-            return
-        if not session.begin("quantize"):
-            yield warn(f"This session is already running a {session.busy}; wait for it or press Cancel."), \
-                SKIP(), SKIP(), SKIP()
+            yield {self.status: warn(str(err)), self.new_variant: None}
             return
         base = canonical_name(model_name)
-        key = qb.config_key(base, cfg)
+        key = config_key(base, cfg)
         existing = session.variants.get(key, touch=False)
-        label = existing.label if existing else session.variants.unique_label(qb.variant_label(bits, recipe))
-        tracker = StageTracker(f"Quantizing {base} → {label}" + _config_summary(cfg))
-        job: BackgroundJob | None = None
-        locked = False
-        try:
-            turn = HeavyWorkTurn(f"a quantization ({label})", tracker, session.cancel,
-                                 waiting_tail=". Jobs run one at a time on this CPU; yours starts when it "
-                                              "finishes (or press Cancel).",
-                                 cancelled_message="■ Cancelled while waiting; nothing was started.")
-            for status in turn:
-                yield status, SKIP(), SKIP(), SKIP()
-            if not (locked := turn.acquired):
-                return
-            job = BackgroundJob(lambda cb: self._run_quantize(base, cfg, cb, session.cancel)).start()
-            for events in job.poll():
-                tracker.update(events)
-                yield tracker.markdown(), SKIP(), SKIP(), SKIP()
-            result = job.outcome()
-        except qb.cancelled_types():
-            yield tracker.markdown("■ Cancelled. Nothing changed: the variants you hold are all still here."), \
-                SKIP(), self.held_markdown(session), SKIP()
-            return
-        except ModelLoadError as err:
-            yield tracker.markdown(warn(str(err))), SKIP(), SKIP(), SKIP()
-            return
-        except ValueError as err:
-            yield tracker.markdown(warn(str(err))), SKIP(), SKIP(), SKIP()
-            return
-        except MemoryError as err:
-            yield tracker.markdown(warn(f"Out of memory while quantizing ({err}); try a smaller model or "
-                                         "calibration set.")), SKIP(), SKIP(), SKIP()
-            return
-        except Exception as err:  # noqa: BLE001
-            yield tracker.markdown(unexpected("Quantization", err)), SKIP(), SKIP(), SKIP()
-            return
-        finally:
-            end_heavy_work(session, job, locked)
+        label = existing.label if existing else session.variants.unique_label(f"{cfg.bits_label} {cfg.recipe}")
 
-        variant = Variant(key=key, label=label, base_model=base, result=result,
-                          nbytes=module_bytes(result.handle.model), seconds=job.elapsed)
-        evicted = session.variants.add(variant)
-        lines = [f"✓ **{label}** ready in {job.elapsed:.1f} s. See the **Analysis**, **Ask** and **Results** tabs."]
-        if existing:
-            lines.append(f"(It replaced the earlier `{label}` with the same settings.)")
-        for old in evicted:
-            msg = (f"Memory bound reached: dropped the least recently used variant '{old.label}' "
-                   f"({human_bytes(old.nbytes)}) to keep this session within its limit.")
-            gr.Info(msg)
-            lines.append(f"ℹ {msg}")
-        n_layers = len(result.handle.layer_map.language)
-        top = max(0, n_layers - 2)
-        entropies = list(result.entropies or [])
-        # start the DED plots on the most dependent pair (highest D(k,k+1)): the interesting one
-        k = max(range(len(entropies)), key=entropies.__getitem__) if entropies else n_layers // 2
-        slider = gr.update(maximum=top, value=min(k, top))
-        yield (tracker.markdown("\n\n".join(lines)), gr.update(choices=session.variants.labels(), value=label),
-               self.held_markdown(session), slider)
+        def work(progress: ProgressCallback, cancel: threading.Event) -> QuantResult:
+            progress("load", 0.0, f"loading {base}")
+            fp = self.app.models.get(base)
+            progress("load", 1.0, f"{fp.name} loaded")
+            return self._core_quantize(fp, cfg, progress=progress, cancel=cancel)
 
-    def _run_quantize(self, base: str, cfg: Any, progress: Any, cancel: threading.Event) -> Any:
-        """Worker thread: load the FP model (cached), then run the core's quantize()."""
-        from qvlm.quant import quantize
+        def render(result: QuantResult, seconds: float) -> tuple[str, Outputs]:
+            evicted = session.variants.add(Variant(key=key, label=label, base_model=base, result=result,
+                                                   nbytes=module_bytes(result.handle.model), seconds=seconds))
+            lines = [f"✓ **{label}** ready in {seconds:.1f} s. See the **Analysis**, **Ask** and **Results** tabs."]
+            if existing:
+                lines.append(f"(It replaced the earlier `{label}` with the same settings.)")
+            for old in evicted:
+                msg = (f"Memory bound reached: dropped the least recently used variant '{old.label}' "
+                       f"({human_bytes(old.nbytes)}) to keep this session within its limit.")
+                gr.Info(msg)
+                lines.append(f"ℹ {msg}")
+            return "\n\n".join(lines), {self.held: self._held_markdown(session), self.new_variant: label}
 
-        progress("load", 0.0, f"loading {base}")
-        fp = self.models.get(base)
-        progress("load", 1.0, f"{fp.name} loaded")
-        return quantize(fp, cfg, progress=progress, cancel=cancel)
+        yield from stream_job(LongJob(
+            name="quantization", title=f"Quantizing {base} → {label} ({cfg.calib_size} calibration pairs)",
+            holder=f"a quantization ({label})", work=work, render=render,
+            cancelled="■ Cancelled. Nothing changed: the variants you hold are all still here.",
+            stopped=lambda: {self.held: self._held_markdown(session), self.new_variant: None},
+        ), session, self.status)
 
-    def cancel(self, request: gr.Request | None = None) -> None:
-        """Ask the session's running job to stop at its next check (the job reports it)."""
-        session = self.session(request)
-        if session.busy:
-            session.cancel.set()
-            gr.Info(f"Cancelling the {session.busy}…")
-        else:
-            session.cancel.set()  # also stops a run still waiting for the lock
-            gr.Info("Nothing is running in this session.")
+    def show_held(self, request: gr.Request | None = None) -> str:
+        """The session's held variants, for the page load (a reload keeps them)."""
+        return self._held_markdown(self.app.session(request))
 
-    def held(self, request: gr.Request | None = None) -> str:
-        return self.held_markdown(self.session(request))
-
-    def on_page_load(self, request: gr.Request | None = None) -> str:
-        """A browser opened the app: warm the default model up (once) and show this session's variants."""
-        self.preload()
-        return self.held(request)
-
-
-def _config_summary(cfg: Any) -> str:
-    """" (8 calibration pairs, VEO 10 epochs, blocks ≤ 3)": the settings a run's status should echo."""
-    parts = []
-    recipe = getattr(cfg, "recipe", "")
-    if getattr(cfg, "calib_size", None) is not None:
-        parts.append(f"{cfg.calib_size} calibration pairs")
-    if getattr(cfg, "veo_epochs", None) is not None and recipe in ("qvlm", "qvlm-veo"):
-        parts.append(f"VEO {cfg.veo_epochs} epochs")
-    if getattr(cfg, "max_block_depth", None) is not None and recipe in ("qvlm", "qvlm-cdm"):
-        parts.append(f"blocks of ≤ {cfg.max_block_depth} layers")
-    return f" ({', '.join(parts)})" if parts else ""
+    def _held_markdown(self, session: SessionState) -> str:
+        rows = [(v.label, v.seconds, v.nbytes) for v in session.variants.variants()]
+        return variants_markdown(rows, self.app.settings.variant_budget_bytes, self.app.settings.max_variants)

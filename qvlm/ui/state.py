@@ -1,20 +1,28 @@
-"""Per-browser-session state: the quantized variants a session holds, bounded by an LRU.
+"""What the app keeps between events: the shared FP models, the example images, and per-session variants.
 
-Quantized models are large Python objects (torch modules), so they live server-side in a
-:class:`SessionRegistry` keyed by Gradio's ``session_hash`` rather than inside ``gr.State``
-(which would deep-copy them). Two bounds keep a public Space alive: each session holds at
-most ``max_variants`` variants within ``budget_bytes`` (least recently used dropped first,
-and the caller is told which, so the UI can say so), and at most ``max_sessions`` sessions
-keep anything (the longest idle one is dropped first). No gradio import here.
+:class:`AppState` is handed to every panel when it is built. Quantized models are large Python
+objects (torch modules), so they live server-side in a :class:`SessionRegistry` keyed by Gradio's
+``session_hash`` rather than inside ``gr.State`` (which would deep-copy them). Two bounds keep a
+public Space alive: each session holds at most ``max_variants`` variants within ``budget_bytes``
+(least recently used dropped first, and the caller is told which, so the UI can say so), and at
+most ``max_sessions`` sessions keep anything (the longest idle one is dropped first).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import gradio as gr
+
+from qvlm.models import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME, VLMHandle, load_vlm
+from qvlm.ui.feedback import log
+from qvlm.ui.settings import EXAMPLES_DIR, Settings
 
 
 def module_bytes(model: Any) -> int:
@@ -38,13 +46,11 @@ class Variant:
     result: Any  # qvlm.quant.QuantResult
     nbytes: int
     seconds: float
-    created: float = field(default_factory=time.time)
     evals: dict[tuple[int, int], Any] = field(default_factory=dict)  # (n questions, seed) -> EvalResult
     analyses: dict[int, dict[int, Any]] = field(default_factory=dict)  # n_samples -> {layer: DEDAnalysis}
-    memory: dict[str, Any] | None = None
 
     @property
-    def handle(self) -> Any:
+    def handle(self) -> VLMHandle:
         return self.result.handle
 
 
@@ -81,13 +87,10 @@ class VariantStore:
                 self._items.move_to_end(key)
             return v
 
-    def find_label(self, label: str) -> Variant | None:
+    def find_label(self, label: str | None) -> Variant | None:
+        """The variant shown as ``label``; None for no label or one the LRU has dropped."""
         with self._lock:
             return next((v for v in self._items.values() if v.label == label), None)
-
-    def remove(self, key: str) -> Variant | None:
-        with self._lock:
-            return self._items.pop(key, None)
 
     def labels(self) -> list[str]:
         """Oldest first, which is also the order the user made them in (unless reused since)."""
@@ -124,7 +127,7 @@ class SessionState:
     variants: VariantStore
     fp_evals: dict[tuple[str, int, int], Any] = field(default_factory=dict)  # (model, n, seed) -> EvalResult
     cancel: threading.Event = field(default_factory=threading.Event)
-    busy: str | None = None  # "quantize" / "evaluate" while a job of this session runs
+    busy: str | None = None  # "quantization" / "evaluation" / "DED analysis" while a job of this session runs
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -177,8 +180,98 @@ class SessionRegistry:
             if sid != keep and self._sessions[sid].busy is None:
                 del self._sessions[sid]
 
-    def __len__(self) -> int:
-        return len(self._sessions)
-
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
+
+
+def canonical_name(name: str) -> str:
+    """One key per model: the bundled model has two spellings, folders are resolved."""
+    text = (name or "").strip()
+    if text in ("bundled", BUNDLED_MODEL_NAME):
+        return BUNDLED_MODEL_NAME
+    path = Path(text).expanduser()
+    if path.is_dir():
+        resolved = path.resolve()
+        return BUNDLED_MODEL_NAME if resolved == BUNDLED_MODEL_DIR.resolve() else str(resolved)
+    return text
+
+
+class ModelCache:
+    """name -> FP :class:`VLMHandle` shared by all sessions, at most ``max_models`` at once.
+
+    Every session asks the same FP model (quantization makes copies and never modifies it), so
+    one read-only copy per model name serves everybody. Loading goes through
+    :func:`qvlm.models.load_vlm` with the app's allow-list and memory budget, so every refusal
+    arrives as a :class:`~qvlm.models.ModelLoadError` carrying a message for the user. Loads are
+    serialized: two sessions asking for the same new model load it once.
+    """
+
+    def __init__(self, allowed_roots: list[Path], memory_budget_bytes: int | None = None, max_models: int = 2) -> None:
+        self.allowed_roots = allowed_roots
+        self.memory_budget_bytes = memory_budget_bytes
+        self.max_models = max(1, max_models)
+        self._models: OrderedDict[str, VLMHandle] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> VLMHandle:
+        """The loaded FP model; raises ModelLoadError (a ValueError) with a user-facing message."""
+        key = canonical_name(name)
+        with self._lock:
+            handle = self._models.get(key)
+            if handle is None:
+                handle = load_vlm(key, allowed_roots=self.allowed_roots, memory_budget_bytes=self.memory_budget_bytes)
+                self._models[key] = handle
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return handle
+
+
+def load_examples() -> dict[str, Any]:
+    """The bundled example images and questions (assets/examples/examples.json), plus file -> image id."""
+    try:
+        meta = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+    except (OSError, ValueError):
+        log.warning("no example images found in %s", EXAMPLES_DIR)
+        return {"images": [], "generic_questions": [], "by_file": {}}
+    meta["by_file"] = {img["file"]: int(img["image_id"]) for img in meta.get("images", [])}
+    return meta
+
+
+@dataclass
+class AppState:
+    """What every panel shares, handed to each when it is built: settings, sessions, FP models, examples."""
+
+    settings: Settings
+    sessions: SessionRegistry
+    models: ModelCache
+    examples: dict[str, Any]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AppState:
+        return cls(
+            settings=settings,
+            sessions=SessionRegistry(settings.max_sessions, settings.max_variants, settings.variant_budget_bytes),
+            models=ModelCache(settings.allowed_roots, settings.memory_budget_bytes),
+            examples=load_examples(),
+        )
+
+    def session(self, request: Any) -> SessionState:
+        """The caller's session; direct calls (tests, scripts) pass None or any object with a ``session_hash``."""
+        sid = getattr(request, "session_hash", None) or "default"
+        return self.sessions.get(sid)
+
+    def cancel(self, request: gr.Request | None = None) -> None:
+        """Ask the session's running job to stop at its next check (the job itself reports that it stopped).
+
+        The switch is set even when nothing runs yet, so a job still waiting for the CPU gives up too.
+        """
+        session = self.session(request)
+        session.cancel.set()
+        gr.Info(f"Cancelling the {session.busy}…" if session.busy else "Nothing is running in this session.")
+
+    def drop_session(self, request: gr.Request | None = None) -> None:
+        """Tab closed: forget the session's variants (cancelling its job, if any)."""
+        sid = getattr(request, "session_hash", None)
+        if sid:
+            self.sessions.drop(sid)

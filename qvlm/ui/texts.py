@@ -68,6 +68,11 @@ hold. The memory plot compares the weights' size in FP16 with their size when pa
 about 100 questions a second for the bundled model on 2 CPU cores. — {paper}
 """.format(paper=PAPER)
 
+FOOTER = (
+    f"<small>{PAPER}. Q-VLM Studio runs on CPU; quantized weights are stored packed for real, activations are "
+    "fake-quantized, as in the paper's released code.</small>"
+)
+
 NO_VARIANT_NOTE = (
     "No quantized variant yet: only the full-precision answer is shown. "
     "Quantize a model in the **Quantize** tab to compare."

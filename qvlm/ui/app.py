@@ -1,0 +1,92 @@
+"""``build_app()``: the page (four tabs, one panel object each) and the events that connect them.
+
+It reads top to bottom like the page: the tabs in order, then each action's wiring in the same
+order. Components carry stable ``elem_id``s: the browser test selects by them (Gradio 6 role
+queries are unreliable) and they double as documentation of what each part is. The named
+``api_name``s are the app's HTTP API (``/quantize``, ``/ask``, ``/evaluate``, ...).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from qvlm.ui import texts
+from qvlm.ui.panel_analysis import AnalysisPanel
+from qvlm.ui.panel_ask import AskPanel
+from qvlm.ui.panel_quantize import QuantizePanel
+from qvlm.ui.panel_results import ResultsPanel
+from qvlm.ui.settings import Settings
+from qvlm.ui.state import AppState
+
+
+def help_accordion(text: str) -> None:
+    """The closed "What am I looking at?" box at the top of a tab."""
+    with gr.Accordion("What am I looking at?", open=False):
+        gr.Markdown(text)
+
+
+def build_app(settings: Settings | None = None, default_model: str | None = None) -> gr.Blocks:
+    """The whole app. ``default_model`` (or ``QVLM_DEFAULT_MODEL``) overrides the bundled model."""
+    app = AppState.from_settings(settings or Settings.from_env(default_model=default_model))
+    quantize, analysis, ask, results = QuantizePanel(app), AnalysisPanel(app), AskPanel(app), ResultsPanel(app)
+
+    with gr.Blocks(title="Q-VLM Studio", analytics_enabled=False) as demo:
+        gr.Markdown(texts.TITLE)
+        gr.Markdown(texts.SUBTITLE)
+        with gr.Tabs():
+            with gr.Tab("1 · Quantize", id="tab-quantize", elem_id="tab-quantize"):
+                help_accordion(texts.QUANTIZE_HELP)
+                quantize.layout()
+            with gr.Tab("2 · Analysis", id="tab-analysis", elem_id="tab-analysis"):
+                help_accordion(texts.ANALYSIS_HELP)
+                analysis.layout()
+            with gr.Tab("3 · Ask", id="tab-ask", elem_id="tab-ask"):
+                help_accordion(texts.ASK_HELP)
+                ask.layout()
+            with gr.Tab("4 · Results", id="tab-results", elem_id="tab-results"):
+                help_accordion(texts.RESULTS_HELP)
+                results.layout()
+        gr.Markdown(texts.FOOTER)
+
+        # Long jobs share one queue; its limit is at least 2 so that a second session's job waits
+        # inside its handler, where it is told what it waits for, not silently in Gradio's queue.
+        long_job = dict(concurrency_limit=max(2, app.settings.concurrency), concurrency_id="long-job",
+                        show_progress="minimal")
+        internal = dict(api_visibility="private")  # a step of the page, not an HTTP endpoint
+        overview = [analysis.info, analysis.partition, analysis.errors, analysis.veo]
+        ded_inputs = [analysis.variant, analysis.layer, analysis.n_samples]
+        ded = [analysis.ded_plot, analysis.qerr_plot, analysis.ded_note]
+
+        # Quantize: run, then open the new variant in the Analysis tab
+        (quantize.start.click(quantize.quantize, quantize.form, [quantize.status, quantize.held, quantize.new_variant],
+                              api_name="quantize", **long_job)
+         .then(analysis.select_variant, [quantize.new_variant], [analysis.variant, analysis.layer], **internal)
+         .then(analysis.show_overview, [analysis.variant], overview, **internal)
+         .then(analysis.show_ded, ded_inputs, ded, **internal))
+        gr.on([quantize.cancel.click, analysis.cancel.click, results.cancel.click], app.cancel,
+              concurrency_limit=None, api_name="cancel")
+
+        # Analysis: pick a variant, browse DED by layer, measure DED
+        (analysis.variant.input(analysis.show_overview, [analysis.variant], overview, api_name="overview")
+         .then(analysis.show_ded, ded_inputs, ded, **internal))
+        gr.on([analysis.layer.release, analysis.n_samples.submit], analysis.show_ded, ded_inputs, ded, api_name="ded")
+        analysis.compute.click(analysis.compute_ded, ded_inputs,
+                               [analysis.ded_note, analysis.ded_plot, analysis.qerr_plot], api_name="compute_ded",
+                               **long_job)
+
+        # Ask: preprocess=False, so the image arrives as a file path that answer_all checks itself and a
+        # file that is not an image gets a message instead of failing inside Gradio's own image decoding.
+        gr.on([ask.ask_button.click, ask.question.submit], ask.answer_all,
+              inputs=[ask.image, ask.question, quantize.model], outputs=[ask.answers, ask.note], api_name="ask",
+              preprocess=False, concurrency_limit=app.settings.concurrency, concurrency_id="ask")
+
+        # Results
+        results.start.click(results.evaluate, [results.n_questions, quantize.model],
+                            [results.status, results.table, results.accuracy, results.memory],
+                            api_name="evaluate", **long_job)
+
+        # The page: show this session's variants on (re)load, warm the default model up, forget a closed tab
+        demo.load(quantize.show_held, None, [quantize.held], **internal)
+        demo.load(ask.warm_up, None, None, **internal)
+        demo.unload(app.drop_session)
+    return demo
