@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from qvlm.models import VLMHandle
+from qvlm.progress import STAGE_DED, report
+from qvlm.quant import QuantConfig, QuantRun, get_recipe
 from qvlm.quant.calibration import mse_over, run_layer
-from qvlm.quant.cdm import EntropySpec, entropy_pass
-from qvlm.quant.config import QuantConfig
+from qvlm.quant.cdm import entropy_pass
 from qvlm.quant.search import exhaustive_search
 
 
@@ -66,8 +67,6 @@ def _config_of(cfg_or_result) -> QuantConfig:
 def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = None, n_samples: int | None = None,
               depth: int = 2, progress=None, cancel=None) -> list[DEDAnalysis]:
     """DED analyses for blocks starting at each of ``layers`` (default: every layer that has ``depth`` layers)."""
-    from qvlm.quant.pipeline import _Run
-
     cfg = _config_of(cfg_or_result)
     if cfg.recipe == "fp":
         raise ValueError("DED analysis needs a quantizing recipe, not 'fp'")
@@ -80,33 +79,31 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
         if k not in valid:
             raise ValueError(f"layer must be between 0 and {valid[-1]} for blocks of {depth} layers, got {k}")
     cfg = cfg.replace(calib_size=n_samples or cfg.calib_size, quantize_language=True)
-    run = _Run(handle_fp, cfg, progress, cancel)
-    run.prepare()
-    entries, fp_entries = run.qmap.language, handle_fp.layer_map.language
-    inputs = run.lang_in
-    spec = EntropySpec(cfg.a_bits, tuple(cfg.percentiles), cfg.percentile_source, cfg.entropy_site,
-                       cfg.soft_temperature, cfg.soft_delta_mode)
+    qrun = QuantRun(handle_fp, cfg, progress, cancel)
+    qrun.prepare()
+    get_recipe(cfg.recipe).init.run(qrun)  # the state the CDM search starts from
+    entries, fp_entries = qrun.qmap.language, handle_fp.layer_map.language
+    inputs = qrun.language_inputs
     results = []
     with torch.no_grad():
-        xq, xr = run._language_input(), inputs.hidden
+        xq, xr = qrun.language_input(), inputs.hidden
         for k in range(max(layers) + 1):
-            run._check()
+            qrun.check_cancel()
             if k in layers:
-                results.append(_analyse_block(entries, fp_entries, inputs, xq, xr, k, depth, spec,
-                                              len(cfg.percentiles), cancel))
-                if progress:
-                    progress("ded", len(results) / len(layers), f"layer {k}")
+                results.append(_analyse_block(entries, fp_entries, inputs, xq, xr, k, depth, cfg, cancel))
+                report(progress, STAGE_DED, len(results) / len(layers), f"layer {k}")
             xq = run_layer(entries[k].module, inputs, xq, cancel)
             xr = run_layer(fp_entries[k].module, inputs, xr, cancel)
-    run._release()
+    qrun.release()
     return results
 
 
-def _analyse_block(entries, fp_entries, inputs, xq, xr, k: int, depth: int, spec: EntropySpec, n_cands: int,
+def _analyse_block(entries, fp_entries, inputs, xq, xr, k: int, depth: int, cfg: QuantConfig,
                    cancel) -> DEDAnalysis:
     block = list(range(k, k + depth))
+    n_cands = len(cfg.percentiles)
     saved = {(b, role): lin.act.get_range() for b in block for role, lin in entries[b].linears.items()}
-    ep = entropy_pass([entries[b] for b in block], [fp_entries[b] for b in block], inputs, xq, xr, spec, cancel)
+    ep = entropy_pass([entries[b] for b in block], [fp_entries[b] for b in block], inputs, xq, xr, cfg, cancel)
     entropy = ep.per_sample.sum(dim=0)  # Eq. 6: D(k_r, k_s) = sum of the adjacent pairs
     refs, r = [], xr
     for b in block:

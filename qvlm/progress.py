@@ -28,3 +28,23 @@ def check_cancel(cancel: CancelToken | threading.Event | None, what: str = "run"
 def report(progress: ProgressCallback | None, stage: str, fraction: float, message: str = "") -> None:
     if progress is not None:
         progress(stage, max(0.0, min(1.0, fraction)), message)
+
+
+# Stage names a quantization run (and the jobs around it) reports, defined once; the UI maps each
+# to a label. Named for the work done in them.
+STAGE_CALIBRATION = "calibration"
+"""Calibration pairs -> batches, the working copy, the first layers' inputs."""
+STAGE_INIT = "init"
+"""Layer-wise init: wrap the Linears, quantize weights, set activation ranges (the QLoRA-style baseline)."""
+STAGE_VEO = "veo"
+"""Visual-encoder optimization (Eqs. 8-10)."""
+STAGE_ENTROPY = "entropy"
+"""D(k, k+1) per decoder pair (Eqs. 4-5) and the candidate tables."""
+STAGE_SEARCH = "search"
+"""Eq. 7 partition and the block search (Eq. 3)."""
+STAGE_DONE = "done"
+"""Measuring every layer's error of the final model; fraction 1.0 ends the run."""
+STAGE_EVAL = "eval"
+"""Answering test questions (qvlm.eval)."""
+STAGE_DED = "ded"
+"""DED analysis: layer-wise vs joint search per sample (qvlm.analysis)."""

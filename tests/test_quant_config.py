@@ -78,11 +78,9 @@ def test_from_dict_rejects_unknown_fields_and_bad_json():
 
 
 def test_weight_format_auto_follows_the_recipe():
-    assert QuantConfig(recipe="qlora").resolved_weight_format() == "nf4"
-    assert QuantConfig(recipe="qvlm").resolved_weight_format() == "nf4"  # Q-VLM keeps the baseline's weights
-    assert QuantConfig(recipe="rtn").resolved_weight_format() == "uniform"
-    assert QuantConfig(recipe="qvlm", weight_format="uniform").resolved_weight_format() == "uniform"
-    assert QuantConfig(recipe="rtn").resolved_weight_group() is None
-    assert QuantConfig(recipe="awq").resolved_weight_group() == 64
-    assert QuantConfig(recipe="qvlm", weight_format="uniform").resolved_weight_group() is None
-    assert QuantConfig(recipe="qlora", weight_group_size=32).resolved_weight_group() == 32
+    assert QuantConfig(recipe="qlora").resolved_weights() == ("nf4", 64)
+    assert QuantConfig(recipe="qvlm").resolved_weights() == ("nf4", 64)  # Q-VLM keeps the baseline's weights
+    assert QuantConfig(recipe="rtn").resolved_weights() == ("uniform", None)
+    assert QuantConfig(recipe="awq").resolved_weights() == ("uniform", 64)
+    assert QuantConfig(recipe="qvlm", weight_format="uniform").resolved_weights() == ("uniform", None)
+    assert QuantConfig(recipe="qlora", weight_group_size=32).resolved_weights() == ("nf4", 32)

@@ -4,14 +4,12 @@ and VEO's micro-batches (a 7B model's budget depends on all three; see benchmark
 from __future__ import annotations
 
 import gc
-import weakref
 
 import pytest
 import torch
 from torch import nn
 
-from qvlm.quant import QuantConfig, QuantLinear, quantize
-from qvlm.quant import pipeline
+from qvlm.quant import QuantConfig, QuantLinear, get_recipe, quantize
 from qvlm.quant.calibration import calibration_batches
 from qvlm.quant.packing import PackedLinear
 from qvlm.quant.working_copy import shared_bytes, working_copy
@@ -40,33 +38,43 @@ def test_working_copy_shares_linear_and_embedding_storage_only(bundled):
     assert torch.equal(fp_lin.weight, before)
 
 
-def test_decoder_layers_are_packed_and_their_decoded_weights_freed_before_the_search(bundled, monkeypatch):
-    seen: list[type] = []
-    replaced: list[weakref.ref] = []
-    alive_at_search: list[tuple[int, int]] = []
-    alive_at_pack: list[int] = []
-    real_search, real_pack = pipeline.search_blocks, pipeline.pack_model
+def _decoded_language_quantlinears() -> int:
+    """Live QuantLinears of the decoder whose weight is quantized and still held decoded (full size)."""
+    gc.collect()
+    return sum(isinstance(o, QuantLinear) and o.tower == "language" and o.weight_quantized and o.weight.numel() > 0
+               for o in gc.get_objects())
 
-    def pack_spy(module):
-        gc.collect()
-        alive_at_pack.append(sum(r() is not None for r in replaced))  # earlier layers' decoded weights
-        replaced.extend(weakref.ref(m) for m in module.modules() if isinstance(m, QuantLinear))
-        return real_pack(module)
 
-    def search_spy(q_entries, *args, **kwargs):
-        seen.extend(type(lin) for e in q_entries for lin in e.linears.values())
-        gc.collect()
-        alive_at_search.append((len(replaced), sum(r() is not None for r in replaced)))
-        return real_search(q_entries, *args, **kwargs)
+class _RecordLinearTypes:
+    """A stage that records, after the init, the types of the decoder's Linears and the decoded leftovers."""
 
-    monkeypatch.setattr(pipeline, "search_blocks", search_spy)
-    monkeypatch.setattr(pipeline, "pack_model", pack_spy)
-    quantize(bundled, QuantConfig(recipe="qvlm-cdm", **FAST))
-    assert seen and all(t is PackedLinear for t in seen)
-    # all decoder Linears were packed before the search, and nothing holds their decoded weights
+    name = "record"
+
+    def __init__(self) -> None:
+        self.types: list[type] = []
+        self.decoded_alive: int | None = None
+
+    def run(self, qrun) -> None:
+        self.types = [type(lin) for e in qrun.qmap.language for lin in e.linears.values()]
+        self.decoded_alive = _decoded_language_quantlinears()
+
+
+def test_decoder_layers_are_packed_and_their_decoded_weights_freed_before_the_search(bundled):
+    cfg = QuantConfig(recipe="qvlm-cdm", **FAST)
+    alive_during_init: list[int] = []
+
+    def progress(stage, fraction, message):
+        if stage == "init" and message.startswith("language layer"):
+            alive_during_init.append(_decoded_language_quantlinears())
+
+    recorder = _RecordLinearTypes()
+    quantize(bundled, cfg, progress=progress, stages=(get_recipe("qvlm-cdm").init, recorder))
     n_layers = len(bundled.layer_map.language)
-    assert alive_at_search == [(7 * n_layers, 0)]
-    assert alive_at_pack[:n_layers] == [0] * n_layers  # freed layer by layer, not at the end of init
+    # all decoder Linears were packed before the next stage, and nothing holds their decoded weights
+    assert len(recorder.types) == 7 * n_layers and set(recorder.types) == {PackedLinear}
+    assert recorder.decoded_alive == 0
+    # freed layer by layer, not at the end of the init
+    assert alive_during_init == [0] * n_layers
 
 
 def test_calib_batch_split_keeps_rows_in_order(bundled):

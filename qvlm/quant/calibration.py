@@ -215,6 +215,18 @@ def per_sample_mse(y: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None
     return (sq * m).sum(dim=-1) / m.sum(dim=-1).clamp_min(1)
 
 
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One MSE over every valid token of the batch (a scalar that keeps its graph, for losses).
+
+    Unlike ``per_sample_mse(...).mean()`` each token weighs the same, whatever its sample's length.
+    """
+    sq = (a.float() - b.float()).pow(2).mean(dim=-1)
+    if mask is None:
+        return sq.mean()
+    m = mask.float()
+    return (sq * m).sum() / m.sum().clamp_min(1)
+
+
 def per_sample_power(ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return per_sample_mse(ref, torch.zeros_like(ref), mask)
 

@@ -14,15 +14,21 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from qvlm.progress import check_cancel, report
+from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES
+from qvlm.progress import STAGE_ENTROPY, STAGE_SEARCH, check_cancel, report
 from qvlm.quant.calibration import LayerInputs, mse_over, observing, release_records, run_layer
-from qvlm.quant.entropy import pair_entropy
-from qvlm.quant.quantizers import minmax_ranges, percentile_ranges, qparams
+from qvlm.quant.entropy import pair_entropy, residual_grid
+from qvlm.quant.partition import partition_layers
+from qvlm.quant.quantizers import percentile_ranges
 from qvlm.quant.search import BlockSearch, coordinate_search, exhaustive_search
+
+if TYPE_CHECKING:
+    from qvlm.quant.config import QuantConfig
+    from qvlm.quant.run import QuantRun
 
 Table = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -37,24 +43,6 @@ class EntropyPass:
     @property
     def entropies(self) -> list[float]:
         return [float(v) for v in self.per_sample.mean(dim=1)] if self.per_sample.numel() else []
-
-
-@dataclass
-class EntropySpec:
-    a_bits: int
-    percentiles: tuple[float, ...]
-    percentile_source: str
-    site: str
-    tau: float
-    delta_mode: str
-
-
-def residual_grid(xs: list[torch.Tensor], masks: list[torch.Tensor | None], bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel min/max grid of a layer's residual-stream input (the "residual" entropy site)."""
-    rows = torch.cat([x[m] if m is not None else x.reshape(-1, x.shape[-1]) for x, m in zip(xs, masks)])
-    lo, hi = minmax_ranges(rows)
-    scale, zp = qparams(lo, hi, bits)
-    return scale, zp
 
 
 def _fp_records(fp_layer: torch.nn.Module, linears: dict, inputs: LayerInputs, xr: list[torch.Tensor]) -> dict[str, list]:
@@ -73,8 +61,6 @@ def _fp_records(fp_layer: torch.nn.Module, linears: dict, inputs: LayerInputs, x
 
 
 def _role_paths(fp_layer: torch.nn.Module, linears: dict) -> dict[str, str]:
-    from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES
-
     for styles in (LANGUAGE_STYLES, VISION_STYLES):
         for roles in styles.values():
             if set(roles) == set(linears):
@@ -84,8 +70,12 @@ def _role_paths(fp_layer: torch.nn.Module, linears: dict) -> dict[str, str]:
 
 @torch.no_grad()
 def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tensor], xr0: list[torch.Tensor],
-                 spec: EntropySpec, cancel=None, progress=None) -> EntropyPass:
-    """Percentile tables and per-sample D(k, k+1) for all decoder layers (one quantized-path pass)."""
+                 cfg: "QuantConfig", cancel=None, progress=None) -> EntropyPass:
+    """Percentile tables and per-sample D(k, k+1) for these decoder layers (one quantized-path pass).
+
+    Reads ``a_bits``, ``percentiles``, ``percentile_source``, ``entropy_site``, ``soft_temperature``
+    and ``soft_delta_mode`` from ``cfg``.
+    """
     xs, xr = xq0, xr0
     per_sample: list[torch.Tensor] = []
     tables: list[Table] = []
@@ -98,7 +88,7 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
         qs = {role: lin.act for role, lin in entry.linears.items() if getattr(lin, "act", None) is not None}
         with observing(qs.values()):
             ys = run_layer(entry.module, inputs, xs, cancel)
-        if spec.percentile_source == "fp":
+        if cfg.percentile_source == "fp":
             source = _fp_records(fp_entries[k].module, entry.linears, inputs, xr)
             xr = run_layer(fp_entries[k].module, inputs, xr, cancel)
         else:
@@ -110,20 +100,20 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
             key = (recs[0].data_ptr(), tuple(recs[0].shape))
             if key not in cache:
                 view = torch.cat([q.stat_view(r, m) for r, m in zip(recs, inputs.masks)])
-                cache[key] = percentile_ranges(view, spec.percentiles)
+                cache[key] = percentile_ranges(view, tuple(cfg.percentiles))
             table[role] = cache[key]
         tables.append(table)
-        if spec.site == "attn_input" and "q" in qs:
+        if cfg.entropy_site == "attn_input" and "q" in qs:
             site = qs["q"].records
-            grid = (qs["q"]._scale, qs["q"]._zp.float())
+            grid = qs["q"].grid()
         else:
             site = xs
-            grid = residual_grid(xs, inputs.masks, spec.a_bits)
+            grid = residual_grid(xs, inputs.masks, cfg.a_bits)
         grids.append(grid)
         if prev_site is not None:
             t_d = time.perf_counter()
             d = torch.cat([
-                pair_entropy(a, b, grids[k - 1], grid, spec.a_bits, m, spec.tau, spec.delta_mode)
+                pair_entropy(a, b, grids[k - 1], grid, cfg.a_bits, m, cfg.soft_temperature, cfg.soft_delta_mode)
                 for a, b, m in zip(prev_site, site, inputs.masks)
             ])
             per_sample.append(d.cpu())
@@ -132,7 +122,7 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
         release_records(qs.values())
         del source, cache
         xs = ys
-        report(progress, "entropy", (k + 1) / n, f"layer {k + 1}/{n}")
+        report(progress, STAGE_ENTROPY, (k + 1) / n, f"layer {k + 1}/{n}")
     stacked = torch.stack(per_sample) if per_sample else torch.zeros(0, len(xq0) and sum(x.shape[0] for x in xq0))
     return EntropyPass(stacked, tables, grids, d_seconds)
 
@@ -179,7 +169,7 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
 
         def on_pass() -> None:
             done["passes"] += 1
-            report(progress, "search", min(1.0, done["passes"] / max(1, total)), f"block {bi + 1}/{len(blocks)}")
+            report(progress, STAGE_SEARCH, min(1.0, done["passes"] / max(1, total)), f"block {bi + 1}/{len(blocks)}")
 
         search = (exhaustive_search if mode == "exhaustive" else coordinate_search)(
             len(block), n_cands, apply, forward, error, xs, on_pass=on_pass)
@@ -190,5 +180,41 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
         if on_block:
             on_block(outcome)
         xs = ys
-    report(progress, "search", 1.0, f"block {len(blocks)}/{len(blocks)}")
+    report(progress, STAGE_SEARCH, 1.0, f"block {len(blocks)}/{len(blocks)}")
     return outcomes
+
+
+@dataclass(frozen=True)
+class CrossLayerSearch:
+    """Cross-layer dependency mining (§3.2): entropy -> Eq. 7 blocks -> Eq. 3 joint search per block.
+
+    Its settings are the run config's CDM fields (percentiles, percentile_source, entropy_site,
+    soft_temperature, soft_delta_mode, h0_rule, max_block_depth, joint_search).
+    """
+
+    name: ClassVar[str] = STAGE_SEARCH
+
+    def run(self, qrun: "QuantRun") -> None:
+        cfg = qrun.config
+        if not cfg.quantize_language:
+            return
+        entries, fp_entries, inputs = qrun.qmap.language, qrun.fp.layer_map.language, qrun.language_inputs
+        with torch.no_grad():
+            with qrun.timed(STAGE_ENTROPY):
+                xq0 = qrun.language_input()
+                ep = entropy_pass(entries, fp_entries, inputs, xq0, inputs.hidden, cfg, qrun.cancel, qrun.progress)
+            qrun.timing_details["entropy_eq45"] = round(ep.entropy_seconds, 4)  # part of "entropy"
+            qrun.entropies_per_sample = ep.per_sample
+            with qrun.timed(STAGE_SEARCH):
+                qrun.h0 = cfg.h0_value(ep.entropies)
+                qrun.blocks = partition_layers(ep.entropies, qrun.h0, cfg.max_block_depth)
+                outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
+                                         len(cfg.percentiles), cfg.joint_search, qrun.cancel, qrun.progress)
+                grid = [float(p) for p in cfg.percentiles]
+                for o in outcomes:
+                    for j, k in enumerate(o.block):
+                        qrun.percentiles[k] = grid[o.search.choice[j]]
+                    qrun.search_log.append({"block": o.block, "choice": [grid[c] for c in o.search.choice],
+                                            "greedy": [grid[c] for c in o.search.greedy_choice],
+                                            "error": o.search.error, "greedy_error": o.search.greedy_error,
+                                            "layer_passes": o.search.layer_passes})

@@ -158,17 +158,12 @@ class QuantConfig:
     def bits_label(self) -> str:
         return "FP" if self.recipe == "fp" else f"W{self.w_bits}A{self.a_bits}"
 
-    def resolved_weight_format(self) -> str:
-        if self.weight_format == "auto":
-            return get_recipe(self.recipe).weight_format
-        return self.weight_format
-
-    def resolved_weight_group(self) -> int | None:
-        if self.weight_group_size is not None:
-            return self.weight_group_size
-        if self.resolved_weight_format() == "nf4":
-            return 64
-        return get_recipe(self.recipe).weight_group
+    def resolved_weights(self) -> tuple[str, int | None]:
+        """(weight format, group size) the recipe's layer-wise init uses under this config."""
+        init = get_recipe(self.recipe).init
+        if init is None:  # "fp": nothing is quantized; report what a uniform override would use
+            return ("uniform" if self.weight_format == "auto" else self.weight_format), self.weight_group_size
+        return init.resolve_weights(self)
 
     def h0_value(self, values: list[float]) -> float:
         """The Eq. 7 threshold for these D(k,k+1) values, by ``h0_rule``."""

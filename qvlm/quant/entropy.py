@@ -22,7 +22,16 @@ import math
 
 import torch
 
+from qvlm.quant.quantizers import minmax_ranges, qparams, valid_rows
+
 DENSE_MAX_LEVELS = 32
+
+
+def residual_grid(xs: list[torch.Tensor], masks: list[torch.Tensor | None], bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, zero point) per channel of a layer's residual-stream input: the "residual" entropy
+    site's grid, from its min/max over the real tokens of every batch."""
+    rows = torch.cat([valid_rows(x, m) for x, m in zip(xs, masks)])
+    return qparams(*minmax_ranges(rows), bits)
 
 
 def _logits(d: torch.Tensor, scale: torch.Tensor, tau: float, mode: str) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Layer-wise initialization of one transformer layer on the quantized path (design note §8.3 step 2).
+"""Layer-wise initialization, the first stage of every recipe (design note §8.3 step 2).
+
+:class:`LayerwiseInit` wraps the Linears to quantize (vision tower, LLM decoder, optionally the
+projector and lm_head) in :class:`QuantLinear` and initializes them tower by tower, layer by
+layer, on the *quantized* path (each layer gets the output of the already-quantized layers
+below, the propagation constraint of Eq. 1).
 
 Inside a layer the Linears are visited in call order, grouped by the input they share (q/k/v;
 o; gate/up; down for Llama; q/k/v; out; fc1; fc2 for CLIP). For each group, one pass over the
@@ -13,28 +18,32 @@ forward stops right after the group), then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
+from qvlm.models import core_model
+from qvlm.progress import STAGE_INIT, check_cancel
 from qvlm.quant.awq import awq_scale_search
-from qvlm.quant.calibration import LayerInputs, StopForward, observing, release_records
-from qvlm.quant.qlinear import QuantLinear
-from qvlm.quant.quantizers import lp_clip_search, minmax_ranges
-from qvlm.progress import check_cancel
+from qvlm.quant.entropy import residual_grid
+from qvlm.quant.calibration import LayerInputs, StopForward, call_layer, observing, release_records, run_layer
+from qvlm.quant.packing import pack_model
+from qvlm.quant.qlinear import QuantLinear, replace_module
+from qvlm.quant.quantizers import (
+    ActQuantizer,
+    lp_clip_search,
+    minmax_ranges,
+    quantize_weight_uniform,
+    valid_rows,
+)
 
+if TYPE_CHECKING:
+    from qvlm.quant.config import QuantConfig
+    from qvlm.quant.run import QuantRun
 
-@dataclass
-class WeightSpec:
-    bits: int
-    fmt: str
-    group_size: int | None
-
-
-@dataclass
-class ActInitSpec:
-    method: str  # "minmax" | "lp"
-    grid: tuple[float, ...]
-    p: float
+WeightFormat = Literal["uniform", "nf4"]
+ActInit = Literal["minmax", "lp"]
+WeightScaling = Literal["none", "awq"]
 
 
 def call_order_groups(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: LayerInputs,
@@ -46,8 +55,6 @@ def call_order_groups(layer: torch.nn.Module, linears: dict[str, QuantLinear], i
         hooks.append(lin.register_forward_pre_hook(lambda m, a, role=role: calls.append((role, a[0]))))
     try:
         with torch.no_grad():
-            from qvlm.quant.calibration import call_layer
-
             call_layer(layer, x0, inputs, 0)
     finally:
         for h in hooks:
@@ -78,8 +85,6 @@ def record_group_inputs(layer: torch.nn.Module, linears: dict[str, QuantLinear],
                         stop_role: str | None, inputs: LayerInputs, xs: list[torch.Tensor],
                         cancel=None) -> list[torch.Tensor]:
     """The (pre-smoothing) input of ``group`` for every batch, the forward stopping at ``stop_role``."""
-    from qvlm.quant.calibration import call_layer
-
     probe = linears[group[0]].act
     hook = linears[stop_role].register_forward_pre_hook(_stop_hook) if stop_role else None
     try:
@@ -100,8 +105,8 @@ def record_group_inputs(layer: torch.nn.Module, linears: dict[str, QuantLinear],
 
 @torch.no_grad()
 def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: LayerInputs,
-               xs: list[torch.Tensor], weights: WeightSpec, act: ActInitSpec, awq: dict | None = None,
-               cancel=None) -> dict:
+               xs: list[torch.Tensor], *, w_bits: int, w_format: str, w_group: int | None, act_init: ActInit,
+               clip_grid: tuple[float, ...], lp_norm: float, awq: dict | None = None, cancel=None) -> dict:
     """Quantize the weights and set the activation ranges of every Linear of ``layer``.
 
     ``awq`` (for the AWQ recipe): {"grid": int, "max_tokens": int, "generator": torch.Generator}.
@@ -116,15 +121,15 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
         q0 = linears[group[0]].act
         smooth = None
         if awq is not None:
-            rows = torch.cat([q_rows(q0, r, m) for r, m in zip(records, inputs.masks)])
+            rows = torch.cat([valid_rows(r, m) for r, m in zip(records, inputs.masks)])
             if rows.shape[0] > awq["max_tokens"]:
                 idx = torch.randperm(rows.shape[0], generator=awq["generator"])[: awq["max_tokens"]]
                 rows = rows[idx.to(rows.device)]
-            smooth, alpha = awq_scale_search(rows, [linears[r].weight.data for r in group], weights.bits,
-                                             weights.fmt, weights.group_size, awq["grid"])
+            smooth, alpha = awq_scale_search(rows, [linears[r].weight.data for r in group], w_bits,
+                                             w_format, w_group, awq["grid"])
             notes[f"{'/'.join(group)}.awq_alpha"] = alpha
         for role in group:
-            linears[role].quantize_weight_(weights.bits, weights.fmt, weights.group_size, smooth)
+            linears[role].quantize_weight_(w_bits, w_format, w_group, smooth)
         if q0 is None:
             continue
         if smooth is not None:
@@ -132,8 +137,8 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
             records = [r / s for r in records]
         view = torch.cat([q0.stat_view(r, m) for r, m in zip(records, inputs.masks)])
         lo, hi = minmax_ranges(view)
-        if act.method == "lp":
-            lo, hi, factor = lp_clip_search(view, q0.bits, act.grid, act.p, lo, hi)
+        if act_init == "lp":
+            lo, hi, factor = lp_clip_search(view, q0.bits, clip_grid, lp_norm, lo, hi)
             notes[f"{'/'.join(group)}.clip"] = factor
         for role in group:
             linears[role].act.set_range(lo, hi)
@@ -141,9 +146,137 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
     return notes
 
 
-def q_rows(q, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """[tokens, channels] rows of an input (valid tokens only), whatever the quantizer's granularity."""
-    c = x.shape[-1]
-    if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-        return x[mask].reshape(-1, c)
-    return x.reshape(-1, c)
+@dataclass(frozen=True)
+class LayerwiseInit:
+    """Wrap, quantize the weights and initialize every activation range, layer by layer.
+
+    Settings here are what distinguishes the recipes' starting points; the numbers (bits, clip
+    grid, lp norm, AWQ grid) are read from the run's :class:`~qvlm.quant.config.QuantConfig`.
+    """
+
+    name: ClassVar[str] = STAGE_INIT
+    weights: WeightFormat = "nf4"
+    """Weight format when ``QuantConfig.weight_format == "auto"``."""
+    weight_group: int | None = None
+    """Uniform weights' group when ``QuantConfig.weight_group_size`` is None (None: per output
+    channel). NormalFloat always defaults to QLoRA's block of 64."""
+    act_init: ActInit = "lp"
+    """"minmax" ranges, or min/max then the lp clipping search (the QLoRA-style init)."""
+    scaling: WeightScaling = "none"
+    """"awq": AWQ's activation-aware per-channel scale search before the weights are quantized."""
+
+    def resolve_weights(self, cfg: "QuantConfig") -> tuple[str, int | None]:
+        """(weight format, group size) this step uses under ``cfg``: the config's, else its own."""
+        fmt = self.weights if cfg.weight_format == "auto" else cfg.weight_format
+        if cfg.weight_group_size is not None:
+            return fmt, cfg.weight_group_size
+        return fmt, 64 if fmt == "nf4" else self.weight_group
+
+    def run(self, qrun: "QuantRun") -> None:
+        with qrun.timed(STAGE_INIT), torch.no_grad():
+            projector = self._wrap(qrun)
+            self._init_towers(qrun, projector)
+
+    # ------------------------------------------------------------------------------------------
+    def _wrap(self, qrun: "QuantRun") -> list[QuantLinear]:
+        """Replace the Linears to quantize by QuantLinears (weights still FP until their group is visited)."""
+        cfg, model = qrun.config, qrun.qmodel
+        towers = []
+        if cfg.quantize_vision:
+            towers.append(("vision", qrun.qmap.vision, cfg.act_granularity_vision))
+        if cfg.quantize_language:
+            towers.append(("language", qrun.qmap.language, cfg.act_granularity_language))
+        for tower, entries, granularity in towers:
+            for entry in entries:
+                for role, lin in entry.linears.items():
+                    q = QuantLinear.wrap(lin, ActQuantizer(cfg.a_bits, granularity), tower=tower, role=role)
+                    replace_module(model, entry.linear_names[role], q)
+        projector: list[QuantLinear] = []
+        if cfg.quantize_projector:
+            core = core_model(model)
+            base = "model." if core is not model else ""
+            for name, mod in core.multi_modal_projector.named_modules():
+                if isinstance(mod, torch.nn.Linear):
+                    q = QuantLinear.wrap(mod, ActQuantizer(cfg.a_bits, "channel"), tower="projector", role=name)
+                    replace_module(model, f"{base}multi_modal_projector.{name}", q)
+                    projector.append(q)
+        if cfg.quantize_embeddings:
+            emb = model.get_input_embeddings()
+            emb.weight.data = quantize_weight_uniform(emb.weight.data, cfg.w_bits, None)
+            emb._qvlm_w_bits = cfg.w_bits
+        qrun.refresh_layer_map()
+        return projector
+
+    def _init_towers(self, qrun: "QuantRun", projector: list[QuantLinear]) -> None:
+        cfg = qrun.config
+        w_format, w_group = self.resolve_weights(cfg)
+        settings = dict(w_bits=cfg.w_bits, w_format=w_format, w_group=w_group, act_init=self.act_init,
+                        clip_grid=tuple(cfg.init_clip_grid), lp_norm=cfg.init_lp_norm, cancel=qrun.cancel)
+        if self.scaling == "awq":
+            settings["awq"] = {"grid": cfg.awq_grid, "max_tokens": cfg.awq_max_tokens, "generator": qrun.generator}
+        fp_map, qmap = qrun.fp.layer_map, qrun.qmap
+        n_total = len(qmap.vision) + len(qmap.language)
+        done = 0
+        towers = (("vision", qmap.vision, fp_map.vision, qrun.vision_inputs, cfg.quantize_vision),
+                  ("language", qmap.language, fp_map.language, qrun.language_inputs, cfg.quantize_language))
+        for tower, entries, fp_entries, inputs, quantized in towers:
+            if tower == "language":
+                for q in projector:  # the projector sits between the towers: init it once vision is final
+                    self._init_outside_stacks(qrun, q, w_format, w_group)
+                xs = qrun.language_input()
+            else:
+                xs = inputs.hidden
+            xr = inputs.hidden
+            for i, entry in enumerate(entries):
+                qrun.check_cancel()
+                if tower == "language":
+                    qrun.residual_grids.append(residual_grid(xs, inputs.masks, cfg.a_bits))
+                yr = run_layer(fp_entries[i].module, inputs, xr, qrun.cancel)
+                if quantized:
+                    notes = init_layer(entry.module, entry.linears, inputs, xs, **settings)
+                    qrun.notes.update({f"{tower}.{i}.{k}": v for k, v in notes.items()})
+                ys = run_layer(entry.module, inputs, xs, qrun.cancel)
+                qrun.record_error(tower, i, ys, yr, inputs, "init_mse")
+                if tower == "language" and cfg.pack_weights:
+                    # A decoder layer's weights are final after its init (VEO and CDM move activation
+                    # ranges only), so it is packed now: the copy never holds the LLM's weights decoded.
+                    pack_model(entry.module)
+                    # Point the map at the packed layers, or it keeps the decoded QuantLinears alive.
+                    entry.linears = {role: qrun.qmodel.get_submodule(name) for role, name in entry.linear_names.items()}
+                xs, xr = ys, yr
+                done += 1
+                qrun.report(STAGE_INIT, done / n_total, f"{tower} layer {i + 1}/{len(entries)}")
+        if cfg.quantize_lm_head:
+            q = QuantLinear.wrap(qrun.qmodel.lm_head, ActQuantizer(cfg.a_bits, "channel"), tower="lm_head",
+                                 role="lm_head")
+            qrun.qmodel.lm_head = q
+            self._init_outside_stacks(qrun, q, w_format, w_group)
+
+    def _init_outside_stacks(self, qrun: "QuantRun", q: QuantLinear, w_format: str, w_group: int | None) -> None:
+        """Weights + ranges of a Linear outside the layer stacks (projector, lm_head), from one pass.
+
+        The pass stops right after ``q`` (a hook on it), so a projector costs only the vision tower.
+        """
+        cfg = qrun.config
+        q.quantize_weight_(cfg.w_bits, w_format, w_group)
+
+        def stop(module, args, output):
+            raise StopForward
+
+        handle = q.register_forward_hook(stop)
+        try:
+            with observing([q.act]):
+                for b in qrun.batches:
+                    qrun.check_cancel()
+                    try:
+                        qrun.qmodel(**b.model_inputs(), use_cache=False)
+                    except StopForward:
+                        pass
+                view = torch.cat([q.act.stat_view(r, b.valid) for r, b in zip(q.act.records, qrun.batches)])
+        finally:
+            handle.remove()
+        release_records([q.act])
+        lo, hi = minmax_ranges(view)
+        if self.act_init == "lp":
+            lo, hi, _ = lp_clip_search(view, q.act.bits, tuple(cfg.init_clip_grid), cfg.init_lp_norm, lo, hi)
+        q.act.set_range(lo, hi)

@@ -1,6 +1,7 @@
-"""The named recipes: what each one switches on, in one table.
+"""The named recipes: each one an ordered tuple of stages, in one table.
 
-A recipe is a fixed combination of the pipeline's stages, so the app, the CLI and the bench
+A recipe is a fixed sequence of the paper's steps (:class:`LayerwiseInit`,
+:class:`VisualEncoderOptimization`, :class:`CrossLayerSearch`), so the app, the CLI and the bench
 all mean the same thing by "qlora" or "qvlm". Numeric knobs stay in :class:`QuantConfig`.
 
 Paper mapping (arXiv 2410.08119, Table 1/2 and §4.3; design note §7-§8):
@@ -30,10 +31,22 @@ and nothing else. The paper's sentence on "uniform quantization" is honoured for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-WeightFormat = Literal["uniform", "nf4"]
-ActInit = Literal["minmax", "lp"]
+from qvlm.quant.cdm import CrossLayerSearch
+from qvlm.quant.layerwise import LayerwiseInit
+from qvlm.quant.veo import VisualEncoderOptimization
+
+if TYPE_CHECKING:
+    from qvlm.quant.run import QuantRun
+
+
+class Stage(Protocol):
+    """One step of a recipe: its settings are its fields; it works on the shared run in place."""
+
+    name: ClassVar[str]
+
+    def run(self, qrun: "QuantRun") -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,33 +54,33 @@ class Recipe:
     name: str
     label: str
     description: str
-    quantize: bool = True
-    weight_format: WeightFormat = "uniform"  # used when QuantConfig.weight_format == "auto"
-    weight_group: int | None = None  # uniform weights, when QuantConfig.weight_group_size is None
-    act_init: ActInit = "lp"
-    awq: bool = False
-    veo: bool = False
-    cdm: bool = False
+    stages: tuple[Stage, ...] = ()
+    """Run in order on one :class:`~qvlm.quant.run.QuantRun`; empty for the FP reference."""
 
+    @property
+    def init(self) -> LayerwiseInit | None:
+        """The recipe's layer-wise init (the state CDM starts from; the DED analysis rebuilds it)."""
+        return next((s for s in self.stages if isinstance(s, LayerwiseInit)), None)
+
+
+QLORA_INIT = LayerwiseInit(weights="nf4", act_init="lp")
+"""NormalFloat weights, min/max then lp clipping: the QLoRA baseline and every Q-VLM recipe's start."""
 
 _RECIPE_LIST = (
-    Recipe("fp", "no quantization (reference)", "No quantization (reference).", quantize=False),
+    Recipe("fp", "no quantization (reference)", "No quantization (reference)."),
     Recipe("rtn", "round-to-nearest, min/max (baseline)", "Round-to-nearest weights; min/max static activation "
-           "ranges.", act_init="minmax"),
-    Recipe(
-        "qlora",
-        "QLoRA-style lp clipping (baseline)",
-        "NormalFloat weights; per-channel/per-token activations; min/max then layer-wise lp clipping.",
-        weight_format="nf4",
-    ),
+           "ranges.", (LayerwiseInit(weights="uniform", act_init="minmax"),)),
+    Recipe("qlora", "QLoRA-style lp clipping (baseline)",
+           "NormalFloat weights; per-channel/per-token activations; min/max then layer-wise lp clipping.",
+           (QLORA_INIT,)),
     Recipe("awq", "AWQ (baseline)", "AWQ activation-aware weight scaling (grouped uniform weights); same "
-           "activation quantizers.", awq=True, weight_group=64),
-    Recipe("qvlm-cdm", "Q-VLM, CDM only (ablation)", "QLoRA baseline + entropy-guided block partition + joint search.",
-           weight_format="nf4", cdm=True),
-    Recipe("qvlm-veo", "Q-VLM, VEO only (ablation)", "QLoRA baseline + visual-encoder optimization.", weight_format="nf4",
-           veo=True),
-    Recipe("qvlm", "Q-VLM (CDM + VEO)", "QLoRA baseline -> VEO -> CDM: the full method.", weight_format="nf4",
-           veo=True, cdm=True),
+           "activation quantizers.", (LayerwiseInit(weights="uniform", weight_group=64, scaling="awq"),)),
+    Recipe("qvlm-cdm", "Q-VLM, CDM only (ablation)", "QLoRA baseline + entropy-guided block partition + joint "
+           "search.", (QLORA_INIT, CrossLayerSearch())),
+    Recipe("qvlm-veo", "Q-VLM, VEO only (ablation)", "QLoRA baseline + visual-encoder optimization.",
+           (QLORA_INIT, VisualEncoderOptimization())),
+    Recipe("qvlm", "Q-VLM (CDM + VEO)", "QLoRA baseline -> VEO -> CDM: the full method.",
+           (QLORA_INIT, VisualEncoderOptimization(), CrossLayerSearch())),
 )
 
 RECIPE_INFO: dict[str, Recipe] = {r.name: r for r in _RECIPE_LIST}

@@ -19,43 +19,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from qvlm.progress import check_cancel, report
-from qvlm.quant.calibration import CalibBatch
+from qvlm.models import core_model
+from qvlm.progress import STAGE_VEO, check_cancel, report
+from qvlm.quant.calibration import CalibBatch, masked_mse
 from qvlm.quant.entropy import pair_entropy
 
-
-@dataclass
-class VEOSpec:
-    epochs: int
-    lr: float
-    lambda1: float
-    lambda2: float
-    eta: float
-    params: str
-    visual_output: str
-    jacobian_every: int
-    a_bits: int
-    tau: float
-    delta_mode: str
-    entropy_site: str
-    micro_batch: int | None = None
-    checkpoint: bool = False
+if TYPE_CHECKING:
+    from qvlm.quant.config import QuantConfig
+    from qvlm.quant.run import QuantRun
 
 
-def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    sq = (a.float() - b.float()).pow(2).mean(dim=-1)
-    if mask is None:
-        return sq.mean()
-    m = mask.float()
-    return (sq * m).sum() / m.sum().clamp_min(1)
+@dataclass(frozen=True)
+class VisualEncoderOptimization:
+    """Eqs. 8-10: learn the vision tower's activation bounds against the FP model.
 
+    Its settings are the ``veo_*`` fields of the run's :class:`~qvlm.quant.config.QuantConfig`
+    (epochs, lr, lambda1, lambda2, eta, what is trained, micro-batches, checkpointing).
+    """
 
-def _core(model):
-    return getattr(model, "model", model)
+    name: ClassVar[str] = STAGE_VEO
+
+    def run(self, qrun: "QuantRun") -> None:
+        if not qrun.config.quantize_vision:
+            return
+        with qrun.timed(STAGE_VEO):
+            qrun.veo_losses = optimize_vision_bounds(qrun.qmodel, qrun.fp.model, qrun.qmap, qrun.batches,
+                                                     qrun.config, qrun.entropy_grids(), qrun.progress,
+                                                     qrun.cancel)
 
 
 @torch.no_grad()
@@ -66,7 +61,7 @@ def fp_targets(fp_model, batches: list[CalibBatch], visual_output: str) -> list[
     where the quantized path's X_q^v is taken, so both have the same layout in every family
     (LLaVA-NeXT tiles and re-packs image features after the projector).
     """
-    core = _core(fp_model)
+    core = core_model(fp_model)
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_module, args, output):
@@ -108,40 +103,41 @@ def _restore_layers(layers: list[torch.nn.Module]) -> None:
         layer.__dict__.pop("forward", None)
 
 
-def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
-            grids: list[tuple[torch.Tensor, torch.Tensor]], progress=None, cancel=None) -> list[dict]:
-    """Optimise the vision quantizers in place; returns the per-step loss log.
+def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cfg: "QuantConfig",
+                           grids: list[tuple[torch.Tensor, torch.Tensor]], progress=None,
+                           cancel=None) -> list[dict]:
+    """Optimise the vision quantizers in place by Eq. 10; returns the per-step loss log.
 
     ``grids[k]`` is the fixed (step, zero point) of decoder layer k's entropy site.
     """
     vision_qs = [lin.act for entry in qmap.vision for lin in entry.linears.values()
                  if getattr(lin, "act", None) is not None and lin.act.calibrated]
-    if not vision_qs or spec.epochs == 0:
+    if not vision_qs or cfg.veo_epochs == 0:
         return []
     # Micro-batches are cut before the FP targets are taken, so each target has its chunk's layout
     # (LLaVA-NeXT's projector output is not row-aligned with the batch).
-    chunks = [b.split(spec.micro_batch) if spec.micro_batch else [b] for b in batches]
-    flat_targets = iter(fp_targets(fp_model, [c for cs in chunks for c in cs], spec.visual_output))
+    chunks = [b.split(cfg.veo_micro_batch) if cfg.veo_micro_batch else [b] for b in batches]
+    flat_targets = iter(fp_targets(fp_model, [c for cs in chunks for c in cs], cfg.veo_visual_output))
     targets = [[next(flat_targets) for _ in cs] for cs in chunks]
     params: list[torch.nn.Parameter] = []
     for q in vision_qs:
         params += q.make_learnable()
     ln_params: list[torch.nn.Parameter] = []
-    if spec.params == "act_bounds+layernorm":
+    if cfg.veo_params == "act_bounds+layernorm":
         for entry in qmap.vision:
             for mod in entry.module.modules():
                 if isinstance(mod, torch.nn.LayerNorm):
                     for p in mod.parameters():
                         p.requires_grad_(True)
                         ln_params.append(p)
-    groups = [{"params": params, "lr": spec.lr}]
+    groups = [{"params": params, "lr": cfg.veo_lr}]
     if ln_params:
-        groups.append({"params": ln_params, "lr": spec.lr * 0.1})
+        groups.append({"params": ln_params, "lr": cfg.veo_lr * 0.1})
     opt = torch.optim.Adam(groups)
 
-    core = _core(qmodel)
+    core = core_model(qmodel)
     decoder_layers = [e.module for e in qmap.language]
-    site_modules = [e.linears["q"] if spec.entropy_site == "attn_input" and "q" in e.linears else e.module
+    site_modules = [e.linears["q"] if cfg.entropy_site == "attn_input" and "q" in e.linears else e.module
                     for e in qmap.language]
 
     captured: dict[str, list] = {"layer_in": [None] * len(decoder_layers), "site": [None] * len(decoder_layers)}
@@ -162,14 +158,14 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
     def proj_hook(module, args, output):
         proj_io["in"], proj_io["out"] = args[0], output
 
-    if spec.checkpoint:
+    if cfg.veo_checkpoint:
         _checkpoint_layers(decoder_layers)
     handles = [m.register_forward_pre_hook(layer_hook(i), with_kwargs=True) for i, m in enumerate(decoder_layers)]
     handles += [m.register_forward_pre_hook(site_hook(i), with_kwargs=True) for i, m in enumerate(site_modules)]
     handles.append(core.multi_modal_projector.register_forward_hook(proj_hook))
     log: list[dict] = []
     weights: torch.Tensor | None = None
-    total_steps = spec.epochs * len(batches)
+    total_steps = cfg.veo_epochs * len(batches)
     step = 0
 
     def loss_terms(chunk: CalibBatch, tgt: dict[str, torch.Tensor], new_weights: bool) -> dict[str, torch.Tensor]:
@@ -181,9 +177,9 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
         pos = chunk.answer_mask.nonzero(as_tuple=False)
         logits = qmodel.lm_head(hidden[pos[:, 0], pos[:, 1] - 1])
         l_reg = F.cross_entropy(logits.float(), chunk.input_ids[pos[:, 0], pos[:, 1]])
-        e_n = _masked_mse(hidden, tgt["xn"], mask)
-        xv = proj_io["out"] if spec.visual_output == "projector" else proj_io["in"]
-        l_err = _masked_mse(xv, tgt["xv"], None) + spec.eta * e_n
+        e_n = masked_mse(hidden, tgt["xn"], mask)
+        xv = proj_io["out"] if cfg.veo_visual_output == "projector" else proj_io["in"]
+        l_err = masked_mse(xv, tgt["xv"], None) + cfg.veo_eta * e_n
         if new_weights:  # w_k (detached), from dE/dX^(k)
             ins = list(captured["layer_in"])
             usable = [h is not None and h.requires_grad for h in ins]
@@ -200,23 +196,23 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
             if weights[k] == 0:
                 continue
             d = pair_entropy(captured["site"][k], captured["site"][k + 1], grids[k], grids[k + 1],
-                             spec.a_bits, mask, spec.tau, spec.delta_mode)
+                             cfg.a_bits, mask, cfg.soft_temperature, cfg.soft_delta_mode)
             l_ent = l_ent + weights[k] * d.mean()
         captured["layer_in"] = [None] * len(decoder_layers)
         captured["site"] = [None] * len(decoder_layers)
-        total = l_reg + spec.lambda1 * l_ent + spec.lambda2 * l_err
+        total = l_reg + cfg.veo_lambda1 * l_ent + cfg.veo_lambda2 * l_err
         return {"total": total, "reg": l_reg, "ent": l_ent, "err": l_err}
 
     try:
         with torch.enable_grad():
-            for epoch in range(spec.epochs):
+            for epoch in range(cfg.veo_epochs):
                 for bi, batch in enumerate(batches):
                     opt.zero_grad(set_to_none=True)
                     sums = dict.fromkeys(("total", "reg", "ent", "err"), 0.0)
                     for ci, (chunk, tgt) in enumerate(zip(chunks[bi], targets[bi])):
                         check_cancel(cancel, "quantization")
                         share = chunk.size / batch.size
-                        new_weights = ci == 0 and (weights is None or step % spec.jacobian_every == 0)
+                        new_weights = ci == 0 and (weights is None or step % cfg.veo_jacobian_every == 0)
                         terms = loss_terms(chunk, tgt, new_weights)
                         (terms["total"] * share).backward()
                         for key, value in terms.items():
@@ -226,11 +222,11 @@ def run_veo(qmodel, fp_model, qmap, batches: list[CalibBatch], spec: VEOSpec,
                     log.append({"step": step, "epoch": epoch + 1, **sums})
                     if not math.isfinite(sums["total"]):
                         raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr")
-                    report(progress, "veo", step / total_steps, f"epoch {epoch + 1}/{spec.epochs}")
+                    report(progress, STAGE_VEO, step / total_steps, f"epoch {epoch + 1}/{cfg.veo_epochs}")
     finally:
         for h in handles:
             h.remove()
-        if spec.checkpoint:
+        if cfg.veo_checkpoint:
             _restore_layers(decoder_layers)
         for q in vision_qs:
             q.freeze()
