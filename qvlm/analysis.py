@@ -15,7 +15,6 @@ and R^2 are fitted for entropy vs DED and for qerr vs DED.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +25,7 @@ from qvlm.quant import QuantConfig, QuantRun, get_recipe
 from qvlm.quant.calibration import mse_over, run_layer
 from qvlm.quant.cdm import entropy_pass
 from qvlm.quant.search import exhaustive_search
+from qvlm.stats import linear_fit
 
 
 @dataclass
@@ -40,21 +40,6 @@ class DEDAnalysis:
     def to_dict(self) -> dict:
         return {"layer": self.layer, "block": self.block, "points": self.points, "fit": self.fit,
                 "qerr_fit": self.qerr_fit, "n_samples": self.n_samples}
-
-
-def linear_fit(x: list[float], y: list[float]) -> dict:
-    """Least squares y = slope * x + intercept, with R^2 (0 when y or x is constant)."""
-    n = len(x)
-    if n < 2:
-        return {"slope": 0.0, "intercept": float(y[0]) if y else 0.0, "r2": 0.0}
-    mx, my = sum(x) / n, sum(y) / n
-    sxx = sum((a - mx) ** 2 for a in x)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    syy = sum((b - my) ** 2 for b in y)
-    slope = sxy / sxx if sxx > 0 else 0.0
-    intercept = my - slope * mx
-    r2 = (sxy * sxy) / (sxx * syy) if sxx > 0 and syy > 0 else 0.0
-    return {"slope": slope, "intercept": intercept, "r2": r2 if math.isfinite(r2) else 0.0}
 
 
 def _config_of(cfg_or_result) -> QuantConfig:

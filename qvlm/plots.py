@@ -16,6 +16,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from qvlm.stats import linear_fit
+
 # A qualitative palette with enough distinct colours for the blocks of a 40-layer model
 # (colours repeat after that, but adjacent blocks never share one).
 BLOCK_COLORS = (
@@ -35,27 +37,6 @@ def empty_figure(message: str, title: str = "") -> go.Figure:
     fig.update_yaxes(visible=False)
     fig.update_layout(title=title, **_LAYOUT)
     return fig
-
-
-def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
-    """Least-squares line and R² (the coefficient of determination), as written on the paper's Fig. 2.
-
-    Used when the analysis did not provide its own fit; a degenerate input (fewer than two
-    distinct x values) gives slope 0 and R² 0 rather than NaN.
-    """
-    n = len(xs)
-    if n == 0:
-        return {"slope": 0.0, "intercept": 0.0, "r2": 0.0}
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if n < 2 or sxx == 0:
-        return {"slope": 0.0, "intercept": my, "r2": 0.0}
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    intercept = my - slope * mx
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys))
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-    return {"slope": slope, "intercept": intercept, "r2": r2}
 
 
 def ded_scatter(

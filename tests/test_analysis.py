@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qvlm.analysis import ded_analysis, ded_sweep, linear_fit
+from qvlm.analysis import ded_analysis, ded_sweep
 from qvlm.quant import QuantConfig
-
-
-def test_linear_fit_exact_line_and_noise():
-    fit = linear_fit([0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 5.0, 7.0])
-    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
-    assert fit["r2"] == pytest.approx(1.0)
-    flat = linear_fit([0.0, 1.0, 2.0], [5.0, 5.0, 5.0])
-    assert flat["r2"] == 0.0
-    noisy = linear_fit([0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 1.0, 3.0])
-    assert 0.0 < noisy["r2"] < 1.0
 
 
 def test_ded_analysis_on_the_bundled_model(bundled):

@@ -15,18 +15,6 @@ def _texts(fig: go.Figure) -> str:
     return " ".join(a.text or "" for a in fig.layout.annotations) + " " + str(fig.layout.title.text)
 
 
-def test_linear_fit_exact_line_has_r2_one():
-    fit = plots.linear_fit([0, 1, 2, 3], [1, 3, 5, 7])
-    assert fit["slope"] == pytest.approx(2) and fit["intercept"] == pytest.approx(1)
-    assert fit["r2"] == pytest.approx(1.0)
-
-
-def test_linear_fit_degenerate_inputs_are_finite():
-    for xs, ys in (([], []), ([1.0], [2.0]), ([1, 1, 1], [1, 2, 3])):
-        fit = plots.linear_fit(xs, ys)
-        assert all(math.isfinite(v) for v in fit.values())
-
-
 def test_ded_scatter_has_points_fit_line_and_r2_annotation():
     points = [{"entropy": e, "ded": 0.5 * e + 0.1, "qerr": e * e, "sample": i} for i, e in enumerate([0.1, 0.4, 0.9, 1.3])]
     fig = plots.ded_scatter(points, layer=3)

@@ -129,9 +129,6 @@ class LayerInputs:
     kwargs: list[dict] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
 
-    def with_hidden(self, hidden: list[torch.Tensor]) -> "LayerInputs":
-        return LayerInputs(hidden, self.args, self.kwargs, self.masks)
-
     def __len__(self) -> int:
         return len(self.hidden)
 
@@ -183,24 +180,14 @@ def call_layer(layer: nn.Module, x: torch.Tensor, inputs: LayerInputs, i: int) -
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, xs: list[torch.Tensor] | None = None,
-              cancel=None, stop_ok: bool = False) -> list[torch.Tensor]:
+              cancel=None) -> list[torch.Tensor]:
     """Apply ``layer`` to every cached batch (``xs`` replaces the cached hidden states)."""
     xs = inputs.hidden if xs is None else xs
     outs = []
     for i, x in enumerate(xs):
         check_cancel(cancel, "quantization")
-        try:
-            outs.append(call_layer(layer, x, inputs, i))
-        except StopForward:
-            if not stop_ok:
-                raise
+        outs.append(call_layer(layer, x, inputs, i))
     return outs
-
-
-def run_layers(layers: Iterable[nn.Module], inputs: LayerInputs, xs: list[torch.Tensor], cancel=None) -> list[torch.Tensor]:
-    for layer in layers:
-        xs = run_layer(layer, inputs, xs, cancel)
-    return xs
 
 
 # ----------------------------------------------------------------------------------------------
