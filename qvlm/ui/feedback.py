@@ -9,10 +9,15 @@ the user what they computed.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import gradio as gr
+from gradio.components import Component
 
 log = logging.getLogger("qvlm.ui")
+
+Outputs = dict[Component, Any]
+"""A handler's return value: only the components it changes, keyed by component (the others stay)."""
 
 
 def warn(message: str) -> str:

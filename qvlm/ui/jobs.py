@@ -17,17 +17,26 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from gradio.components import Component
 
-from qvlm.progress import Cancelled, ProgressCallback
-from qvlm.ui.feedback import unexpected, warn
+from qvlm.progress import (
+    STAGE_CALIBRATION,
+    STAGE_DED,
+    STAGE_DONE,
+    STAGE_ENTROPY,
+    STAGE_EVAL,
+    STAGE_INIT,
+    STAGE_SEARCH,
+    STAGE_VEO,
+    Cancelled,
+    ProgressCallback,
+)
+from qvlm.ui.feedback import Outputs, unexpected, warn
 from qvlm.ui.state import SessionState
 
 T = TypeVar("T")
-Outputs = dict[Component, Any]
-"""A handler's return value: only the components it changes, keyed by component."""
 
 
 # ---------------------------------------------------------------------------- the cross-session lock
@@ -131,16 +140,19 @@ class BackgroundJob(Generic[T]):
 
 
 # ---------------------------------------------------------------------------- the stage-by-stage status
+STAGE_LOAD = "load"
+"""Loading the FP model, the first stage of a quantization job (the app's own; the core's are in qvlm.progress)."""
+
 STAGE_TITLES = {
-    "load": "load model",
-    "calibration": "calibration: record FP activations",
-    "init": "init ranges (lp clipping, QLoRA-style)",
-    "veo": "VEO: optimize vision-encoder quantizers",
-    "entropy": "entropy D(k,k+1) between decoder layers",
-    "search": "block-wise percentile search",
-    "done": "finish: measure per-layer errors",
-    "eval": "easy-VQA evaluation",
-    "ded": "DED: layer-wise vs joint search, per sample",
+    STAGE_LOAD: "load model",
+    STAGE_CALIBRATION: "calibration: record FP activations",
+    STAGE_INIT: "init ranges (lp clipping, QLoRA-style)",
+    STAGE_VEO: "VEO: optimize vision-encoder quantizers",
+    STAGE_ENTROPY: "entropy D(k,k+1) between decoder layers",
+    STAGE_SEARCH: "block-wise percentile search",
+    STAGE_DONE: "finish: measure per-layer errors",
+    STAGE_EVAL: "easy-VQA evaluation",
+    STAGE_DED: "DED: layer-wise vs joint search, per sample",
 }
 """How the status names each stage the core reports; a stage not listed is shown by its own name
 (the evaluation reports one stage per model, named by the model's label)."""
@@ -194,7 +206,7 @@ class StageTracker:
         if not self.stages and final is None:
             lines.append("- starting…")
         for stage, (fraction, message) in self.stages.items():
-            if stage == "done" and final is not None:
+            if stage == STAGE_DONE and final is not None:
                 continue
             running = stage == self.current and final is None
             icon = "▶" if running else "✓"

@@ -18,8 +18,8 @@ import gradio as gr
 from qvlm import plots
 from qvlm.analysis import ded_sweep
 from qvlm.progress import ProgressCallback
-from qvlm.ui.feedback import warn
-from qvlm.ui.jobs import LongJob, Outputs, stream_job
+from qvlm.ui.feedback import Outputs, warn
+from qvlm.ui.jobs import LongJob, stream_job
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import AppState, Variant
 

@@ -17,9 +17,8 @@ from PIL import Image
 from qvlm.data import load_split, validate_question
 from qvlm.inference import answer
 from qvlm.models import ModelLoadError, VLMHandle
-from qvlm.ui.feedback import log, unexpected, warn
+from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.images import load_user_image
-from qvlm.ui.jobs import Outputs
 from qvlm.ui.render import AnswerCard, answers_html
 from qvlm.ui.settings import EXAMPLES_DIR
 from qvlm.ui.state import AppState, canonical_name

@@ -18,8 +18,8 @@ import gradio as gr
 
 from qvlm.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, QuantConfig, QuantResult, get_recipe, quantize
-from qvlm.ui.feedback import warn
-from qvlm.ui.jobs import LongJob, Outputs, stream_job
+from qvlm.ui.feedback import Outputs, warn
+from qvlm.ui.jobs import STAGE_LOAD, LongJob, stream_job
 from qvlm.ui.render import human_bytes, variants_markdown
 from qvlm.ui.state import AppState, SessionState, Variant, canonical_name, module_bytes
 
@@ -160,9 +160,9 @@ class QuantizePanel:
         label = existing.label if existing else session.variants.unique_label(f"{cfg.bits_label} {cfg.recipe}")
 
         def work(progress: ProgressCallback, cancel: threading.Event) -> QuantResult:
-            progress("load", 0.0, f"loading {base}")
+            progress(STAGE_LOAD, 0.0, f"loading {base}")
             fp = self.app.models.get(base)
-            progress("load", 1.0, f"{fp.name} loaded")
+            progress(STAGE_LOAD, 1.0, f"{fp.name} loaded")
             return self._core_quantize(fp, cfg, progress=progress, cancel=cancel)
 
         def render(result: QuantResult, seconds: float) -> tuple[str, Outputs]:

@@ -19,8 +19,8 @@ from qvlm.eval import evaluate
 from qvlm.models import VLMHandle
 from qvlm.progress import ProgressCallback
 from qvlm.quant.memory import weight_memory
-from qvlm.ui.feedback import log, unexpected, warn
-from qvlm.ui.jobs import LongJob, Outputs, StageTracker, stream_job
+from qvlm.ui.feedback import Outputs, log, unexpected, warn
+from qvlm.ui.jobs import LongJob, StageTracker, stream_job
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import AppState, canonical_name
 from qvlm.ui.texts import NO_VARIANT_NOTE

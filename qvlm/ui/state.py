@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +127,6 @@ class SessionState:
     fp_evals: dict[tuple[str, int, int], Any] = field(default_factory=dict)  # (model, n, seed) -> EvalResult
     cancel: threading.Event = field(default_factory=threading.Event)
     busy: str | None = None  # "quantization" / "evaluation" / "DED analysis" while a job of this session runs
-    touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def begin(self, job: str) -> bool:
@@ -162,8 +160,7 @@ class SessionRegistry:
                 state = SessionState(VariantStore(self.max_variants, self.budget_bytes))
                 self._sessions[session_id] = state
                 self._evict_idle(keep=session_id)
-            self._sessions.move_to_end(session_id)
-            state.touched = time.monotonic()
+            self._sessions.move_to_end(session_id)  # the registry's order is its idleness order
             return state
 
     def drop(self, session_id: str) -> None:
