@@ -86,7 +86,7 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
 def _analyse_block(entries, fp_entries, inputs, xq, xr, k: int, depth: int, cfg: QuantConfig,
                    cancel) -> DEDAnalysis:
     block = list(range(k, k + depth))
-    n_cands = len(cfg.percentiles)
+    n_cands = len(cfg.percentiles) + 1  # the incumbent + the percentile grid, as the search sees them
     saved = {(b, role): lin.act.get_range() for b in block for role, lin in entries[b].linears.items()}
     ep = entropy_pass([entries[b] for b in block], [fp_entries[b] for b in block], inputs, xq, xr, cfg, cancel)
     entropy = ep.per_sample.sum(dim=0)  # Eq. 6: D(k_r, k_s) = sum of the adjacent pairs

@@ -89,7 +89,7 @@ def partition_figure(
     entropies: Sequence[float],
     blocks: Sequence[Sequence[int]],
     h0: float | None = None,
-    percentiles: Mapping[int, float] | None = None,
+    percentiles: Mapping[int, float | None] | None = None,
     title: str = "Block partition of the decoder layers",
 ) -> go.Figure:
     """Decoder layers coloured by block (top) and D(k,k+1) bars with the threshold h0 (bottom).
@@ -99,7 +99,13 @@ def partition_figure(
     adjacent layers whose dependency is above h0 (up to the maximum depth). Hovering a layer
     shows the activation percentile the search chose for it.
     """
-    percentiles = {int(k): float(v) for k, v in (percentiles or {}).items()}
+    percentiles = {int(k): (None if v is None else float(v)) for k, v in (percentiles or {}).items()}
+
+    def choice(k: int) -> str:  # None: the search kept the layer-wise init's ranges (its incumbent)
+        if k in percentiles and percentiles[k] is None:
+            return "the layer-wise init's (kept)"
+        return "—" if k not in percentiles else f"percentile p = {percentiles[k]:.3f}"
+
     n_layers = max([len(entropies) + 1 if entropies else 0, *(max(b) + 1 for b in blocks if b)], default=0)
     if n_layers == 0:
         return empty_figure("Quantize a model with a Q-VLM recipe to see its block partition.", title)
@@ -112,16 +118,16 @@ def partition_figure(
             x=layers, y=[1] * len(layers), name=f"block {b}", width=0.92,
             marker=dict(color=_block_color(b)),
             text=[str(k) for k in layers], textposition="inside", insidetextanchor="middle",
-            customdata=[[b, _fmt_pct(percentiles.get(k))] for k in layers],
-            hovertemplate="layer %{x} · block %{customdata[0]}<br>percentile p = %{customdata[1]}<extra></extra>",
+            customdata=[[b, choice(k)] for k in layers],
+            hovertemplate="layer %{x} · block %{customdata[0]}<br>activation ranges: %{customdata[1]}<extra></extra>",
         ), row=1, col=1)
     unassigned = [k for k in range(n_layers) if k not in block_of]
     if unassigned:
         fig.add_trace(go.Bar(
             x=unassigned, y=[1] * len(unassigned), name="not searched", width=0.92,
             marker=dict(color="#DDDDDD"),
-            customdata=[[_fmt_pct(percentiles.get(k))] for k in unassigned],
-            hovertemplate="layer %{x}<br>percentile p = %{customdata[0]}<extra></extra>",
+            customdata=[[choice(k)] for k in unassigned],
+            hovertemplate="layer %{x}<br>activation ranges: %{customdata[0]}<extra></extra>",
         ), row=1, col=1)
     if entropies:
         xs = [k + 0.5 for k in range(len(entropies))]
@@ -272,10 +278,6 @@ def _ratio(row: Mapping[str, Any]) -> str:
 
 def _block_color(i: int) -> str:
     return BLOCK_COLORS[i % len(BLOCK_COLORS)]
-
-
-def _fmt_pct(p: float | None) -> str:
-    return "—" if p is None else f"{p:.3f}"
 
 
 def _layer_name(e: Mapping[str, Any]) -> str:

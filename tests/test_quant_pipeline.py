@@ -27,6 +27,10 @@ def _fingerprint(model: torch.nn.Module) -> tuple:
 
 @pytest.fixture(scope="module")
 def fp_print(bundled):
+    # transformers installs its output-capturing hooks on the vision layers at the first forward
+    # that asks for hidden states: answer once first, so only hooks of ours could change the count.
+    samples = evaluation_subset(1, seed=5)
+    generate_answers(bundled.model, bundled.processor, [s.load_image() for s in samples], [s.question for s in samples])
     return _fingerprint(bundled.model)
 
 
@@ -96,8 +100,9 @@ def test_every_recipe_end_to_end(recipe, results, bundled, fp_print):
         assert res.h0 == pytest.approx(sum(res.entropies) / len(res.entropies))
         assert max(len(b) for b in res.blocks) <= 2
         assert set(res.percentiles) == set(range(n_lang))
-        assert set(res.percentiles.values()) <= set(res.config.percentiles)
+        assert set(res.percentiles.values()) <= set(res.config.percentiles) | {None}  # None: the init's ranges kept
         assert all(s["error"] <= s["greedy_error"] + 1e-12 for s in res.search)  # joint never worse than greedy
+        assert all(s["error"] <= s["incumbent_error"] + 1e-12 for s in res.search)  # nor than where it started
         assert "entropy" in names and "search" in names
         assert any(m.startswith("block ") for s, _, m in stages if s == "search")
     else:

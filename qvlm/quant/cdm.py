@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from qvlm.models import core_model
 from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES
 from qvlm.progress import STAGE_ENTROPY, STAGE_SEARCH, check_cancel, report
 from qvlm.quant.calibration import LayerInputs, mse_over, observing, release_records, run_layer
@@ -101,7 +102,9 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
             if key not in cache:
                 view = torch.cat([q.stat_view(r, m) for r, m in zip(recs, inputs.masks)])
                 cache[key] = percentile_ranges(view, tuple(cfg.percentiles))
-            table[role] = cache[key]
+            # Candidate 0 is the incumbent (the ranges the layer has now: the layer-wise init's, or
+            # VEO's): with it in every table the search can always keep what it started from.
+            table[role] = [tuple(t.clone() for t in q.get_range())] + cache[key]
         tables.append(table)
         if cfg.entropy_site == "attn_input" and "q" in qs:
             site = qs["q"].records
@@ -133,21 +136,97 @@ def apply_candidate(entry, table: Table, c: int) -> None:
             lin.act.set_range(*table[role][c])
 
 
-@dataclass
-class BlockOutcome:
-    block: list[int]
-    search: BlockSearch
-    outputs: list[torch.Tensor]
-    fp_outputs: list[torch.Tensor]
+def candidate_labels(cfg: "QuantConfig") -> list[float | None]:
+    """What candidate c of every layer's table is: 0 the incumbent ranges (None), c >= 1 the
+    percentile ``cfg.percentiles[c - 1]`` of the layer's quantized-path input."""
+    return [None] + [float(p) for p in cfg.percentiles]
+
+
+class BlockObjective:
+    """Per-sample error of a block's layer j against FP, by ``QuantConfig.block_objective``.
+
+    * "residual": the layer's output (the raw residual stream) vs the FP layer's output.
+    * "normed_hidden": both passed through the FP *next* layer's input RMSNorm (the final norm
+      after the last layer): the hidden state the next layer actually computes with. The raw
+      residual is dominated by a few huge channels that every later layer normalises away.
+    * "linear_output": the output of the layer's last Linear (down_proj: the MLP output added
+      to the residual), the paper's Eq. 3 reading ("the output of the last layer"'s linear).
+
+    The FP layers are never hooked: "linear_output" hooks a throwaway copy of each FP layer.
+    """
+
+    def __init__(self, objective: str, entries, fp_entries, final_norm: torch.nn.Module | None,
+                 inputs: LayerInputs, cancel=None) -> None:
+        self.objective = objective
+        self.entries, self.fp_entries = entries, fp_entries
+        self.final_norm = final_norm
+        self.inputs, self.cancel = inputs, cancel
+        self._captured: dict[int, list[torch.Tensor]] = {}
+        self._hooks: list = []
+
+    def _norm_after(self, k: int) -> torch.nn.Module | None:
+        if k + 1 < len(self.fp_entries):
+            return getattr(self.fp_entries[k + 1].module, "input_layernorm", None)
+        return self.final_norm
+
+    def _capture_last_linear(self, layer_entry, k: int, store: dict[int, list[torch.Tensor]]):
+        last = list(layer_entry.linears.values())[-1]
+
+        def hook(module, args, output):
+            store.setdefault(k, []).append(output)
+
+        return last.register_forward_hook(hook)
+
+    def reference(self, k: int, xr: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(FP output of layer k, what the objective compares for it)."""
+        if self.objective == "linear_output":
+            layer = copy.deepcopy(self.fp_entries[k].module)
+            roles = _role_paths(self.fp_entries[k].module, self.fp_entries[k].linears)
+            last = layer.get_submodule(list(roles.values())[-1])
+            outs: list[torch.Tensor] = []
+            handle = last.register_forward_hook(lambda m, a, o: outs.append(o))
+            try:
+                yr = run_layer(layer, self.inputs, xr, self.cancel)
+            finally:
+                handle.remove()
+            return yr, outs
+        yr = run_layer(self.fp_entries[k].module, self.inputs, xr, self.cancel)
+        return yr, self.view(k, yr)
+
+    def view(self, k: int, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.objective == "normed_hidden":
+            norm = self._norm_after(k)
+            if norm is not None:
+                return [norm(y) for y in ys]
+        return ys
+
+    def forward(self, k: int, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(quantized output of layer k, what the objective compares for it)."""
+        if self.objective == "linear_output":
+            store: dict[int, list[torch.Tensor]] = {}
+            handle = self._capture_last_linear(self.entries[k], k, store)
+            try:
+                ys = run_layer(self.entries[k].module, self.inputs, xs, self.cancel)
+            finally:
+                handle.remove()
+            return ys, store[k]
+        ys = run_layer(self.entries[k].module, self.inputs, xs, self.cancel)
+        return ys, self.view(k, ys)
 
 
 @torch.no_grad()
 def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tensor], xr0: list[torch.Tensor],
                   tables: list[Table], blocks: list[list[int]], n_cands: int, mode: str = "exhaustive",
-                  cancel=None, progress=None, on_block: Callable[[BlockOutcome], None] | None = None) -> list[BlockOutcome]:
-    """Bottom-up joint search per block; leaves every layer at its chosen candidate."""
+                  objective: str = "residual", final_norm: torch.nn.Module | None = None,
+                  cancel=None, progress=None) -> list[tuple[list[int], BlockSearch]]:
+    """Bottom-up joint search per block; leaves every layer at its chosen candidate.
+
+    Each block starts from the quantized-path output of the blocks below (Eq. 1's propagation);
+    its layers are scored by ``objective`` (:class:`BlockObjective`).
+    """
     total = sum(sum(n_cands ** (j + 1) for j in range(len(b))) if mode == "exhaustive" else n_cands * len(b)
                 for b in blocks)
+    score = BlockObjective(objective, entries, fp_entries, final_norm, inputs, cancel)
     done = {"passes": 0}
     xs, xr = xq0, xr0
     outcomes = []
@@ -155,17 +234,19 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
         check_cancel(cancel, "quantization")
         refs = []
         for k in block:
-            xr = run_layer(fp_entries[k].module, inputs, xr, cancel)
-            refs.append(xr)
+            xr, ref = score.reference(k, xr)
+            refs.append(ref)
+        compared: dict[int, list[torch.Tensor]] = {}
 
         def apply(j: int, c: int) -> None:
             apply_candidate(entries[block[j]], tables[block[j]], c)
 
         def forward(j: int, zs: list[torch.Tensor]) -> list[torch.Tensor]:
-            return run_layer(entries[block[j]].module, inputs, zs, cancel)
+            ys, compared[j] = score.forward(block[j], zs)
+            return ys
 
-        def error(j: int, ys: list[torch.Tensor]) -> torch.Tensor:
-            return mse_over(ys, refs[j], inputs.masks)
+        def error(j: int, ys: list[torch.Tensor]) -> torch.Tensor:  # right after forward(j, ...)
+            return mse_over(compared[j], refs[j], inputs.masks)
 
         def on_pass() -> None:
             done["passes"] += 1
@@ -173,13 +254,9 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
 
         search = (exhaustive_search if mode == "exhaustive" else coordinate_search)(
             len(block), n_cands, apply, forward, error, xs, on_pass=on_pass)
-        outs = search.outputs
-        ys = outs[-1]
-        outcome = BlockOutcome(block, search, outs, refs)
-        outcomes.append(outcome)
-        if on_block:
-            on_block(outcome)
-        xs = ys
+        outcomes.append((block, search))
+        xs = search.outputs[-1]
+        search.outputs = None  # the next block's input is all that is needed of them
     report(progress, STAGE_SEARCH, 1.0, f"block {len(blocks)}/{len(blocks)}")
     return outcomes
 
@@ -189,7 +266,9 @@ class CrossLayerSearch:
     """Cross-layer dependency mining (§3.2): entropy -> Eq. 7 blocks -> Eq. 3 joint search per block.
 
     Its settings are the run config's CDM fields (percentiles, percentile_source, entropy_site,
-    soft_temperature, soft_delta_mode, h0_rule, max_block_depth, joint_search).
+    soft_temperature, soft_delta_mode, h0_rule, max_block_depth, joint_search, block_objective).
+    Every layer's candidates are its incumbent ranges plus the percentile grid, so a block's
+    searched error is never above the error of the ranges the search started from.
     """
 
     name: ClassVar[str] = STAGE_SEARCH
@@ -209,12 +288,16 @@ class CrossLayerSearch:
                 qrun.h0 = cfg.h0_value(ep.entropies)
                 qrun.blocks = partition_layers(ep.entropies, qrun.h0, cfg.max_block_depth)
                 outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
-                                         len(cfg.percentiles), cfg.joint_search, qrun.cancel, qrun.progress)
-                grid = [float(p) for p in cfg.percentiles]
-                for o in outcomes:
-                    for j, k in enumerate(o.block):
-                        qrun.percentiles[k] = grid[o.search.choice[j]]
-                    qrun.search_log.append({"block": o.block, "choice": [grid[c] for c in o.search.choice],
-                                            "greedy": [grid[c] for c in o.search.greedy_choice],
-                                            "error": o.search.error, "greedy_error": o.search.greedy_error,
-                                            "layer_passes": o.search.layer_passes})
+                                         len(cfg.percentiles) + 1, cfg.joint_search, cfg.block_objective,
+                                         core_model(qrun.fp.model).language_model.norm, qrun.cancel, qrun.progress)
+                labels = candidate_labels(cfg)
+                for block, search in outcomes:
+                    for j, k in enumerate(block):
+                        qrun.percentiles[k] = labels[search.choice[j]]
+                    incumbent = search.prefix_errors.get((0,) * len(block))
+                    qrun.search_log.append({
+                        "block": block, "choice": [labels[c] for c in search.choice],
+                        "greedy": [labels[c] for c in search.greedy_choice],
+                        "error": search.error, "greedy_error": search.greedy_error,
+                        "incumbent_error": None if incumbent is None else float(incumbent.mean()),
+                        "objective": cfg.block_objective, "layer_passes": search.layer_passes})

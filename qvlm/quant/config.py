@@ -72,7 +72,9 @@ class QuantConfig:
 
     # --- CDM: entropy, partition, block search (Eqs. 3-7) -------------------------------------
     percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
-    """Percentile grid searched per decoder layer (paper: 1.0 to 0.98, step 0.005)."""
+    """Percentile grid searched per decoder layer (paper: 1.0 to 0.98, step 0.005). Each layer's
+    candidates are these plus its incumbent ranges (what the layer-wise init or VEO left), so the
+    search can never end a block worse than it started it."""
     percentile_source: str = "quantized"
     """Distribution the percentiles are read from: "quantized" (each quantizer's own input on the
     quantized path, what it will see at inference) or "fp" (the full-precision model's input)."""
@@ -91,6 +93,13 @@ class QuantConfig:
     joint_search: str = "exhaustive"
     """Eq. 3 search within a block: "exhaustive" (all |G|^|B| combinations, prefix-shared; paper)
     or "coordinate" (coordinate descent from the greedy solution: cheaper, never worse than greedy)."""
+
+    block_objective: str = "normed_hidden"
+    """What a CDM block's error (Eq. 3) compares with FP: "normed_hidden" (the block output as the
+    next layer sees it, after that layer's input RMSNorm; after the final norm for the last layer),
+    "linear_output" (the output of the block's last Linear, down_proj: the paper's Eq. 3 reading)
+    or "residual" (the raw residual stream the block outputs). See README "Choosing the block
+    objective" for the paired tests behind the default."""
 
     # --- VEO (Eqs. 8-10) ----------------------------------------------------------------------
     veo_epochs: int = 10
@@ -224,6 +233,7 @@ class QuantConfig:
         _choice("soft_delta_mode", self.soft_delta_mode, ("scaled", "literal"))
         _choice("entropy_site", self.entropy_site, ("attn_input", "residual"))
         _choice("joint_search", self.joint_search, ("exhaustive", "coordinate"))
+        _choice("block_objective", self.block_objective, ("normed_hidden", "linear_output", "residual"))
         _int("veo_epochs", self.veo_epochs, low=0)
         _number("veo_lr", self.veo_lr, low=0.0, low_open=True)
         _number("veo_lambda1", self.veo_lambda1, low=0.0)
