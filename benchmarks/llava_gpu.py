@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qvlm.inference import generate_answers  # noqa: E402
-from qvlm.models import load_vlm  # noqa: E402
+from qvlm.models import default_dtype, load_vlm, resolve_device  # noqa: E402
 from qvlm.quant import QuantConfig, quantize  # noqa: E402
 
 LETTERS = "ABCDEFGHIJ"
@@ -120,21 +120,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--veo-micro-batch", type=int, default=1,
                    help="pairs per VEO backward (1 keeps 7B's VEO within a 24 GB GPU; see benchmarks/README.md)")
     p.add_argument("--no-veo-checkpoint", action="store_true", help="keep all LLM activations in VEO's backward")
+    p.add_argument("--device", default=None, help="cuda, cuda:N (default: QVLM_DEVICE, else the first GPU)")
+    p.add_argument("--dtype", choices=("float16", "auto"), default="float16",
+                   help="float16 as the paper's runs; auto: bfloat16 where the GPU supports it")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/llava_gpu.json"))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)  # the app's device path: --device, else QVLM_DEVICE, else CUDA if any
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-
-    dtype = torch.float16
-    fp = load_vlm(args.model, dtype=dtype, device="cuda")
+    if device.type != "cuda":
+        print("error: this benchmark needs a CUDA GPU (QVLM_DEVICE / --device chose the CPU)", file=sys.stderr)
+        return 2
+    dtype = torch.float16 if args.dtype == "float16" else default_dtype(device)
+    fp = load_vlm(args.model, dtype=dtype, device=device)
     load = DATASETS[args.dataset]
     eval_samples = load("test" if args.dataset == "scienceqa-img" else "validation", args.limit, 0)
     calib_samples = load("train", args.calib_size, 1)
     rows = []
     for method in args.methods.split(","):
         for bits in (["FP"] if method == "fp" else args.bits.split(",")):
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             if method == "fp":
                 handle, stats = fp, {}
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             quant_seconds = time.perf_counter() - start
             row = {"method": method, "bits": bits, "quant_seconds": quant_seconds, **stats,
                    **evaluate(handle, eval_samples, args.dataset, args.batch_size),
-                   "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+                   "peak_gpu_bytes": torch.cuda.max_memory_allocated(device)}
             print(json.dumps(row))
             rows.append(row)
             if handle is not fp:
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "dataset": args.dataset, "limit": args.limit,
-                                    "device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+                                    "device": torch.cuda.get_device_name(device), "dtype": str(dtype), "rows": rows}, indent=2))
     return 0
 
 

@@ -88,3 +88,66 @@ def test_unknown_hub_id_without_a_reachable_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="Could not fetch .* hub"):
         load_vlm("qvlm-studio/no-such-model-anywhere")
+
+
+# ------------------------------------------------------------------------------------------------
+# device choice (QVLM_DEVICE) and Spaces
+# ------------------------------------------------------------------------------------------------
+def test_device_follows_qvlm_device_and_defaults_to_the_gpu_when_there_is_one(monkeypatch):
+    from qvlm.models import default_dtype, resolve_device
+
+    monkeypatch.delenv("QVLM_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device().type == expected
+    monkeypatch.setenv("QVLM_DEVICE", "cpu")
+    assert resolve_device() == torch.device("cpu")
+    assert resolve_device("auto").type == expected  # an explicit argument wins over the environment
+    assert default_dtype("cpu") is torch.float32
+    if torch.cuda.is_available():
+        assert default_dtype("cuda") in (torch.float16, torch.bfloat16)
+
+
+def test_bad_or_missing_devices_are_a_clear_error(monkeypatch):
+    from qvlm.models import resolve_device
+
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu please")
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("QVLM_DEVICE", "cuda:1")
+        with pytest.raises(ValueError, match="no usable CUDA GPU"):
+            resolve_device()
+
+
+def test_load_vlm_places_the_model_on_the_chosen_device(bundled_dir, monkeypatch):
+    monkeypatch.setenv("QVLM_DEVICE", "cpu")
+    handle = load_vlm(bundled_dir)
+    assert handle.device == torch.device("cpu") and handle.dtype is torch.float32
+
+
+def test_copies_fit_counts_weights_against_the_budget(bundled):
+    from qvlm.models import copies_fit
+    from qvlm.models.loader import estimate_weight_bytes
+
+    need = estimate_weight_bytes(bundled.config, torch.float32)
+    assert copies_fit(bundled.config, 2, torch.float32, "cpu", budget_bytes=2 * need)
+    assert not copies_fit(bundled.config, 2, torch.float32, "cpu", budget_bytes=2 * need - 1)
+
+
+def test_gpu_task_is_the_identity_off_spaces_and_spaces_gpu_on_one(monkeypatch):
+    from qvlm.models import gpu_task
+
+    def work(x):
+        return x + 1
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert gpu_task(60)(work) is work
+    with pytest.raises(ValueError, match="positive"):
+        gpu_task(0)
+    spaces = pytest.importorskip("spaces")
+    monkeypatch.setenv("SPACE_ID", "someone/q-vlm-studio")  # CPU or GPU Space hardware: spaces.GPU is a no-op
+    wrapped = gpu_task(60)(work)
+    assert wrapped(1) == 2
+    assert spaces.GPU(duration=60)(work) is wrapped
