@@ -87,7 +87,7 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
         owner = key.rsplit(".", 1)[0]
         if not any(owner == n or owner.startswith(n + ".") for n in packed_names):
             tensors.setdefault(key, t.detach().contiguous().cpu())
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+    save_file(_unshared(tensors), str(out / WEIGHTS), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
     handle.model.config.save_pretrained(out)
     handle.model.generation_config.save_pretrained(out)
     handle.processor.save_pretrained(out)
@@ -95,6 +95,22 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
                 "dtype": str(handle.dtype).removeprefix("torch."), "quant_config": config_dict,
                 "modules": modules, "stats": stats or {}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return out
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every storage held by one name only (safetensors refuses shared memory).
+
+    Shared storage is normal here: AWQ gives q/k/v (and gate/up) one smoothing vector, and tied
+    embeddings (Qwen2-0.5B) share the lm_head's weight. Later names get a copy; the loader re-ties
+    embeddings by the config.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
     return out
 
 
@@ -167,6 +183,7 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
             {k: v for k, v in tensors.items() if k in model.state_dict() and k.rsplit(".", 1)[0] not in packed},
             strict=False, assign=True,
         )
+        model.tie_weights()  # assign=True gave tied weights (embeddings / lm_head) separate copies
     except KeyError as err:
         raise ExportError(f"{folder}: the export is partial, tensor {err} is missing.") from err
     except ValueError as err:  # an entry this version cannot build (unknown weight format, bad shape)

@@ -46,7 +46,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` codes as ``int32``."""
     if bits == 8:
         return packed[:count].to(torch.int32)
-    per_word = 8 // bits if 8 % bits == 0 else 8
+    if 8 % bits == 0:
+        # 1, 2, 4 bits: whole codes per byte, split with uint8 shifts (a 7B MLP matrix at W4: ~0.1 s
+        # instead of ~0.8 s through int64 words, and this runs in every forward of a packed layer)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:count].to(torch.int32)
+    per_word = 8
     word_bytes = per_word * bits // 8
     data = packed.to(torch.int64)
     data = F.pad(data, (0, (-data.numel()) % word_bytes)).view(-1, word_bytes)

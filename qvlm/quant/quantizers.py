@@ -177,7 +177,7 @@ def decode_weight(fmt: str, bits: int, shape: tuple[int, int], group: int, codes
     if fmt != "nf4":
         raise ValueError(f"unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
     grouped = _blocks(codes.reshape(-1), group)
-    w = normal_float_levels(bits).to(codes.device)[grouped.long()] * scale.reshape(-1, 1)
+    w = normal_float_levels(bits).to(codes.device)[grouped.int()] * scale.reshape(-1, 1)
     return w.reshape(-1)[: out_f * in_f].reshape(out_f, in_f)
 
 
