@@ -45,12 +45,15 @@ def ded_scatter(
     x_key: str = "entropy",
     fit: Mapping[str, float] | None = None,
     title: str | None = None,
+    r2_chance: float | None = None,
 ) -> go.Figure:
     """DED against a proxy (entropy, or quantization error with ``x_key="qerr"``), one dot per sample.
 
     Mirrors the paper's Fig. 2 (entropy) and Fig. 5a (quantization error): the fitted line is
     drawn over the points and ``R² = ...`` is written on the plot. ``fit`` is the analysis' own
-    regression of DED on the proxy; it is recomputed here when absent.
+    regression of DED on the proxy; it is recomputed here when absent. ``r2_chance`` (the R² that
+    chance alone exceeds one time in twenty for this many samples) is written beside it, so a
+    reader can tell a fit from noise.
     """
     proxy = {"entropy": "activation entropy D(k,k+1)", "qerr": "quantization error"}.get(x_key, x_key)
     title = title or f"Decoder layer {layer}: DED vs {proxy}"
@@ -73,7 +76,10 @@ def ded_scatter(
         x=[lo, hi], y=[fit["slope"] * lo + fit["intercept"], fit["slope"] * hi + fit["intercept"]],
         mode="lines", name="least-squares fit", line=dict(color="#222", width=2, dash="dash"), hoverinfo="skip",
     ))
-    fig.add_annotation(text=f"R² = {fit['r2']:.4f}", x=0.03, y=0.97, xref="paper", yref="paper",
+    r2_text = f"R² = {fit['r2']:.4f}"
+    if _finite(r2_chance):
+        r2_text += f" (chance level {float(r2_chance):.2f} for n = {len(pts)})"
+    fig.add_annotation(text=r2_text, x=0.03, y=0.97, xref="paper", yref="paper",
                        xanchor="left", yanchor="top", showarrow=False, font=dict(size=16),
                        bgcolor="rgba(255,255,255,0.8)")
     if max(abs(y) for y in ys) == 0:
@@ -83,6 +89,49 @@ def ded_scatter(
     fig.update_layout(title=title, xaxis_title=proxy, yaxis_title="DED (layer-wise − joint error)",
                       showlegend=False, **_LAYOUT)
     return fig
+
+
+def interaction_figure(
+    pairs: Sequence[Mapping[str, Any]],
+    threshold: float = 0.10,
+    title: str = "Do the layers interact? Interaction share per decoder pair",
+) -> go.Figure:
+    """Bars of the interaction share (%) of each adjacent decoder pair, a dashed line at ``threshold``.
+
+    ``pairs`` are the rows of :meth:`qvlm.analysis.DependencyReport.to_dict` (``block``,
+    ``interaction_share``, ...). The share is the part of the block error's variance over the
+    candidate grid that an additive model leaves: 0 means the two layers' errors simply add up,
+    so choosing their ranges one by one is as good as choosing them together.
+    """
+    rows = [p for p in pairs if _finite(p.get("interaction_share"))]
+    if not rows:
+        return empty_figure("Press 'Do the layers interact?' to measure every decoder pair.", title)
+    names = [_pair_name(p) for p in rows]
+    shares = [100 * float(p["interaction_share"]) for p in rows]
+    line = 100 * threshold
+    fig = go.Figure(go.Bar(
+        x=names, y=shares, name="interaction share",
+        marker=dict(color=["#E45756" if s >= line else "#4C78A8" for s in shares]),
+        text=[f"{s:.1f}%" for s in shares], textposition="outside",
+        customdata=[["yes" if p.get("joint_equals_greedy") else "no"] for p in rows],
+        hovertemplate="%{x}<br>interaction share %{y:.2f}%<br>joint = layer-by-layer: %{customdata[0]}"
+                      "<extra></extra>",
+    ))
+    fig.add_hline(y=line, line=dict(color="#222", width=2, dash="dash"),
+                  annotation_text=f"{line:.0f}%: the layers interact", annotation_position="top left")
+    top = max([line, *shares])
+    fig.update_layout(title=title, showlegend=False, xaxis_title="decoder layers (k, k+1)",
+                      yaxis=dict(title="share of block-error variance not additive (%)", range=[0, 1.2 * top]),
+                      **_LAYOUT)
+    return fig
+
+
+def _pair_name(p: Mapping[str, Any]) -> str:
+    block = list(p.get("block") or [])
+    if block:
+        return f"L{block[0]}–L{block[-1]}"
+    k = p.get("layer", "?")
+    return f"L{k}–L{k + 1}" if isinstance(k, int) else f"L{k}"
 
 
 def partition_figure(

@@ -29,6 +29,27 @@ def test_ded_scatter_has_points_fit_line_and_r2_annotation():
     assert list(fig2.data[0].x) == [p["qerr"] for p in points]
 
 
+def test_ded_scatter_writes_the_r2_chance_level_beside_r2():
+    points = [{"entropy": e, "ded": 0.5 * e + 0.1} for e in (0.1, 0.4, 0.9, 1.3)]
+    fig = plots.ded_scatter(points, layer=3, fit={"slope": 0.5, "intercept": 0.1, "r2": 0.03}, r2_chance=0.0625)
+    assert "R² = 0.0300 (chance level 0.06 for n = 4)" in _texts(fig)
+    assert "chance level" not in _texts(plots.ded_scatter(points, layer=3))
+
+
+def test_interaction_figure_bars_each_pair_with_a_dashed_threshold_line():
+    pairs = [{"layer": 0, "block": [0, 1], "interaction_share": 0.02, "joint_equals_greedy": True},
+             {"layer": 1, "block": [1, 2], "interaction_share": 0.25, "joint_equals_greedy": False},
+             {"layer": 2, "block": [2, 3], "interaction_share": None, "joint_equals_greedy": True}]
+    fig = plots.interaction_figure(pairs, threshold=0.10)
+    (bars,) = fig.data
+    assert list(bars.x) == ["L0–L1", "L1–L2"] and list(bars.y) == pytest.approx([2.0, 25.0])
+    assert bars.marker.color[0] != bars.marker.color[1]  # above the line stands out
+    (line,) = fig.layout.shapes
+    assert line.y0 == line.y1 == pytest.approx(10.0) and line.line.dash == "dash"
+    assert "10%" in _texts(fig)
+    assert "Do the layers interact?" in _texts(plots.interaction_figure([]))
+
+
 def test_ded_scatter_explains_an_all_zero_ded():
     fig = plots.ded_scatter([{"entropy": e, "ded": 0.0, "qerr": e} for e in (1.0, 1.5, 2.0)], layer=4)
     assert "chose the same ranges" in _texts(fig)
@@ -48,7 +69,7 @@ def test_partition_figure_colours_layers_by_block_and_draws_h0():
     assert [list(t.x) for t in block_traces] == blocks
     assert len({t.marker.color for t in block_traces}) == 3
     # chosen percentile reaches the hover data
-    assert block_traces[1].customdata[1][1] == "0.980"
+    assert block_traces[1].customdata[1][1] == "percentile p = 0.980"
     d_bars = next(t for t in fig.data if t.name == "D(k,k+1)")
     assert list(d_bars.y) == entropies and list(d_bars.x) == [0.5, 1.5, 2.5, 3.5, 4.5]
     # a bar inside a block takes the block's colour, a bar across a cut is grey

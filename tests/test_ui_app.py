@@ -51,7 +51,8 @@ def test_serves_quickly_with_a_queue(served):
 def test_api_lists_each_panels_main_endpoint_and_nothing_internal(served):
     _, client, _, _ = served
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert names == {"/quantize", "/ask", "/evaluate", "/cancel", "/overview", "/ded", "/compute_ded"}
+    assert names == {"/quantize", "/ask", "/evaluate", "/cancel", "/overview", "/ded", "/compute_ded",
+                     "/interaction"}
 
 
 def test_ask_over_http_with_an_example_image(served, bundled_dir):

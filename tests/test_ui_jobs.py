@@ -3,7 +3,7 @@ eviction with a message, DED computed once then browsed. Fast and deterministic;
 exercised in tests/test_ui_quantize.py and the browser test.
 
 The stand-ins are passed in where the panels are built (``QuantizePanel(app, quantize=...)``,
-``AnalysisPanel(app, ded_sweep=...)``), as the app passes the core's functions.
+``AnalysisPanel(app, ded_sweep=..., dependency_diagnostics=...)``), as the app passes the core's functions.
 """
 
 from __future__ import annotations
@@ -43,18 +43,31 @@ def fake_quantize(fp, cfg, progress=None, cancel=None, delay=0.05):
 def ui(bundled_dir: Path) -> SimpleNamespace:
     """The four panels on one app state, laid out as build_app does, with the core's long work faked."""
     sweeps: list[int] = []
+    diagnostics: list[int] = []
 
     def fake_ded_sweep(fp, result, layers=None, n_samples=None, depth=2, progress=None, cancel=None):
         sweeps.append(n_samples)
         progress("ded", 1.0, "layer 6")
         pts = [{"sample": i, "entropy": 0.1 * i, "ded": 0.2 * i + 0.01, "qerr": 0.05 * i * i} for i in range(n_samples)]
-        return [SimpleNamespace(layer=k, block=[k, k + 1], points=pts, fit=None, qerr_fit=None) for k in range(7)]
+        return [SimpleNamespace(layer=k, block=[k, k + 1], points=pts, fit=None, qerr_fit=None, r2_chance=0.9)
+                for k in range(7)]
+
+    def fake_dependency_diagnostics(fp, result, n_samples=None, progress=None, cancel=None):
+        diagnostics.append(n_samples)
+        pairs = fake_ded_sweep(fp, result, n_samples=n_samples, progress=progress, cancel=cancel)
+        rows = [{"layer": p.layer, "block": p.block, "n": n_samples, "r2_entropy": 0.5, "r2_qerr": 0.2,
+                 "r2_chance": 0.771, "interaction_share": 0.02 * p.layer, "mean_ded": 0.1, "ded_relative": None,
+                 "controllable_share": 0.25, "zero_ded_fraction": 0.75, "joint_equals_greedy": p.layer != 6,
+                 "gain": 1.25, "branch_response": 0.5} for p in pairs]
+        verdict = f"Made-up verdict for {n_samples} samples: pair L6–L7 interacts."
+        return SimpleNamespace(pairs=pairs, verdict=verdict, to_dict=lambda: {"pairs": rows, "verdict": verdict})
 
     app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], max_variants=2,
                                           preload=False))
     ui = SimpleNamespace(app=app, quantize=QuantizePanel(app, quantize=fake_quantize),
-                         analysis=AnalysisPanel(app, ded_sweep=fake_ded_sweep), ask=AskPanel(app),
-                         results=ResultsPanel(app), sweeps=sweeps)
+                         analysis=AnalysisPanel(app, ded_sweep=fake_ded_sweep,
+                                                dependency_diagnostics=fake_dependency_diagnostics),
+                         ask=AskPanel(app), results=ResultsPanel(app), sweeps=sweeps, diagnostics=diagnostics)
     with gr.Blocks():
         for panel in (ui.quantize, ui.analysis, ui.ask, ui.results):
             panel.layout()
@@ -226,3 +239,46 @@ def test_ded_is_computed_once_per_sample_count_then_browsed_by_layer(ui, bundled
     assert ui.sweeps == [4]  # the second request was served from the stored sweep
     bad = list(a.compute_ded("W4A4 qvlm", 5, 1, _req("k")))
     assert "from 2 to 64" in bad[-1][a.ded_note] and a.ded_plot not in bad[-1]  # the plots stay
+
+
+def test_ded_plot_shows_the_r2_chance_level(ui, bundled_dir):
+    a = ui.analysis
+    list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("m")))
+    final = list(a.compute_ded("W4A4 qvlm", 3, 4, _req("m")))[-1]
+    assert "(chance level 0.90 for n = 4)" in final[a.ded_plot].layout.annotations[0].text
+
+
+def test_interaction_verdict_table_and_chart_reach_the_outputs_then_come_from_the_cache(ui, bundled_dir):
+    a = ui.analysis
+    list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("n")))
+    before = a.show_interaction("W4A4 qvlm", 4, _req("n"))
+    assert "Do the layers interact?" in before[a.interaction_note] and before[a.interaction_table] == []
+    outs = list(a.compute_interaction("W4A4 qvlm", 4, _req("n")))
+    assert len(outs) >= 2 and "Do the layers of W4A4 qvlm interact? (4 samples)" in outs[0][a.interaction_note]
+    final = outs[-1]
+    assert "Done in" in final[a.interaction_note]
+    assert "Made-up verdict for 4 samples" in final[a.verdict]
+    table = final[a.interaction_table]
+    assert len(table) == 7
+    assert table[6] == ["L6–L7", "12.0", "no", "75.0", "—", "25.0", "1.25", "0.5", "0.500", "0.771"]
+    bars = final[a.interaction_plot].data[0]
+    assert list(bars.x)[:2] == ["L0–L1", "L1–L2"] and bars.y[6] == pytest.approx(12.0)
+    assert not HEAVY_WORK.locked() and ui.app.session(_req("n")).busy is None
+    # a second request, or another variant and back, redraws from the session's cache
+    list(ui.quantize.quantize(str(bundled_dir), *_args("W8A8"), request=_req("n")))
+    assert a.show_interaction("W8A8 qvlm", 4, _req("n"))[a.verdict] == ""
+    again = list(a.compute_interaction("W4A4 qvlm", 4, _req("n")))
+    assert len(again) == 1 and again[0][a.interaction_table] == table
+    assert a.show_interaction("W4A4 qvlm", 4, _req("n"))[a.verdict] == final[a.verdict]
+    assert ui.diagnostics == [4]
+    # the diagnostics are the DED sweep too: DED for the same samples needs no second run
+    list(a.compute_ded("W4A4 qvlm", 3, 4, _req("n")))
+    assert ui.sweeps == [4]
+
+
+def test_interaction_rejects_a_bad_sample_count_and_keeps_the_outputs(ui, bundled_dir):
+    a = ui.analysis
+    list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("o")))
+    bad = list(a.compute_interaction("W4A4 qvlm", 1, _req("o")))
+    assert len(bad) == 1 and "from 2 to 64" in bad[0][a.interaction_note] and a.verdict not in bad[0]
+    assert ui.diagnostics == []

@@ -56,23 +56,31 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         overview = [analysis.info, analysis.partition, analysis.errors, analysis.veo]
         ded_inputs = [analysis.variant, analysis.layer, analysis.n_samples]
         ded = [analysis.ded_plot, analysis.qerr_plot, analysis.ded_note]
+        interaction_inputs = [analysis.variant, analysis.interaction_samples]
+        interaction = [analysis.interaction_note, analysis.verdict, analysis.interaction_table,
+                       analysis.interaction_plot]
 
         # Quantize: run, then open the new variant in the Analysis tab
         (quantize.start.click(quantize.quantize, quantize.form, [quantize.status, quantize.held, quantize.new_variant],
                               api_name="quantize", **long_job)
          .then(analysis.select_variant, [quantize.new_variant], [analysis.variant, analysis.layer], **internal)
          .then(analysis.show_overview, [analysis.variant], overview, **internal)
-         .then(analysis.show_ded, ded_inputs, ded, **internal))
-        gr.on([quantize.cancel.click, analysis.cancel.click, results.cancel.click], app.cancel,
-              concurrency_limit=None, api_name="cancel")
+         .then(analysis.show_ded, ded_inputs, ded, **internal)
+         .then(analysis.show_interaction, interaction_inputs, interaction, **internal))
+        gr.on([quantize.cancel.click, analysis.cancel.click, analysis.interaction_cancel.click, results.cancel.click],
+              app.cancel, concurrency_limit=None, api_name="cancel")
 
-        # Analysis: pick a variant, browse DED by layer, measure DED
+        # Analysis: pick a variant, browse DED by layer, measure DED, ask whether the layers interact
         (analysis.variant.input(analysis.show_overview, [analysis.variant], overview, api_name="overview")
-         .then(analysis.show_ded, ded_inputs, ded, **internal))
+         .then(analysis.show_ded, ded_inputs, ded, **internal)
+         .then(analysis.show_interaction, interaction_inputs, interaction, **internal))
         gr.on([analysis.layer.release, analysis.n_samples.submit], analysis.show_ded, ded_inputs, ded, api_name="ded")
         analysis.compute.click(analysis.compute_ded, ded_inputs,
                                [analysis.ded_note, analysis.ded_plot, analysis.qerr_plot], api_name="compute_ded",
                                **long_job)
+        analysis.interaction_samples.submit(analysis.show_interaction, interaction_inputs, interaction, **internal)
+        analysis.interaction_btn.click(analysis.compute_interaction, interaction_inputs, interaction,
+                                       api_name="interaction", **long_job)
 
         # Ask: preprocess=False, so the image arrives as a file path that answer_all checks itself and a
         # file that is not an image gets a message instead of failing inside Gradio's own image decoding.

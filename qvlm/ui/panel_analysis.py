@@ -4,6 +4,9 @@ The partition, errors and losses come with the quantization result and draw inst
 (:meth:`AnalysisPanel.show_overview`). The DED needs its own measurement (a rebuild of the
 layer-wise init plus a search per sample), so :meth:`~AnalysisPanel.compute_ded` measures every
 layer at once on request and :meth:`~AnalysisPanel.show_ded` then draws any layer from that cache.
+"Do the layers interact?" works the same way: :meth:`~AnalysisPanel.compute_interaction` runs the
+dependency diagnostics of every adjacent decoder pair and :meth:`~AnalysisPanel.show_interaction`
+draws the verdict, the table and the chart from the variant's cache.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from qvlm import plots
-from qvlm.analysis import ded_sweep
+from qvlm.analysis import INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics
 from qvlm.progress import ProgressCallback
 from qvlm.ui.feedback import Outputs, warn
 from qvlm.ui.jobs import LongJob, stream_job
@@ -24,6 +27,9 @@ from qvlm.ui.render import human_bytes
 from qvlm.ui.state import AppState, Variant
 
 DEDSweepFn = Callable[..., list[Any]]
+DiagnosticsFn = Callable[..., Any]
+INTERACTION_COLUMNS = ["pair", "interaction share %", "joint = greedy?", "DED = 0 share %", "DED / controllable",
+                       "controllable share %", "gain", "branch response", "R² entropy→DED", "R² chance level (5%)"]
 DED_SAMPLES = (2, 64)
 """DED samples allowed: a regression line needs two points; beyond 64 the sweep ties up the CPU for minutes."""
 
@@ -43,12 +49,15 @@ def _sample_count(value: Any) -> int:
 class AnalysisPanel:
     """The Analysis tab: its components (made by :meth:`layout`) and its handlers.
 
-    ``ded_sweep`` is :func:`qvlm.analysis.ded_sweep`; a test passes a stand-in with its signature.
+    ``ded_sweep`` is :func:`qvlm.analysis.ded_sweep` and ``dependency_diagnostics`` is
+    :func:`qvlm.analysis.dependency_diagnostics`; a test passes stand-ins with their signatures.
     """
 
-    def __init__(self, app: AppState, ded_sweep: DEDSweepFn = ded_sweep) -> None:
+    def __init__(self, app: AppState, ded_sweep: DEDSweepFn = ded_sweep,
+                 dependency_diagnostics: DiagnosticsFn = dependency_diagnostics) -> None:
         self.app = app
         self._ded_sweep = ded_sweep
+        self._diagnostics = dependency_diagnostics
 
     def layout(self) -> None:
         """The tab's components, top to bottom; handlers read and write them by attribute."""
@@ -67,6 +76,19 @@ class AnalysisPanel:
             self.ded_plot = gr.Plot(plots.ded_scatter([], 0), label="DED vs entropy", elem_id="ded-plot")
             self.qerr_plot = gr.Plot(plots.ded_scatter([], 0, "qerr"), label="DED vs quantization error",
                                      elem_id="qerr-plot")
+        gr.Markdown("### Do the layers interact?")
+        with gr.Row(equal_height=True):
+            self.interaction_samples = gr.Number(16, precision=0, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
+                                                 label="Samples", elem_id="interaction-samples", scale=1)
+            self.interaction_btn = gr.Button("Do the layers interact?", variant="primary", elem_id="interaction-btn",
+                                             scale=2)
+            self.interaction_cancel = gr.Button("Cancel", variant="stop", elem_id="interaction-cancel-btn", scale=1)
+        self.interaction_note = gr.Markdown("", elem_id="interaction-note")
+        self.verdict = gr.Markdown("", elem_id="interaction-verdict")
+        self.interaction_plot = gr.Plot(plots.interaction_figure([], INTERACTION_THRESHOLD), label="Interaction share",
+                                        elem_id="interaction-plot")
+        self.interaction_table = gr.Dataframe(headers=INTERACTION_COLUMNS, interactive=False, wrap=True,
+                                              elem_id="interaction-table")
         with gr.Row():
             self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
             self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
@@ -148,9 +170,10 @@ class AnalysisPanel:
         title = f"Decoder layers {block[0]}–{block[-1]}"
         return {
             self.ded_plot: plots.ded_scatter(points, layer_i, "entropy", analysis.fit,
-                                             title=f"{title}: DED vs entropy D({block[0]},{block[-1]})"),
+                                             title=f"{title}: DED vs entropy D({block[0]},{block[-1]})",
+                                             r2_chance=analysis.r2_chance),
             self.qerr_plot: plots.ded_scatter(points, layer_i, "qerr", analysis.qerr_fit,
-                                              title=f"{title}: DED vs quantization error"),
+                                              title=f"{title}: DED vs quantization error", r2_chance=analysis.r2_chance),
             self.ded_note: (f"Layers {block[0]}–{block[-1]} of `{variant.label}`: {len(points)} calibration samples; "
                             "each dot is one sample, DED = its block-output error with the layer-by-layer choice "
                             "minus with the joint choice."),
@@ -189,6 +212,81 @@ class AnalysisPanel:
             holder=f"a DED analysis ({variant.label})", work=work, render=render,
             cancelled="■ Cancelled. The plots you had are unchanged.",
         ), session, self.ded_note)
+
+    def show_interaction(self, label: str | None, n_samples: Any, request: gr.Request | None = None) -> Outputs:
+        """Draw the verdict, the per-pair table and the interaction chart of a variant from its cache."""
+        variant = self.app.session(request).variants.find_label(label)
+        if variant is None:
+            return {self.interaction_note: "", self.verdict: "", self.interaction_table: [],
+                    self.interaction_plot: plots.interaction_figure([], INTERACTION_THRESHOLD)}
+        try:
+            n = _sample_count(n_samples)
+        except ValueError as err:
+            return {self.interaction_note: warn(str(err))}
+        report = variant.interactions.get(n)
+        if report is None:
+            done = sorted(variant.interactions)
+            note = f"Press **Do the layers interact?** to measure every decoder pair of `{variant.label}` on {n} samples"
+            if done:
+                note += f" (measured so far for: {', '.join(map(str, done))} samples)"
+            return {self.interaction_note: note + ". It takes minutes: an exhaustive joint search per pair.",
+                    self.verdict: "", self.interaction_table: [],
+                    self.interaction_plot: plots.interaction_figure([], INTERACTION_THRESHOLD)}
+        pairs = list(report["pairs"])
+        return {self.interaction_note: f"Every adjacent decoder pair of `{variant.label}` on {n} calibration samples.",
+                self.verdict: f"### Verdict\n\n**{report['verdict']}**",
+                self.interaction_table: [_interaction_row(p) for p in pairs],
+                self.interaction_plot: plots.interaction_figure(pairs, INTERACTION_THRESHOLD)}
+
+    def compute_interaction(self, label: str | None, n_samples: Any,
+                            request: gr.Request | None = None) -> Iterator[Outputs]:
+        """Run the dependency diagnostics of every adjacent decoder pair (a long job), then draw them."""
+        session = self.app.session(request)
+        variant = session.variants.find_label(label)
+        if variant is None:
+            yield {self.interaction_note: warn("Quantize a model first, then pick the variant to analyse.")}
+            return
+        try:
+            n = _sample_count(n_samples)
+        except ValueError as err:
+            yield {self.interaction_note: warn(str(err))}
+            return
+        if n in variant.interactions:
+            yield self.show_interaction(label, n, request)
+            return
+
+        def work(progress: ProgressCallback, cancel: threading.Event) -> Any:
+            fp = self.app.models.get(variant.base_model)
+            return self._diagnostics(fp, variant.result, n_samples=n, progress=progress, cancel=cancel)
+
+        def render(report: Any, seconds: float) -> tuple[str, Outputs]:
+            variant.interactions[n] = report.to_dict()
+            # the diagnostics are the full DED sweep: keep it, so 'Compute DED' for n samples is instant
+            variant.analyses.setdefault(n, {p.layer: p for p in report.pairs})
+            shown = self.show_interaction(label, n, request)
+            return f"✓ Done in {seconds:.1f} s. " + shown.pop(self.interaction_note), shown
+
+        yield from stream_job(LongJob(
+            name="dependency analysis", title=f"Do the layers of {variant.label} interact? ({n} samples)",
+            holder=f"a dependency analysis ({variant.label})", work=work, render=render,
+            cancelled="■ Cancelled. The verdict and table you had are unchanged.",
+        ), session, self.interaction_note)
+
+
+def _interaction_row(p: dict) -> list[str]:
+    """One table row from a ``DEDAnalysis.summary()`` dict: numbers as the reader wants them."""
+    def pct(x: Any) -> str:
+        return "—" if x is None else f"{100 * float(x):.1f}"
+
+    def num(x: Any, digits: int = 3) -> str:
+        return "—" if x is None else f"{float(x):.{digits}g}"
+
+    block = list(p.get("block") or [p["layer"], p["layer"] + 1])
+    return [f"L{block[0]}–L{block[-1]}", pct(p.get("interaction_share")),
+            "yes" if p.get("joint_equals_greedy") else "no", pct(p.get("zero_ded_fraction")),
+            num(p.get("ded_relative")), pct(p.get("controllable_share")), num(p.get("gain")),
+            num(p.get("branch_response")), f"{float(p.get('r2_entropy') or 0.0):.3f}",
+            f"{float(p.get('r2_chance') or 0.0):.3f}"]
 
 
 def _variant_info(v: Variant) -> str:

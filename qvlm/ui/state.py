@@ -47,6 +47,7 @@ class Variant:
     seconds: float
     evals: dict[tuple[int, int], Any] = field(default_factory=dict)  # (n questions, seed) -> EvalResult
     analyses: dict[int, dict[int, Any]] = field(default_factory=dict)  # n_samples -> {layer: DEDAnalysis}
+    interactions: dict[int, dict] = field(default_factory=dict)  # n_samples -> DependencyReport.to_dict()
 
     @property
     def handle(self) -> VLMHandle:

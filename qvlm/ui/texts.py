@@ -47,7 +47,15 @@ The **DED** (discretization error difference) is how much output error the joint
 layer-by-layer search, per calibration sample. The paper's Fig. 2 shows DED grows almost linearly with the
 entropy (R² = 0.97 on LLaVA): that is why the cheap entropy is a good guide for the expensive joint search. The
 right-hand plot repeats this with the plain quantization error as the proxy (App. A: a weaker 0.81). On this tiny
-model with a handful of samples, expect a noisier picture. — {paper}
+model with a handful of samples, expect a noisier picture. Each R² is shown with its **chance level**: the R² that
+pure noise exceeds one time in twenty with that many samples.
+
+**Do the layers interact?** measures every pair of neighbouring decoder layers: how much of the block's error over
+the grid of range choices is *not* the sum of the two layers' own errors (the **interaction share**; below the 10%
+dashed line they simply add up, so choosing ranges layer by layer is as good as choosing them jointly), whether the
+joint search picks anything else, how much of the error the ranges control at all, and how strongly the first
+layer passes an incoming error on (**gain**). The verdict above the table says in words what these numbers mean for
+this model. — {paper}
 """.format(paper=PAPER)
 
 ASK_HELP = """
