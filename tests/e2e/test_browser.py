@@ -2,7 +2,8 @@
 
 Flow: W4A4 Q-VLM quantization of the bundled model with 8 calibration pairs (the status must
 show the stages while it runs), the partition and DED plots render in the Analysis tab, an
-example image is asked about and both the FP and the quantized answers appear. Screenshots
+example image is asked about and both the FP and the quantized answers appear, the easy-VQA
+accuracy is measured, and the Analysis tab answers "Do the layers interact?" with a verdict. Screenshots
 and measured timings go to ``test-artifacts/``.
 
 Uses Debian's Chromium through Playwright (``/usr/bin/chromium``); Playwright's own browser
@@ -152,6 +153,7 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     assert page.locator("#partition-plot .main-svg").count() >= 1
     assert page.locator("#ded-plot .main-svg").count() >= 1
     assert "R² =" in page.locator("#qerr-plot").text_content()
+    assert "chance level" in page.locator("#ded-plot").text_content()  # R² beside what noise alone reaches
     _record("ded_sweep_4_samples_seconds", round(time.monotonic() - clicked, 1))
     page.wait_for_timeout(500)
     _shot(page, "04_analysis.png")
@@ -184,3 +186,19 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     assert page.locator("#acc-plot .main-svg").count() >= 1 and page.locator("#mem-plot .main-svg").count() >= 1
     page.wait_for_timeout(500)
     _shot(page, "06_results.png")
+
+    # --- Analysis again: do the layers interact? (4 samples keep it short) ------------------------------
+    page.click("#tab-analysis-button")
+    _set_number(page, "#interaction-samples input", "4")
+    clicked = time.monotonic()
+    page.click("#interaction-btn")
+    page.wait_for_function(
+        "() => (document.querySelector('#interaction-note')?.innerText || '').includes('Done in')", timeout=300_000)
+    _record("interaction_4_samples_seconds", round(time.monotonic() - clicked, 1))
+    verdict = page.inner_text("#interaction-verdict")
+    assert "On this model" in verdict, verdict  # the verdict sentence, computed from the numbers
+    assert "L0–L1" in page.inner_text("#interaction-table")
+    assert "interact" in page.locator("#interaction-plot").text_content()
+    assert page.locator("#interaction-plot .main-svg").count() >= 1
+    page.wait_for_timeout(500)
+    page.locator("#tab-analysis").screenshot(path=str(ARTIFACTS / "07_interaction.png"))
