@@ -29,8 +29,9 @@ import torch
 from qvlm.data import QUESTION_TYPES, evaluation_subset
 from qvlm.eval import evaluate
 from qvlm.quant import RECIPES, QuantConfig, quantize
+from qvlm.stats import mcnemar, paired_verdict
 
-DEFAULT_BITS = ("W8A8", "W6A6", "W4A4")
+DEFAULT_BITS = ("W8A8", "W6A6", "W4A4", "W4A3")
 SEARCH_STAGES = ("init", "veo", "entropy", "search")
 
 
@@ -45,6 +46,7 @@ class BenchOptions:
     w3a3: str = "auto"  # "auto": add W3A3 if every W4A4 recipe is within 1 pt of FP; "yes"; "no"
     ded: bool = True
     ded_samples: int = 64
+    ded_bits: tuple[str, ...] = ("W4A4", "W4A3")
     timing_baseline: bool = True
     timing_repeats: int = 2
     calib_sweep: tuple[int, ...] = (256,)
@@ -63,8 +65,9 @@ class BenchOptions:
 
 def _row(bits: str, recipe: str, ev, result=None, seconds: float | None = None) -> dict:
     row = {"bits": bits, "recipe": recipe, "accuracy": ev.accuracy, "per_type": ev.per_type, "n": ev.n,
-           "eval_seconds": round(ev.seconds, 2),
-           "calib_size": None if result is None else result.config.calib_size}
+           "eval_seconds": round(ev.seconds, 2), "answers_per_second": round(ev.answers_per_second, 1),
+           "calib_size": None if result is None else result.config.calib_size,
+           "correct": [bool(p["correct"]) for p in ev.predictions]}
     if result is not None:
         t = result.timings
         row.update({
@@ -83,7 +86,7 @@ def _row(bits: str, recipe: str, ev, result=None, seconds: float | None = None) 
 
 
 def run_bench(opts: BenchOptions) -> dict:
-    from qvlm.analysis import ded_sweep
+    from qvlm.analysis import dependency_diagnostics
     from qvlm.models import load_vlm
 
     torch.manual_seed(0)
@@ -113,24 +116,32 @@ def run_bench(opts: BenchOptions) -> dict:
     out["rows"].append(_row("FP", "fp", fp_eval))
     save()
 
+    def measure(bits: str, recipe: str, calib_size: int, overrides: dict | None = None) -> dict:
+        """Quantize, evaluate on the same questions, append the row (with per-question correctness), save."""
+        cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=calib_size, **(overrides or {}))
+        start = time.perf_counter()
+        result = quantize(handle, cfg)
+        seconds = time.perf_counter() - start
+        ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=opts.batch_size)
+        row = _row(bits, recipe, ev, result, seconds)
+        if overrides:
+            row["overrides"] = dict(overrides)
+        out["rows"].append(row)
+        extra = f" {dict(overrides)}" if overrides else ""
+        opts.log(f"{bits} {recipe:9s}{extra} calib {calib_size}: acc {ev.accuracy:.4f}  quantize {seconds:.1f} s "
+                 f"(calibration {row['calibration_s']:.1f} s, search {row['search_s']:.1f} s)")
+        del result
+        gc.collect()
+        save()
+        return row
+
     bits_list = list(opts.bits)
     done_bits: set[str] = set()
     while bits_list:
         bits = bits_list.pop(0)
         done_bits.add(bits)
         for recipe in opts.recipes:
-            cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=opts.calib_size)
-            start = time.perf_counter()
-            result = quantize(handle, cfg)
-            seconds = time.perf_counter() - start
-            ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=opts.batch_size)
-            row = _row(bits, recipe, ev, result, seconds)
-            out["rows"].append(row)
-            opts.log(f"{bits} {recipe:9s} acc {ev.accuracy:.4f}  quantize {seconds:.1f} s  "
-                     f"(calibration {row['calibration_s']:.1f} s, search {row['search_s']:.1f} s)")
-            del result
-            gc.collect()
-            save()
+            measure(bits, recipe, opts.calib_size)
         if bits == "W4A4" and "W3A3" not in done_bits and "W3A3" not in bits_list:
             w4 = [r for r in out["rows"] if r["bits"] == "W4A4"]
             no_gap = all(abs(r["accuracy"] - fp_eval.accuracy) <= 0.01 for r in w4)
@@ -140,32 +151,12 @@ def run_bench(opts: BenchOptions) -> dict:
                 bits_list.append("W3A3")
 
     for bits, recipe, overrides in opts.variants:
-        cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=opts.calib_size, **dict(overrides))
-        start = time.perf_counter()
-        result = quantize(handle, cfg)
-        seconds = time.perf_counter() - start
-        ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=opts.batch_size)
-        row = _row(bits, recipe, ev, result, seconds)
-        row["overrides"] = dict(overrides)
-        out["rows"].append(row)
-        opts.log(f"{bits} {recipe:9s} {dict(overrides)}: acc {ev.accuracy:.4f}  quantize {seconds:.1f} s")
-        del result
-        gc.collect()
-        save()
+        measure(bits, recipe, opts.calib_size, dict(overrides))
 
     for size in opts.calib_sweep:
         for bits in opts.sweep_bits:
             for recipe in opts.sweep_recipes:
-                cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=size)
-                start = time.perf_counter()
-                result = quantize(handle, cfg)
-                seconds = time.perf_counter() - start
-                ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=opts.batch_size)
-                out["rows"].append(_row(bits, recipe, ev, result, seconds))
-                opts.log(f"{bits} {recipe:9s} calib {size}: acc {ev.accuracy:.4f}  quantize {seconds:.1f} s")
-                del result
-                gc.collect()
-                save()
+                measure(bits, recipe, size)
 
     if opts.timing_baseline:
         opts.log("timing: layer-wise greedy search (max_block_depth=1) vs CDM, full qvlm, qlora at W4A4")
@@ -210,14 +201,14 @@ def run_bench(opts: BenchOptions) -> dict:
         save()
 
     if opts.ded:
-        opts.log(f"DED analysis, every decoder pair, {opts.ded_samples} samples")
-        for a in ded_sweep(handle, QuantConfig.from_bits("W4A4", recipe="qvlm-cdm", calib_size=opts.ded_samples),
-                           n_samples=opts.ded_samples):
-            out["ded"].append({"layer": a.layer, "block": a.block, "r2_entropy": a.fit["r2"],
-                               "slope_entropy": a.fit["slope"], "r2_qerr": a.qerr_fit["r2"],
-                               "mean_ded": sum(p["ded"] for p in a.points) / len(a.points),
-                               "n": a.n_samples})
-        save()
+        for bits in opts.ded_bits:
+            opts.log(f"DED and dependency diagnostics at {bits}, every decoder pair, {opts.ded_samples} samples")
+            report = dependency_diagnostics(
+                handle, QuantConfig.from_bits(bits, recipe="qvlm-cdm", calib_size=opts.ded_samples),
+                n_samples=opts.ded_samples)
+            out["ded"] += [{"bits": bits, **row} for row in report.to_dict()["pairs"]]
+            out.setdefault("verdicts_dependency", {})[bits] = report.verdict
+            save()
     out["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     save()
     return out
@@ -230,12 +221,36 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
 def _overrides(row: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in (row.get("overrides") or {}).items())
 
 
 def _find(rows: list[dict], bits: str, recipe: str) -> dict | None:
     return next((r for r in rows if r["bits"] == bits and r["recipe"] == recipe), None)
+
+
+def paired_verdicts(rows: list[dict], bits: str, baselines: tuple[str, ...] = ("qlora", "rtn")) -> list[str]:
+    """Every recipe at ``bits`` against each baseline by McNemar's test on the same questions."""
+    lines = []
+    for base in baselines:
+        b = _find(rows, bits, base)
+        if b is None or "correct" not in b:
+            continue
+        for r in rows:
+            if r["bits"] != bits or r["recipe"] == base or "correct" not in r or len(r["correct"]) != len(b["correct"]):
+                continue
+            test = mcnemar(r["correct"], b["correct"])
+            lines.append(f"{bits}: {paired_verdict(r['recipe'], base, test)}; "
+                         f"{_pct(r['accuracy'])} vs {_pct(b['accuracy'])}.")
+    return lines
 
 
 def verdicts(out: dict) -> list[str]:
@@ -259,24 +274,8 @@ def verdicts(out: dict) -> list[str]:
             lines.append(f"{bits} within {100 * tol:.1f} pt of FP: {len(ok)}/{len(gaps)} recipes "
                          f"(largest drop {100 * worst:.2f} pt, {max(gaps, key=gaps.get)}); "
                          f"qvlm drop {100 * gaps.get('qvlm', float('nan')):.2f} pt.")
-    for bits in ("W4A4", "W3A3"):
-        q, ql, rtn = gap(bits, "qvlm"), gap(bits, "qlora"), gap(bits, "rtn")
-        if q is None or ql is None or rtn is None:
-            continue
-        beats = q < ql and q < rtn
-        recovered = (rtn - q) / rtn if rtn > 0 else None
-        rec = "n/a (rtn loses nothing)" if recovered is None else f"{100 * recovered:.0f}%"
-        lines.append(f"{bits}: qvlm {'beats' if beats else 'does NOT beat'} both qlora and rtn "
-                     f"(drops: qvlm {100 * q:.2f}, qlora {100 * ql:.2f}, rtn {100 * rtn:.2f} pt); "
-                     f"share of the rtn loss recovered by qvlm: {rec} "
-                     f"({'meets' if recovered is not None and recovered >= 0.5 else 'misses'} the 50% target).")
-        a = {r: _find(rows, bits, r) for r in ("qlora", "qvlm-cdm", "qvlm-veo", "qvlm")}
-        if all(a.values()):
-            v = {k: r["accuracy"] for k, r in a.items()}
-            order = v["qlora"] < v["qvlm-cdm"] and v["qlora"] < v["qvlm-veo"] and v["qvlm-cdm"] < v["qvlm"] \
-                and v["qvlm-veo"] < v["qvlm"]
-            lines.append(f"{bits} ablation qlora < qvlm-cdm, qvlm-veo < qvlm: {'holds' if order else 'does not hold'} "
-                         f"({', '.join(f'{k} {_pct(x)}' for k, x in v.items())}).")
+    for bits in ("W4A4", "W4A3", "W3A3"):
+        lines += paired_verdicts(rows, bits)
     for r in out["rows"]:
         if r.get("overrides"):
             lines.append(f"{r['bits']} {r['recipe']} with {_overrides(r)}: {100 * (r['accuracy'] - acc):+.2f} pt vs FP.")
@@ -336,9 +335,20 @@ def render_markdown(out: dict) -> str:
     if t:
         lines += ["", "## Timing detail (W4A4)", "", "```", json.dumps(t, indent=1, default=str), "```"]
     if out.get("ded"):
-        lines += ["", "## Entropy vs DED (W4A4 layer-wise init, per calibration sample)", "",
-                  "| Pair | R² entropy→DED | slope | R² qerr→DED | mean DED | n |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Do the decoder layers interact? (layer-wise init, per calibration sample)", "",
+                  "Interaction share: the part of a pair's block-error variance over the candidate grid that an "
+                  "additive model leaves (0 = the errors add up). R² chance: what R² exceeds one time in twenty "
+                  "with no correlation at all for n samples.", "",
+                  "| Bits | Pair | interaction share | joint = greedy | DED = 0 | DED / controllable | controllable "
+                  "share | gain | branch | R² entropy→DED | R² chance (5%) | R² qerr→DED | n |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for d in out["ded"]:
-            lines.append(f"| {d['layer']}–{d['layer'] + 1} | {d['r2_entropy']:.3f} | {d['slope_entropy']:.3g} | "
-                         f"{d['r2_qerr']:.3f} | {d['mean_ded']:.3g} | {d['n']} |")
+            lines.append(
+                f"| {d.get('bits', 'W4A4')} | {d['layer']}–{d['layer'] + 1} | {_share(d.get('interaction_share'))} | "
+                f"{'yes' if d.get('joint_equals_greedy', True) else 'no'} | {_share(d.get('zero_ded_fraction'))} | "
+                f"{_num(d.get('ded_relative'))} | {_share(d.get('controllable_share'))} | {_num(d.get('gain'))} | "
+                f"{_num(d.get('branch_response'))} | {d['r2_entropy']:.3f} | {_num(d.get('r2_chance'))} | "
+                f"{d['r2_qerr']:.3f} | {d['n']} |")
+        for bits, verdict in (out.get("verdicts_dependency") or {}).items():
+            lines += ["", f"- {bits}: {verdict}"]
     return "\n".join(lines) + "\n"

@@ -97,3 +97,39 @@ def test_per_sample_ded_is_non_negative():
     s = rng.randrange(8)
     leaves = {p: float(e[s]) for p, e in res.prefix_errors.items() if len(p) == 2}
     assert float(joint[s]) == pytest.approx(min(leaves.values()))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_both_searches_never_end_worse_than_the_incumbent(seed):
+    """Candidate 0 plays the incumbent (the ranges the search starts from, as in CDM's tables)."""
+    n_layers, n_cands = 3, 4
+    apply, forward, error, x, block_error, state = _toy_block(n_layers, n_cands, 200 + seed)
+    incumbent = block_error((0,) * n_layers)
+    ex = exhaustive_search(n_layers, n_cands, apply, forward, error, x)
+    assert ex.error <= incumbent + 1e-9
+    co = coordinate_search(n_layers, n_cands, *_toy_block(n_layers, n_cands, 200 + seed)[:3], x,
+                           start=(0,) * n_layers)
+    assert co.error <= incumbent + 1e-9 and co.error <= co.greedy_error + 1e-12
+    assert co.error == pytest.approx(block_error(co.choice), rel=1e-5)
+
+
+def test_coordinate_search_keeps_a_start_that_beats_greedy():
+    # Layer 0's candidate 1 looks best on its own but candidate 0 is far better for the block.
+    def forward(j, zs):
+        return [z + (0.0 if j == 0 else 0.0) for z in zs]
+
+    state = [0, 0]
+    table = {(0, 0): 0.1, (0, 1): 0.5, (1, 0): 0.4, (1, 1): 0.3}
+    own = {0: 0.2, 1: 0.1}
+
+    def apply(j, c):
+        state[j] = c
+
+    def error(j, ys):
+        value = own[state[0]] if j == 0 else table[tuple(state)]
+        return torch.full((2,), value)
+
+    x = [torch.zeros(2, 1, 1)]
+    res = coordinate_search(2, 2, apply, forward, error, x, start=(0, 0))
+    assert res.greedy_choice == (1, 1) and res.greedy_error == pytest.approx(0.3)
+    assert res.choice == (0, 0) and res.error == pytest.approx(0.1) and tuple(state) == (0, 0)

@@ -252,8 +252,11 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
             done["passes"] += 1
             report(progress, STAGE_SEARCH, min(1.0, done["passes"] / max(1, total)), f"block {bi + 1}/{len(blocks)}")
 
-        search = (exhaustive_search if mode == "exhaustive" else coordinate_search)(
-            len(block), n_cands, apply, forward, error, xs, on_pass=on_pass)
+        if mode == "exhaustive":
+            search = exhaustive_search(len(block), n_cands, apply, forward, error, xs, on_pass=on_pass)
+        else:  # candidate 0 of every layer is its incumbent: start there when it beats greedy
+            search = coordinate_search(len(block), n_cands, apply, forward, error, xs, on_pass=on_pass,
+                                       start=(0,) * len(block))
         outcomes.append((block, search))
         xs = search.outputs[-1]
         search.outputs = None  # the next block's input is all that is needed of them

@@ -94,11 +94,12 @@ def exhaustive_search(n_layers: int, n_cands: int, apply: Apply, forward: Forwar
 
 def coordinate_search(n_layers: int, n_cands: int, apply: Apply, forward: Forward, error: ErrorFn,
                       xs: list[torch.Tensor], max_rounds: int = 2,
-                      on_pass: Callable[[], None] | None = None) -> BlockSearch:
+                      on_pass: Callable[[], None] | None = None, start: tuple[int, ...] | None = None) -> BlockSearch:
     """Greedy (Eq. 2) first, then coordinate descent on the block objective (Eq. 3).
 
-    Cheaper than enumeration; starts from the greedy choice and only accepts improvements, so
-    it is never worse than greedy either.
+    Cheaper than enumeration; starts from the greedy choice (or from ``start``, e.g. the incumbent
+    ranges, when that scores better on the block objective) and only accepts improvements, so it
+    is never worse than greedy, nor than ``start``.
     """
     passes = 0
     prefix_errors: dict[tuple[int, ...], torch.Tensor] = {}
@@ -122,9 +123,27 @@ def coordinate_search(n_layers: int, n_cands: int, apply: Apply, forward: Forwar
     greedy = tuple(choice)
     greedy_err = float(prefix_errors[greedy].mean())
     current_err = greedy_err
+    from_start = False  # the greedy walk already scored every last-layer alternative after its prefix
+    if start is not None and tuple(start) != greedy:
+        ys, outs = xs, []
+        for j, c in enumerate(start):
+            apply(j, c)
+            ys = forward(j, ys)
+            outs.append(ys)
+            passes += 1
+            if on_pass:
+                on_pass()
+        e = error(n_layers - 1, ys).detach().cpu()
+        prefix_errors[tuple(start)] = e
+        if float(e.mean()) < current_err:
+            current_err, choice, inputs_at = float(e.mean()), list(start), [xs] + outs
+            from_start = True
+        else:
+            for j, c in enumerate(choice):
+                apply(j, c)
     for _ in range(max_rounds):
         improved = False
-        for j in range(n_layers - 1):  # the last layer's alternatives were scored on the block objective already
+        for j in range(n_layers if from_start else n_layers - 1):
             for c in range(n_cands):
                 if c == choice[j]:
                     continue
