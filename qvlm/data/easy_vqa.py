@@ -110,6 +110,22 @@ def calibration_split(n: int = 64, seed: int = 0) -> list[VQASample]:
     return [samples[i] for i in sorted(rng.sample(range(len(samples)), n))]
 
 
+def holdout_split(n: int, exclude_image_ids: set[int], seed: int = 0) -> list[VQASample]:
+    """``n`` train pairs on images outside ``exclude_image_ids``, one question per image.
+
+    Why: to tell whether a step that learns on the calibration images (VEO) also lowers the error
+    on images it has not seen, without touching the test split that the accuracy is read from.
+    """
+    by_image: dict[int, list[VQASample]] = {}
+    for s in load_split("train"):
+        if s.image_id not in exclude_image_ids:
+            by_image.setdefault(s.image_id, []).append(s)
+    if not 0 <= n <= len(by_image):
+        raise ValueError(f"held-out size must be between 0 and {len(by_image)} images, got {n}")
+    rng = random.Random(seed)
+    return [rng.choice(by_image[i]) for i in sorted(rng.sample(sorted(by_image), n))]
+
+
 def evaluation_subset(limit: int | None = None, seed: int = 0) -> list[VQASample]:
     """The test split, or a fixed random subset of ``limit`` questions (same for every model)."""
     samples = list(load_split("test"))
