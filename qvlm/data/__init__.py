@@ -1,8 +1,7 @@
-"""VQA data: the easy-VQA dataset, prompt format and answer scoring."""
+"""VQA data: the easy-VQA dataset, its 2x2-mosaic task, prompt format and answer scoring."""
 
 from qvlm.data.easy_vqa import (
     COLORS,
-    QUESTION_TYPES,
     SHAPES,
     VQASample,
     answer_vocabulary,
@@ -14,12 +13,19 @@ from qvlm.data.easy_vqa import (
     load_split,
     question_type,
 )
+from qvlm.data.mosaic import MOSAIC_QUESTION_TYPES, MosaicSample
 from qvlm.data.prompts import build_prompt, chat_messages, is_correct, normalize_answer, validate_question
+from qvlm.data.tasks import DEFAULT_TASK, QUESTION_TYPES, TASKS, Task, get_task
 
 __all__ = [
     "COLORS",
+    "DEFAULT_TASK",
+    "MOSAIC_QUESTION_TYPES",
+    "MosaicSample",
     "QUESTION_TYPES",
     "SHAPES",
+    "TASKS",
+    "Task",
     "VQASample",
     "answer_vocabulary",
     "build_prompt",
@@ -27,6 +33,7 @@ __all__ = [
     "holdout_split",
     "chat_messages",
     "evaluation_subset",
+    "get_task",
     "image_labels",
     "is_correct",
     "load_image",
