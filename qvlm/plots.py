@@ -10,6 +10,7 @@ instead of an exception (the UI shows figures before anything has been computed)
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -339,3 +340,121 @@ def _finite(x: Any) -> bool:
         return x is not None and math.isfinite(float(x))
     except (TypeError, ValueError):
         return False
+
+
+def token_kl_figure(comparison: Mapping[str, Any], title: str = "KL(FP‖variant) per answer token") -> go.Figure:
+    """Grouped bars of KL(FP‖variant) per step of FP's answer, one colour per variant; a variant's first
+    step with another top token is marked with a red ring.
+
+    ``comparison``: what :func:`qvlm.compare.token_comparison` returns (``tokens``, ``variants`` with
+    ``kl`` and ``first_diff``).
+    """
+    variants = dict(comparison.get("variants") or {})
+    tokens = list(comparison.get("tokens") or [])
+    if not variants or not tokens:
+        return empty_figure("Quantize a model and ask a question to compare token by token.", title)
+    steps = [f"{j}: {t}" for j, t in enumerate(tokens)]
+    fig = go.Figure()
+    for i, (label, v) in enumerate(variants.items()):
+        kl = list(v["kl"])
+        first = v.get("first_diff")
+        fig.add_trace(go.Bar(
+            x=steps, y=kl, name=label, marker=dict(color=_block_color(i),
+                                                   line=dict(color=["#E45756" if j == first else "white"
+                                                                    for j in range(len(kl))], width=3)),
+            hovertemplate="%{x}<br>KL: %{y:.3g} nats<extra>" + label + "</extra>",
+        ))
+    fig.update_layout(title=title, barmode="group", xaxis_title="step: FP's token", yaxis_title="KL (nats)",
+                      legend=dict(orientation="h", y=-0.3), **_LAYOUT)
+    return fig
+
+
+def bit_sweep_figure(rows: Sequence[Mapping[str, Any]], title: str = "easy-VQA accuracy vs bit-width") -> go.Figure:
+    """One line per recipe over the bit settings (most bits left), FP as a dashed horizontal line.
+
+    ``rows``: ``{"recipe", "bits", "accuracy", "n"}``, as :func:`qvlm.compare.bit_sweep` returns
+    (the FP row has ``recipe == "fp"``).
+    """
+    points = [r for r in rows if r.get("recipe") != "fp"]
+    if not points:
+        return empty_figure("Run the sweep to see accuracy fall with the bit-width.", title)
+    order = sorted({r["bits"] for r in points}, key=_bits_key, reverse=True)
+    fig = go.Figure()
+    for i, recipe in enumerate(dict.fromkeys(r["recipe"] for r in points)):
+        mine = {r["bits"]: r for r in points if r["recipe"] == recipe}
+        xs = [b for b in order if b in mine]
+        fig.add_trace(go.Scatter(
+            x=xs, y=[100 * mine[b]["accuracy"] for b in xs], mode="lines+markers", name=recipe,
+            line=dict(color=_block_color(i), width=2), marker=dict(size=9),
+            hovertemplate="%{x}: %{y:.1f}%<extra>" + recipe + "</extra>",
+        ))
+    fp = next((r for r in rows if r.get("recipe") == "fp"), None)
+    if fp is not None:
+        fig.add_hline(y=100 * fp["accuracy"], line=dict(color=FP_COLOR, dash="dash"),
+                      annotation_text=f"FP {100 * fp['accuracy']:.1f}%", annotation_position="bottom left")
+    n = points[0].get("n")
+    fig.update_layout(title=f"{title} ({n} test questions)" if n else title, xaxis_title="bit setting",
+                      yaxis=dict(title="accuracy (%)", range=[0, 105]), legend=dict(orientation="h", y=-0.25),
+                      **_LAYOUT)
+    return fig
+
+
+def paper_table_figure(table: Mapping[str, Mapping[str, Mapping[str, float]]], source: str,
+                       title: str = "The paper's LLaVA-1.5-7B numbers") -> go.Figure:
+    """One panel per dataset: accuracy per bit setting, one line per method, FP dashed; the source in the title.
+
+    ``table``: dataset -> bit setting -> method -> accuracy (%), e.g.
+    :data:`qvlm.compare.PAPER_TABLE3_LLAVA15_7B`; bit settings in the table's own order.
+    """
+    if not table:
+        return empty_figure("No paper numbers to show.", title)
+    datasets = list(table)
+    fig = make_subplots(rows=1, cols=len(datasets), subplot_titles=datasets)
+    methods = list(dict.fromkeys(m for d in table.values() for b, ms in d.items() if b != "FP" for m in ms))
+    for col, name in enumerate(datasets, start=1):
+        settings = [b for b in table[name] if b != "FP"]
+        for i, method in enumerate(methods):
+            xs = [b for b in settings if method in table[name][b]]
+            fig.add_trace(go.Scatter(
+                x=xs, y=[table[name][b][method] for b in xs], mode="lines+markers", name=method,
+                legendgroup=method, showlegend=col == 1, line=dict(color=_block_color(i)),
+                hovertemplate=f"{name} %{{x}}: %{{y:.2f}}%<extra>{method}</extra>",
+            ), row=1, col=col)
+        fp = table[name].get("FP", {}).get("FP")
+        if fp is not None:
+            fig.add_hline(y=fp, line=dict(color=FP_COLOR, dash="dash"), row=1, col=col,
+                          annotation_text=f"FP {fp:.2f}", annotation_position="bottom left")
+    fig.update_layout(title=f"{title} ({source})", legend=dict(orientation="h", y=-0.25),
+                      **{**_LAYOUT, "margin": dict(l=60, r=20, t=90, b=50)})
+    fig.update_yaxes(title_text="accuracy (%)", row=1, col=1)
+    return fig
+
+
+def modality_figure(rows: Sequence[Mapping[str, Any]], title: str = "Decoder-layer input: image vs text tokens") -> go.Figure:
+    """Per decoder layer, |x| of image tokens and of text tokens: the percentile solid, the maximum dotted.
+
+    ``rows``: ``{"layer", "image_p", "image_max", "text_p", "text_max", "percentile"}``, as
+    :func:`qvlm.modality.modality_activation_stats` returns.
+    """
+    if not rows:
+        return empty_figure("Press 'Measure image vs text tokens' to see both modalities' ranges.", title)
+    layers = [f"L{r['layer']}" for r in rows]
+    pct = rows[0].get("percentile", 99.9)
+    fig = go.Figure()
+    for modality, color in (("image", "#F58518"), ("text", "#4C78A8")):
+        fig.add_trace(go.Scatter(x=layers, y=[r[f"{modality}_p"] for r in rows], mode="lines+markers",
+                                 name=f"{modality} tokens, {pct:g}th pct |x|", line=dict(color=color, width=2),
+                                 hovertemplate="%{x}: %{y:.3g}<extra>" + modality + f" {pct:g}th pct</extra>"))
+        fig.add_trace(go.Scatter(x=layers, y=[r[f"{modality}_max"] for r in rows], mode="lines+markers",
+                                 name=f"{modality} tokens, max |x|", line=dict(color=color, dash="dot"),
+                                 marker=dict(symbol="triangle-up"),
+                                 hovertemplate="%{x}: %{y:.3g}<extra>" + modality + " max</extra>"))
+    fig.update_layout(title=title, xaxis_title="decoder layer (its input)", yaxis=dict(title="|x|", type="log"),
+                      legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    return fig
+
+
+def _bits_key(label: str) -> tuple[int, int]:
+    """"W4A3" -> (4, 3), for ordering bit settings; unknown labels sort first."""
+    digits = [int(d) for d in re.findall(r"\d+", label)]
+    return (digits + [0, 0])[0], (digits + [0, 0])[1]

@@ -134,3 +134,45 @@ def test_plots_module_does_not_import_gradio():
     imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "gradio" not in imported
+
+
+def test_token_kl_figure_bars_each_variant_per_step_and_rings_the_first_difference():
+    comparison = {"tokens": ["circle", "</s>"], "variants": {
+        "W4A4 qvlm": {"kl": [0.01, 0.0], "first_diff": None},
+        "W3A3 rtn": {"kl": [2.5, 0.1], "first_diff": 0}}}
+    fig = plots.token_kl_figure(comparison)
+    assert [t.name for t in fig.data] == ["W4A4 qvlm", "W3A3 rtn"]
+    assert list(fig.data[0].x) == ["0: circle", "1: </s>"] and list(fig.data[1].y) == [2.5, 0.1]
+    assert list(fig.data[1].marker.line.color) == ["#E45756", "white"]
+    assert "compare token by token" in _texts(plots.token_kl_figure({}))
+
+
+def test_bit_sweep_figure_orders_bits_from_most_and_draws_fp_as_a_line():
+    rows = [{"recipe": "fp", "bits": "FP", "accuracy": 0.9, "n": 200},
+            {"recipe": "qvlm", "bits": "W4A3", "accuracy": 0.5, "n": 200},
+            {"recipe": "qvlm", "bits": "W8A8", "accuracy": 0.9, "n": 200},
+            {"recipe": "rtn", "bits": "W4A4", "accuracy": 0.6, "n": 200}]
+    fig = plots.bit_sweep_figure(rows)
+    qvlm, rtn = fig.data
+    assert list(qvlm.x) == ["W8A8", "W4A3"] and list(qvlm.y) == [90.0, 50.0] and list(rtn.x) == ["W4A4"]
+    assert "FP 90.0%" in _texts(fig) and "200 test questions" in _texts(fig)
+    assert "Run the sweep" in _texts(plots.bit_sweep_figure(rows[:1]))
+
+
+def test_paper_table_figure_has_one_panel_per_dataset_and_names_its_source():
+    table = {"SQA": {"FP": {"FP": 66.79}, "W6A6": {"AWQ": 65.87, "Q-VLM": 66.67}, "W4A4": {"AWQ": 56.73, "Q-VLM": 57.70}},
+             "VizWiz": {"FP": {"FP": 49.87}, "W6A6": {"AWQ": 48.51, "Q-VLM": 49.86}, "W4A4": {"AWQ": 44.29, "Q-VLM": 45.82}}}
+    fig = plots.paper_table_figure(table, "Wang et al., Q-VLM, NeurIPS 2024, Table 3")
+    assert "Table 3" in fig.layout.title.text and "SQA" in _texts(fig) and "VizWiz" in _texts(fig)
+    assert len(fig.data) == 4 and list(fig.data[1].y) == [66.67, 57.70]
+    assert "FP 49.87" in _texts(fig)
+
+
+def test_modality_figure_draws_percentile_and_max_for_both_modalities_on_a_log_axis():
+    rows = [{"layer": k, "image_p": 1.0 + k, "image_max": 2.0 + k, "text_p": 0.5, "text_max": 3.0, "percentile": 99.9}
+            for k in range(3)]
+    fig = plots.modality_figure(rows)
+    assert [t.name for t in fig.data] == ["image tokens, 99.9th pct |x|", "image tokens, max |x|",
+                                          "text tokens, 99.9th pct |x|", "text tokens, max |x|"]
+    assert list(fig.data[0].x) == ["L0", "L1", "L2"] and fig.layout.yaxis.type == "log"
+    assert "Measure image vs text" in _texts(plots.modality_figure([]))

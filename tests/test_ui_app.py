@@ -51,8 +51,9 @@ def test_serves_quickly_with_a_queue(served):
 def test_api_lists_each_panels_main_endpoint_and_nothing_internal(served):
     _, client, _, _ = served
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert names == {"/quantize", "/ask", "/evaluate", "/cancel", "/overview", "/ded", "/compute_ded",
-                     "/interaction"}
+    assert names == {"/quantize", "/ask", "/compare_tokens", "/find_disagreements", "/evaluate", "/bit_sweep",
+                     "/cancel", "/overview", "/ded", "/compute_ded", "/interaction", "/modality"}
+    assert any("disagree" in name for name in names)
 
 
 def test_ask_over_http_with_an_example_image(served, bundled_dir):
@@ -78,5 +79,11 @@ def test_ask_over_http_with_a_file_that_is_not_an_image(served, bundled_dir, tmp
 def test_quantize_over_http_reports_a_bad_setting(served, bundled_dir):
     _, client, _, _ = served
     status, *_ = client.predict(str(bundled_dir), "W4A4", "qvlm", 8, 3, "mean", "1.0, banana", 1, 1.0, 0.01, 1.0,
-                                api_name="/quantize")
+                                False, False, api_name="/quantize")
     assert "'banana' is not a number" in status
+
+
+def test_finder_over_http_without_a_variant_says_to_quantize_first(served, bundled_dir):
+    _, client, _, _ = served
+    status, *_ = client.predict(str(bundled_dir), [], 20, api_name="/find_disagreements")
+    assert "Quantize the model first" in status

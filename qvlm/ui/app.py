@@ -3,7 +3,8 @@
 It reads top to bottom like the page: the tabs in order, then each action's wiring in the same
 order. Components carry stable ``elem_id``s: the browser test selects by them (Gradio 6 role
 queries are unreliable) and they double as documentation of what each part is. The named
-``api_name``s are the app's HTTP API (``/quantize``, ``/ask``, ``/evaluate``, ...).
+``api_name``s are the app's HTTP API (``/quantize``, ``/ask``, ``/compare_tokens``,
+``/find_disagreements``, ``/evaluate``, ``/bit_sweep``, ``/modality``, ...).
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
          .then(analysis.select_variant, [quantize.new_variant], [analysis.variant, analysis.layer], **internal)
          .then(analysis.show_overview, [analysis.variant], overview, **internal)
          .then(analysis.show_ded, ded_inputs, ded, **internal)
-         .then(analysis.show_interaction, interaction_inputs, interaction, **internal))
-        gr.on([quantize.cancel.click, analysis.cancel.click, analysis.interaction_cancel.click, results.cancel.click],
-              app.cancel, concurrency_limit=None, api_name="cancel")
+         .then(analysis.show_interaction, interaction_inputs, interaction, **internal)
+         .then(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal))
+        gr.on([quantize.cancel.click, analysis.cancel.click, analysis.interaction_cancel.click, results.cancel.click,
+               ask.finder_cancel.click, results.sweep_cancel.click], app.cancel, concurrency_limit=None, api_name="cancel")
 
         # Analysis: pick a variant, browse DED by layer, measure DED, ask whether the layers interact
         (analysis.variant.input(analysis.show_overview, [analysis.variant], overview, api_name="overview")
@@ -81,20 +83,39 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         analysis.interaction_samples.submit(analysis.show_interaction, interaction_inputs, interaction, **internal)
         analysis.interaction_btn.click(analysis.compute_interaction, interaction_inputs, interaction,
                                        api_name="interaction", **long_job)
+        analysis.modality_btn.click(analysis.compute_modality, [quantize.model, analysis.modality_pairs],
+                                    [analysis.modality_note, analysis.modality_plot, analysis.modality_table],
+                                    api_name="modality", **long_job)
 
         # Ask: preprocess=False, so the image arrives as a file path that answer_all checks itself and a
         # file that is not an image gets a message instead of failing inside Gradio's own image decoding.
-        gr.on([ask.ask_button.click, ask.question.submit], ask.answer_all,
-              inputs=[ask.image, ask.question, quantize.model], outputs=[ask.answers, ask.note], api_name="ask",
-              preprocess=False, concurrency_limit=app.settings.concurrency, concurrency_id="ask")
+        # Then the token-by-token comparison; a question found by the disagreement finder is asked the same way.
+        ask_inputs = [ask.image, ask.question, quantize.model]
+        tokens = [ask.token_note, ask.token_table, ask.token_plot]
+        ask_light = dict(preprocess=False, concurrency_limit=app.settings.concurrency, concurrency_id="ask")
+        (gr.on([ask.ask_button.click, ask.question.submit], ask.answer_all, inputs=ask_inputs,
+               outputs=[ask.answers, ask.note], api_name="ask", **ask_light)
+         .then(ask.compare_tokens, ask_inputs, tokens, api_name="compare_tokens", **ask_light))
+        ask.finder_start.click(ask.find_disagreements, [quantize.model, ask.finder_variants, ask.finder_n],
+                               [ask.finder_status, ask.found, ask.found_rows], api_name="find_disagreements",
+                               **long_job)
+        (ask.found.select(ask.load_found, [ask.found_rows], [ask.image, ask.question], **internal)
+         .then(ask.answer_all, ask_inputs, [ask.answers, ask.note], **internal, **ask_light)
+         .then(ask.compare_tokens, ask_inputs, tokens, **internal, **ask_light))
+        quantize.model.change(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal)
 
         # Results
         results.start.click(results.evaluate, [results.n_questions, quantize.model],
                             [results.status, results.table, results.accuracy, results.memory],
                             api_name="evaluate", **long_job)
+        results.sweep_start.click(results.sweep, [results.sweep_recipes, results.sweep_bits, results.sweep_n,
+                                                  results.sweep_calib, quantize.model],
+                                  [results.sweep_status, results.sweep_plot, results.sweep_table],
+                                  api_name="bit_sweep", **long_job)
 
         # The page: show this session's variants on (re)load, warm the default model up, forget a closed tab
         demo.load(quantize.show_held, None, [quantize.held], **internal)
+        demo.load(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal)
         demo.load(ask.warm_up, None, None, **internal)
         demo.unload(app.drop_session)
     return demo

@@ -21,6 +21,8 @@ from typing import Generic, TypeVar
 
 from gradio.components import Component
 
+from qvlm.compare import STAGE_SCAN, STAGE_SWEEP
+from qvlm.modality import STAGE_MODALITY
 from qvlm.progress import (
     STAGE_CALIBRATION,
     STAGE_DED,
@@ -153,6 +155,9 @@ STAGE_TITLES = {
     STAGE_DONE: "finish: measure per-layer errors",
     STAGE_EVAL: "easy-VQA evaluation",
     STAGE_DED: "DED: layer-wise vs joint search, per sample",
+    STAGE_SCAN: "answer test questions with FP and the variants",
+    STAGE_SWEEP: "quantize and evaluate each bit-width",
+    STAGE_MODALITY: "record |x| of image and text tokens per decoder layer",
 }
 """How the status names each stage the core reports; a stage not listed is shown by its own name
 (the evaluation reports one stage per model, named by the model's label)."""

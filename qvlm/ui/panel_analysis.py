@@ -20,14 +20,21 @@ import gradio as gr
 
 from qvlm import plots
 from qvlm.analysis import INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics
+from qvlm.modality import modality_activation_stats
 from qvlm.progress import ProgressCallback
 from qvlm.ui.feedback import Outputs, warn
 from qvlm.ui.jobs import LongJob, stream_job
 from qvlm.ui.render import human_bytes
-from qvlm.ui.state import AppState, Variant
+from qvlm.ui.panel_quantize import whole_number
+from qvlm.ui.state import AppState, Variant, canonical_name
 
 DEDSweepFn = Callable[..., list[Any]]
 DiagnosticsFn = Callable[..., Any]
+ModalityFn = Callable[..., list[dict]]
+MODALITY_COLUMNS = ["layer", "image p99.9 |x|", "image max |x|", "text p99.9 |x|", "text max |x|",
+                    "image / text (p99.9)"]
+MODALITY_PAIRS = 8
+"""Calibration pairs for the image-vs-text statistics: one forward pass, enough for stable percentiles."""
 INTERACTION_COLUMNS = ["pair", "interaction share %", "joint = greedy?", "DED = 0 share %", "DED / controllable",
                        "controllable share %", "gain", "branch response", "R² entropy→DED", "R² chance level (5%)"]
 DED_SAMPLES = (2, 64)
@@ -49,15 +56,18 @@ def _sample_count(value: Any) -> int:
 class AnalysisPanel:
     """The Analysis tab: its components (made by :meth:`layout`) and its handlers.
 
-    ``ded_sweep`` is :func:`qvlm.analysis.ded_sweep` and ``dependency_diagnostics`` is
-    :func:`qvlm.analysis.dependency_diagnostics`; a test passes stand-ins with their signatures.
+    ``ded_sweep`` is :func:`qvlm.analysis.ded_sweep`, ``dependency_diagnostics`` is
+    :func:`qvlm.analysis.dependency_diagnostics` and ``modality_stats`` is
+    :func:`qvlm.modality.modality_activation_stats`; a test passes stand-ins with their signatures.
     """
 
     def __init__(self, app: AppState, ded_sweep: DEDSweepFn = ded_sweep,
-                 dependency_diagnostics: DiagnosticsFn = dependency_diagnostics) -> None:
+                 dependency_diagnostics: DiagnosticsFn = dependency_diagnostics,
+                 modality_stats: ModalityFn = modality_activation_stats) -> None:
         self.app = app
         self._ded_sweep = ded_sweep
         self._diagnostics = dependency_diagnostics
+        self._modality_stats = modality_stats
 
     def layout(self) -> None:
         """The tab's components, top to bottom; handlers read and write them by attribute."""
@@ -92,6 +102,16 @@ class AnalysisPanel:
         with gr.Row():
             self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
             self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
+        gr.Markdown("### Image tokens vs text tokens")
+        with gr.Row(equal_height=True):
+            self.modality_pairs = gr.Number(MODALITY_PAIRS, precision=0, minimum=1, maximum=64,
+                                            label="Calibration pairs", elem_id="modality-pairs", scale=1)
+            self.modality_btn = gr.Button("Measure image vs text tokens", elem_id="modality-btn", scale=2)
+        self.modality_note = gr.Markdown("*The FP model of the Quantize tab's model: |x| at every decoder layer's "
+                                         "input, image tokens and text tokens apart.*", elem_id="modality-note")
+        self.modality_plot = gr.Plot(plots.modality_figure([]), label="Image vs text tokens",
+                                     elem_id="modality-plot")
+        self.modality_table = gr.Dataframe(headers=MODALITY_COLUMNS, interactive=False, elem_id="modality-table")
 
     def select_variant(self, label: str | None, request: gr.Request | None = None) -> Outputs:
         """Offer a just-made variant in the menu, chosen, with the layer slider on its most dependent pair.
@@ -212,6 +232,31 @@ class AnalysisPanel:
             holder=f"a DED analysis ({variant.label})", work=work, render=render,
             cancelled="■ Cancelled. The plots you had are unchanged.",
         ), session, self.ded_note)
+
+    def compute_modality(self, model_name: str, n_pairs: Any, request: gr.Request | None = None) -> Iterator[Outputs]:
+        """|x| of image and of text tokens at every decoder layer's input of the FP model (a short long job)."""
+        session = self.app.session(request)
+        base = canonical_name(model_name)
+        pairs = whole_number(n_pairs)
+
+        def work(progress: ProgressCallback, cancel: threading.Event) -> list[dict]:
+            fp = self.app.models.get(base)
+            return self._modality_stats(fp, n_pairs=pairs, progress=progress, cancel=cancel)
+
+        def render(rows: list[dict], seconds: float) -> tuple[str, Outputs]:
+            table = [[f"L{r['layer']}", *(round(r[k], 3) for k in ("image_p", "image_max", "text_p", "text_max")),
+                      round(r["image_p"] / r["text_p"], 2) if r["text_p"] else None] for r in rows]
+            ratios = [r["image_p"] / r["text_p"] for r in rows if r["text_p"]]
+            spread = (f" Image / text 99.9th-percentile ratio from {min(ratios):.2f} to {max(ratios):.2f} across "
+                      "layers: one clipping range per channel serves both.") if ratios else ""
+            line = (f"✓ {pairs} calibration pairs ({rows[0]['image_tokens']} image and {rows[0]['text_tokens']} text "
+                    f"tokens) in {seconds:.1f} s.{spread}") if rows else "✓ No decoder layers found."
+            return line, {self.modality_plot: plots.modality_figure(rows), self.modality_table: table}
+
+        yield from stream_job(LongJob(
+            name="modality statistics", title=f"Image vs text tokens of {base} on {pairs} calibration pairs",
+            holder="a modality measurement", work=work, render=render,
+        ), session, self.modality_note)
 
     def show_interaction(self, label: str | None, n_samples: Any, request: gr.Request | None = None) -> Outputs:
         """Draw the verdict, the per-pair table and the interaction chart of a variant from its cache."""

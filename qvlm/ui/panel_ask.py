@@ -2,27 +2,50 @@
 
 Inference is light (tens of ms on the bundled model) so answers are not serialized with the
 long jobs; an example image also shows easy-VQA's own answer when the question is one of the
-test set's.
+test set's. Below the answers, the models are compared token by token
+(:func:`qvlm.compare.token_comparison`), and the disagreement finder scans test questions for
+answers that differ (:func:`qvlm.compare.disagreement_scan`, a long job); clicking a found
+question loads it here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
-from qvlm.data import load_split, validate_question
+from qvlm import plots
+from qvlm.compare import disagreement_scan, rank_disagreements, token_comparison, vocabulary_hint
+from qvlm.data import evaluation_subset, load_image, load_split, normalize_answer, validate_question
 from qvlm.inference import answer
 from qvlm.models import ModelLoadError, VLMHandle
+from qvlm.progress import ProgressCallback
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.images import load_user_image
-from qvlm.ui.render import AnswerCard, answers_html
+from qvlm.ui.jobs import LongJob, stream_job
+from qvlm.ui.render import AnswerCard, answers_html, token_table_html, vocabulary_hint_markdown
 from qvlm.ui.settings import EXAMPLES_DIR
-from qvlm.ui.state import AppState, canonical_name
+from qvlm.ui.state import AppState, SessionState, Variant, canonical_name
 from qvlm.ui.texts import NO_VARIANT_NOTE
+
+TokenComparisonFn = Callable[..., dict]
+ScanFn = Callable[..., dict]
+FINDER_QUESTIONS = 500
+"""The finder's default scan: 500 test questions take about half a minute per model on the bundled model."""
+FINDER_SHOWN = 24
+"""Thumbnails shown: every flipped answer first, then the largest drops of the right answer's probability."""
+FOUND_DIR = Path(tempfile.gettempdir()) / "qvlm-found"
+"""Where found test images are copied, named as easy-VQA names them, so the Ask tab can serve them
+(Gradio serves files from the temp folder, not from site-packages) and recognise their reference answer."""
+_TEST_IMAGE_NAME = re.compile(r"easyvqa_test_(\d+)\.png$")
 
 
 def image_path(value: Any) -> str | None:
@@ -46,11 +69,45 @@ def _normalize_question(q: str) -> str:
     return " ".join(q.lower().replace("?", " ").split())
 
 
-class AskPanel:
-    """The Ask tab: its components (made by :meth:`layout`) and its handlers."""
+def found_image_path(image_id: int) -> str:
+    """A served copy of an easy-VQA test image, named ``easyvqa_test_<id>.png`` like the examples."""
+    FOUND_DIR.mkdir(parents=True, exist_ok=True)
+    path = FOUND_DIR / f"easyvqa_test_{image_id}.png"
+    if not path.exists():
+        load_image("test", image_id).save(path)
+    return str(path)
 
-    def __init__(self, app: AppState) -> None:
+
+def flag_flips(cards: list[AnswerCard]) -> list[AnswerCard]:
+    """The cards with each variant whose answer differs from the FP card's marked ``flipped``."""
+    fp = normalize_answer(cards[0].text)
+    return [dataclasses.replace(c, flipped=c.kind == "variant" and normalize_answer(c.text) != fp) for c in cards]
+
+
+def _finder_count(value: Any) -> int:
+    """The finder's question count as an int; ValueError with the allowed range otherwise."""
+    n_test = len(load_split("test"))
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        n = math.nan
+    if not n.is_integer() or not 1 <= n <= n_test:
+        raise ValueError(f"Choose between 1 and {n_test} test questions to scan.")
+    return int(n)
+
+
+class AskPanel:
+    """The Ask tab: its components (made by :meth:`layout`) and its handlers.
+
+    ``token_comparison`` is :func:`qvlm.compare.token_comparison` and ``disagreement_scan`` is
+    :func:`qvlm.compare.disagreement_scan`; a test passes stand-ins with their signatures.
+    """
+
+    def __init__(self, app: AppState, token_comparison: TokenComparisonFn = token_comparison,
+                 disagreement_scan: ScanFn = disagreement_scan) -> None:
         self.app = app
+        self._token_comparison = token_comparison
+        self._scan = disagreement_scan
         self._reference: dict[tuple[int, str], str] | None = None  # (image id, question) -> easy-VQA answer
         self._warmed = not app.settings.preload
         self._warm_lock = threading.Lock()
@@ -76,6 +133,25 @@ class AskPanel:
                 inputs=[self.image, self.question], label="Example images (easy-VQA test split): click one",
                 elem_id="image-examples", cache_examples=False, examples_per_page=12,
             )
+        with gr.Accordion("Token by token: where quantization bites", open=True, elem_id="tokens"):
+            self.token_note = gr.Markdown("*Ask a question: every model is then fed the FP model's answer token by "
+                                          "token, and its next-token probabilities are compared with FP's.*",
+                                          elem_id="token-note")
+            self.token_table = gr.HTML(token_table_html({}), elem_id="token-table-box")
+            self.token_plot = gr.Plot(plots.token_kl_figure({}), label="KL(FP‖variant) per step", elem_id="token-plot")
+        with gr.Accordion("Disagreement finder", open=False, elem_id="finder"):
+            with gr.Row(equal_height=True):
+                self.finder_variants = gr.Dropdown([], value=[], multiselect=True, label="Variants (none chosen: all "
+                                                   "held variants of the model)", elem_id="finder-variants", scale=3)
+                self.finder_n = gr.Number(FINDER_QUESTIONS, precision=0, minimum=1, label="Test questions",
+                                          elem_id="finder-n", scale=1)
+                self.finder_start = gr.Button("Find disagreements", variant="primary", elem_id="finder-btn", scale=1)
+                self.finder_cancel = gr.Button("Cancel", variant="stop", elem_id="finder-cancel-btn", scale=1)
+            self.finder_status = gr.Markdown("", elem_id="finder-status")
+            self.found = gr.Gallery([], label="Flipped answers first, then the largest drops of the right answer's "
+                                    "probability: click one to ask it", columns=6, height="auto", allow_preview=False,
+                                    elem_id="finder-gallery")
+            self.found_rows = gr.State([])  # the gallery's questions, in its order: what a click loads
 
     def answer_all(self, image: Any, question: str, model_name: str, request: gr.Request | None = None) -> Outputs:
         """Ask the FP model and every held variant of it the same question; cards side by side, FP first."""
@@ -96,7 +172,11 @@ class AskPanel:
         variants = session.variants.variants(base)
         cards = [answer_card("FP · full precision", "fp", fp, img, q)]
         cards += [answer_card(v.label, "variant", v.handle, img, q) for v in variants]
+        cards = flag_flips(cards)
         notes = [image_note] if image_note else []
+        hint = vocabulary_hint(fp.processor.tokenizer, q, [c.text for c in cards if c.kind != "error"])
+        if hint:
+            notes.append(vocabulary_hint_markdown(hint))
         if not variants:
             notes.append(NO_VARIANT_NOTE)
         others = len(session.variants.variants()) - len(variants)
@@ -104,6 +184,91 @@ class AskPanel:
             notes.append(f"{others} variant(s) of another model are held; choose that model in the Quantize tab "
                          "to ask them.")
         return {self.answers: answers_html(cards, self._expected_answer(path, q)), self.note: "\n\n".join(notes)}
+
+    def compare_tokens(self, image: Any, question: str, model_name: str, request: gr.Request | None = None) -> Outputs:
+        """Feed FP's greedy answer to every model; per step the top-5 next tokens, KL(FP‖variant), the first difference."""
+        session = self.app.session(request)
+        try:
+            img, _ = load_user_image(image_path(image))
+            q = validate_question(question)
+            fp = self.app.models.get(canonical_name(model_name))
+        except ValueError as err:  # the answers' own note already says what is wrong
+            return {self.token_note: f"*Token comparison not run: {err}*"}
+        variants = {v.label: v.handle for v in session.variants.variants(canonical_name(model_name))}
+        try:
+            comparison = self._token_comparison(fp, variants, img, q)
+        except Exception as err:  # noqa: BLE001 - the answers above stay
+            return {self.token_note: unexpected("The token comparison", err)}
+        if not variants:
+            note = f"FP's answer **{comparison['fp_answer']}**, token by token. " + NO_VARIANT_NOTE
+        else:
+            parts = []
+            for label, v in comparison["variants"].items():
+                where = "the same top token at every step" if v["first_diff"] is None else \
+                    f"first differs at step {v['first_diff']}"
+                flip = " · **flipped**" if v["flipped"] else ""
+                parts.append(f"`{label}`: answers **{v['answer']}**, {where}, KL up to {max(v['kl'], default=0):.3g} "
+                             f"nats{flip}")
+            note = (f"Every model is fed FP's answer **{comparison['fp_answer']}** token by token (teacher forcing), "
+                    "so the steps line up.\n\n" + "\n".join(f"- {p}" for p in parts))
+        return {self.token_note: note, self.token_table: token_table_html(comparison),
+                self.token_plot: plots.token_kl_figure(comparison)}
+
+    def offer_variants(self, model_name: str, request: gr.Request | None = None) -> Outputs:
+        """The finder's variant menu: the held variants of the chosen model (the choice kept where still held)."""
+        labels = [v.label for v in self.app.session(request).variants.variants(canonical_name(model_name))]
+        return {self.finder_variants: gr.update(choices=labels)}
+
+    def find_disagreements(self, model_name: str, chosen: list[str] | None, n_questions: Any,
+                           request: gr.Request | None = None) -> Iterator[Outputs]:
+        """Scan test questions with FP and the chosen variants (a long job); thumbnails of what changed."""
+        session = self.app.session(request)
+        try:
+            n = _finder_count(n_questions)
+        except ValueError as err:
+            yield {self.finder_status: warn(str(err))}
+            return
+        base = canonical_name(model_name)
+        variants = self._chosen_variants(session, base, chosen or [])
+        if not variants:
+            yield {self.finder_status: warn("Quantize the model first (Quantize tab): the finder compares its "
+                                            "variants with it.")}
+            return
+
+        def work(progress: ProgressCallback, cancel: threading.Event) -> dict:
+            fp = self.app.models.get(base)
+            return self._scan(fp, {v.label: v.handle for v in variants}, evaluation_subset(n, seed=0),
+                              progress=progress, cancel=cancel)
+
+        def render(scan: dict, seconds: float) -> tuple[str, Outputs]:
+            found = rank_disagreements(scan, FINDER_SHOWN)
+            counts = "; ".join(f"`{label}`: **{c}** of {scan['n']} answers differ from FP ({100 * c / scan['n']:.1f}%)"
+                               for label, c in scan["counts"].items())
+            line = f"✓ Scanned {scan['n']} test questions in {seconds:.1f} s. {counts}."
+            if not found:
+                line += " No answer changed and no right answer lost probability."
+            gallery = [(found_image_path(r["image_id"]), _caption(r)) for r in found]
+            rows = [{"image_id": r["image_id"], "question": r["question"]} for r in found]
+            return line, {self.found: gallery, self.found_rows: rows}
+
+        yield from stream_job(LongJob(
+            name="disagreement scan", title=f"Scanning {n} test questions with FP and {len(variants)} variant(s)",
+            holder=f"a disagreement scan ({n} questions)", work=work, render=render,
+            cancelled="■ Cancelled. The questions found before are still shown.",
+        ), session, self.finder_status)
+
+    def load_found(self, rows: list[dict], evt: gr.SelectData) -> Outputs:
+        """A clicked thumbnail's image and question, into the Ask inputs."""
+        if not rows or evt.index is None or not 0 <= int(evt.index) < len(rows):
+            return {}
+        row = rows[int(evt.index)]
+        return {self.image: found_image_path(row["image_id"]), self.question: row["question"]}
+
+    @staticmethod
+    def _chosen_variants(session: SessionState, base: str, chosen: list[str]) -> list[Variant]:
+        """The chosen variants still held; all held variants of the model when none is chosen (or held)."""
+        held = session.variants.variants(base)
+        return [v for v in held if v.label in chosen] or held
 
     def warm_up(self) -> None:
         """Load the default FP model in the background and answer one question, once per app.
@@ -135,8 +300,17 @@ class AskPanel:
         if not path:
             return None
         image_id = self.app.examples.get("by_file", {}).get(Path(str(path)).name)
+        if image_id is None and (m := _TEST_IMAGE_NAME.search(Path(str(path)).name)):
+            image_id = int(m.group(1))  # a test image the disagreement finder loaded
         if image_id is None:
             return None
         if self._reference is None:
             self._reference = {(s.image_id, _normalize_question(s.question)): s.answer for s in load_split("test")}
         return self._reference.get((image_id, _normalize_question(question)))
+
+
+def _caption(row: dict) -> str:
+    """A thumbnail's caption: the question, the right answer, FP's and each variant's answer."""
+    answers = " · ".join(f"{label}: {a}" for label, a in row["answers"].items())
+    mark = "⚑ flipped · " if row["flipped"] else f"p(right) −{row['drop']:.2f} · "
+    return f"{mark}{row['question']} (right: {row['answer']}; FP: {row['fp_answer']} · {answers})"

@@ -61,7 +61,7 @@ def parse_h0_rule(text: str | None) -> str:
         return rule
 
 
-def _whole(value: Any) -> Any:
+def whole_number(value: Any) -> Any:
     """8.0 -> 8 (number boxes and sliders may send floats); anything else unchanged, for the config to judge."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -71,13 +71,37 @@ def _whole(value: Any) -> Any:
 def config_from_form(
     bits: str, recipe: str, calib_size: Any, max_block_depth: Any, h0_rule: str, percentiles: str,
     veo_epochs: Any, veo_eta: Any, veo_lambda1: Any, veo_lambda2: Any,
+    quantize_vision: Any = None, quantize_projector: Any = None,
 ) -> QuantConfig:
-    """The form's ``QuantConfig``; a ValueError with the config's own message for any bad field."""
+    """The form's ``QuantConfig``; a ValueError with the config's own message for any bad field.
+
+    ``quantize_vision`` / ``quantize_projector`` left None keep the config's defaults.
+    """
+    switches = {name: value for name, value in (("quantize_vision", quantize_vision),
+                                                ("quantize_projector", quantize_projector)) if value is not None}
     return QuantConfig.from_bits(
-        bits, recipe=recipe, calib_size=_whole(calib_size), max_block_depth=_whole(max_block_depth),
-        h0_rule=parse_h0_rule(h0_rule), percentiles=parse_percentiles(percentiles), veo_epochs=_whole(veo_epochs),
-        veo_eta=veo_eta, veo_lambda1=veo_lambda1, veo_lambda2=veo_lambda2,
+        bits, recipe=recipe, calib_size=whole_number(calib_size), max_block_depth=whole_number(max_block_depth),
+        h0_rule=parse_h0_rule(h0_rule), percentiles=parse_percentiles(percentiles), veo_epochs=whole_number(veo_epochs),
+        veo_eta=veo_eta, veo_lambda1=veo_lambda1, veo_lambda2=veo_lambda2, **switches,
     )
+
+
+def quantized_parts(cfg: QuantConfig) -> str:
+    """Which towers the run quantizes, in words: "LLM + vision", "LLM only", "LLM + vision + projector"."""
+    parts = [name for name, on in (("LLM", cfg.quantize_language), ("vision", cfg.quantize_vision),
+                                   ("projector", cfg.quantize_projector)) if on]
+    return " + ".join(parts) + (" only" if len(parts) == 1 else "") if parts else "nothing"
+
+
+def variant_label(cfg: QuantConfig) -> str:
+    """"W4A4 qvlm", with the towers named when they differ from ``QuantConfig``'s defaults ("W4A4 qvlm · vision FP")."""
+    defaults = QuantConfig()
+    label = f"{cfg.bits_label} {cfg.recipe}"
+    if cfg.quantize_vision != defaults.quantize_vision:
+        label += " · vision " + (cfg.bits_label if cfg.quantize_vision else "FP")
+    if cfg.quantize_projector != defaults.quantize_projector:
+        label += " · projector " + (cfg.bits_label if cfg.quantize_projector else "FP")
+    return label
 
 
 def config_key(model: str, cfg: QuantConfig) -> str:
@@ -126,6 +150,13 @@ class QuantizePanel:
                 self.veo_lambda1 = gr.Number(defaults.veo_lambda1, label="λ1 (entropy term)", elem_id="veo-l1")
                 self.veo_lambda2 = gr.Number(defaults.veo_lambda2, label="λ2 (error term)", elem_id="veo-l2")
         with gr.Row():
+            self.quantize_vision = gr.Checkbox(defaults.quantize_vision, label="Quantize the vision tower",
+                                               info="Off: the vision encoder stays FP (VEO then has nothing to tune).",
+                                               elem_id="quantize-vision")
+            self.quantize_projector = gr.Checkbox(defaults.quantize_projector, label="Quantize the projector",
+                                                  info="The image-to-LLM projector; kept FP by the authors' code.",
+                                                  elem_id="quantize-projector")
+        with gr.Row():
             self.start = gr.Button("Start quantization", variant="primary", elem_id="start-btn")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
         self.status = gr.Markdown("*Pick a model and a bit-width, then press **Start quantization**.*",
@@ -138,26 +169,27 @@ class QuantizePanel:
     def form(self) -> list[gr.components.Component]:
         """The inputs of :meth:`quantize`, in its argument order."""
         return [self.model, self.bits, self.recipe, self.calib_size, self.max_block_depth, self.h0_rule,
-                self.percentiles, self.veo_epochs, self.veo_eta, self.veo_lambda1, self.veo_lambda2]
+                self.percentiles, self.veo_epochs, self.veo_eta, self.veo_lambda1, self.veo_lambda2,
+                self.quantize_vision, self.quantize_projector]
 
     def quantize(
         self, model_name: str, bits: str, recipe: str, calib_size: Any, max_block_depth: Any, h0_rule: str,
         percentiles: str, veo_epochs: Any, veo_eta: Any, veo_lambda1: Any, veo_lambda2: Any,
-        request: gr.Request | None = None,
+        quantize_vision: Any = None, quantize_projector: Any = None, request: gr.Request | None = None,
     ) -> Iterator[Outputs]:
         """Quantize the chosen model, streaming its stages to ``status``; the new variant's label goes to
         ``new_variant`` (None when the run made none), from where the Analysis tab opens it."""
         session = self.app.session(request)
         try:
             cfg = config_from_form(bits, recipe, calib_size, max_block_depth, h0_rule, percentiles,
-                                   veo_epochs, veo_eta, veo_lambda1, veo_lambda2)
+                                   veo_epochs, veo_eta, veo_lambda1, veo_lambda2, quantize_vision, quantize_projector)
         except ValueError as err:
             yield {self.status: warn(str(err)), self.new_variant: None}
             return
         base = canonical_name(model_name)
         key = config_key(base, cfg)
         existing = session.variants.get(key, touch=False)
-        label = existing.label if existing else session.variants.unique_label(f"{cfg.bits_label} {cfg.recipe}")
+        label = existing.label if existing else session.variants.unique_label(variant_label(cfg))
 
         def work(progress: ProgressCallback, cancel: threading.Event) -> QuantResult:
             progress(STAGE_LOAD, 0.0, f"loading {base}")

@@ -1,7 +1,12 @@
-"""Results tab: easy-VQA accuracy of FP and the held variants on one subset, and weight memory.
+"""Results tab: easy-VQA accuracy of FP and the held variants on one subset, and weight memory;
+accuracy against bit-width; the paper's own numbers, apart.
 
 Every model is scored on the same fixed random subset, and results are stored per model and
-subset size, so asking again after adding a variant evaluates only the new one.
+subset size, so asking again after adding a variant evaluates only the new one. Each row says
+which towers the variant quantized (vision tower and projector switches of the Quantize tab).
+The bit-width sweep (:func:`qvlm.compare.bit_sweep`) quantizes and evaluates one point after
+another as a long job; the paper's Table 3 sits in its own, labelled panel: other models, other
+datasets.
 """
 
 from __future__ import annotations
@@ -13,20 +18,33 @@ from typing import Any
 
 import gradio as gr
 
+import math
+from collections.abc import Callable
+
 from qvlm import plots
+from qvlm.compare import PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE, bit_sweep
 from qvlm.data import evaluation_subset, load_split
 from qvlm.eval import evaluate
 from qvlm.models import VLMHandle
 from qvlm.progress import ProgressCallback
+from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.jobs import LongJob, StageTracker, stream_job
+from qvlm.ui.panel_quantize import FIRST_RUN_CALIB_PAIRS, quantized_parts, whole_number
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import AppState, canonical_name
-from qvlm.ui.texts import NO_VARIANT_NOTE
+from qvlm.ui.texts import NO_VARIANT_NOTE, PAPER_TABLE_NOTE
 
-EVAL_COLUMNS = ["model", "questions", "overall %", "yes/no %", "color %", "shape %", "answers/s",
+BitSweepFn = Callable[..., list[dict]]
+EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "yes/no %", "color %", "shape %", "answers/s",
                 "FP16 weights", "packed weights", "smaller by"]
+SWEEP_COLUMNS = ["recipe", "bits", "questions", "accuracy %", "weights"]
+SWEEP_RECIPES = ("qlora", "qvlm")
+"""The sweep's default recipes: the paper's baseline and Q-VLM."""
+SWEEP_BITS = ("W8A8", "W6A6", "W4A4", "W4A3")
+SWEEP_QUESTIONS = 200
+"""The sweep's default subset: 200 questions keep each point's evaluation at a few seconds here."""
 SUBSET_SEED = 0
 """The subset is fixed (same questions for every model and every click), so results can be reused."""
 
@@ -39,17 +57,45 @@ class _Scored:
     handle: VLMHandle
     store: dict
     key: tuple
+    parts: str = "nothing (FP)"
+    """Which towers are quantized, in words (:func:`~qvlm.ui.panel_quantize.quantized_parts`)."""
 
     @property
     def done(self) -> bool:
         return self.key in self.store
 
 
-class ResultsPanel:
-    """The Results tab: its components (made by :meth:`layout`) and its handler."""
+def _question_count(value: Any) -> int:
+    """A test-question count as an int; ValueError with the allowed range otherwise."""
+    n_test = len(load_split("test"))
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        n = math.nan
+    if not n.is_integer() or not 1 <= n <= n_test:
+        raise ValueError(f"Choose between 1 and {n_test} test questions.")
+    return int(n)
 
-    def __init__(self, app: AppState) -> None:
+
+def paper_table_rows(table: dict) -> list[list[Any]]:
+    """The paper's table as rows: dataset, FP, then each (bit setting, method) column."""
+    columns = [(b, m) for b, ms in next(iter(table.values())).items() if b != "FP" for m in ms]
+    return [[name, d["FP"]["FP"], *(d[b][m] for b, m in columns)] for name, d in table.items()]
+
+
+def paper_table_headers(table: dict) -> list[str]:
+    return ["dataset", "FP", *(f"{b} {m}" for b, ms in next(iter(table.values())).items() if b != "FP" for m in ms)]
+
+
+class ResultsPanel:
+    """The Results tab: its components (made by :meth:`layout`) and its handlers.
+
+    ``bit_sweep`` is :func:`qvlm.compare.bit_sweep`; a test passes a stand-in with its signature.
+    """
+
+    def __init__(self, app: AppState, bit_sweep: BitSweepFn = bit_sweep) -> None:
         self.app = app
+        self._bit_sweep = bit_sweep
 
     def layout(self) -> None:
         """The tab's components, top to bottom; the handler writes them by attribute."""
@@ -64,6 +110,32 @@ class ResultsPanel:
         with gr.Row():
             self.accuracy = gr.Plot(plots.accuracy_figure([]), label="Accuracy", elem_id="acc-plot")
             self.memory = gr.Plot(plots.memory_figure([]), label="Weight memory", elem_id="mem-plot")
+        with gr.Group(elem_id="sweep"):
+            gr.Markdown("### Accuracy vs bit-width on this model's task (easy-VQA)")
+            with gr.Row(equal_height=True):
+                self.sweep_recipes = gr.CheckboxGroup([(get_recipe(r).label, r) for r in MENU_ORDER],
+                                                      value=list(SWEEP_RECIPES), label="Recipes",
+                                                      elem_id="sweep-recipes", scale=3)
+                self.sweep_bits = gr.CheckboxGroup(list(BIT_SETTINGS), value=list(SWEEP_BITS), label="Bit-widths",
+                                                   elem_id="sweep-bits", scale=2)
+            with gr.Row(equal_height=True):
+                self.sweep_n = gr.Number(SWEEP_QUESTIONS, precision=0, minimum=1, maximum=n_test,
+                                         label="Test questions", elem_id="sweep-n", scale=1)
+                self.sweep_calib = gr.Number(FIRST_RUN_CALIB_PAIRS, precision=0, minimum=1, maximum=256,
+                                             label="Calibration pairs per run", elem_id="sweep-calib", scale=1)
+                self.sweep_start = gr.Button("Run the sweep", variant="primary", elem_id="sweep-btn", scale=1)
+                self.sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel-btn", scale=1)
+            self.sweep_status = gr.Markdown("*Each point is a quantization and an evaluation: about a minute each "
+                                            "for Q-VLM on the bundled model.*", elem_id="sweep-status")
+            self.sweep_plot = gr.Plot(plots.bit_sweep_figure([]), label="Accuracy vs bit-width", elem_id="sweep-plot")
+            self.sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, interactive=False, elem_id="sweep-table")
+        with gr.Group(elem_id="paper-table"):
+            gr.Markdown(f"### From the paper, not measured here: LLaVA-1.5-7B ({PAPER_TABLE3_SOURCE})")
+            gr.Markdown(PAPER_TABLE_NOTE.format(source=PAPER_TABLE3_SOURCE), elem_id="paper-note")
+            gr.Plot(plots.paper_table_figure(PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE),
+                    label="Paper, Table 3 (LLaVA-1.5-7B)", elem_id="paper-plot")
+            gr.Dataframe(paper_table_rows(PAPER_TABLE3_LLAVA15_7B), headers=paper_table_headers(PAPER_TABLE3_LLAVA15_7B),
+                         interactive=False, elem_id="paper-values")
 
     def evaluate(self, n_questions: Any, model_name: str, request: gr.Request | None = None) -> Iterator[Outputs]:
         """Score FP and every held variant of it on one subset (only those not scored yet), then draw the table."""
@@ -87,7 +159,8 @@ class ResultsPanel:
             yield {self.status: unexpected("Loading the model", err)}
             return
         models = [_Scored("FP", fp, session.fp_evals, (base, n, SUBSET_SEED))]
-        models += [_Scored(v.label, v.handle, v.evals, (n, SUBSET_SEED)) for v in session.variants.variants(base)]
+        models += [_Scored(v.label, v.handle, v.evals, (n, SUBSET_SEED), quantized_parts(v.result.config))
+                   for v in session.variants.variants(base)]
         title = f"Evaluating on {n} easy-VQA test questions"
 
         def render(_: None, seconds: float) -> tuple[str, Outputs]:
@@ -122,7 +195,7 @@ class ResultsPanel:
             fp16 = mem.get("fp16_bytes") if mem else None
             packed = mem.get("quant_bytes") if mem else None
             table.append([
-                m.label, res.n, round(100 * res.accuracy, 1),
+                m.label, m.parts, res.n, round(100 * res.accuracy, 1),
                 *(round(100 * res.per_type[t], 1) if t in res.per_type else None for t in ("yes/no", "color", "shape")),
                 round(res.answers_per_second, 1),
                 human_bytes(fp16) if fp16 else "", human_bytes(packed) if packed else "",
@@ -134,6 +207,41 @@ class ResultsPanel:
                 mem_rows.append({"model": m.label, "fp16_bytes": fp16, "quant_bytes": packed})
         return {self.table: table, self.accuracy: plots.accuracy_figure(acc_rows),
                 self.memory: plots.memory_figure(mem_rows)}
+
+
+    def sweep(self, recipes: list[str] | None, bits: list[str] | None, n_questions: Any, calib_size: Any,
+              model_name: str, request: gr.Request | None = None) -> Iterator[Outputs]:
+        """Quantize and evaluate every chosen (recipe, bit-width) on one subset (a long job); draw accuracy vs bits."""
+        session = self.app.session(request)
+        try:
+            n = _question_count(n_questions)
+        except ValueError as err:
+            yield {self.sweep_status: warn(str(err))}
+            return
+        if not recipes or not bits:
+            yield {self.sweep_status: warn("Choose at least one recipe and one bit-width to sweep.")}
+            return
+        calib = whole_number(calib_size)  # the config says what is wrong with it
+        base = canonical_name(model_name)
+        ordered = [b for b in BIT_SETTINGS if b in bits] + [b for b in bits if b not in BIT_SETTINGS]
+
+        def work(progress: ProgressCallback, cancel: threading.Event) -> list[dict]:
+            fp = self.app.models.get(base)
+            return self._bit_sweep(fp, list(recipes), ordered, evaluation_subset(n, seed=SUBSET_SEED),
+                                   calib_size=calib, progress=progress, cancel=cancel)
+
+        def render(rows: list[dict], seconds: float) -> tuple[str, Outputs]:
+            table = [[r["recipe"], r["bits"], r["n"], round(100 * r["accuracy"], 1),
+                      human_bytes(r["quant_bytes"]) if r.get("quant_bytes") else ""] for r in rows]
+            return (f"✓ {len(rows) - 1} point(s) and FP on the same {n} test questions in {seconds:.0f} s.",
+                    {self.sweep_plot: plots.bit_sweep_figure(rows), self.sweep_table: table})
+
+        points = len(recipes) * len(bits)
+        yield from stream_job(LongJob(
+            name="bit-width sweep", title=f"Sweeping {points} point(s) on {n} test questions ({calib} calibration pairs each)",
+            holder=f"a bit-width sweep ({points} points)", work=work, render=render,
+            cancelled="■ Cancelled. The sweep's plot is unchanged.",
+        ), session, self.sweep_status)
 
 
 def _weight_memory(m: _Scored) -> dict[str, Any] | None:

@@ -14,6 +14,8 @@ class AnswerCard:
     text: str
     seconds: float | None
     detail: str = ""
+    flipped: bool = False
+    """A variant whose answer differs from the FP model's (shown with a "flipped" badge)."""
 
 
 _BORDER = {"fp": "#444444", "variant": "#4C78A8", "error": "#E45756"}
@@ -21,6 +23,8 @@ _ROW = "display:flex;flex-wrap:wrap;gap:12px;"
 _CARD = "flex:1 1 180px;border:2px solid {color};border-radius:10px;padding:10px 14px;"
 _SMALL = "font-size:0.85em;opacity:0.75;"
 _ANSWER = "font-size:1.5em;font-weight:600;margin:4px 0;"
+_BADGE = "font-size:0.55em;background:#E45756;color:white;border-radius:8px;padding:2px 7px;vertical-align:middle;"
+_CELL = "padding:3px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top;"
 
 
 def answers_html(cards: Sequence[AnswerCard], expected: str | None = None) -> str:
@@ -40,6 +44,9 @@ def answers_html(cards: Sequence[AnswerCard], expected: str | None = None) -> st
             mark = " <span title='matches the easy-VQA answer'>✓</span>" if ok else \
                 " <span title='differs from the easy-VQA answer'>✗</span>"
         detail = f"<div style='{_SMALL}'>{html.escape(card.detail)}</div>" if card.detail else ""
+        if card.flipped:
+            mark += (" <span class='qvlm-flipped' title='this answer differs from the FP model&#39;s' "
+                     f"style='{_BADGE}'>flipped</span>")
         items.append(
             f"<div class='qvlm-card qvlm-{card.kind}' data-model='{html.escape(card.model, quote=True)}' "
             f"style='{_CARD.format(color=_BORDER.get(card.kind, '#ccc'))}'>"
@@ -71,3 +78,60 @@ def variants_markdown(rows: Sequence[tuple[str, float, int]], budget_bytes: int,
              "the least recently used is dropped beyond that):"]
     lines += [f"- `{label}` · quantized in {sec:.1f} s · {human_bytes(b)}" for label, sec, b in rows]
     return "\n".join(lines)
+
+
+def _top_html(top: Sequence[tuple[str, float]], chosen: str | None = None) -> str:
+    """"circle 0.97 · triangle 0.02 ...", the token FP chose in bold."""
+    parts = []
+    for token, p in top:
+        text = f"{html.escape(token)}&nbsp;{p:.3f}"
+        parts.append(f"<b>{text}</b>" if token == chosen else text)
+    return " · ".join(parts)
+
+
+def token_table_html(comparison: dict) -> str:
+    """One row per step of FP's answer: FP's token and top-k, then each variant's top-k and KL(FP‖variant).
+
+    A variant's first step whose top token is not FP's is shaded red; its header says where that is and
+    whether its own answer flipped. ``comparison`` is :func:`qvlm.compare.token_comparison`'s result.
+    """
+    variants = comparison.get("variants") or {}
+    tokens = comparison.get("tokens") or []
+    if not tokens:
+        return f"<div id='tokens-empty' style='{_SMALL}'>Ask a question to compare the models token by token.</div>"
+    head = [f"<th style='{_CELL}'>step</th>", f"<th style='{_CELL}'>FP token</th>",
+            f"<th style='{_CELL}'>FP top-{len(comparison['fp_top'][0])}</th>"]
+    for label, v in variants.items():
+        first = v.get("first_diff")
+        where = "same top token at every step" if first is None else f"first differs at step {first}"
+        badge = f" <span class='qvlm-flipped' style='{_BADGE}'>flipped</span>" if v.get("flipped") else ""
+        head.append(f"<th style='{_CELL}'>{html.escape(label)}{badge}<br><span style='{_SMALL}'>{where}</span></th>")
+        head.append(f"<th style='{_CELL}'>KL(FP‖{html.escape(label)})</th>")
+    rows = []
+    for j, token in enumerate(tokens):
+        cells = [f"<td style='{_CELL}'>{j}</td>", f"<td style='{_CELL}'><b>{html.escape(token)}</b></td>",
+                 f"<td style='{_CELL}'>{_top_html(comparison['fp_top'][j], token)}</td>"]
+        for v in variants.values():
+            shade = "background:#fde2e1;" if v.get("first_diff") == j else ""
+            cells.append(f"<td style='{_CELL}{shade}'>{_top_html(v['top'][j], token)}</td>")
+            cells.append(f"<td style='{_CELL}{shade}'>{v['kl'][j]:.3g}</td>")
+        rows.append(f"<tr class='qvlm-token-step'>{''.join(cells)}</tr>")
+    return (f"<table id='token-table' class='qvlm-tokens' style='border-collapse:collapse;font-size:0.9em;'>"
+            f"<thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def vocabulary_hint_markdown(hint: dict | None) -> str:
+    """What the model knows, for a question outside its task (:func:`qvlm.compare.vocabulary_hint`); "" when inside."""
+    if not hint:
+        return ""
+    lines = []
+    if hint["unknown"]:
+        words = ", ".join(f"'{w}'" for w in hint["unknown"])
+        lines.append(f"ℹ The model's tokenizer does not know {words}: it reads each as its unknown token.")
+    if hint["outside"]:
+        said = ", ".join(f"'{a}'" for a in hint["outside"])
+        lines.append(f"ℹ The answer {said} is not one of the task's answers.")
+    known = ", ".join(hint["known_answers"])
+    lines.append(f"The task here is easy-VQA (one coloured shape per image), which the bundled model was trained on; "
+                 f"its {len(hint['known_answers'])} answers are: {known}. Ask about the shape or its colour.")
+    return "\n\n".join(lines)

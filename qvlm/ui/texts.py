@@ -65,16 +65,36 @@ same answers. The bundled model is a tiny LLaVA trained on **easy-VQA** (one col
 about shape and colour: *what shape is in the image?*, *is there a red shape?*. Quantized weights are held packed
 (4 bits really take half a byte) and unpacked in every forward pass, while activations are fake-quantized in float
 arithmetic as in the paper's own code, so latency shows the cost of that simulation, not the speed-up of real
-4-bit kernels. — {paper}
+4-bit kernels.
+
+**Token by token** feeds every model the FP model's answer (teacher forcing), so step j of every model predicts the
+same token: the table lists each model's five most likely next tokens, **KL(FP‖variant)** measures in nats how far
+the variant's belief moved from FP's at that step (0 = identical), and a red cell marks the first step where the
+variant's top token is not FP's. **Flipped** means the variant's own answer differs from FP's. The
+**disagreement finder** asks many test questions and lists those where an answer flipped, then those where the
+probability of the right answer fell most; click one to ask it here. — {paper}
 """.format(paper=PAPER)
 
 RESULTS_HELP = """
 **What am I looking at?** Accuracy on a fixed random subset of the easy-VQA *test* split (the same questions for
 every model), overall and per question type (yes/no, colour, shape), for the FP model and each variant you
-hold. The memory plot compares the weights' size in FP16 with their size when packed at the variant's bit-width
+hold; the *quantized* column says which parts each variant quantized (the vision-tower and projector switches
+of the Quantize tab), so the cost of quantizing the vision tower is one row against another. The memory plot compares the weights' size in FP16 with their size when packed at the variant's bit-width
 (the paper reports 2.78x less memory for LLaVA-13B at W4A4). Larger subsets give steadier numbers but take longer:
-about 100 questions a second for the bundled model on 2 CPU cores. — {paper}
+about 100 questions a second for the bundled model on 2 CPU cores.
+
+**Accuracy vs bit-width** quantizes the model once per chosen recipe and bit-width and scores each on the same
+test questions, with FP as a dashed line. Below it, in its own panel, the paper's LLaVA-1.5-7B numbers (Table 3):
+another model on other datasets, for the shape of the curve only. — {paper}
 """.format(paper=PAPER)
+
+PAPER_TABLE_NOTE = (
+    "These are the paper's numbers for **LLaVA-v1.5-7B** on **ScienceQA (SQA), VizWiz and VQA v2**, copied from "
+    "{source} (via the design note `qvlm-algorithm.md` §7). They are **not** measured by this app and **not** the "
+    "same task as the sweep above: another model (7B parameters, not the bundled tiny LLaVA) on other datasets. "
+    "Read them for the shape of the curve, not for a comparison of values. The paper's Table 3 has only FP, W6A6 "
+    "and W4A4 (AWQ, QLoRA and Q-VLM); it gives no W8A8, W4A3 or W3A3 numbers, so none are shown."
+)
 
 FOOTER = (
     f"<small>{PAPER}. Q-VLM Studio runs on CPU; quantized weights are stored packed for real, activations are "
