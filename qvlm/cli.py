@@ -34,6 +34,26 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_mosaic(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, MosaicTrainConfig, train_mosaic_llava
+
+    spec = SMOKE_SPEC if args.tiny else MOSAIC_SPEC
+    sizes = {"text_layers": args.text_layers, "text_hidden": args.text_hidden,
+             "text_intermediate": args.text_intermediate, "patch_size": args.patch_size}
+    spec = replace(spec, **{k: v for k, v in sizes.items() if v is not None})
+    steps = {"vision_steps": args.vision_steps, "caption_steps": args.caption_steps,
+             "align_steps": args.align_steps, "joint_steps": args.joint_steps}
+    cfg = MosaicTrainConfig(spec=spec, seed=args.seed, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                            eval_questions=args.eval_questions, threads=args.threads,
+                            **{k: v for k, v in steps.items() if v is not None},
+                            **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}))
+    report = train_mosaic_llava(args.out, cfg, resume=args.resume)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from qvlm.data import evaluation_subset
     from qvlm.eval import evaluate
@@ -204,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="a very small architecture (smoke tests)")
     p.set_defaults(func=_cmd_train_tiny)
+
+    p = sub.add_parser("train-mosaic", help="train the mosaic LLaVA (issue 11) in the background: resumable, logs "
+                       "to OUT/train.log, checkpoints in OUT/checkpoints/step-N")
+    p.add_argument("--out", required=True, type=Path, help="folder for the model, train.log and checkpoints/")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out "
+                   "(its saved config wins, except --max-minutes/--threads/--eval-questions/--checkpoint-every)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long (probe)")
+    p.add_argument("--seed", type=int, default=0)
+    for stage in ("vision", "caption", "align", "joint"):
+        p.add_argument(f"--{stage}-steps", type=int, default=None, help=f"{stage} stage steps (default: config's)")
+    p.add_argument("--text-layers", type=int, default=None, help="decoder layers (default 16)")
+    p.add_argument("--text-hidden", type=int, default=None, help="decoder width (default 256)")
+    p.add_argument("--text-intermediate", type=int, default=None, help="decoder MLP width (default 704)")
+    p.add_argument("--patch-size", type=int, default=None, help="16: 64 image tokens (default); 32: 16 tokens")
+    p.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke tests)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 250)")
+    p.add_argument("--eval-questions", type=int, default=500)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="a very small architecture (smoke tests)")
+    p.set_defaults(func=_cmd_train_mosaic)
 
     p = sub.add_parser("eval", help="easy-VQA test accuracy of a model (overall and per question type)")
     p.add_argument("--model", default="bundled", help="model folder, hub id, or 'bundled' (default)")

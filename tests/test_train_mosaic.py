@@ -1,0 +1,71 @@
+"""The mosaic training entry point: a tiny smoke run checkpoints, stops on its time budget and resumes exactly."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from qvlm.cli import main
+from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, build_mosaic_tokenizer, cell_of_token, \
+    latest_checkpoint
+
+_SMOKE = ["--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2", "--checkpoint-every", "3"]
+
+
+def test_a_run_stopped_by_its_time_budget_resumes_to_the_same_weights(tmp_path, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(["train-mosaic", "--out", str(straight), *_SMOKE]) == 0
+    assert main(["train-mosaic", "--out", str(stopped), *_SMOKE, "--max-minutes", "0"]) == 0
+    report = json.loads((stopped / "training_report.json").read_text())
+    assert "time budget" in report["stopped"]
+    checkpoint = latest_checkpoint(stopped)
+    assert checkpoint.name == "step-1"
+    assert LlavaForConditionalGeneration.from_pretrained(checkpoint).config.vision_feature_layer == -2
+    assert main(["train-mosaic", "--out", str(stopped), *_SMOKE, "--resume"]) == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (stopped / "train.log").read_text()
+    assert "stopped: time budget" in log and "resumed from step-1" in log and "saved the FP16 model" in log
+    assert (stopped / "checkpoints" / ".gitignore").read_text() == "*\n"
+    final = json.loads((stopped / "training_report.json").read_text())
+    assert final["task"] == "mosaic" and "stopped" not in final and "joint_test_accuracy" in final
+    processor = AutoProcessor.from_pretrained(stopped)
+    assert processor.tokenizer.convert_tokens_to_ids("triangles") != processor.tokenizer.unk_token_id
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train-mosaic", "--out", str(out), *_SMOKE, "--max-minutes", "0"]) == 0
+    assert main(["train-mosaic", "--out", str(out), *_SMOKE]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_each_image_token_knows_its_cell():
+    cells = cell_of_token(MOSAIC_SPEC).view(8, 8)
+    assert cells[0, 0] == 0 and cells[0, 7] == 1 and cells[7, 0] == 2 and cells[7, 7] == 3
+    assert cells[3, 3] == 0 and cells[4, 4] == 3
+    assert cell_of_token(SMOKE_SPEC).tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
+
+
+def test_the_mosaic_model_config_meets_the_issue():
+    from qvlm.training.tiny_llava import build_model
+
+    tokenizer = build_mosaic_tokenizer()
+    model = build_model(MOSAIC_SPEC, tokenizer)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert model.config.text_config.num_hidden_layers >= 16 and model.config.vision_feature_layer == -2
+    assert sum(p.numel() for p in model.parameters()) * 2 <= 40e6
+    words = set(tokenizer.get_vocab())
+    assert {"how", "many", "circles", "left", "same", "zero", "four"} <= words
+
+
+def test_mosaics_composed_from_cell_pixels_equal_the_processed_mosaic_image():
+    from qvlm.data.mosaic import mosaic_calibration_split
+    from qvlm.training.tiny_llava import build_processor
+    from qvlm.training.train_mosaic import CellPixels
+
+    sample = mosaic_calibration_split(1)[0]
+    processor = build_processor(MOSAIC_SPEC, build_mosaic_tokenizer())
+    expected = processor.image_processor(sample.load_image(), return_tensors="pt")["pixel_values"]
+    assert torch.equal(CellPixels().mosaics([sample.cells], None), expected)
