@@ -205,7 +205,8 @@ def test_results_panel_evaluates_fp_and_variants_and_reuses_results(ui, bundled_
     final = list(r.evaluate(20, str(bundled_dir), _req("g")))[-1]
     assert "2 model(s) evaluated on the same 20 test questions" in final[r.status]
     table = final[r.table]
-    assert [row[0] for row in table] == ["FP", "W4A4 qvlm"] and all(row[1] == 20 for row in table)
+    assert [row[0] for row in table] == ["FP", "W4A4 qvlm"] and all(row[2] == 20 for row in table)
+    assert [row[1] for row in table] == ["nothing (FP)", "LLM + vision"]  # which towers each row quantized
     assert [t.name for t in final[r.accuracy].data] == ["FP", "W4A4 qvlm"]
     # a second run with the same subset reuses the stored results (no new computation, one update)
     again = list(r.evaluate(20, str(bundled_dir), _req("g")))

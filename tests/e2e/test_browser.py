@@ -202,3 +202,75 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     assert page.locator("#interaction-plot .main-svg").count() >= 1
     page.wait_for_timeout(500)
     page.locator("#tab-analysis").screenshot(path=str(ARTIFACTS / "07_interaction.png"))
+
+    # --- Issue 15 views (tiny N throughout: the finder on 20 questions, the sweep on one RTN point) -----
+    _issue15_views(page)
+
+
+def _issue15_views(page) -> None:
+    """Token table and finder (Ask), vision switch (Quantize), bit sweep and paper panel (Results), image vs text
+    tokens (Analysis): one screenshot each, ``08``-``13``."""
+    # Ask: the token-by-token comparison of the question asked above, then the disagreement finder on 20 questions
+    page.click("#tab-ask-button")
+    page.click("#ask-btn")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#token-table .qvlm-token-step').length >= 1", timeout=60_000)
+    assert "KL(FP‖W4A4 qvlm)" in page.inner_text("#token-table")
+    page.wait_for_timeout(300)
+    page.locator("#tokens").screenshot(path=str(ARTIFACTS / "08_ask_tokens.png"))
+    page.click("#finder button.label-wrap, #finder .label-wrap")
+    _set_number(page, "#finder-n input", "20")
+    clicked = time.monotonic()
+    page.click("#finder-btn")
+    page.wait_for_function(
+        "() => (document.querySelector('#finder-status')?.innerText || '').includes('Scanned 20')", timeout=120_000)
+    _record("finder_20_questions_seconds", round(time.monotonic() - clicked, 1))
+    assert "answers differ from FP" in page.inner_text("#finder-status")
+    if page.locator("#finder-gallery img").count():  # something was found: a click asks it
+        page.locator("#finder-gallery img").first.click()
+        page.wait_for_function(
+            "() => (document.querySelector('#question textarea, #question input')?.value || '').length > 0")
+    page.wait_for_timeout(500)
+    page.locator("#finder").screenshot(path=str(ARTIFACTS / "09_disagreement_finder.png"))
+
+    # Quantize: the vision-tower switch
+    page.click("#tab-quantize-button")
+    page.locator("#quantize-vision input").uncheck()
+    assert not page.locator("#quantize-vision input").is_checked()
+    page.locator("#quantize-vision input").check()  # leave the form as the other tests expect it
+    page.locator("#quantize-vision input").uncheck()
+    page.locator("#advanced").screenshot(path=str(ARTIFACTS / "10_vision_switch.png"))
+    page.locator("#quantize-vision input").check()
+
+    # Results: a one-point sweep (W8A8 RTN, 20 questions) and the paper's panel
+    page.click("#tab-results-button")
+    for box in page.locator("#sweep-recipes input:checked").all():
+        box.uncheck()
+    page.check("#sweep-recipes input[value='rtn']")
+    for box in page.locator("#sweep-bits input:checked").all():
+        box.uncheck()
+    page.check("#sweep-bits input[value='W8A8']")
+    _set_number(page, "#sweep-n input", "20")
+    _set_number(page, "#sweep-calib input", "4")
+    clicked = time.monotonic()
+    page.click("#sweep-btn")
+    page.wait_for_function(
+        "() => (document.querySelector('#sweep-status')?.innerText || '').includes('point(s) and FP')",
+        timeout=180_000)
+    _record("sweep_1_point_20_questions_seconds", round(time.monotonic() - clicked, 1))
+    assert "W8A8" in page.inner_text("#sweep-table")
+    assert "Table 3" in page.locator("#paper-plot").text_content()
+    assert "quantized" in page.inner_text("#eval-table")
+    page.wait_for_timeout(500)
+    page.locator("#sweep").screenshot(path=str(ARTIFACTS / "11_bit_sweep.png"))
+    page.locator("#paper-table").screenshot(path=str(ARTIFACTS / "12_paper_table3.png"))
+
+    # Analysis: image vs text tokens per decoder layer
+    page.click("#tab-analysis-button")
+    page.click("#modality-btn")
+    page.wait_for_function(
+        "() => (document.querySelector('#modality-note')?.innerText || '').includes('calibration pairs (')",
+        timeout=60_000)
+    assert "image tokens" in page.locator("#modality-plot").text_content()
+    page.wait_for_timeout(500)
+    page.locator("#modality-plot").screenshot(path=str(ARTIFACTS / "13_modality.png"))
