@@ -20,6 +20,15 @@ LLaVA folder plus ``trainer_state.pt``), so ``--resume`` continues exactly where
     nohup python -m qvlm train-mosaic --out assets/tiny-llava-mosaic > /dev/null 2>&1 &
     tail -f assets/tiny-llava-mosaic/train.log
 
+Cost (measured 2026-11-25 on the 2-core machine under a load of ~10, so ~1/5 of it): a vision step
+(16 mosaics) 1.0 s; a caption step (6 mosaics x 8 questions, 64 image tokens, ~90-token rows) 26-30 s,
+i.e. roughly 5-6 s on idle cores. The defaults (4 mosaics x 8 questions; 2,000 + 1,500 + 200 + 1,200
+steps) are sized for ~2.5 h at ~4 s per language-model step; read the real s/step and ETA from the
+first log lines and scale the step counts. The biggest saving not yet taken: every question of a
+mosaic re-encodes the same ~67-token prefix (``<s> user :`` + 64 image tokens); computing it once per
+mosaic and feeding its key/value cache to the 8 question suffixes (~22 tokens each) would cut the
+language model's tokens ~2.9x.
+
 Gate before the full run (issue 11). A probe is one flag away: ``--max-minutes 20`` stops with a
 checkpoint (rerun with ``--resume`` to continue). On the probe's checkpoint, measure::
 
@@ -29,12 +38,13 @@ checkpoint (rerun with ``--resume`` to continue). On the probe's checkpoint, mea
     handle = load_vlm("assets/tiny-llava-mosaic/checkpoints/step-N")
     report = dependency_diagnostics(handle, QuantConfig.from_bits("W4A3", recipe="qvlm-cdm"), n_samples=16)
 
-(the calibration pairs must be mosaic questions: ``qvlm.data.get_task("mosaic").calibration_split``).
-Pass: interaction share >= 10% in at least a quarter of the adjacent pairs, joint != greedy in some
-block. Designs to try first, cheapest lever first: depth/width (``--text-layers 16 --text-hidden
-256`` vs 192 or 24 layers), image tokens (``--patch-size 16``: 64 tokens vs 32: 16 tokens), and
-training length (interaction may need outlier channels that form late: probe at two lengths and
-keep a design only if the share grows).
+The calibration pairs must then be mosaic questions (``qvlm.data.get_task("mosaic").calibration_split``;
+``qvlm.quant.calibration`` still draws easy-VQA pairs). Pass: interaction share >= 10% in at least a
+quarter of the adjacent pairs, joint != greedy in some block. Designs to try first, cheapest lever first:
+depth/width (``--text-layers 16 --text-hidden 256`` against 192, or 24 layers of 192), image tokens
+(``--patch-size 16``: 64 tokens, against 32: 16 tokens, ~2x cheaper but each 8 px shape then sits in
+one 32 px patch) and training length (interaction may need outlier channels that form late: probe at
+two lengths and keep a design only if the share grows between them).
 """
 
 from __future__ import annotations
@@ -101,20 +111,20 @@ class MosaicTrainConfig:
 
     spec: TinyLlavaSpec = field(default_factory=lambda: MOSAIC_SPEC)
     seed: int = 0
-    vision_steps: int = 3000
+    vision_steps: int = 2000
     vision_batch: int = 16  # mosaics per step (64 cell images)
     vision_lr: float = 2e-3
-    caption_steps: int = 3000
+    caption_steps: int = 1500
     caption_lr: float = 1e-3
-    align_steps: int = 300
+    align_steps: int = 200
     align_lr: float = 2e-3
     align_weight: float = 1.0
-    joint_steps: int = 2000
+    joint_steps: int = 1200
     joint_lr: float = 5e-4
     joint_vision_lr: float = 2e-4
     joint_align_weight: float = 0.1
     aux_weight: float = 0.5
-    images_per_step: int = 6  # mosaics per step in stages 2-4
+    images_per_step: int = 4  # mosaics per step in stages 2-4
     questions_per_mosaic: int = 8  # the first with a balanced answer, the rest about the same mosaic
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
