@@ -305,6 +305,7 @@ def render_markdown(out: dict) -> str:
     rows = out["rows"]
     fp = _find(rows, "FP", "fp")
     limit = out.get("limit")
+    types_present = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in rows)]  # the model's task only
     lines = [
         f"# Q-VLM bench: {out['model']}",
         "",
@@ -316,13 +317,13 @@ def render_markdown(out: dict) -> str:
         "- Search s = layer-wise init + VEO + entropy + block search; calibration s = batches, model copy, "
         "first-layer capture.",
         "",
-        "| Bits | Recipe | Calib. pairs | Accuracy | Δ vs FP (pt) | " + " | ".join(QUESTION_TYPES)
+        "| Bits | Recipe | Calib. pairs | Accuracy | Δ vs FP (pt) | " + " | ".join(types_present)
         + " | Calib. s | Search s | Quantize s |",
-        "|---|---|---|---|---|" + "---|" * len(QUESTION_TYPES) + "---|---|---|",
+        "|---|---|---|---|---|" + "---|" * len(types_present) + "---|---|---|",
     ]
     for r in rows:
         delta = "" if fp is None or r is fp else f"{100 * (r['accuracy'] - fp['accuracy']):+.2f}"
-        types = " | ".join(_pct(r["per_type"].get(t)) for t in QUESTION_TYPES)
+        types = " | ".join(_pct(r["per_type"].get(t)) for t in types_present)
         name = r["recipe"] + (f" ({_overrides(r)})" if r.get("overrides") else "")
         lines.append(f"| {r['bits']} | {name} | {r.get('calib_size') or '–'} | {_pct(r['accuracy'])} | {delta} | {types} | "
                      f"{r.get('calibration_s', '–')} | {r.get('search_s', '–')} | {r.get('quantize_s', '–')} |")
