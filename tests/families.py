@@ -85,3 +85,74 @@ def build_family(family: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def build_hub_shaped(hub_id: str, out: Path, *, vision_layers: int = 2, text_layers: int = 1,
+                     image_size: int = 28, seed: int = 0) -> Path:
+    """A random model with ``hub_id``'s real widths (:data:`hub_configs.HUB_CONFIGS`: hidden and
+    intermediate sizes, heads, kv heads, so head_dim too; patch size, feature layer, strategy,
+    projector activation), its depth cut to ``vision_layers`` / ``text_layers``, ``image_size``
+    pixels (patch 14: 28 px gives 2x2 patches) and the project's word-level vocabulary.
+
+    The widths are what the quantizers see (SigLIP-so400m's 4304, Qwen2's 896 with 64-wide heads,
+    Mistral's 8 kv heads, 13B's 5120 / 13824); depth, image size and vocabulary only cost time.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from hub_configs import HUB_CONFIGS
+
+    spec = HUB_CONFIGS[hub_id]
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(IMAGE)
+    v = {k: val for k, val in spec["vision_config"].items() if k != "model_type"}
+    v.update(num_hidden_layers=vision_layers, image_size=image_size)
+    t = {k: val for k, val in spec["text_config"].items() if k != "model_type"}
+    t.update(num_hidden_layers=text_layers, vocab_size=len(tok), max_position_embeddings=512,
+             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    clip = spec["vision_config"]["model_type"] == "clip_vision_model"
+    vision = CLIPVisionConfig(**v) if clip else SiglipVisionConfig(**v)
+    text = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[spec["text_config"]["model_type"]](**t)
+    strategy = spec["vision_feature_select_strategy"]
+    extra_tokens = 1 if clip else 0  # CLIP's CLS token, dropped by the "default" strategy
+    patch = v["patch_size"]
+    n_patches = (image_size // patch) ** 2
+    common = dict(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                  vision_feature_select_strategy=strategy, vision_feature_layer=spec["vision_feature_layer"],
+                  projector_hidden_act=spec["projector_hidden_act"])
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size]]
+    square = {"height": image_size, "width": image_size}
+    if spec["model_type"] == "llava":
+        config = LlavaConfig(**common, image_seq_length=n_patches)
+        model = LlavaForConditionalGeneration(config)
+        image_processor = (CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=square) if clip
+                           else SiglipImageProcessor(size=square))
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                   vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+                                   num_additional_image_tokens=extra_tokens)
+    elif spec["model_type"] == "llava_next":
+        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size=square,
+                                                  image_grid_pinpoints=pinpoints)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                       vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+                                       num_additional_image_tokens=extra_tokens)
+    else:
+        config = LlavaOnevisionConfig(**common, image_grid_pinpoints=pinpoints,
+                                      vision_aspect_ratio=spec["vision_aspect_ratio"])
+        model = LlavaOnevisionForConditionalGeneration(config)
+        # transformers 5.24's LlavaOnevisionProcessor cannot be built without torchvision (it checks for a
+        # video processor class); at these sizes the LLaVA-NeXT processor tiles the image and counts its
+        # tokens (base + unpadded tiles + a newline per row) exactly as OneVision does, since anyres_max_9
+        # only shrinks grids larger than 9 tiles.
+        image_processor = LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size=square,
+                                                  image_grid_pinpoints=pinpoints)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                       vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+                                       num_additional_image_tokens=extra_tokens)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
