@@ -117,3 +117,25 @@ def test_veo_checkpointing_gives_the_same_losses_and_bounds(bundled):
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(b0, b1))
     # the layers' forward is restored afterwards
     assert all("forward" not in layer.__dict__ for layer in res.handle.model.model.language_model.layers)
+
+
+def test_veo_keeps_the_epoch_with_the_lowest_held_out_error(bundled):
+    res = quantize(bundled, QuantConfig(recipe="qvlm-veo", veo_holdout_images=8, **(FAST | {"veo_epochs": 2})))
+    rows = res.veo_holdout
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    kept = [r for r in rows if r["kept"]]
+    assert len(kept) == 1 and kept[0]["err"] == min(r["err"] for r in rows)
+    assert all(r["err"] == pytest.approx(r["visual"] + res.config.veo_eta * r["output"]) for r in rows)
+
+
+def test_veo_that_only_hurts_held_out_images_leaves_the_init_ranges(bundled):
+    """A learning rate far too high makes every epoch worse than the init: early stopping keeps the init."""
+    def vision_ranges(res):
+        return [m.act.get_range() for m in res.handle.model.modules()
+                if isinstance(m, PackedLinear) and m.tower == "vision"]
+
+    base = quantize(bundled, QuantConfig(recipe="qlora", **FAST))
+    veo = quantize(bundled, QuantConfig(recipe="qvlm-veo", veo_lr=3.0, veo_holdout_images=8, **FAST))
+    assert veo.veo_holdout[0]["kept"] and veo.veo_holdout[1]["err"] > veo.veo_holdout[0]["err"]
+    for (lo0, hi0), (lo1, hi1) in zip(vision_ranges(base), vision_ranges(veo)):
+        assert torch.equal(lo0, lo1) and torch.equal(hi0, hi1)

@@ -132,6 +132,17 @@ class QuantConfig:
     not all of them, for about one extra forward pass. Same losses and gradients; for large models
     (with ``veo_micro_batch``, what lets LLaVA-1.5-7B's VEO fit a 24 GB GPU)."""
 
+    veo_holdout_images: int = 64
+    """Train images outside the calibration set on which Eq. 9's error (visual + eta * LLM output,
+    against FP) is measured before VEO and after every epoch (0: no held-out check). Why: VEO fits
+    its bounds to the calibration images; only unseen images tell whether it generalises."""
+    veo_early_stopping: bool = True
+    """Keep the bounds of the epoch (0 = the layer-wise init) with the lowest held-out error, so VEO
+    never leaves the vision tower worse on unseen images than it found it (needs veo_holdout_images)."""
+    veo_calib_size: int | None = None
+    """Train pairs VEO learns from (None: the run's calibration pairs). The easy-VQA train split
+    has 4,000 images; more of them fit the same bounds with less overfitting."""
+
     # --- AWQ baseline -------------------------------------------------------------------------
     awq_grid: int = 20
     """Number of alpha values in [0, 1) for AWQ's scale search s = mean|x|^alpha (AWQ: 20)."""
@@ -210,7 +221,8 @@ class QuantConfig:
         _choice("act_granularity_language", self.act_granularity_language, ("channel", "tensor"))
         _choice("act_granularity_vision", self.act_granularity_vision, ("token", "channel", "tensor"))
         for name in ("quantize_vision", "quantize_language", "quantize_projector", "quantize_lm_head",
-                     "quantize_embeddings", "keep_per_sample_stats", "pack_weights", "veo_checkpoint"):
+                     "quantize_embeddings", "keep_per_sample_stats", "pack_weights", "veo_checkpoint",
+                     "veo_early_stopping"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _positive_int("calib_size", self.calib_size)
@@ -242,6 +254,9 @@ class QuantConfig:
         _choice("veo_params", self.veo_params, ("act_bounds", "act_bounds+layernorm"))
         _choice("veo_visual_output", self.veo_visual_output, ("projector", "vision"))
         _positive_int("veo_jacobian_every", self.veo_jacobian_every)
+        _int("veo_holdout_images", self.veo_holdout_images, low=0)
+        if self.veo_calib_size is not None:
+            _positive_int("veo_calib_size", self.veo_calib_size)
         if self.veo_micro_batch is not None:
             _positive_int("veo_micro_batch", self.veo_micro_batch)
         _positive_int("awq_grid", self.awq_grid)

@@ -46,6 +46,8 @@ class QuantResult:
     percentiles: dict[int, float] = field(default_factory=dict)
     layer_errors: list[dict] = field(default_factory=list)
     veo_losses: list[dict] = field(default_factory=list)
+    veo_holdout: list[dict] = field(default_factory=list)
+    """Per VEO epoch (0 = the init): Eq. 9's error on held-out train images, and which epoch was kept."""
     timings: dict[str, float] = field(default_factory=dict)
     entropies_per_sample: list[list[float]] = field(default_factory=list)
     search: list[dict] = field(default_factory=list)
@@ -64,6 +66,7 @@ class QuantResult:
         rows = [qrun.layer_errors[k] for k in sorted(qrun.layer_errors, key=lambda k: (k[0] != "vision", k[1]))]
         return cls(handle=qrun.quantized_handle(), config=qrun.config, entropies=entropies, h0=qrun.h0,
                    blocks=qrun.blocks, percentiles=qrun.percentiles, layer_errors=rows, veo_losses=qrun.veo_losses,
+                   veo_holdout=qrun.veo_holdout,
                    timings=dict(qrun.timings), entropies_per_sample=per_sample.tolist() if keep else [],
                    search=qrun.search_log, init_notes=qrun.notes, output_mse=qrun.output_mse,
                    timing_details=dict(qrun.timing_details))
@@ -81,6 +84,7 @@ class QuantResult:
             "percentiles": {str(k): v for k, v in self.percentiles.items()},
             "layer_errors": list(self.layer_errors),
             "veo_losses": list(self.veo_losses),
+            "veo_holdout": list(self.veo_holdout),
             "timings": dict(self.timings),
             "search": list(self.search),
             "init_notes": dict(self.init_notes),

@@ -72,6 +72,8 @@ class QuantRun:
         self.residual_grids: list[Grid] = []
         """Per decoder layer, the min/max grid of its quantized-path input (the "residual" entropy site)."""
         self.veo_losses: list[dict] = []
+        self.veo_holdout: list[dict] = []
+        """Eq. 9's error on held-out images per VEO epoch (0: before VEO), "kept" on the epoch kept."""
         self.entropies_per_sample: torch.Tensor | None = None
         self.h0: float | None = None
         self.blocks: list[list[int]] = singleton_blocks(len(fp.layer_map.language))

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from qvlm.models import core_model
 from qvlm.progress import STAGE_VEO, check_cancel, report
-from qvlm.quant.calibration import CalibBatch, masked_mse
+from qvlm.data import calibration_split, holdout_split
+from qvlm.quant.calibration import CalibBatch, build_batches, calibration_batches, masked_mse
 from qvlm.quant.entropy import pair_entropy
 
 if TYPE_CHECKING:
@@ -45,12 +46,49 @@ class VisualEncoderOptimization:
     name: ClassVar[str] = STAGE_VEO
 
     def run(self, qrun: "QuantRun") -> None:
-        if not qrun.config.quantize_vision:
+        cfg = qrun.config
+        if not cfg.quantize_vision:
             return
         with qrun.timed(STAGE_VEO):
-            qrun.veo_losses = optimize_vision_bounds(qrun.qmodel, qrun.fp.model, qrun.qmap, qrun.batches,
-                                                     qrun.config, qrun.entropy_grids(), qrun.progress,
-                                                     qrun.cancel)
+            batches = qrun.batches
+            if cfg.veo_calib_size is not None and qrun.calibration is None:
+                batches = calibration_batches(qrun.fp, cfg.veo_calib_size, cfg.calib_seed, cfg.calib_batch)
+            holdout = []
+            if cfg.veo_holdout_images and qrun.calibration is None:
+                seen = {s.image_id for s in calibration_split(max(cfg.calib_size, cfg.veo_calib_size or 0),
+                                                              cfg.calib_seed)}
+                samples = holdout_split(cfg.veo_holdout_images, seen, cfg.calib_seed + 1)
+                holdout = build_batches(qrun.fp.processor, samples, cfg.calib_batch, qrun.fp.device, qrun.fp.dtype)
+            qrun.veo_losses, qrun.veo_holdout = optimize_vision_bounds(
+                qrun.qmodel, qrun.fp.model, qrun.qmap, batches, cfg, qrun.entropy_grids(), qrun.progress,
+                qrun.cancel, holdout)
+
+
+@torch.no_grad()
+def holdout_error(qmodel, batches: list[CalibBatch], targets: list[dict[str, torch.Tensor]],
+                  cfg: "QuantConfig") -> dict[str, float]:
+    """Eq. 9's error on held-out pairs: the visual term, the LLM-output term, and L_err = visual + eta * output.
+
+    Each term is the MSE against the FP model's, averaged over batches weighted by their size.
+    """
+    core = core_model(qmodel)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        seen["in"], seen["out"] = args[0], output
+
+    handle = core.multi_modal_projector.register_forward_hook(hook)
+    visual = output = 0.0
+    n = sum(b.size for b in batches)
+    try:
+        for b, tgt in zip(batches, targets):
+            hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
+            xv = seen["out"] if cfg.veo_visual_output == "projector" else seen["in"]
+            visual += float(masked_mse(xv, tgt["xv"], None)) * b.size / n
+            output += float(masked_mse(hidden, tgt["xn"], b.valid)) * b.size / n
+    finally:
+        handle.remove()
+    return {"visual": visual, "output": output, "err": visual + cfg.veo_eta * output}
 
 
 @torch.no_grad()
@@ -105,15 +143,22 @@ def _restore_layers(layers: list[torch.nn.Module]) -> None:
 
 def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cfg: "QuantConfig",
                            grids: list[tuple[torch.Tensor, torch.Tensor]], progress=None,
-                           cancel=None) -> list[dict]:
-    """Optimise the vision quantizers in place by Eq. 10; returns the per-step loss log.
+                           cancel=None, holdout: list[CalibBatch] | None = None) -> tuple[list[dict], list[dict]]:
+    """Optimise the vision quantizers in place by Eq. 10; returns (per-step loss log, held-out log).
 
-    ``grids[k]`` is the fixed (step, zero point) of decoder layer k's entropy site.
+    ``grids[k]`` is the fixed (step, zero point) of decoder layer k's entropy site. With
+    ``holdout`` batches, Eq. 9's error on them is measured before training (epoch 0: the
+    layer-wise init) and after every epoch; with ``cfg.veo_early_stopping`` the bounds of the
+    epoch with the lowest held-out error are kept (epoch 0 restores the init's ranges exactly).
     """
     vision_qs = [lin.act for entry in qmap.vision for lin in entry.linears.values()
                  if getattr(lin, "act", None) is not None and lin.act.calibrated]
     if not vision_qs or cfg.veo_epochs == 0:
-        return []
+        return [], []
+    holdout = holdout or []
+    holdout_targets = fp_targets(fp_model, holdout, cfg.veo_visual_output) if holdout else []
+    holdout_log = [{"epoch": 0, **holdout_error(qmodel, holdout, holdout_targets, cfg)}] if holdout else []
+    init_ranges = [tuple(t.clone() for t in q.get_range()) for q in vision_qs]
     # Micro-batches are cut before the FP targets are taken, so each target has its chunk's layout
     # (LLaVA-NeXT's projector output is not row-aligned with the batch).
     chunks = [b.split(cfg.veo_micro_batch) if cfg.veo_micro_batch else [b] for b in batches]
@@ -123,6 +168,7 @@ def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cf
     for q in vision_qs:
         params += q.make_learnable()
     ln_params: list[torch.nn.Parameter] = []
+    best = {"epoch": 0, "err": holdout_log[0]["err"] if holdout_log else math.inf, "state": None}
     if cfg.veo_params == "act_bounds+layernorm":
         for entry in qmap.vision:
             for mod in entry.module.modules():
@@ -130,6 +176,7 @@ def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cf
                     for p in mod.parameters():
                         p.requires_grad_(True)
                         ln_params.append(p)
+    ln_start = [p.detach().clone() for p in ln_params]
     groups = [{"params": params, "lr": cfg.veo_lr}]
     if ln_params:
         groups.append({"params": ln_params, "lr": cfg.veo_lr * 0.1})
@@ -223,6 +270,24 @@ def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cf
                     if not math.isfinite(sums["total"]):
                         raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr")
                     report(progress, STAGE_VEO, step / total_steps, f"epoch {epoch + 1}/{cfg.veo_epochs}")
+                if holdout:
+                    row = {"epoch": epoch + 1, **holdout_error(qmodel, holdout, holdout_targets, cfg)}
+                    captured["layer_in"] = [None] * len(decoder_layers)
+                    captured["site"] = [None] * len(decoder_layers)
+                    holdout_log.append(row)
+                    if row["err"] < best["err"]:
+                        best.update(epoch=epoch + 1, err=row["err"],
+                                    state=[p.detach().clone() for p in params + ln_params])
+        if holdout and cfg.veo_early_stopping and best["epoch"] < cfg.veo_epochs:
+            with torch.no_grad():
+                if best["state"] is None:  # epoch 0: the init was best on held-out images
+                    for p, p0 in zip(ln_params, ln_start):
+                        p.copy_(p0)
+                else:
+                    for p, p_best in zip(params + ln_params, best["state"]):
+                        p.copy_(p_best)
+        for row in holdout_log:
+            row["kept"] = row["epoch"] == (best["epoch"] if holdout and cfg.veo_early_stopping else cfg.veo_epochs)
     finally:
         for h in handles:
             h.remove()
@@ -232,4 +297,7 @@ def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cf
             q.freeze()
         for p in ln_params:
             p.requires_grad_(False)
-    return log
+    if holdout and cfg.veo_early_stopping and best["state"] is None and best["epoch"] == 0:
+        for q, (lo, hi) in zip(vision_qs, init_ranges):  # exactly the init's ranges, not their log round trip
+            q.set_range(lo, hi)
+    return log, holdout_log
