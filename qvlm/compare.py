@@ -59,7 +59,8 @@ def _top_k(probs: torch.Tensor, tokenizer: Any, k: int) -> list[tuple[str, float
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) in nats along the last dim; probabilities in, zeros of p contribute nothing."""
     q = q.clamp_min(1e-12)
-    return torch.where(p > 0, p * (p.clamp_min(1e-12).log() - q.log()), torch.zeros_like(p)).sum(-1)
+    kl = torch.where(p > 0, p * (p.clamp_min(1e-12).log() - q.log()), torch.zeros_like(p)).sum(-1)
+    return kl.clamp_min(0.0)  # rounding can leave -1e-8 where the two are equal
 
 
 def _fp_answer_ids(handle: Any, image: Image.Image, question: str, max_new_tokens: int) -> list[int]:
@@ -159,12 +160,12 @@ def disagreement_scan(
             "counts": {lab: sum(lab in r["flipped"] for r in rows) for lab in labels}}
 
 
-def rank_disagreements(scan: Mapping[str, Any], limit: int = 24) -> list[dict[str, Any]]:
+def rank_disagreements(scan: Mapping[str, Any], limit: int = 24, min_drop: float = 1e-3) -> list[dict[str, Any]]:
     """The questions to look at: every one whose answer flipped, then the largest drops of the right answer's
-    probability among the others (positive drops only), at most ``limit`` in all."""
+    probability among the others (drops above ``min_drop`` only: below it is rounding), at most ``limit`` in all."""
     rows = scan["rows"]
     flipped = sorted((r for r in rows if r["flipped"]), key=lambda r: -r["drop"])
-    dropped = sorted((r for r in rows if not r["flipped"] and r["drop"] > 0), key=lambda r: -r["drop"])
+    dropped = sorted((r for r in rows if not r["flipped"] and r["drop"] > min_drop), key=lambda r: -r["drop"])
     return (flipped + dropped)[:limit]
 
 
