@@ -9,8 +9,8 @@ def __getattr__(name: str):
         from qvlm.export import load_quantized
 
         return load_quantized
-    if name == "load_vlm":
-        from qvlm.models import load_vlm
+    if name == "load_vlm":  # a checkpoint or a packed export folder, as the app's picker takes them
+        from qvlm.export import load_vlm_or_export
 
-        return load_vlm
+        return load_vlm_or_export
     raise AttributeError(f"module 'qvlm' has no attribute {name!r}")

@@ -57,7 +57,7 @@ def _cmd_train_mosaic(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from qvlm.data import evaluation_subset
     from qvlm.eval import evaluate
-    from qvlm.models import load_vlm
+    from qvlm.export import load_vlm_or_export as load_vlm
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be a positive number of questions")
@@ -104,7 +104,7 @@ class _progress_bar:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from qvlm.data import evaluation_subset
     from qvlm.eval import evaluate
-    from qvlm.models import load_vlm
+    from qvlm.export import load_vlm_or_export as load_vlm
     from qvlm.quant import QuantConfig, quantize
 
     if args.limit is not None and args.limit < 1:

@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from qvlm.quant.quantizers import check_group_size
 from qvlm.quant.recipes import RECIPES, get_recipe
 
 BIT_SETTINGS: tuple[str, ...] = ("W8A8", "W6A6", "W4A4", "W4A3", "W3A3")
@@ -215,9 +216,12 @@ class QuantConfig:
         _choice("weight_format", self.weight_format, ("auto", "uniform", "nf4"))
         if self.weight_group_size is not None and (
             isinstance(self.weight_group_size, bool) or not isinstance(self.weight_group_size, int)
-            or self.weight_group_size < 2
         ):
-            raise ValueError(f"weight_group_size must be None or an integer >= 2, got {self.weight_group_size!r}")
+            raise ValueError(f"weight_group_size must be None or a whole number, got {self.weight_group_size!r}")
+        try:
+            check_group_size(self.weight_group_size)
+        except ValueError as err:
+            raise ValueError(f"weight_group_size: {err}") from None
         _choice("act_granularity_language", self.act_granularity_language, ("channel", "tensor"))
         _choice("act_granularity_vision", self.act_granularity_vision, ("token", "channel", "tensor"))
         for name in ("quantize_vision", "quantize_language", "quantize_projector", "quantize_lm_head",
