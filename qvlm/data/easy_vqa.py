@@ -128,7 +128,14 @@ def holdout_split(n: int, exclude_image_ids: set[int], seed: int = 0) -> list[VQ
 
 def evaluation_subset(limit: int | None = None, seed: int = 0) -> list[VQASample]:
     """The test split, or a fixed random subset of ``limit`` questions (same for every model)."""
-    samples = list(load_split("test"))
+    return fixed_subset(list(load_split("test")), limit, seed)
+
+
+def fixed_subset(samples: list, limit: int | None, seed: int = 0) -> list:
+    """All ``samples``, or ``limit`` of them drawn at random by ``seed``, in their original order.
+
+    Why one helper: every model and every task reads its accuracy from the same questions.
+    """
     if limit is None or limit >= len(samples):
         return samples
     if limit < 1:

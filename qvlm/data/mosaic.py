@@ -28,7 +28,7 @@ from functools import lru_cache
 
 from PIL import Image
 
-from qvlm.data.easy_vqa import COLORS, SHAPES, Split, image_labels, load_image
+from qvlm.data.easy_vqa import COLORS, SHAPES, Split, fixed_subset, image_labels, load_image
 
 Label = tuple[int, int]  # (shape index, colour index) in SHAPES / COLORS
 Cells = tuple[int, int, int, int]  # easy-VQA image ids: top left, top right, bottom left, bottom right
@@ -292,10 +292,4 @@ def mosaic_calibration_split(n: int = 64, seed: int = 0) -> list[MosaicSample]:
 
 def mosaic_evaluation_subset(limit: int | None = None, seed: int = 0) -> list[MosaicSample]:
     """The mosaic test split, or a fixed random subset of ``limit`` questions (same for every model)."""
-    samples = list(load_mosaic_test())
-    if limit is None or limit >= len(samples):
-        return samples
-    if limit < 1:
-        raise ValueError(f"limit must be a positive number of questions, got {limit}")
-    rng = random.Random(seed)
-    return [samples[i] for i in sorted(rng.sample(range(len(samples)), limit))]
+    return fixed_subset(list(load_mosaic_test()), limit, seed)

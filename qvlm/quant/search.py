@@ -124,16 +124,23 @@ def coordinate_search(n_layers: int, n_cands: int, apply: Apply, forward: Forwar
     greedy_err = float(prefix_errors[greedy].mean())
     current_err = greedy_err
     from_start = False  # the greedy walk already scored every last-layer alternative after its prefix
-    if start is not None and tuple(start) != greedy:
-        ys, outs = xs, []
-        for j, c in enumerate(start):
-            apply(j, c)
-            ys = forward(j, ys)
+    def chain(first: int, ys: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Run layers first..end on ``ys`` at their current candidates; every layer's output."""
+        nonlocal passes
+        outs = []
+        for jj in range(first, n_layers):
+            ys = forward(jj, ys)
             outs.append(ys)
             passes += 1
             if on_pass:
                 on_pass()
-        e = error(n_layers - 1, ys).detach().cpu()
+        return outs
+
+    if start is not None and tuple(start) != greedy:
+        for j, c in enumerate(start):
+            apply(j, c)
+        outs = chain(0, xs)
+        e = error(n_layers - 1, outs[-1]).detach().cpu()
         prefix_errors[tuple(start)] = e
         if float(e.mean()) < current_err:
             current_err, choice, inputs_at = float(e.mean()), list(start), [xs] + outs
@@ -151,15 +158,8 @@ def coordinate_search(n_layers: int, n_cands: int, apply: Apply, forward: Forwar
                 if tuple(trial) in prefix_errors:
                     continue
                 apply(j, c)
-                ys = inputs_at[j]
-                outs = []
-                for jj in range(j, n_layers):
-                    ys = forward(jj, ys)
-                    outs.append(ys)
-                    passes += 1
-                    if on_pass:
-                        on_pass()
-                e = error(n_layers - 1, ys).detach().cpu()
+                outs = chain(j, inputs_at[j])
+                e = error(n_layers - 1, outs[-1]).detach().cpu()
                 prefix_errors[tuple(trial)] = e
                 if float(e.mean()) < current_err:
                     current_err, choice, improved = float(e.mean()), trial, True
