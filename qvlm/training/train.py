@@ -142,7 +142,7 @@ def _capped(steps: int, max_steps: int | None) -> int:
     return min(steps, max_steps) if max_steps else steps
 
 
-def _lr_lambda(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+def lr_lambda(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
     warmup = max(1, int(total_steps * warmup_fraction))
 
     def schedule(step: int) -> float:
@@ -154,7 +154,7 @@ def _lr_lambda(total_steps: int, warmup_fraction: float) -> Callable[[int], floa
     return schedule
 
 
-class _QuestionTable:
+class QuestionTable:
     """Token ids of every question (with its answer) and where the answer starts."""
 
     def __init__(self, processor, image_tokens: int) -> None:
@@ -178,13 +178,13 @@ class _QuestionTable:
         return self._cache[key]
 
 
-def _vision_patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
+def vision_patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     cfg = model.config
     out = model.model.vision_tower(pixels, output_hidden_states=True)
     return out.hidden_states[cfg.vision_feature_layer][:, 1:]
 
 
-def _answer_loss(model, table: _QuestionTable, image_embeds: torch.Tensor, questions: list[list], pad_id: int):
+def answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questions: list[list], pad_id: int):
     """Cross-entropy on answer tokens of every question of every image.
 
     ``image_embeds`` [images, tokens, hidden] are what the LLM sees in place of ``<image>``
@@ -260,7 +260,7 @@ class _CaptionTokens:
         return words[:, None, :].expand(-1, self.tokens, -1)
 
 
-def _relative_sq_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def relative_sq_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """||x - t||^2 / ||t||^2 per token, averaged: scale-free, so one weight fits any embedding size."""
     return ((x - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-8)).mean()
 
@@ -316,7 +316,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
     steps_per_epoch = math.ceil(len(image_ids) / cfg.vision_batch)
     total = _capped(steps_per_epoch * cfg.vision_epochs, cfg.max_steps)
     opt = torch.optim.AdamW(vision_params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_fraction))
     model.train()
     step = 0
     bar = tqdm(total=total, desc="stage 1: vision", unit="step")
@@ -326,7 +326,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
             if step >= total:
                 break
             b = order[start : start + cfg.vision_batch]
-            loss = heads.loss(_vision_patch_features(model, augment(pixels[b], gen)), shape_y[b], color_y[b])
+            loss = heads.loss(vision_patch_features(model, augment(pixels[b], gen)), shape_y[b], color_y[b])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
             opt.step()
@@ -343,7 +343,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
     by_image: dict[int, list] = {}
     for s in load_split("train"):
         by_image.setdefault(s.image_id, []).append(s)
-    table = _QuestionTable(processor, cfg.spec.image_tokens)
+    table = QuestionTable(processor, cfg.spec.image_tokens)
     synth = QuestionSynth()
     rng = random.Random(cfg.seed)
     captions = _CaptionTokens(tokenizer, cfg.spec.image_tokens)
@@ -359,7 +359,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
 
     def optimizer(groups: list[dict], steps: int):
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, cfg.warmup_fraction))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_fraction))
 
     # Images whose shape and colour are both known (a caption needs both).
     labelled = torch.tensor([k for k, i in enumerate(image_ids) if labels[i][0] >= 0 and labels[i][1] >= 0])
@@ -377,7 +377,7 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
         def caption_step(step: int):
             b = image_batch(labelled)
             qs = [questions_of(image_ids[i]) for i in b.tolist()]
-            loss, correct = _answer_loss(model, table, captions(model, shape_y[b], color_y[b]), qs, pad)
+            loss, correct = answer_loss(model, table, captions(model, shape_y[b], color_y[b]), qs, pad)
             return loss, qs, correct
 
         _run_steps("stage 2: captions", total, language, opt, sched, caption_step)
@@ -393,11 +393,11 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
             b = image_batch(labelled)
             qs = [questions_of(image_ids[i]) for i in b.tolist()]
             with torch.no_grad():
-                feats = _vision_patch_features(model, augment(pixels[b], gen))
+                feats = vision_patch_features(model, augment(pixels[b], gen))
                 target = captions(model, shape_y[b], color_y[b])
             tokens = model.model.multi_modal_projector(feats)
-            loss, correct = _answer_loss(model, table, tokens, qs, pad)
-            return loss + cfg.align_weight * _relative_sq_error(tokens, target), qs, correct
+            loss, correct = answer_loss(model, table, tokens, qs, pad)
+            return loss + cfg.align_weight * relative_sq_error(tokens, target), qs, correct
 
         _run_steps("stage 3: projector", total, projector, opt, sched, align_step)
         for p in language + vision:
@@ -420,16 +420,16 @@ def train_tiny_llava(out_dir: str | Path, config: TrainConfig | None = None, log
             order = torch.randperm(len(image_ids), generator=gen).tolist()
         b, order = torch.tensor(order[: cfg.images_per_step]), order[cfg.images_per_step :]
         qs = [questions_of(image_ids[i]) for i in b.tolist()]
-        feats = _vision_patch_features(model, augment(pixels[b], gen))
+        feats = vision_patch_features(model, augment(pixels[b], gen))
         tokens = model.model.multi_modal_projector(feats)
-        loss, correct = _answer_loss(model, table, tokens, qs, pad)
+        loss, correct = answer_loss(model, table, tokens, qs, pad)
         loss = loss + cfg.aux_weight * heads.loss(feats, shape_y[b], color_y[b])
         if cfg.joint_align_weight:
             known = (shape_y[b] >= 0) & (color_y[b] >= 0)
             if known.any():
                 with torch.no_grad():
                     target = captions(model, shape_y[b][known], color_y[b][known])
-                loss = loss + cfg.joint_align_weight * _relative_sq_error(tokens[known], target)
+                loss = loss + cfg.joint_align_weight * relative_sq_error(tokens[known], target)
         return loss, qs, correct
 
     def save_each_epoch(step: int) -> None:
@@ -460,7 +460,7 @@ def _attribute_accuracy(model, heads: AttributeHeads, processor) -> dict[str, fl
     labels = {i: v for i, v in image_labels("test").items()}
     ids = sorted(labels)
     pixels = _pixel_table(processor, "test", ids)
-    shape_pred, color_pred = heads.predict(_vision_patch_features(model, pixels))
+    shape_pred, color_pred = heads.predict(vision_patch_features(model, pixels))
     shape_y = torch.tensor([labels[i][0] for i in ids])
     color_y = torch.tensor([labels[i][1] for i in ids])
     model.train()
@@ -472,7 +472,7 @@ def _attribute_accuracy(model, heads: AttributeHeads, processor) -> dict[str, fl
 
 
 @torch.no_grad()
-def _quick_answer_accuracy(model, processor, table: _QuestionTable, n: int) -> float:
+def _quick_answer_accuracy(model, processor, table: QuestionTable, n: int) -> float:
     """Teacher-forced first-answer-token accuracy on a fixed test subset (the CLI eval uses generate)."""
     from qvlm.data import evaluation_subset
 
@@ -481,7 +481,7 @@ def _quick_answer_accuracy(model, processor, table: _QuestionTable, n: int) -> f
     for start in range(0, len(samples), 64):
         chunk = samples[start : start + 64]
         pixels = _pixel_table(processor, "test", [s.image_id for s in chunk])
-        tokens = model.model.multi_modal_projector(_vision_patch_features(model, pixels))
-        _, ok = _answer_loss(model, table, tokens, [[s] for s in chunk], processor.tokenizer.pad_token_id)
+        tokens = model.model.multi_modal_projector(vision_patch_features(model, pixels))
+        _, ok = answer_loss(model, table, tokens, [[s] for s in chunk], processor.tokenizer.pad_token_id)
         correct += int(ok.sum())
     return correct / len(samples)

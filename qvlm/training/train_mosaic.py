@@ -70,11 +70,11 @@ from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_processor
 # The bundled recipe's step helpers, shared as they are (train.py keeps them private; it is not ours to edit).
 from qvlm.training.train import (
     AttributeHeads,
-    _answer_loss,
-    _lr_lambda,
-    _QuestionTable,
-    _relative_sq_error,
-    _vision_patch_features,
+    answer_loss,
+    lr_lambda,
+    QuestionTable,
+    relative_sq_error,
+    vision_patch_features,
     augment,
 )
 
@@ -279,7 +279,7 @@ class _MosaicRun:
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.token_cell = cell_of_token(cfg.spec)
-        self.table = _QuestionTable(self.processor, cfg.spec.image_tokens)
+        self.table = QuestionTable(self.processor, cfg.spec.image_tokens)
         self.captions = _Captions(self.tokenizer)
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
@@ -344,30 +344,30 @@ class _MosaicRun:
         if stage == "vision":
             cells = [sample_training_mosaic(self.rng, 1)[0].cells for _ in range(cfg.vision_batch)]
             shape_y, color_y = pixels.token_labels(cells, self.token_cell)
-            feats = _vision_patch_features(m, pixels.mosaics(cells, self.gen))
+            feats = vision_patch_features(m, pixels.mosaics(cells, self.gen))
             return _heads_loss(self.heads, feats, shape_y, color_y), [], None
         qs = self._mosaics(cfg.images_per_step)
         cells = [q[0].cells for q in qs]
         shape_y, color_y = pixels.token_labels(cells, self.token_cell)
         pad = self.tokenizer.pad_token_id
         if stage == "caption":
-            loss, ok = _answer_loss(m, self.table, self.captions(m, shape_y, color_y), qs, pad)
+            loss, ok = answer_loss(m, self.table, self.captions(m, shape_y, color_y), qs, pad)
             return loss, qs, ok
         if stage == "align":
             with torch.no_grad():
-                feats = _vision_patch_features(m, pixels.mosaics(cells, self.gen))
+                feats = vision_patch_features(m, pixels.mosaics(cells, self.gen))
                 target = self.captions(m, shape_y, color_y)
             tokens = m.model.multi_modal_projector(feats)
-            loss, ok = _answer_loss(m, self.table, tokens, qs, pad)
-            return loss + cfg.align_weight * _relative_sq_error(tokens, target), qs, ok
-        feats = _vision_patch_features(m, pixels.mosaics(cells, self.gen))
+            loss, ok = answer_loss(m, self.table, tokens, qs, pad)
+            return loss + cfg.align_weight * relative_sq_error(tokens, target), qs, ok
+        feats = vision_patch_features(m, pixels.mosaics(cells, self.gen))
         tokens = m.model.multi_modal_projector(feats)
-        loss, ok = _answer_loss(m, self.table, tokens, qs, pad)
+        loss, ok = answer_loss(m, self.table, tokens, qs, pad)
         loss = loss + cfg.aux_weight * _heads_loss(self.heads, feats, shape_y, color_y)
         if cfg.joint_align_weight:
             with torch.no_grad():
                 target = self.captions(m, shape_y, color_y)
-            loss = loss + cfg.joint_align_weight * _relative_sq_error(tokens, target)
+            loss = loss + cfg.joint_align_weight * relative_sq_error(tokens, target)
         return loss, qs, ok
 
     # ---- the run -------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ class _MosaicRun:
             groups = self._groups(stage)
             params = [p for g in groups for p in g["params"]]
             opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_fraction))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_fraction))
             if done:
                 opt.load_state_dict(state["opt"])
                 sched.load_state_dict(state["sched"])
@@ -454,7 +454,7 @@ class _MosaicRun:
     def _cell_accuracy(self) -> dict[str, float]:
         samples = mosaic_evaluation_subset(min(self.cfg.eval_questions, 256), seed=2)
         pool = labelled_pool("test")
-        feats = _vision_patch_features(self.model, self._test_pixels(samples))
+        feats = vision_patch_features(self.model, self._test_pixels(samples))
         shape_logits, color_logits = self.heads(feats)
         onehot = F.one_hot(self.token_cell, 4).float()  # [T, 4]: sum each cell's token logits
         shape_pred = torch.einsum("btk,tc->bck", shape_logits, onehot).argmax(-1)
@@ -472,8 +472,8 @@ class _MosaicRun:
         for start in range(0, len(samples), 64):
             chunk = samples[start : start + 64]
             tokens = self.model.model.multi_modal_projector(
-                _vision_patch_features(self.model, self._test_pixels(chunk)))
-            _, ok = _answer_loss(self.model, self.table, tokens, [[s] for s in chunk], self.tokenizer.pad_token_id)
+                vision_patch_features(self.model, self._test_pixels(chunk)))
+            _, ok = answer_loss(self.model, self.table, tokens, [[s] for s in chunk], self.tokenizer.pad_token_id)
             for s, r in zip(chunk, ok.tolist()):
                 right[s.question_type] += r
                 seen[s.question_type] += 1
