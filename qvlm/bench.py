@@ -29,6 +29,7 @@ import torch
 from qvlm.data import QUESTION_TYPES, evaluation_subset
 from qvlm.eval import evaluate
 from qvlm.quant import RECIPES, QuantConfig, quantize
+from qvlm.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
 from qvlm.stats import mcnemar, paired_verdict
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A4", "W4A3")
@@ -47,6 +48,8 @@ class BenchOptions:
     ded: bool = True
     ded_samples: int = 64
     ded_bits: tuple[str, ...] = ("W4A4", "W4A3")
+    references: tuple[str, ...] = (BNB_NF4,)
+    """Reference rows measured next to FP: ``"bnb-nf4"`` (:func:`qvlm.reference.load_bnb_nf4`, as W4A16)."""
     timing_baseline: bool = True
     timing_repeats: int = 2
     calib_sweep: tuple[int, ...] = (256,)
@@ -115,6 +118,13 @@ def run_bench(opts: BenchOptions) -> dict:
     fp_eval = evaluate(handle.model, handle.processor, samples, batch_size=opts.batch_size)
     out["rows"].append(_row("FP", "fp", fp_eval))
     save()
+    if BNB_NF4 in opts.references:
+        opts.log(f"{BNB_NF4_LABEL} on {len(samples)} questions")
+        ref = load_bnb_nf4(opts.model)
+        ev = evaluate(ref.model, ref.processor, samples, batch_size=opts.batch_size)
+        out["rows"].append(_row("W4A16", BNB_NF4, ev))
+        del ref
+        save()
 
     def measure(bits: str, recipe: str, calib_size: int, overrides: dict | None = None) -> dict:
         """Quantize, evaluate on the same questions, append the row (with per-question correctness), save."""
@@ -253,6 +263,22 @@ def paired_verdicts(rows: list[dict], bits: str, baselines: tuple[str, ...] = ("
     return lines
 
 
+def reference_verdicts(rows: list[dict], reference: str = BNB_NF4) -> list[str]:
+    """The reference row against FP, and every W4A4 recipe against the reference (McNemar, same questions)."""
+    ref = next((r for r in rows if r["recipe"] == reference and "correct" in r), None)
+    if ref is None:
+        return []
+    lines = []
+    others = [r for r in rows if (r["bits"] == "W4A4" or r["recipe"] == "fp") and "correct" in r
+              and len(r["correct"]) == len(ref["correct"])]
+    for r in others:
+        test = mcnemar(r["correct"], ref["correct"])
+        lines.append(f"{r['bits']} vs {reference} ({ref['bits']}): {paired_verdict(r['recipe'], reference, test)}; "
+                     f"{_pct(r['accuracy'])} vs {_pct(ref['accuracy'])}, {r.get('answers_per_second', '–')} vs "
+                     f"{ref.get('answers_per_second', '–')} answers/s.")
+    return lines
+
+
 def verdicts(out: dict) -> list[str]:
     """The issue's targets, each judged from the measured rows."""
     rows = [r for r in out["rows"] if r.get("calib_size") in (None, out["calib_size"]) and not r.get("overrides")]
@@ -276,6 +302,7 @@ def verdicts(out: dict) -> list[str]:
                          f"qvlm drop {100 * gaps.get('qvlm', float('nan')):.2f} pt.")
     for bits in ("W4A4", "W4A3", "W3A3"):
         lines += paired_verdicts(rows, bits)
+    lines += reference_verdicts(rows)
     for r in out["rows"]:
         if r.get("overrides"):
             lines.append(f"{r['bits']} {r['recipe']} with {_overrides(r)}: {100 * (r['accuracy'] - acc):+.2f} pt vs FP.")
@@ -318,15 +345,16 @@ def render_markdown(out: dict) -> str:
         "first-layer capture.",
         "",
         "| Bits | Recipe | Calib. pairs | Accuracy | Δ vs FP (pt) | " + " | ".join(types_present)
-        + " | Calib. s | Search s | Quantize s |",
-        "|---|---|---|---|---|" + "---|" * len(types_present) + "---|---|---|",
+        + " | Calib. s | Search s | Quantize s | Answers/s |",
+        "|---|---|---|---|---|" + "---|" * len(types_present) + "---|---|---|---|",
     ]
     for r in rows:
         delta = "" if fp is None or r is fp else f"{100 * (r['accuracy'] - fp['accuracy']):+.2f}"
         types = " | ".join(_pct(r["per_type"].get(t)) for t in types_present)
-        name = r["recipe"] + (f" ({_overrides(r)})" if r.get("overrides") else "")
+        name = BNB_NF4_LABEL if r["recipe"] == BNB_NF4 else r["recipe"] + (f" ({_overrides(r)})" if r.get("overrides") else "")
         lines.append(f"| {r['bits']} | {name} | {r.get('calib_size') or '–'} | {_pct(r['accuracy'])} | {delta} | {types} | "
-                     f"{r.get('calibration_s', '–')} | {r.get('search_s', '–')} | {r.get('quantize_s', '–')} |")
+                     f"{r.get('calibration_s', '–')} | {r.get('search_s', '–')} | {r.get('quantize_s', '–')} | "
+                     f"{r.get('answers_per_second', '–')} |")
     v = verdicts(out)
     if v:
         lines += ["", "## Targets (computed from the table)", ""] + [f"- {x}" for x in v]

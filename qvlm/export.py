@@ -77,7 +77,7 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
                          "tower": m.tower, "role": m.role, "act": _act_entry(m.act),
                          "bias": m.bias is not None, "smooth": m.smooth is not None}
         for key in ("packed", "scale", "zero", "smooth", "bias"):
-            t = getattr(m, key)
+            t = m.code_stream() if key == "packed" else getattr(m, key)
             if t is not None:
                 tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
         if m.act is not None and m.act.calibrated:

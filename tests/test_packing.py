@@ -8,6 +8,7 @@ from qvlm.quant.quantizers import (
     encode_normal_float,
     encode_uniform,
     encode_weight,
+    nibbles_to_codes,
     quantize_weight_nf,
     quantize_weight_uniform,
 )
@@ -90,3 +91,49 @@ def test_any_width_packs_and_dequantizes_bit_exactly(fmt, bits, group, shape):
     assert torch.equal(layer.dequantized_weight(), enc.decode(torch.float32))
     assert layer.storage_bytes() == packed_weight_bytes(shape, bits, fmt, group)
     assert layer.w_format == fmt
+
+
+NF4_SHAPES = [(16, 4304), (5, 1152), (3, 37), (512, 192), (7, 100), (2, 10)]
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("shape", NF4_SHAPES)
+def test_bitsandbytes_nf4_codes_equal_the_written_out_arithmetic(shape, block):
+    """encode_normal_float takes its 4-bit codes from bitsandbytes.quantize_4bit: same codes, absmax, floats."""
+    from qvlm.quant.quantizers import encode_nf4_bitsandbytes, encode_normal_float_blocks
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 0.05
+    ours, bnb = encode_normal_float_blocks(w, 4, block), encode_nf4_bitsandbytes(w, block)
+    assert torch.equal(bnb.codes, ours.codes)
+    assert torch.equal(bnb.scale, ours.scale)
+    assert bnb.group == ours.group
+    assert torch.equal(bnb.decode(torch.float32), ours.decode(torch.float32))
+    assert encode_normal_float(w, 4, block).codes.equal(bnb.codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("shape", NF4_SHAPES)
+def test_packed_nf4_layer_decodes_like_the_fake_quantizer_through_bitsandbytes_or_not(shape, block, dtype):
+    """bitsandbytes' dequantize_4bit where its CPU kernel is right (block divides the width), ours elsewhere:
+    the packed layer's weight is the fake quantizer's, bit for bit, and its stream is pack_bits' layout."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])).to(dtype)
+    enc = encode_weight(w, 4, "nf4", block)
+    layer = PackedLinear.from_encoded(enc, None, None, None, dtype)
+    assert torch.equal(layer.dequantized_weight(), quantize_weight_nf(w, 4, block))
+    assert torch.equal(layer.code_stream(), pack_bits(enc.codes, 4))
+    packed, _ = quantize_4bit(w.float(), blocksize=block, quant_type="nf4")
+    count = shape[0] * shape[1]  # bitsandbytes' bytes in memory (an odd count's spare nibble aside)
+    assert torch.equal(nibbles_to_codes(layer.packed, count), nibbles_to_codes(packed, count))
+
+
+def test_bitsandbytes_cpu_dequantize_is_wrong_when_the_block_does_not_divide_the_width():
+    """Why the packed layer keeps its own decoder there (bitsandbytes 0.50.2): if this starts failing,
+    bitsandbytes fixed its CPU kernel and PackedLinear may use it for every width."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    w = torch.randn(16, 4304, generator=torch.Generator().manual_seed(0))
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert not torch.equal(dequantize_4bit(packed, state), quantize_weight_nf(w, 4, 64))

@@ -1,22 +1,37 @@
 """Real low-bit weight storage: integer codes packed into bytes, and a Linear that computes from them.
 
-Why our own format and not bitsandbytes: the paper's weight quantizers are *asymmetric uniform*
+Why our own format for uniform weights: the paper's weight quantizers are *asymmetric uniform*
 per output channel (or group) at any bit-width 2-8, and bitsandbytes stores symmetric int8 or
 NF4/FP4 blocks only, so a bnb layer would compute a different weight than the one that was
 calibrated and searched. Here a weight is held as b-bit codes packed into a ``uint8`` stream
-plus one (step, zero point) per channel/group, or (for NormalFloat) 4-bit level indices plus
-one absmax per block; :class:`PackedLinear` dequantizes it on the fly, with exactly the
-arithmetic of the fake quantizer, so a packed model answers bit-for-bit like the fake-quant one.
+plus one (step, zero point) per channel/group, or (for NormalFloat) level indices plus one absmax
+per block; :class:`PackedLinear` dequantizes it on the fly, with exactly the arithmetic of the
+fake quantizer, so a packed model answers bit-for-bit like the fake-quant one.
+
+NF4 (4-bit NormalFloat) is the one format bitsandbytes holds as it is: in memory its bytes are
+bitsandbytes' (first code in the high nibble) and ``bitsandbytes.functional.dequantize_4bit``'s
+CPU kernel decodes them in one pass (bit-identical floats, see :meth:`PackedLinear.dequantized_weight`).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qvlm.quant.qlinear import QuantLinear, replace_module
-from qvlm.quant.quantizers import NF4_BLOCK, WEIGHT_FORMATS, ActQuantizer, EncodedWeight, decode_weight
+from qvlm.quant.quantizers import (
+    BNB_BLOCKS,
+    NF4_BLOCK,
+    WEIGHT_FORMATS,
+    ActQuantizer,
+    EncodedWeight,
+    decode_weight,
+    nibbles_to_codes,
+)
+
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integer ``codes`` (< 2**bits) into a flat little-endian ``uint8`` bit stream.
@@ -42,6 +57,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed[: (count * bits + 7) // 8]
 
 
+def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """4-bit bytes with their two nibbles swapped: our stream (first code low) <-> bitsandbytes' (first code high)."""
+    return (packed << 4) | (packed >> 4)
+
+
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` codes as ``int32``."""
     if bits == 8:
@@ -63,13 +83,22 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return codes.reshape(-1)[:count].to(torch.int32)
 
 
+@lru_cache(maxsize=8)
+def nf4_code(device: torch.device) -> torch.Tensor:
+    """bitsandbytes' NF4 table on ``device`` (its ``QuantState`` carries it), built once per device."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type("nf4", device)
+
+
 class PackedLinear(nn.Module):
     """A Linear whose weight lives as packed b-bit codes; it dequantizes in each forward.
 
     Holds the same input path as the fake-quant layer it replaces (AWQ smoothing, then the
     static activation quantizer), so outputs are identical; only the weight storage changes.
     Build it with :meth:`from_encoded` (after quantizing) or the constructor (an export's stored
-    tensors). Buffers: ``packed`` (the code stream), ``scale`` ([out, n_groups] float32 steps for
+    tensors, ``packed`` in :func:`pack_bits`' stream layout). Buffers: ``packed`` (the code stream;
+    NF4 keeps it in bitsandbytes' byte order, :meth:`code_stream` gives the stream back), ``scale`` ([out, n_groups] float32 steps for
     uniform weights, [n_blocks] float32 absmax for NormalFloat), ``zero`` ([out, n_groups] uint8, or
     None), ``smooth`` (AWQ, or None); the group layouts are :class:`EncodedWeight`'s.
     """
@@ -85,7 +114,8 @@ class PackedLinear(nn.Module):
         self.fmt, self.bits, self.group = fmt, bits, group
         self.compute_dtype = dtype
         self.tower, self.role = tower, role
-        self.register_buffer("packed", packed)
+        self.bnb_nf4 = fmt == "nf4" and bits == 4
+        self.register_buffer("packed", swap_nibbles(packed) if self.bnb_nf4 else packed)
         scale = scale.float()
         self.register_buffer("scale", scale.reshape(self.out_features, -1) if fmt == "uniform" else scale.reshape(-1))
         self.register_buffer("zero", None if zero is None else zero.to(torch.uint8).reshape(self.out_features, -1))
@@ -115,9 +145,29 @@ class PackedLinear(nn.Module):
     def w_group(self) -> int:
         return self.group
 
+    def code_stream(self) -> torch.Tensor:
+        """The codes as :func:`pack_bits` lays them out (what an export stores)."""
+        return swap_nibbles(self.packed) if self.bnb_nf4 else self.packed
+
     def dequantized_weight(self) -> torch.Tensor:
+        """The weight [out, in] in the compute dtype, bit-identical to the fake quantizer's.
+
+        NF4 goes through ``bitsandbytes.functional.dequantize_4bit`` (one pass in C instead of
+        unpacking, gathering and scaling in Python: ~10x less time per forward) when the block size
+        divides the width. Why only then: bitsandbytes 0.50.2's CPU kernel walks the blocks
+        *within each row* (``backends/cpu/ops.py``), while ``quantize_4bit`` blocks the flattened
+        weight, so for other widths (SigLIP's 4304 at 64) it decodes wrong floats; those layers, and
+        NormalFloat at other bit-widths, decode with :func:`decode_weight`.
+        """
         shape = (self.out_features, self.in_features)
-        codes = unpack_bits(self.packed, self.bits, shape[0] * shape[1])
+        if self.bnb_nf4 and self.in_features % self.group == 0 and self.group in BNB_BLOCKS:
+            from bitsandbytes.functional import QuantState, dequantize_4bit
+
+            state = QuantState(absmax=self.scale, shape=torch.Size(shape), code=nf4_code(self.scale.device),
+                               blocksize=self.group, quant_type="nf4", dtype=self.compute_dtype)
+            return dequantize_4bit(self.packed, state)
+        count = shape[0] * shape[1]
+        codes = nibbles_to_codes(self.packed, count) if self.bnb_nf4 else unpack_bits(self.packed, self.bits, count)
         w = decode_weight(self.fmt, self.bits, shape, self.group, codes, self.scale, self.zero)
         return w.to(self.compute_dtype)
 

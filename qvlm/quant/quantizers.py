@@ -233,12 +233,53 @@ def normal_float_levels(bits: int = 4) -> torch.Tensor:
     return torch.tensor(_normal_float_levels(bits), dtype=torch.float32)
 
 
+BNB_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Block sizes ``bitsandbytes.functional.quantize_4bit`` accepts on the CPU (0.50: 2-16 raise)."""
+
+
 def encode_normal_float(w: torch.Tensor, bits: int = 4, block_size: int | None = NF4_BLOCK) -> EncodedWeight:
     """Blockwise absmax NormalFloat level indices (QLoRA, no double quantization).
 
-    Blocks of ``block_size`` consecutive elements of the flattened weight, the last one shorter, with
-    bitsandbytes' arithmetic (x * (1 / absmax), clamped to [-1, 1], nearest level by midpoints), so at
-    4 bits the codes and absmax equal ``bitsandbytes.functional.quantize_4bit``'s for any shape.
+    At 4 bits with a block size bitsandbytes takes (:data:`BNB_BLOCKS`) the codes come from
+    ``bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4")`` itself
+    (:func:`encode_nf4_bitsandbytes`); other bit-widths and block sizes use
+    :func:`encode_normal_float_blocks`, the same arithmetic written out (tests check that both give
+    identical codes and absmax, every width included).
+    """
+    check_group_size(block_size)
+    g = block_size or NF4_BLOCK
+    if bits == 4 and g in BNB_BLOCKS:
+        return encode_nf4_bitsandbytes(w, g)
+    return encode_normal_float_blocks(w, bits, block_size)
+
+
+def encode_nf4_bitsandbytes(w: torch.Tensor, block_size: int = NF4_BLOCK) -> EncodedWeight:
+    """NF4 codes and absmax of ``w`` [out, in] from ``bitsandbytes.functional.quantize_4bit``.
+
+    bitsandbytes quantizes the flattened weight in blocks of ``block_size`` (the last one shorter),
+    which is :class:`EncodedWeight`'s layout for any width; its bytes hold the first code in the
+    high nibble, unpacked here to one code per element.
+    """
+    from bitsandbytes.functional import quantize_4bit
+
+    out_f, in_f = w.shape
+    packed, state = quantize_4bit(w.detach().float().contiguous(), blocksize=block_size, quant_type="nf4")
+    g = min(block_size, out_f * in_f)  # one block holds a small weight whole: same group as the written-out path
+    return EncodedWeight("nf4", 4, (out_f, in_f), g, nibbles_to_codes(packed, out_f * in_f),
+                         state.absmax.float())
+
+
+def nibbles_to_codes(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """[count] uint8 codes from bitsandbytes' 4-bit bytes (first code of a byte in the high nibble)."""
+    flat = packed.reshape(-1).view(torch.uint8)
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:count].contiguous()
+
+
+def encode_normal_float_blocks(w: torch.Tensor, bits: int = 4, block_size: int | None = NF4_BLOCK) -> EncodedWeight:
+    """NormalFloat codes with bitsandbytes' arithmetic written out, for any bit-width and block size.
+
+    Blocks of ``block_size`` consecutive elements of the flattened weight, the last one shorter;
+    x * (1 / absmax), clamped to [-1, 1], nearest level by midpoints (``quantize_4bit``'s steps).
     """
     check_group_size(block_size)
     out_f, in_f = w.shape
