@@ -127,10 +127,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from qvlm.export import save_quantized
         from qvlm.quant.memory import weight_memory
 
-        save_quantized(result.handle, args.save, cfg.to_dict(), result.to_dict())
+        save_quantized(result.handle, args.save, cfg.to_dict(), result.to_dict(), format=args.format)
         mem = weight_memory(result.handle.model)
-        print(f"saved the packed model to {args.save} (weights: {mem['quant_bytes']:,} bytes packed vs "
-              f"{mem['fp16_bytes']:,} in FP16); reload with qvlm.load_quantized")
+        reload = ("LlavaForConditionalGeneration.from_pretrained (transformers + compressed-tensors)"
+                  if args.format == "compressed-tensors" else "qvlm.load_quantized")
+        print(f"saved the packed model ({args.format}) to {args.save} (weights: {mem['quant_bytes']:,} bytes packed "
+              f"vs {mem['fp16_bytes']:,} in FP16); reload with {reload}")
     t = result.timings
     print(f"{handle.name}: {cfg.recipe} {cfg.bits_label} in {t.get('total', 0.0):.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in t.items() if k != 'total')})")
@@ -186,6 +188,9 @@ def _add_quant_commands(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for config.json, result.json, eval.json")
     p.add_argument("--save", type=Path, default=None,
                    help="also write the packed quantized model (safetensors + JSON) to this folder")
+    p.add_argument("--format", choices=("qvlm-packed", "compressed-tensors"), default="qvlm-packed",
+                   help="format of --save: the project's packed layout, or compressed-tensors (uniform weights; "
+                        "loads in plain transformers)")
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("bench", help="FP and every recipe at W8A8/W6A6/W4A4 -> benchmarks/results/bench.{md,json}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -39,7 +40,7 @@ from qvlm.models import (
     resolve_device,
 )
 from qvlm.models.loader import resolve_source
-from qvlm.quant.packing import PackedLinear, pack_model
+from qvlm.quant.packing import PackedLinear, pack_model, unpack_bits
 from qvlm.quant.qlinear import replace_module
 from qvlm.quant.quantizers import ActQuantizer
 
@@ -49,6 +50,11 @@ READABLE_VERSIONS = (1, 2)
 LEGACY_FORMAT_NAMES = {"nf": "nf4"}  # version 1 spelled NormalFloat "nf"
 MANIFEST = PACKED_EXPORT_MANIFEST
 WEIGHTS = "model.safetensors"
+COMPRESSED_TENSORS = "compressed-tensors"
+SAVE_FORMATS = (FORMAT_NAME, COMPRESSED_TENSORS)
+"""What :func:`save_quantized` writes: the project's packed layout, or compressed-tensors (transformers,
+vLLM and llm-compressor load it)."""
+ACTIVATION_SIDECAR = "qvlm_activations.json"
 
 
 class ExportError(ModelLoadError):
@@ -61,8 +67,14 @@ def _act_entry(act: ActQuantizer | None) -> dict[str, Any] | None:
     return {"bits": act.bits, "granularity": act.granularity}
 
 
-def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None) -> Path:
-    """Write ``handle`` (whose quantized Linears are packed, or get packed here) to ``out_dir``."""
+def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None,
+                   format: str = FORMAT_NAME) -> Path:
+    """Write ``handle`` (whose quantized Linears are packed, or get packed here) to ``out_dir`` in ``format``
+    (:data:`SAVE_FORMATS`; compressed-tensors: :func:`save_compressed_tensors`)."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown save format {format!r}; expected one of {', '.join(SAVE_FORMATS)}")
+    if format == COMPRESSED_TENSORS:
+        return save_compressed_tensors(handle, out_dir, config_dict, stats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pack_model(handle.model)
@@ -95,6 +107,91 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
                 "dtype": str(handle.dtype).removeprefix("torch."), "quant_config": config_dict,
                 "modules": modules, "stats": stats or {}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return out
+
+
+def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
+                            stats: dict | None = None) -> Path:
+    """Write ``handle`` as a compressed-tensors ``pack-quantized`` checkpoint; return the folder.
+
+    Plain ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` loads it with transformers and the
+    ``compressed-tensors`` package. Each packed uniform Linear (vision tower included) becomes a
+    ``weight_packed`` (signed codes q - 2^(b-1), packed 32 / b to an int32), a float32 ``weight_scale``
+    [out, groups] and a packed signed ``weight_zero_point``: (q - zp) * scale is the project's weight
+    bit for bit. Strategy "channel" for one range per row, "group" otherwise; one config group per
+    (bits, group size) naming its modules exactly. Everything else stays in floating point.
+
+    Activation ranges go to :data:`ACTIVATION_SIDECAR`, not into ``input_activations``: the project's
+    static ranges are per input channel (LLM) or per token position (vision tower), and
+    compressed-tensors' static input activations are per tensor, so a loader applies the weights only
+    (a W4A4 run loads as its W4A16 counterpart); the sidecar keeps the ranges for a tool that wants them.
+
+    Raises ValueError for what the format cannot hold: NormalFloat weights, AWQ smoothing (an input
+    division the format has no place for), a group size that does not divide a layer's width.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    pack_model(handle.model)
+    layers = {n: m for n, m in handle.model.named_modules() if isinstance(m, PackedLinear)}
+    for name, m in layers.items():
+        if m.fmt != "uniform":
+            raise ValueError(
+                f"compressed-tensors holds integer weights only, and this run stored {name} as NormalFloat "
+                f"({m.fmt}); save it as {FORMAT_NAME}, or quantize with uniform weights (weight_format=uniform).")
+        if m.smooth is not None:
+            raise ValueError(
+                f"{name} divides its input by AWQ smoothing scales, which compressed-tensors cannot hold; "
+                f"save it as {FORMAT_NAME}, or use a recipe without AWQ.")
+        if m.in_features % m.group:
+            raise ValueError(f"{name}: group size {m.group} does not divide its width {m.in_features}, which "
+                             f"compressed-tensors' group strategy requires; save it as {FORMAT_NAME}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[tuple[int, int | None], list[str]] = {}
+    activations = {}
+    for name, m in layers.items():
+        shape = (m.out_features, m.in_features)
+        half = 1 << (m.bits - 1)
+        codes = unpack_bits(m.code_stream(), m.bits, shape[0] * shape[1]).reshape(shape) - half
+        tensors[f"{name}.weight_packed"] = pack_to_int32(codes.to(torch.int8), m.bits)
+        tensors[f"{name}.weight_scale"] = m.scale.detach().float().contiguous()
+        zero = pack_to_int32((m.zero.to(torch.int32) - half).to(torch.int8), m.bits, packed_dim=0)
+        tensors[f"{name}.weight_zero_point"] = F.pad(zero, (0, 0, 0, m.zero.shape[0] - zero.shape[0]))
+        tensors[f"{name}.weight_shape"] = torch.tensor(shape)
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().contiguous()
+        groups.setdefault((m.bits, None if m.group == m.in_features else m.group), []).append(name)
+        if m.act is not None and m.act.calibrated:
+            activations[name] = {"bits": m.act.bits, "granularity": m.act.granularity,
+                                 "lo": m.act.lo.tolist(), "hi": m.act.hi.tolist()}
+    for key, t in handle.model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if not any(owner == n or owner.startswith(n + ".") for n in layers):
+            tensors.setdefault(key, t.detach().contiguous())
+    qconfig = QuantizationConfig(
+        config_groups={
+            f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
+                num_bits=bits, type="int", symmetric=False, strategy="channel" if group is None else "group",
+                group_size=group))
+            for i, ((bits, group), names) in enumerate(sorted(groups.items(), key=str))},
+        format="pack-quantized", quantization_status="compressed", ignore=[])
+    save_file(_unshared({k: v.cpu() for k, v in tensors.items()}), str(out / WEIGHTS), metadata={"format": "pt"})
+    config = handle.model.config.__class__.from_dict(handle.model.config.to_dict())
+    config.quantization_config = qconfig.model_dump(exclude_none=True)
+    config.dtype = handle.dtype
+    config.save_pretrained(out)
+    handle.model.generation_config.save_pretrained(out)
+    handle.processor.save_pretrained(out)
+    sidecar = {"applied_by_loader": False,
+               "note": "static activation ranges of the Q-VLM run, per input channel (language model) or per "
+                       "token position (vision tower); compressed-tensors' static input activations are per "
+                       "tensor, so from_pretrained applies the weights only. x_hat = clamp(round(x / step) + zp, "
+                       "0, 2^bits - 1) - zp) * step with step = (max(hi, 0) - min(lo, 0)) / (2^bits - 1), "
+                       "zp = round(-min(lo, 0) / step).",
+               "base_model": handle.name, "quant_config": config_dict, "stats": stats or {}, "modules": activations}
+    (out / ACTIVATION_SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))
     return out
 
 

@@ -1,0 +1,86 @@
+"""compressed-tensors export: plain transformers loads it, its weights are the project's, answers match."""
+
+import json
+
+import pytest
+import torch
+
+from qvlm.data import evaluation_subset
+from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, save_quantized
+from qvlm.inference import generate_answers, prepare_inputs
+from qvlm.quant import QuantConfig, quantize
+from qvlm.quant.packing import PackedLinear
+
+pytest.importorskip("compressed_tensors")
+
+
+@pytest.fixture(scope="module", params=[None, 64], ids=["per-channel", "group64"])
+def exported(request, bundled, tmp_path_factory):
+    cfg = QuantConfig.from_bits("W4A4", recipe="rtn", calib_size=8, weight_group_size=request.param)
+    result = quantize(bundled, cfg)
+    folder = save_quantized(result.handle, tmp_path_factory.mktemp("ct"), cfg.to_dict(), result.to_dict(),
+                            format=COMPRESSED_TENSORS)
+    return result, folder
+
+
+def _plain_load(folder):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    samples = evaluation_subset(2, seed=1)
+    with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward call
+        model(**prepare_inputs(processor, [s.load_image() for s in samples], [s.question for s in samples]))
+    return model, processor
+
+
+def test_plain_from_pretrained_loads_weights_that_dequantize_to_the_projects_exactly(exported):
+    result, folder = exported
+    model, processor = _plain_load(folder)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    ours = {n: m for n, m in result.handle.model.named_modules() if isinstance(m, PackedLinear)}
+    loaded = dict(model.named_modules())
+    assert any(n.startswith("model.vision_tower") for n in ours)  # the vision tower is quantized in the file too
+    for name, m in ours.items():
+        assert torch.equal(loaded[name].weight, m.dequantized_weight()), name
+        assert type(loaded[name]) is torch.nn.Linear and loaded[name].quantization_scheme.weights.num_bits == 4
+    sidecar = json.loads((folder / ACTIVATION_SIDECAR).read_text())
+    assert sidecar["applied_by_loader"] is False and set(sidecar["modules"]) == set(ours)
+
+
+def test_answers_equal_with_activation_quantization_off_on_both_sides(exported):
+    result, folder = exported
+    model, processor = _plain_load(folder)
+    for m in result.handle.model.modules():
+        if isinstance(m, PackedLinear) and m.act is not None:
+            m.act.enabled = False
+    try:
+        samples = evaluation_subset(24, seed=7)
+        images, questions = [s.load_image() for s in samples], [s.question for s in samples]
+        assert generate_answers(model, processor, images, questions) == generate_answers(
+            result.handle.model, result.handle.processor, images, questions)
+    finally:
+        for m in result.handle.model.modules():
+            if isinstance(m, PackedLinear) and m.act is not None:
+                m.act.enabled = True
+
+
+def test_normal_float_runs_are_refused_with_a_clear_message(bundled, tmp_path):
+    cfg = QuantConfig.from_bits("W4A4", recipe="qlora", calib_size=8)
+    result = quantize(bundled, cfg)
+    with pytest.raises(ValueError, match="NormalFloat"):
+        save_quantized(result.handle, tmp_path / "nf4", cfg.to_dict(), format=COMPRESSED_TENSORS)
+    with pytest.raises(ValueError, match="unknown save format"):
+        save_quantized(result.handle, tmp_path / "x", cfg.to_dict(), format="gguf")
+
+
+def test_cli_quantize_saves_compressed_tensors(tmp_path, bundled_dir, capsys):
+    from qvlm.cli import main
+
+    save = tmp_path / "ct"
+    assert main(["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "rtn", "--calib-size", "8",
+                 "--out", str(tmp_path / "run"), "--save", str(save), "--format", "compressed-tensors"]) == 0
+    assert "compressed-tensors" in capsys.readouterr().out
+    model, _ = _plain_load(save)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
