@@ -117,8 +117,10 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
     Plain ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` loads it with transformers and the
     ``compressed-tensors`` package. Each packed uniform Linear (vision tower included) becomes a
     ``weight_packed`` (signed codes q - 2^(b-1), packed 32 / b to an int32), a float32 ``weight_scale``
-    [out, groups] and a packed signed ``weight_zero_point``: (q - zp) * scale is the project's weight
-    bit for bit. Strategy "channel" for one range per row, "group" otherwise; one config group per
+    [out, groups] and a signed ``weight_zero_point`` packed along the rows: (q - zp) * scale is the
+    project's weight bit for bit. The packed zero points are zero-padded to [out, groups] int32, the
+    shape transformers 5.24 + compressed-tensors 0.20 allocate when loading (their load path leaves the
+    zero point unpacked, then unpacks the first out / (32 / b) rows on decompression). Strategy "channel" for one range per row, "group" otherwise; one config group per
     (bits, group size) naming its modules exactly. Everything else stays in floating point.
 
     Activation ranges go to :data:`ACTIVATION_SIDECAR`, not into ``input_activations``: the project's
