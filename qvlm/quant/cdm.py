@@ -218,11 +218,14 @@ class BlockObjective:
 def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tensor], xr0: list[torch.Tensor],
                   tables: list[Table], blocks: list[list[int]], n_cands: int, mode: str = "exhaustive",
                   objective: str = "residual", final_norm: torch.nn.Module | None = None,
-                  cancel=None, progress=None) -> list[tuple[list[int], BlockSearch]]:
+                  cancel=None, progress=None, accept: str = "block") -> list[tuple[list[int], BlockSearch]]:
     """Bottom-up joint search per block; leaves every layer at its chosen candidate.
 
     Each block starts from the quantized-path output of the blocks below (Eq. 1's propagation);
-    its layers are scored by ``objective`` (:class:`BlockObjective`).
+    its layers are scored by ``objective`` (:class:`BlockObjective`). With ``accept="final_output"``
+    a block's choice is kept only if, propagated through the rest of the model (later layers at
+    their incumbent ranges), it gives a lower final-output error (Eq. 1) than the block's incumbent
+    ranges; otherwise the block goes back to its incumbent. ``search.accepted`` records which.
     """
     total = sum(sum(n_cands ** (j + 1) for j in range(len(b))) if mode == "exhaustive" else n_cands * len(b)
                 for b in blocks)
@@ -230,6 +233,9 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
     done = {"passes": 0}
     xs, xr = xq0, xr0
     outcomes = []
+    fp_final = None
+    if accept == "final_output":
+        fp_final = run_layers_to_output([e.module for e in fp_entries], inputs, xr0, final_norm, cancel)
     for bi, block in enumerate(blocks):
         check_cancel(cancel, "quantization")
         refs = []
@@ -258,10 +264,34 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
             search = coordinate_search(len(block), n_cands, apply, forward, error, xs, on_pass=on_pass,
                                        start=(0,) * len(block))
         outcomes.append((block, search))
-        xs = search.outputs[-1]
+        chosen_out = search.outputs[-1]
         search.outputs = None  # the next block's input is all that is needed of them
+        if fp_final is not None and any(c != 0 for c in search.choice):
+            rest = [e.module for e in entries[block[-1] + 1:]]
+            chosen = mse_over(run_layers_to_output(rest, inputs, chosen_out, final_norm, cancel), fp_final,
+                              inputs.masks).mean()
+            for j in range(len(block)):
+                apply(j, 0)
+            incumbent_out = run_layers_to_output([entries[k].module for k in block], inputs, xs, None, cancel)
+            incumbent = mse_over(run_layers_to_output(rest, inputs, incumbent_out, final_norm, cancel), fp_final,
+                                 inputs.masks).mean()
+            if float(chosen) < float(incumbent):
+                for j, c in enumerate(search.choice):
+                    apply(j, c)
+            else:
+                search.accepted, chosen_out = False, incumbent_out
+        xs = chosen_out
     report(progress, STAGE_SEARCH, 1.0, f"block {len(blocks)}/{len(blocks)}")
     return outcomes
+
+
+@torch.no_grad()
+def run_layers_to_output(layers, inputs: LayerInputs, xs: list[torch.Tensor], final_norm: torch.nn.Module | None,
+                         cancel=None) -> list[torch.Tensor]:
+    """``xs`` through ``layers`` in turn, then through ``final_norm`` when given (the LLM's output)."""
+    for layer in layers:
+        xs = run_layer(layer, inputs, xs, cancel)
+    return [final_norm(x) for x in xs] if final_norm is not None else xs
 
 
 @dataclass(frozen=True)
@@ -292,14 +322,19 @@ class CrossLayerSearch:
                 qrun.blocks = partition_layers(ep.entropies, qrun.h0, cfg.max_block_depth)
                 outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
                                          len(cfg.percentiles) + 1, cfg.joint_search, cfg.block_objective,
-                                         core_model(qrun.fp.model).language_model.norm, qrun.cancel, qrun.progress)
+                                         core_model(qrun.fp.model).language_model.norm, qrun.cancel, qrun.progress,
+                                         cfg.cdm_accept)
                 labels = candidate_labels(cfg)
                 for block, search in outcomes:
                     for j, k in enumerate(block):
                         qrun.percentiles[k] = labels[search.choice[j]]
                     incumbent = search.prefix_errors.get((0,) * len(block))
+                    accepted = search.accepted
+                    if not accepted:
+                        for k in block:
+                            qrun.percentiles[k] = labels[0]
                     qrun.search_log.append({
-                        "block": block, "choice": [labels[c] for c in search.choice],
+                        "block": block, "choice": [labels[c] for c in search.choice], "accepted": accepted,
                         "greedy": [labels[c] for c in search.greedy_choice],
                         "error": search.error, "greedy_error": search.greedy_error,
                         "incumbent_error": None if incumbent is None else float(incumbent.mean()),

@@ -102,6 +102,12 @@ class QuantConfig:
     or "residual" (the raw residual stream the block outputs). See README "Choosing the block
     objective" for the paired tests behind the default."""
 
+    cdm_accept: str = "block"
+    """When a block's searched choice is kept: "block" (it lowers the block objective, Eq. 3, as the
+    paper does) or "final_output" (it also lowers the LLM's final-output error, Eq. 1, with the later
+    layers at their incumbent ranges, else the block keeps its incumbent; costs two passes of the
+    remaining layers per block)."""
+
     # --- VEO (Eqs. 8-10) ----------------------------------------------------------------------
     veo_epochs: int = 10
     """Passes over the calibration set (paper: 10 epochs of 64 pairs, batch 8 = 80 steps)."""
@@ -250,6 +256,7 @@ class QuantConfig:
         _choice("entropy_site", self.entropy_site, ("attn_input", "residual"))
         _choice("joint_search", self.joint_search, ("exhaustive", "coordinate"))
         _choice("block_objective", self.block_objective, ("normed_hidden", "linear_output", "residual"))
+        _choice("cdm_accept", self.cdm_accept, ("block", "final_output"))
         _int("veo_epochs", self.veo_epochs, low=0)
         _number("veo_lr", self.veo_lr, low=0.0, low_open=True)
         _number("veo_lambda1", self.veo_lambda1, low=0.0)

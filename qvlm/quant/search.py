@@ -35,6 +35,8 @@ class BlockSearch:
     layer_passes: int
     prefix_errors: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
     outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+    accepted: bool = True
+    """False when the caller put the block back at its incumbent (CDM's final-output check)."""
 
     def per_sample_greedy(self, n_layers: int, n_cands: int) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """Block-output error of the greedy choice made for each sample on its own."""
