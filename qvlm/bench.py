@@ -177,7 +177,7 @@ def run_bench(opts: BenchOptions) -> dict:
             return min(runs, key=lambda r: r.timings.get("total", 0.0))
 
         greedy = best_of(recipe="qvlm-cdm", max_block_depth=1)
-        cdm = best_of(recipe="qvlm-cdm")
+        cdm = best_of(recipe="qvlm-cdm", joint_search="exhaustive")
         coord = best_of(recipe="qvlm-cdm", joint_search="coordinate")
         full = best_of(recipe="qvlm")
         qlora = best_of(recipe="qlora")
