@@ -22,5 +22,5 @@ def test_the_final_output_check_puts_rejected_blocks_back_at_their_incumbent(bun
         assert isinstance(s["accepted"], bool)
         if not s["accepted"]:
             assert all(res.percentiles[k] is None for k in s["block"])  # None: the init's ranges
-    blockwise = quantize(bundled, QuantConfig(recipe="qvlm-cdm", **FAST))
+    blockwise = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="block", **FAST))
     assert all(s["accepted"] for s in blockwise.search)
