@@ -1,0 +1,84 @@
+"""Recipes and config variants on the same test questions, compared by McNemar's paired test.
+
+    python benchmarks/paired_runs.py --runs '[["W4A3", "qlora", {}], ["W4A3", "qvlm-cdm", {"block_objective": "residual"}]]' \
+        --out benchmarks/results/cdm_objectives
+
+Each run quantizes the bundled model (64 train calibration pairs unless a run overrides it), answers
+the full easy-VQA test split (or ``--limit`` questions) and stores per-question correctness, so every
+run is compared with the baseline run of the same bits (``--baseline``, default qlora) on the same
+questions. Runs already in ``OUT.json`` are skipped, so an interrupted measurement resumes.
+Writes ``OUT.json`` (rows) and ``OUT.md`` (table with p-values) after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qvlm.data import evaluation_subset
+from qvlm.eval import evaluate
+from qvlm.models import load_vlm
+from qvlm.quant import QuantConfig, quantize
+from qvlm.stats import mcnemar, paired_verdict
+
+
+def run_key(bits: str, recipe: str, overrides: dict) -> str:
+    return f"{bits} {recipe} {json.dumps(overrides, sort_keys=True)}"
+
+
+def render(rows: list[dict], baseline: str, title: str) -> str:
+    """Markdown table: accuracy, questions only this run / only the baseline got right, p, verdict."""
+    lines = [f"# {title}", "", f"Every run against `{baseline}` at the same bits, McNemar's exact test on the same "
+             f"questions ({rows[0]['n'] if rows else 0} easy-VQA test questions).", "",
+             "| Bits | Recipe | Overrides | Accuracy | only this right | only baseline right | p | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["bits"] == r["bits"] and b["recipe"] == baseline and not b["overrides"]), None)
+        if base is None or base is r:
+            lines.append(f"| {r['bits']} | {r['recipe']} | {json.dumps(r['overrides'])} | {100 * r['accuracy']:.2f} "
+                         f"| | | | baseline |")
+            continue
+        t = mcnemar(r["correct"], base["correct"])
+        verdict = paired_verdict(r["recipe"], baseline, t).split(" (p")[0]
+        lines.append(f"| {r['bits']} | {r['recipe']} | {json.dumps(r['overrides'])} | {100 * r['accuracy']:.2f} | "
+                     f"{t['a_only']} | {t['b_only']} | {t['p']:.3g} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", required=True, help='JSON list of [bits, recipe, {config overrides}]')
+    p.add_argument("--out", type=Path, required=True, help="path without extension for .json and .md")
+    p.add_argument("--baseline", default="qlora")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--title", default="Paired comparison on the bundled model")
+    args = p.parse_args()
+    runs = json.loads(args.runs)
+    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    rows = json.loads(json_path.read_text()) if json_path.exists() else []
+    done = {run_key(r["bits"], r["recipe"], r["overrides"]) for r in rows}
+    handle = load_vlm("bundled")
+    samples = evaluation_subset(args.limit)
+    for bits, recipe, overrides in runs:
+        if run_key(bits, recipe, overrides) in done:
+            continue
+        start = time.perf_counter()
+        result = quantize(handle, QuantConfig.from_bits(bits, recipe=recipe, **overrides))
+        seconds = time.perf_counter() - start
+        ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=64)
+        rows.append({"bits": bits, "recipe": recipe, "overrides": overrides, "accuracy": ev.accuracy, "n": ev.n,
+                     "correct": [bool(x["correct"]) for x in ev.predictions], "quantize_s": round(seconds, 1),
+                     "output_mse": result.output_mse, "search": result.search, "veo_holdout": result.veo_holdout,
+                     "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}})
+        print(f"{bits} {recipe} {overrides}: {100 * ev.accuracy:.2f}% (quantize {seconds:.0f} s)", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, default=str))
+        md_path.write_text(render(rows, args.baseline, args.title))
+
+
+if __name__ == "__main__":
+    main()
