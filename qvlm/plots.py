@@ -254,11 +254,14 @@ def layer_error_figure(
     return fig
 
 
-def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss (Eq. 10)") -> go.Figure:
-    """The visual-encoder optimization loss and its three terms per optimizer step.
+def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss (Eq. 10)",
+                    holdout: Sequence[Mapping[str, Any]] | None = None) -> go.Figure:
+    """The visual-encoder optimization loss and its three terms per optimizer step, and the
+    held-out Eq. 9 error per epoch (dashed, right axis) with the epoch VEO kept.
 
-    L = L_reg + λ1·L_ent + λ2·L_err; plotting the terms separately shows which one the
-    optimizer actually reduces (on a small model the entropy term often moves most).
+    L = L_reg + λ1·L_ent + λ2·L_err; plotting the terms separately shows which one the optimizer
+    actually reduces. The held-out error, measured on train images VEO never saw, shows whether
+    what it learned generalises; the title says so from the numbers.
     """
     rows = [r for r in losses if _finite(r.get("total"))]
     if not rows:
@@ -277,6 +280,21 @@ def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss 
         ))
     values = [float(r[k]) for r in rows for k in names if _finite(r.get(k))]
     log_axis = bool(values) and min(values) > 0 and max(values) / min(values) > 100
+    held = [h for h in (holdout or []) if _finite(h.get("err"))]
+    if held:
+        per_epoch = max(1, len(rows) // max(1, max(int(r.get("epoch", 1)) for r in rows)))
+        fig.add_trace(go.Scatter(
+            x=[int(h["epoch"]) * per_epoch for h in held], y=[h["err"] for h in held], yaxis="y2",
+            mode="lines+markers", name="held-out L_err (unseen images)", line=dict(dash="dash", width=2.5),
+            marker=dict(size=[12 if h.get("kept") else 6 for h in held]),
+            customdata=[h["epoch"] for h in held],
+            hovertemplate="after epoch %{customdata}<br>held-out error %{y:.4g}<extra></extra>",
+        ))
+        first, kept = held[0], next((h for h in held if h.get("kept")), held[-1])
+        change = 100 * (kept["err"] - first["err"]) / first["err"] if first["err"] > 0 else 0.0
+        title = (f"{title}: held-out error {first['err']:.3g} -> {kept['err']:.3g} ({change:+.0f}%), "
+                 f"epoch {kept['epoch']} kept")
+        fig.update_layout(yaxis2=dict(title="held-out error", overlaying="y", side="right", showgrid=False))
     fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="loss" + (" (log)" if log_axis else ""),
                       yaxis_type="log" if log_axis else "linear", legend=dict(orientation="h", y=-0.25), **_LAYOUT)
     return fig

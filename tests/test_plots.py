@@ -176,3 +176,15 @@ def test_modality_figure_draws_percentile_and_max_for_both_modalities_on_a_log_a
                                           "text tokens, 99.9th pct |x|", "text tokens, max |x|"]
     assert list(fig.data[0].x) == ["L0", "L1", "L2"] and fig.layout.yaxis.type == "log"
     assert "Measure image vs text" in _texts(plots.modality_figure([]))
+
+
+def test_veo_figure_shows_the_held_out_error_and_the_kept_epoch():
+    losses = [{"step": i + 1, "epoch": i // 2 + 1, "total": 1.0 - 0.1 * i, "reg": 0.5, "ent": 0.1, "err": 0.4}
+              for i in range(4)]
+    holdout = [{"epoch": 0, "err": 0.05, "kept": False}, {"epoch": 1, "err": 0.04, "kept": True},
+               {"epoch": 2, "err": 0.045, "kept": False}]
+    fig = plots.veo_loss_figure(losses, holdout=holdout)
+    held = [t for t in fig.data if "held-out" in t.name]
+    assert len(held) == 1 and list(held[0].y) == [0.05, 0.04, 0.045] and list(held[0].x) == [0, 2, 4]
+    assert "0.05 -> 0.04 (-20%), epoch 1 kept" in fig.layout.title.text
+    assert "held-out" not in plots.veo_loss_figure(losses).layout.title.text

@@ -153,7 +153,7 @@ class AnalysisPanel:
         compare = {variant.label: compare.pop(variant.label), **compare}  # the chosen one first
         return {self.info: _variant_info(variant), self.partition: partition,
                 self.errors: plots.layer_error_figure(compare),
-                self.veo: plots.veo_loss_figure(list(r.veo_losses or []))}
+                self.veo: plots.veo_loss_figure(list(r.veo_losses or []), holdout=list(r.veo_holdout or []))}
 
     def show_ded(self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None) -> Outputs:
         """Draw DED vs entropy and vs quantization error for decoder layers (k, k+1) from a computed sweep."""
