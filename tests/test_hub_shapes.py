@@ -51,6 +51,7 @@ def test_the_fixture_covers_the_apps_hub_list_and_the_papers_models():
         text, vision = spec["text_config"], spec["vision_config"]
         assert text["hidden_size"] % text["num_attention_heads"] == 0
         assert text["num_attention_heads"] % text["num_key_value_heads"] == 0
+        assert vision["hidden_size"] % vision["num_attention_heads"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_bitsandbytes_nf4_codes_equal_the_written_out_arithmetic(shape, block):
 def test_packed_nf4_layer_decodes_like_the_fake_quantizer_through_bitsandbytes_or_not(shape, block, dtype):
     """bitsandbytes' dequantize_4bit where its CPU kernel is right (block divides the width), ours elsewhere:
     the packed layer's weight is the fake quantizer's, bit for bit, and its stream is pack_bits' layout."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from bitsandbytes.functional import quantize_4bit
 
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])).to(dtype)
     enc = encode_weight(w, 4, "nf4", block)

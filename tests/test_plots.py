@@ -3,8 +3,6 @@ degrades to a readable placeholder on empty input (the app draws them before any
 
 from __future__ import annotations
 
-import math
-
 import plotly.graph_objects as go
 import pytest
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from qvlm.quant.quantizers import check_group_size
-from qvlm.quant.recipes import RECIPES, get_recipe
+from qvlm.quant.recipes import get_recipe
 
 BIT_SETTINGS: tuple[str, ...] = ("W8A8", "W6A6", "W4A4", "W4A3", "W3A3")
 """The bit settings the app and the bench offer (any WxAy with x, y in 2..8 is valid in a config)."""

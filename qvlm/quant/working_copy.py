@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 SHARED_MODULES = (nn.Linear, nn.Embedding)

@@ -11,7 +11,6 @@ question loads it here.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from qvlm.ui.render import AnswerCard, answers_html, token_table_html, vocabular
 from qvlm.ui.settings import EXAMPLES_DIR
 from qvlm.ui.state import AppState, SessionState, Variant, canonical_name
 from qvlm.ui.texts import NO_VARIANT_NOTE
+from qvlm.ui.inputs import parse_question_count
 
 TokenComparisonFn = Callable[..., dict]
 ScanFn = Callable[..., dict]
@@ -82,18 +82,6 @@ def flag_flips(cards: list[AnswerCard]) -> list[AnswerCard]:
     """The cards with each variant whose answer differs from the FP card's marked ``flipped``."""
     fp = normalize_answer(cards[0].text)
     return [dataclasses.replace(c, flipped=c.kind == "variant" and normalize_answer(c.text) != fp) for c in cards]
-
-
-def _finder_count(value: Any) -> int:
-    """The finder's question count as an int; ValueError with the allowed range otherwise."""
-    n_test = len(load_split("test"))
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        n = math.nan
-    if not n.is_integer() or not 1 <= n <= n_test:
-        raise ValueError(f"Choose between 1 and {n_test} test questions to scan.")
-    return int(n)
 
 
 class AskPanel:
@@ -224,7 +212,7 @@ class AskPanel:
         """Scan test questions with FP and the chosen variants (a long job); thumbnails of what changed."""
         session = self.app.session(request)
         try:
-            n = _finder_count(n_questions)
+            n = parse_question_count(n_questions, " to scan")
         except ValueError as err:
             yield {self.finder_status: warn(str(err))}
             return

@@ -18,7 +18,6 @@ from typing import Any
 
 import gradio as gr
 
-import math
 from collections.abc import Callable
 
 from qvlm import plots
@@ -35,6 +34,7 @@ from qvlm.ui.panel_quantize import FIRST_RUN_CALIB_PAIRS, quantized_parts, whole
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import AppState, canonical_name
 from qvlm.ui.texts import NO_VARIANT_NOTE, PAPER_TABLE_NOTE
+from qvlm.ui.inputs import parse_question_count
 
 BitSweepFn = Callable[..., list[dict]]
 EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "yes/no %", "color %", "shape %", "answers/s",
@@ -63,18 +63,6 @@ class _Scored:
     @property
     def done(self) -> bool:
         return self.key in self.store
-
-
-def _question_count(value: Any) -> int:
-    """A test-question count as an int; ValueError with the allowed range otherwise."""
-    n_test = len(load_split("test"))
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        n = math.nan
-    if not n.is_integer() or not 1 <= n <= n_test:
-        raise ValueError(f"Choose between 1 and {n_test} test questions.")
-    return int(n)
 
 
 def paper_table_rows(table: dict) -> list[list[Any]]:
@@ -214,7 +202,7 @@ class ResultsPanel:
         """Quantize and evaluate every chosen (recipe, bit-width) on one subset (a long job); draw accuracy vs bits."""
         session = self.app.session(request)
         try:
-            n = _question_count(n_questions)
+            n = parse_question_count(n_questions)
         except ValueError as err:
             yield {self.sweep_status: warn(str(err))}
             return
