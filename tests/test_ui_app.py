@@ -87,3 +87,23 @@ def test_finder_over_http_without_a_variant_says_to_quantize_first(served, bundl
     _, client, _, _ = served
     status, *_ = client.predict(str(bundled_dir), [], 20, api_name="/find_disagreements")
     assert "Quantize the model first" in status
+
+
+def test_on_a_space_every_heavy_call_asks_spaces_for_a_gpu(bundled_dir, monkeypatch):
+    """On a (ZeroGPU) Space the core calls are wrapped in spaces.GPU with the app's durations."""
+    import sys
+    import types
+
+    from qvlm.ui.app import GPU_SECONDS
+
+    asked: list[int] = []
+
+    def gpu(duration: int):
+        asked.append(duration)
+        return lambda fn: fn
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+    monkeypatch.setenv("SPACE_ID", "someone/q-vlm-studio")
+    settings = Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], hub_models=(), preload=False)
+    build_app(settings)
+    assert sorted(asked) == sorted(GPU_SECONDS.values())

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from qvlm.analysis import ded_sweep, dependency_diagnostics
+from qvlm.compare import bit_sweep, disagreement_scan, token_comparison
+from qvlm.modality import modality_activation_stats
+from qvlm.models import gpu_task
+from qvlm.quant import quantize as quantize_model
 from qvlm.ui import texts
 from qvlm.ui.panel_analysis import AnalysisPanel
 from qvlm.ui.panel_ask import AskPanel
@@ -26,10 +31,22 @@ def help_accordion(text: str) -> None:
         gr.Markdown(text)
 
 
+GPU_SECONDS = {"quantize": 900, "ded": 600, "diagnostics": 900, "modality": 120, "tokens": 60, "scan": 600,
+               "sweep": 1800}
+"""Upper bounds a ZeroGPU Space reserves a GPU for, per heavy call (spaces.GPU(duration=...); no-op elsewhere)."""
+
+
 def build_app(settings: Settings | None = None, default_model: str | None = None) -> gr.Blocks:
     """The whole app. ``default_model`` (or ``QVLM_DEFAULT_MODEL``) overrides the bundled model."""
     app = AppState.from_settings(settings or Settings.from_env(default_model=default_model))
-    quantize, analysis, ask, results = QuantizePanel(app), AnalysisPanel(app), AskPanel(app), ResultsPanel(app)
+    on_gpu = {name: gpu_task(seconds) for name, seconds in GPU_SECONDS.items()}  # identity outside Spaces
+    quantize = QuantizePanel(app, quantize=on_gpu["quantize"](quantize_model))
+    analysis = AnalysisPanel(app, ded_sweep=on_gpu["ded"](ded_sweep),
+                             dependency_diagnostics=on_gpu["diagnostics"](dependency_diagnostics),
+                             modality_stats=on_gpu["modality"](modality_activation_stats))
+    ask = AskPanel(app, token_comparison=on_gpu["tokens"](token_comparison),
+                   disagreement_scan=on_gpu["scan"](disagreement_scan))
+    results = ResultsPanel(app, bit_sweep=on_gpu["sweep"](bit_sweep))
 
     with gr.Blocks(title="Q-VLM Studio", analytics_enabled=False) as demo:
         gr.Markdown(texts.TITLE)
