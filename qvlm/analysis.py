@@ -174,7 +174,7 @@ def _analyse_block(entries, fp_entries, inputs, xq, xr, k: int, depth: int, cfg:
 
     def block_error() -> torch.Tensor:
         ys = xq
-        for j, b in enumerate(block):
+        for b in block:
             ys, compared = score.forward(b, ys)
         return mse_over(compared, refs[-1], inputs.masks)
 

@@ -161,35 +161,29 @@ class BlockObjective:
         self.entries, self.fp_entries = entries, fp_entries
         self.final_norm = final_norm
         self.inputs, self.cancel = inputs, cancel
-        self._captured: dict[int, list[torch.Tensor]] = {}
-        self._hooks: list = []
 
     def _norm_after(self, k: int) -> torch.nn.Module | None:
         if k + 1 < len(self.fp_entries):
             return getattr(self.fp_entries[k + 1].module, "input_layernorm", None)
         return self.final_norm
 
-    def _capture_last_linear(self, layer_entry, k: int, store: dict[int, list[torch.Tensor]]):
-        last = list(layer_entry.linears.values())[-1]
-
-        def hook(module, args, output):
-            store.setdefault(k, []).append(output)
-
-        return last.register_forward_hook(hook)
+    def _run_capturing_last_linear(self, layer: torch.nn.Module, last: torch.nn.Module,
+                                   xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(layer outputs, outputs of its Linear ``last``) for every batch."""
+        outs: list[torch.Tensor] = []
+        handle = last.register_forward_hook(lambda m, a, o: outs.append(o))
+        try:
+            ys = run_layer(layer, self.inputs, xs, self.cancel)
+        finally:
+            handle.remove()
+        return ys, outs
 
     def reference(self, k: int, xr: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(FP output of layer k, what the objective compares for it)."""
         if self.objective == "linear_output":
             layer = copy.deepcopy(self.fp_entries[k].module)
             roles = _role_paths(self.fp_entries[k].module, self.fp_entries[k].linears)
-            last = layer.get_submodule(list(roles.values())[-1])
-            outs: list[torch.Tensor] = []
-            handle = last.register_forward_hook(lambda m, a, o: outs.append(o))
-            try:
-                yr = run_layer(layer, self.inputs, xr, self.cancel)
-            finally:
-                handle.remove()
-            return yr, outs
+            return self._run_capturing_last_linear(layer, layer.get_submodule(list(roles.values())[-1]), xr)
         yr = run_layer(self.fp_entries[k].module, self.inputs, xr, self.cancel)
         return yr, self.view(k, yr)
 
@@ -203,13 +197,8 @@ class BlockObjective:
     def forward(self, k: int, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(quantized output of layer k, what the objective compares for it)."""
         if self.objective == "linear_output":
-            store: dict[int, list[torch.Tensor]] = {}
-            handle = self._capture_last_linear(self.entries[k], k, store)
-            try:
-                ys = run_layer(self.entries[k].module, self.inputs, xs, self.cancel)
-            finally:
-                handle.remove()
-            return ys, store[k]
+            last = list(self.entries[k].linears.values())[-1]
+            return self._run_capturing_last_linear(self.entries[k].module, last, xs)
         ys = run_layer(self.entries[k].module, self.inputs, xs, self.cancel)
         return ys, self.view(k, ys)
 

@@ -297,7 +297,7 @@ def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cf
             q.freeze()
         for p in ln_params:
             p.requires_grad_(False)
-    if holdout and cfg.veo_early_stopping and best["state"] is None and best["epoch"] == 0:
+    if holdout and cfg.veo_early_stopping and best["epoch"] == 0:
         for q, (lo, hi) in zip(vision_qs, init_ranges):  # exactly the init's ranges, not their log round trip
             q.set_range(lo, hi)
     return log, holdout_log
