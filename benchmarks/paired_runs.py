@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qvlm.bench import measure_row
 from qvlm.data import evaluation_subset
-from qvlm.eval import evaluate
 from qvlm.models import load_vlm
-from qvlm.quant import QuantConfig, quantize
 from qvlm.stats import mcnemar, paired_verdict
 
 
@@ -69,15 +65,11 @@ def main() -> None:
     for bits, recipe, overrides in runs:
         if run_key(bits, recipe, overrides) in done:
             continue
-        start = time.perf_counter()
-        result = quantize(handle, QuantConfig.from_bits(bits, recipe=recipe, **overrides))
-        seconds = time.perf_counter() - start
-        ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=64)
-        rows.append({"bits": bits, "recipe": recipe, "overrides": overrides, "accuracy": ev.accuracy, "n": ev.n,
-                     "correct": [bool(x["correct"]) for x in ev.predictions], "quantize_s": round(seconds, 1),
-                     "output_mse": result.output_mse, "search": result.search, "veo_holdout": result.veo_holdout,
-                     "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}})
-        print(f"{bits} {recipe} {overrides}: {100 * ev.accuracy:.2f}% (quantize {seconds:.0f} s)", flush=True)
+        config = {k: v for k, v in overrides.items() if k != "calib_size"}
+        row = measure_row(handle, samples, bits, recipe, overrides.get("calib_size", 64), config)
+        row["overrides"] = overrides
+        rows.append(row)
+        print(f"{bits} {recipe} {overrides}: {100 * row['accuracy']:.2f}% (quantize {row['quantize_s']:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rows, default=str))
         md_path.write_text(render(rows, args.baseline, args.title))

@@ -88,6 +88,26 @@ def _row(bits: str, recipe: str, ev, result=None, seconds: float | None = None) 
     return row
 
 
+def measure_row(handle, samples, bits: str, recipe: str, calib_size: int, overrides: dict | None = None,
+                batch_size: int = 64) -> dict:
+    """Quantize ``handle`` by one recipe and config, answer ``samples``: one row with per-question correctness.
+
+    The one measurement loop of the bench and of ``benchmarks/paired_runs.py``, so their rows compare.
+    """
+    cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=calib_size, **(overrides or {}))
+    start = time.perf_counter()
+    result = quantize(handle, cfg)
+    seconds = time.perf_counter() - start
+    ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=batch_size)
+    row = _row(bits, recipe, ev, result, seconds)
+    if overrides:
+        row["overrides"] = dict(overrides)
+    row["search"], row["veo_holdout"] = result.search, result.veo_holdout
+    del result
+    gc.collect()
+    return row
+
+
 def run_bench(opts: BenchOptions) -> dict:
     from qvlm.analysis import dependency_diagnostics
     from qvlm.models import load_vlm
@@ -127,21 +147,12 @@ def run_bench(opts: BenchOptions) -> dict:
         save()
 
     def measure(bits: str, recipe: str, calib_size: int, overrides: dict | None = None) -> dict:
-        """Quantize, evaluate on the same questions, append the row (with per-question correctness), save."""
-        cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=calib_size, **(overrides or {}))
-        start = time.perf_counter()
-        result = quantize(handle, cfg)
-        seconds = time.perf_counter() - start
-        ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=opts.batch_size)
-        row = _row(bits, recipe, ev, result, seconds)
-        if overrides:
-            row["overrides"] = dict(overrides)
+        """One measured row appended to the output, which is saved at once."""
+        row = measure_row(handle, samples, bits, recipe, calib_size, overrides, opts.batch_size)
         out["rows"].append(row)
         extra = f" {dict(overrides)}" if overrides else ""
-        opts.log(f"{bits} {recipe:9s}{extra} calib {calib_size}: acc {ev.accuracy:.4f}  quantize {seconds:.1f} s "
-                 f"(calibration {row['calibration_s']:.1f} s, search {row['search_s']:.1f} s)")
-        del result
-        gc.collect()
+        opts.log(f"{bits} {recipe:9s}{extra} calib {calib_size}: acc {row['accuracy']:.4f}  quantize "
+                 f"{row['quantize_s']:.1f} s (calibration {row['calibration_s']:.1f} s, search {row['search_s']:.1f} s)")
         save()
         return row
 
