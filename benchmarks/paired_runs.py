@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qvlm.bench import measure_row
-from qvlm.data import evaluation_subset
+from qvlm.data import get_task
 from qvlm.models import load_vlm
 from qvlm.stats import mcnemar, paired_verdict
 
@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--runs", required=True, help='JSON list of [bits, recipe, {config overrides}]')
     p.add_argument("--out", type=Path, required=True, help="path without extension for .json and .md")
     p.add_argument("--baseline", default="qlora")
+    p.add_argument("--model", default="bundled", help="'bundled' (easy-VQA), 'mosaic', or a model folder")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--title", default="Paired comparison on the bundled model")
     args = p.parse_args()
@@ -60,8 +61,8 @@ def main() -> None:
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     rows = json.loads(json_path.read_text()) if json_path.exists() else []
     done = {run_key(r["bits"], r["recipe"], r["overrides"]) for r in rows}
-    handle = load_vlm("bundled")
-    samples = evaluation_subset(args.limit)
+    handle = load_vlm(args.model)
+    samples = get_task(handle.task).evaluation_subset(args.limit)
     for bits, recipe, overrides in runs:
         if run_key(bits, recipe, overrides) in done:
             continue

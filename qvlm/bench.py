@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from qvlm.data import QUESTION_TYPES, evaluation_subset
+from qvlm.data import QUESTION_TYPES, get_task
 from qvlm.eval import evaluate
 from qvlm.quant import RECIPES, QuantConfig, quantize
 from qvlm.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
@@ -114,9 +114,10 @@ def run_bench(opts: BenchOptions) -> dict:
 
     torch.manual_seed(0)
     handle = load_vlm(opts.model)
-    samples = evaluation_subset(opts.limit)
+    samples = get_task(handle.task).evaluation_subset(opts.limit)
     out = {
         "model": handle.name,
+        "task": handle.task,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "platform": platform.platform(), "device": str(handle.device)},

@@ -55,14 +55,14 @@ def _cmd_train_mosaic(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from qvlm.data import evaluation_subset
+    from qvlm.data import get_task
     from qvlm.eval import evaluate
     from qvlm.export import load_vlm_or_export as load_vlm
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be a positive number of questions")
     handle = load_vlm(args.model)
-    samples = evaluation_subset(args.limit)
+    samples = get_task(handle.task).evaluation_subset(args.limit)
     with _progress_bar("eval") as progress:
         result = evaluate(handle.model, handle.processor, samples, batch_size=args.batch_size, progress=progress)
     print(format_eval(handle.name, result))
@@ -102,7 +102,7 @@ class _progress_bar:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from qvlm.data import evaluation_subset
+    from qvlm.data import get_task
     from qvlm.eval import evaluate
     from qvlm.export import load_vlm_or_export as load_vlm
     from qvlm.quant import QuantConfig, quantize
@@ -117,6 +117,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib_size is not None:
         overrides["calib_size"] = args.calib_size
     cfg = QuantConfig.from_bits(args.bits, recipe=args.method, **overrides)
+    if args.save is not None:
+        from qvlm.export import export_refusal
+
+        refusal = export_refusal(cfg, args.format)
+        if refusal:
+            raise ValueError(refusal)
     handle = load_vlm(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(cfg.to_json())
@@ -139,7 +145,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if result.blocks and result.entropies:
         print(f"blocks: {result.blocks}  h0 = {result.h0:.4f}")
     if args.eval:
-        samples = evaluation_subset(args.limit)
+        samples = get_task(handle.task).evaluation_subset(args.limit)
         with _progress_bar("eval") as progress:
             ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=args.batch_size,
                           progress=progress)
@@ -177,7 +183,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_quant_commands(sub) -> None:
     """The ``quantize`` and ``bench`` subcommands (quantization core, issue 3)."""
     p = sub.add_parser("quantize", help="quantize a model with one recipe; save config, statistics (and accuracy)")
-    p.add_argument("--model", default="bundled", help="model folder, hub id, or 'bundled' (default)")
+    p.add_argument("--model", default="bundled", help="model folder, hub id, 'bundled' (default: the easy-VQA model) or 'mosaic' (the mosaic model)")
     p.add_argument("--bits", default="w4a4", help="weight/activation bits, e.g. w4a4, W6A6, w8a8")
     p.add_argument("--method", default="qvlm", help="recipe: fp, rtn, qlora, awq, qvlm-cdm, qvlm-veo, qvlm")
     p.add_argument("--config", type=Path, default=None, help="a QuantConfig JSON file for the other parameters")
@@ -251,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_mosaic)
 
     p = sub.add_parser("eval", help="easy-VQA test accuracy of a model (overall and per question type)")
-    p.add_argument("--model", default="bundled", help="model folder, hub id, or 'bundled' (default)")
+    p.add_argument("--model", default="bundled", help="model folder, hub id, 'bundled' (default: the easy-VQA model) or 'mosaic' (the mosaic model)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N questions")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qvlm.data.tasks import task_of_model_folder
 from qvlm.models import (
     PACKED_EXPORT_MANIFEST,
     ModelLoadError,
@@ -43,6 +44,10 @@ from qvlm.models.loader import resolve_source
 from qvlm.quant.packing import PackedLinear, pack_model, unpack_bits
 from qvlm.quant.qlinear import replace_module
 from qvlm.quant.quantizers import ActQuantizer
+from qvlm.quant.recipes import get_recipe
+
+if TYPE_CHECKING:
+    from qvlm.quant.config import QuantConfig
 
 FORMAT_NAME = "qvlm-packed"
 FORMAT_VERSION = 2
@@ -104,10 +109,29 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
     handle.model.generation_config.save_pretrained(out)
     handle.processor.save_pretrained(out)
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_model": handle.name,
-                "dtype": str(handle.dtype).removeprefix("torch."), "quant_config": config_dict,
+                "task": handle.task, "dtype": str(handle.dtype).removeprefix("torch."), "quant_config": config_dict,
                 "modules": modules, "stats": stats or {}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return out
+
+
+def export_refusal(config: "QuantConfig", format: str) -> str | None:
+    """Why ``format`` cannot hold a model quantized with ``config``, or None when it can.
+
+    Asked before quantizing (CLI) or before writing (app), so nobody waits for a run the export
+    then refuses; :func:`save_compressed_tensors` still checks the packed layers themselves.
+    """
+    if format != COMPRESSED_TENSORS:
+        return None
+    weights, _ = config.resolved_weights()
+    if weights == "nf4":
+        return (f"compressed-tensors has no NormalFloat (NF4) weights, which recipe {config.recipe!r} uses: "
+                f"save it as {FORMAT_NAME!r}, or pick a uniform-weight recipe (e.g. qvlm, rtn) for compressed-tensors")
+    init = get_recipe(config.recipe).init
+    if init is not None and init.scaling == "awq":
+        return (f"compressed-tensors has no place for AWQ's per-channel input scales (recipe {config.recipe!r}): "
+                f"save it as {FORMAT_NAME!r}")
+    return None
 
 
 def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
@@ -192,7 +216,7 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
                        "tensor, so from_pretrained applies the weights only. x_hat = clamp(round(x / step) + zp, "
                        "0, 2^bits - 1) - zp) * step with step = (max(hi, 0) - min(lo, 0)) / (2^bits - 1), "
                        "zp = round(-min(lo, 0) / step).",
-               "base_model": handle.name, "quant_config": config_dict, "stats": stats or {}, "modules": activations}
+               "base_model": handle.name, "task": handle.task, "quant_config": config_dict, "stats": stats or {}, "modules": activations}
     (out / ACTIVATION_SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))
     return out
 
@@ -295,7 +319,7 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
     model.requires_grad_(False)
     model.generation_config = _generation_config(folder, model)
     return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model),
-                     name=f"export: {folder.name}", source="local")
+                     name=f"export: {folder.name}", source="local", task=task_of_model_folder(folder))
 
 
 def _packed_from(name: str, entry: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> PackedLinear:

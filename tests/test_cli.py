@@ -23,3 +23,22 @@ def test_eval_on_a_missing_model_is_a_clear_error(tmp_path, capsys):
 def test_eval_refuses_a_bad_limit(bundled_dir, capsys):
     assert main(["eval", "--model", str(bundled_dir), "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
+
+
+def test_quantize_refuses_an_export_format_that_cannot_hold_the_recipe_before_quantizing(bundled_dir, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "run"
+    argv = ["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "qlora", "--out", str(out),
+            "--save", str(tmp_path / "export"), "--format", "compressed-tensors"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: compressed-tensors has no NormalFloat (NF4) weights") and "qvlm-packed" in err
+    assert not out.exists()  # refused before any quantization work
+
+
+def test_a_bundled_model_that_is_not_in_the_checkout_says_how_to_train_it(monkeypatch, tmp_path, capsys):
+    from qvlm.models import loader
+
+    monkeypatch.setitem(loader.BUNDLED_MODELS, loader.MOSAIC_MODEL_NAME, tmp_path / "absent")
+    assert main(["eval", "--model", "mosaic"]) == 2
+    assert "train-mosaic" in capsys.readouterr().err

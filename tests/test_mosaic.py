@@ -98,3 +98,31 @@ def test_mosaic_task_is_selectable_and_its_types_are_registered():
     assert len(get_task("easy-vqa").evaluation_subset(None)) == 9_673
     with pytest.raises(ValueError, match="unknown task"):
         get_task("vqav2")
+
+
+def test_held_out_mosaics_avoid_the_calibration_mosaics_and_are_fixed_per_seed():
+    from qvlm.data.mosaic import mosaic_calibration_split, mosaic_holdout_split
+
+    calibration = mosaic_calibration_split(16, seed=0)
+    seen = {s.image_id for s in calibration}
+    held_out = mosaic_holdout_split(32, seen, seed=1)
+    assert len(held_out) == 32 and not seen & {s.image_id for s in held_out}
+    assert held_out == mosaic_holdout_split(32, seen, seed=1) != mosaic_holdout_split(32, seen, seed=2)
+    assert {s.split for s in held_out} == {"train"}
+    assert get_task("mosaic").holdout_split is mosaic_holdout_split
+
+
+def test_a_model_folder_names_its_task_else_easy_vqa(tmp_path):
+    import json
+
+    from qvlm.data import task_of_model_folder
+
+    assert task_of_model_folder(tmp_path) == "easy-vqa"
+    (tmp_path / "training_report.json").write_text(json.dumps({"task": "mosaic"}))
+    assert task_of_model_folder(tmp_path) == "mosaic"
+    (tmp_path / "training_report.json").write_text(json.dumps({"task": "no-such-task"}))
+    assert task_of_model_folder(tmp_path) == "easy-vqa"
+    (tmp_path / "qvlm_quant.json").write_text("{not json")
+    assert task_of_model_folder(tmp_path) == "easy-vqa"
+    (tmp_path / "qvlm_activations.json").write_text(json.dumps({"task": "mosaic"}))
+    assert task_of_model_folder(tmp_path) == "mosaic"

@@ -15,7 +15,7 @@ from qvlm.data.easy_vqa import (
 )
 from qvlm.data.mosaic import MOSAIC_QUESTION_TYPES, MosaicSample
 from qvlm.data.prompts import build_prompt, chat_messages, is_correct, normalize_answer, validate_question
-from qvlm.data.tasks import DEFAULT_TASK, QUESTION_TYPES, TASKS, Task, get_task
+from qvlm.data.tasks import DEFAULT_TASK, QUESTION_TYPES, TASKS, Task, get_task, task_of_model_folder
 
 __all__ = [
     "COLORS",
@@ -40,5 +40,6 @@ __all__ = [
     "load_split",
     "normalize_answer",
     "question_type",
+    "task_of_model_folder",
     "validate_question",
 ]

@@ -290,6 +290,24 @@ def mosaic_calibration_split(n: int = 64, seed: int = 0) -> list[MosaicSample]:
     return [sample_training_mosaic(rng, 1)[0] for _ in range(n)]
 
 
+def mosaic_holdout_split(n: int, exclude_image_ids: set, seed: int = 0) -> list[MosaicSample]:
+    """``n`` train-split mosaic questions on mosaics outside ``exclude_image_ids`` (cell tuples).
+
+    Why: VEO's held-out error (:func:`qvlm.data.holdout_split` for easy-VQA) needs mosaics it did
+    not calibrate on; train mosaics are drawn on the fly, so a different seed gives new ones and the
+    exclusion removes the rare exact repeat of a calibration mosaic.
+    """
+    if n < 0:
+        raise ValueError(f"held-out size must be at least 0, got {n}")
+    rng = random.Random(f"mosaic-holdout-{seed}")
+    out: list[MosaicSample] = []
+    while len(out) < n:
+        sample = sample_training_mosaic(rng, 1)[0]
+        if sample.cells not in exclude_image_ids:
+            out.append(sample)
+    return out
+
+
 def mosaic_evaluation_subset(limit: int | None = None, seed: int = 0) -> list[MosaicSample]:
     """The mosaic test split, or a fixed random subset of ``limit`` questions (same for every model)."""
     return fixed_subset(list(load_mosaic_test()), limit, seed)

@@ -6,26 +6,30 @@ task built from its labelled images (:mod:`qvlm.data.mosaic`, the second bundled
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from qvlm.data import easy_vqa, mosaic
 
 
 @dataclass(frozen=True)
 class Task:
-    """A task's question types (in report order) and its two fixed sample lists."""
+    """A task's question types (in report order) and its fixed sample lists."""
 
     name: str
     question_types: tuple[str, ...]
     evaluation_subset: Callable[..., list]  # (limit=None, seed=0) -> test samples
     calibration_split: Callable[..., list]  # (n=64, seed=0) -> train samples
+    holdout_split: Callable[..., list]  # (n, exclude_image_ids, seed=0) -> train samples on unseen images
 
 
 TASKS: dict[str, Task] = {
-    "easy-vqa": Task("easy-vqa", easy_vqa.QUESTION_TYPES, easy_vqa.evaluation_subset, easy_vqa.calibration_split),
+    "easy-vqa": Task("easy-vqa", easy_vqa.QUESTION_TYPES, easy_vqa.evaluation_subset, easy_vqa.calibration_split,
+                     easy_vqa.holdout_split),
     "mosaic": Task("mosaic", mosaic.MOSAIC_QUESTION_TYPES, mosaic.mosaic_evaluation_subset,
-                   mosaic.mosaic_calibration_split),
+                   mosaic.mosaic_calibration_split, mosaic.mosaic_holdout_split),
 }
 DEFAULT_TASK = "easy-vqa"
 
@@ -38,3 +42,26 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return TASKS[name]
+
+
+TASK_FILES = ("training_report.json", "qvlm_quant.json", "qvlm_activations.json")
+"""Files of a model folder that may name its task: a training report, a Q-VLM packed export's
+manifest, a compressed-tensors export's activation sidecar (all written by this project)."""
+
+
+def task_of_model_folder(folder: str | Path) -> str:
+    """The task a local model folder was trained for: the ``"task"`` of its training report or
+    export manifest, else :data:`DEFAULT_TASK` (hub models and folders that do not say).
+
+    Why from the folder: calibration and evaluation must use the model's own task (a mosaic model
+    calibrated on single easy-VQA images would see inputs it was never trained on).
+    """
+    for name in TASK_FILES:
+        path = Path(folder) / name
+        try:
+            task = json.loads(path.read_text()).get("task") if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            task = None
+        if task in TASKS:
+            return task
+    return DEFAULT_TASK

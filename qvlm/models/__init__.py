@@ -5,6 +5,11 @@ from qvlm.models.layer_map import LayerEntry, LayerMap, build_layer_map, core_mo
 from qvlm.models.loader import (
     BUNDLED_MODEL_DIR,
     BUNDLED_MODEL_NAME,
+    BUNDLED_MODELS,
+    MOSAIC_MODEL_DIR,
+    MOSAIC_MODEL_NAME,
+    SHORT_NAMES,
+    bundled_name,
     PACKED_EXPORT_MANIFEST,
     SUPPORTED_MODEL_TYPES,
     ModelLoadError,
@@ -19,6 +24,11 @@ from qvlm.models.loader import (
 __all__ = [
     "BUNDLED_MODEL_DIR",
     "BUNDLED_MODEL_NAME",
+    "BUNDLED_MODELS",
+    "MOSAIC_MODEL_DIR",
+    "MOSAIC_MODEL_NAME",
+    "SHORT_NAMES",
+    "bundled_name",
     "PACKED_EXPORT_MANIFEST",
     "SUPPORTED_MODEL_TYPES",
     "LayerEntry",

@@ -17,12 +17,26 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoProcessor, PretrainedConfig
 
+from qvlm.data.tasks import DEFAULT_TASK, task_of_model_folder
 from qvlm.models.device import default_dtype, resolve_device
 from qvlm.models.layer_map import LayerMap, build_layer_map
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_MODEL_DIR = REPO_ROOT / "assets" / "tiny-llava-easyvqa"
 BUNDLED_MODEL_NAME = "bundled: tiny-llava-easyvqa"
+MOSAIC_MODEL_DIR = REPO_ROOT / "assets" / "tiny-llava-mosaic"
+MOSAIC_MODEL_NAME = "bundled: tiny-llava-mosaic"
+BUNDLED_MODELS: dict[str, Path] = {BUNDLED_MODEL_NAME: BUNDLED_MODEL_DIR, MOSAIC_MODEL_NAME: MOSAIC_MODEL_DIR}
+"""The models the project trains and ships, by display name (the first is the app's default)."""
+SHORT_NAMES: dict[str, str] = {"bundled": BUNDLED_MODEL_NAME, "easyvqa": BUNDLED_MODEL_NAME,
+                               "mosaic": MOSAIC_MODEL_NAME}
+"""What ``--model`` accepts besides folders and hub ids."""
+
+
+def bundled_name(folder: str | os.PathLike) -> str | None:
+    """The display name of a bundled model's folder, or None for any other folder."""
+    resolved = Path(folder).resolve()
+    return next((name for name, d in BUNDLED_MODELS.items() if d.resolve() == resolved), None)
 
 Source = Literal["bundled", "local", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -64,6 +78,7 @@ class VLMHandle:
     layer_map: LayerMap
     name: str
     source: Source
+    task: str = DEFAULT_TASK  # what it was trained on: its calibration pairs and its test split
 
     @property
     def config(self) -> PretrainedConfig:
@@ -90,8 +105,13 @@ def resolve_source(name_or_path: str | os.PathLike, allowed_roots: list[Path] | 
     text = str(name_or_path).strip()
     if not text:
         raise ModelLoadError("No model given.")
-    if text in (BUNDLED_MODEL_NAME, "bundled"):
-        return str(BUNDLED_MODEL_DIR), "bundled"
+    text = SHORT_NAMES.get(text, text)
+    if text in BUNDLED_MODELS:
+        folder = BUNDLED_MODELS[text]
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{text} is not in this checkout ({folder} holds no model); "
+                                 "train it with `python -m qvlm train-mosaic --out assets/tiny-llava-mosaic`.")
+        return str(folder), "bundled"
     path = Path(text).expanduser()
     looks_local = path.is_absolute() or text.startswith((".", "~")) or path.exists() or not _HUB_ID.match(text)
     if not looks_local:
@@ -104,7 +124,7 @@ def resolve_source(name_or_path: str | os.PathLike, allowed_roots: list[Path] | 
         raise ModelLoadError(f"No model folder at {text} (and it is not a hub id of the form owner/name).")
     if not (resolved / "config.json").is_file():
         raise ModelLoadError(f"{text} has no config.json: not a transformers model folder.")
-    source: Source = "bundled" if resolved == BUNDLED_MODEL_DIR.resolve() else "local"
+    source: Source = "bundled" if bundled_name(resolved) else "local"
     return str(resolved), source
 
 
@@ -243,5 +263,7 @@ def load_vlm(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    name = BUNDLED_MODEL_NAME if source == "bundled" else str(name_or_path)
-    return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name=name, source=source)
+    name = bundled_name(location) if source == "bundled" else str(name_or_path)
+    task = DEFAULT_TASK if source == "hub" else task_of_model_folder(location)
+    return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name=name, source=source,
+                     task=task)

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from qvlm.data import VQASample, build_prompt, calibration_split, chat_messages
+from qvlm.data import VQASample, build_prompt, chat_messages, get_task
 from qvlm.progress import check_cancel
 
 
@@ -108,8 +108,9 @@ def build_batches(processor, samples: list[VQASample], batch_size: int,
 
 
 def calibration_batches(handle, size: int, seed: int, batch_size: int) -> list[CalibBatch]:
-    """The paper's calibration set: ``size`` random image-question-answer pairs of the *train* split."""
-    samples = calibration_split(size, seed)
+    """The paper's calibration set: ``size`` random image-question-answer pairs of the *train* split
+    of the model's own task."""
+    samples = get_task(handle.task).calibration_split(size, seed)
     return build_batches(handle.processor, samples, batch_size, handle.device, handle.dtype)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from qvlm.models import core_model
 from qvlm.progress import STAGE_VEO, check_cancel, report
-from qvlm.data import calibration_split, holdout_split
+from qvlm.data import get_task
 from qvlm.quant.calibration import CalibBatch, build_batches, calibration_batches, masked_mse
 from qvlm.quant.entropy import pair_entropy
 
@@ -55,9 +55,10 @@ class VisualEncoderOptimization:
                 batches = calibration_batches(qrun.fp, cfg.veo_calib_size, cfg.calib_seed, cfg.calib_batch)
             holdout = []
             if cfg.veo_holdout_images and qrun.calibration is None:
-                seen = {s.image_id for s in calibration_split(max(cfg.calib_size, cfg.veo_calib_size or 0),
-                                                              cfg.calib_seed)}
-                samples = holdout_split(cfg.veo_holdout_images, seen, cfg.calib_seed + 1)
+                task = get_task(qrun.fp.task)
+                seen = {s.image_id for s in task.calibration_split(max(cfg.calib_size, cfg.veo_calib_size or 0),
+                                                                   cfg.calib_seed)}
+                samples = task.holdout_split(cfg.veo_holdout_images, seen, cfg.calib_seed + 1)
                 holdout = build_batches(qrun.fp.processor, samples, cfg.calib_batch, qrun.fp.device, qrun.fp.dtype)
             qrun.veo_losses, qrun.veo_holdout = optimize_vision_bounds(
                 qrun.qmodel, qrun.fp.model, qrun.qmap, batches, cfg, qrun.entropy_grids(), qrun.progress,
