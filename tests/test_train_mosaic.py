@@ -32,6 +32,14 @@ def test_a_run_stopped_by_its_time_budget_resumes_to_the_same_weights(tmp_path, 
     assert final["task"] == "mosaic" and "stopped" not in final and "joint_test_accuracy" in final
     processor = AutoProcessor.from_pretrained(stopped)
     assert processor.tokenizer.convert_tokens_to_ids("triangles") != processor.tokenizer.unk_token_id
+    # the trained folder says its task: loading it calibrates on mosaics, not on single easy-VQA images
+    from qvlm.models import load_vlm
+    from qvlm.quant.calibration import calibration_batches
+
+    handle = load_vlm(stopped, device="cpu")
+    assert handle.task == "mosaic"
+    batch = calibration_batches(handle, size=2, seed=0, batch_size=2)[0]
+    assert tuple(batch.pixel_values.shape[-2:]) == (128, 128)
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
@@ -69,3 +77,31 @@ def test_mosaics_composed_from_cell_pixels_equal_the_processed_mosaic_image():
     processor = build_processor(MOSAIC_SPEC, build_mosaic_tokenizer())
     expected = processor.image_processor(sample.load_image(), return_tensors="pt")["pixel_values"]
     assert torch.equal(CellPixels().mosaics([sample.cells], None), expected)
+
+
+def test_the_shared_prefix_loss_equals_the_plain_answer_loss_and_its_gradients():
+    import random
+
+    from qvlm.data.mosaic import sample_training_mosaic
+    from qvlm.training.tiny_llava import build_model, build_processor
+    from qvlm.training.train import QuestionTable, answer_loss
+    from qvlm.training.train_mosaic import shared_prefix_answer_loss
+
+    tokenizer = build_mosaic_tokenizer()
+    model = build_model(SMOKE_SPEC, tokenizer, seed=0)
+    table = QuestionTable(build_processor(SMOKE_SPEC, tokenizer), SMOKE_SPEC.image_tokens)
+    rng = random.Random(3)
+    questions = [sample_training_mosaic(rng, 5) for _ in range(3)]
+    image = torch.randn(3, SMOKE_SPEC.image_tokens, SMOKE_SPEC.text_hidden)
+    results = []
+    for loss_fn in (answer_loss, shared_prefix_answer_loss):
+        model.zero_grad()
+        embeds = image.clone().requires_grad_(True)
+        loss, correct = loss_fn(model, table, embeds, questions, tokenizer.pad_token_id)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.model.language_model.parameters() if p.grad is not None]
+        results.append((loss.detach(), correct, embeds.grad, grads))
+    (loss_a, ok_a, img_a, grads_a), (loss_b, ok_b, img_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and torch.equal(ok_a, ok_b) and len(ok_a) == 15
+    assert torch.allclose(img_a, img_b, atol=1e-6)
+    assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b))

@@ -221,6 +221,56 @@ class _Captions:
         return emb(self.color_ids[color_y]) + emb(self.shape_ids[shape_y])
 
 
+def shared_prefix_answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questions: list[list],
+                              pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qvlm.training.train.answer_loss`, computing each mosaic's shared prefix once.
+
+    Every question of a mosaic starts with the same ``<s> user :`` + image tokens (~67 of ~90
+    tokens). The prefix runs once per mosaic with a key/value cache; the cache is repeated for the
+    mosaic's questions and only their suffixes (question, answer: ~23 tokens) run on it, so the
+    language model sees ~2.9x fewer tokens per step. Gradients flow through the cache, so loss and
+    gradients equal ``answer_loss``'s (tested).
+    """
+    rows, owners, starts = [], [], []
+    for img_index, qs in enumerate(questions):
+        for q in qs:
+            ids, start = table.encode(q.question, q.answer)
+            rows.append(ids)
+            owners.append(img_index)
+            starts.append(start)
+    first_image = rows[0].index(table.image_token_id)
+    cut = first_image + table.image_tokens  # prefix length: everything up to the last image token
+    prefix = rows[0][:cut]
+    if any(r[:cut] != prefix for r in rows):
+        raise ValueError("questions of a step must share the prompt prefix before the question text")
+    lm, embed = model.model.language_model, model.get_input_embeddings()
+    prefix_embeds = embed(torch.tensor(prefix)).unsqueeze(0).repeat(len(questions), 1, 1)
+    prefix_embeds[:, first_image:cut] = image_embeds
+    cache = lm(inputs_embeds=prefix_embeds, use_cache=True).cache
+    cache.batch_select_indices(torch.tensor(owners))  # one cache row per question (differentiable gather)
+    suffixes = [r[cut:] for r in rows]
+    length = max(len(r) for r in suffixes)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), cut + length), dtype=torch.long)
+    mask[:, :cut] = 1
+    for i, r in enumerate(suffixes):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, cut : cut + len(r)] = 1
+    hidden = lm(inputs_embeds=embed(ids), attention_mask=mask, cache=cache,
+                position_ids=torch.arange(cut, cut + length).expand(len(rows), -1)).last_hidden_state
+    targets, positions = [], []
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        for t in range(s, len(r)):
+            positions.append((i, t - 1 - cut))
+            targets.append(r[t])
+    idx = torch.tensor(positions)
+    logits = model.lm_head(hidden[idx[:, 0], idx[:, 1]])
+    targets_t = torch.tensor(targets)
+    loss = F.cross_entropy(logits, targets_t)
+    first = torch.tensor([positions.index((i, s - 1 - cut)) for i, s in enumerate(starts)])
+    return loss, logits[first].argmax(-1) == targets_t[first]
+
+
 class _Log:
     """Lines to stdout and to ``OUT/train.log`` (appended: a resumed run continues the same file)."""
 
@@ -351,18 +401,18 @@ class _MosaicRun:
         shape_y, color_y = pixels.token_labels(cells, self.token_cell)
         pad = self.tokenizer.pad_token_id
         if stage == "caption":
-            loss, ok = answer_loss(m, self.table, self.captions(m, shape_y, color_y), qs, pad)
+            loss, ok = shared_prefix_answer_loss(m, self.table, self.captions(m, shape_y, color_y), qs, pad)
             return loss, qs, ok
         if stage == "align":
             with torch.no_grad():
                 feats = vision_patch_features(m, pixels.mosaics(cells, self.gen))
                 target = self.captions(m, shape_y, color_y)
             tokens = m.model.multi_modal_projector(feats)
-            loss, ok = answer_loss(m, self.table, tokens, qs, pad)
+            loss, ok = shared_prefix_answer_loss(m, self.table, tokens, qs, pad)
             return loss + cfg.align_weight * relative_sq_error(tokens, target), qs, ok
         feats = vision_patch_features(m, pixels.mosaics(cells, self.gen))
         tokens = m.model.multi_modal_projector(feats)
-        loss, ok = answer_loss(m, self.table, tokens, qs, pad)
+        loss, ok = shared_prefix_answer_loss(m, self.table, tokens, qs, pad)
         loss = loss + cfg.aux_weight * _heads_loss(self.heads, feats, shape_y, color_y)
         if cfg.joint_align_weight:
             with torch.no_grad():
