@@ -51,8 +51,8 @@ def test_serves_quickly_with_a_queue(served):
 def test_api_lists_each_panels_main_endpoint_and_nothing_internal(served):
     _, client, _, _ = served
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert names == {"/quantize", "/ask", "/compare_tokens", "/find_disagreements", "/evaluate", "/bit_sweep",
-                     "/cancel", "/overview", "/ded", "/compute_ded", "/interaction", "/modality"}
+    assert names == {"/quantize", "/download", "/ask", "/compare_tokens", "/find_disagreements", "/evaluate",
+                     "/bit_sweep", "/cancel", "/overview", "/ded", "/compute_ded", "/interaction", "/modality"}
     assert any("disagree" in name for name in names)
 
 

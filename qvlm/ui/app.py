@@ -3,7 +3,7 @@
 It reads top to bottom like the page: the tabs in order, then each action's wiring in the same
 order. Components carry stable ``elem_id``s: the browser test selects by them (Gradio 6 role
 queries are unreliable) and they double as documentation of what each part is. The named
-``api_name``s are the app's HTTP API (``/quantize``, ``/ask``, ``/compare_tokens``,
+``api_name``s are the app's HTTP API (``/quantize``, ``/download``, ``/ask``, ``/compare_tokens``,
 ``/find_disagreements``, ``/evaluate``, ``/bit_sweep``, ``/modality``, ...).
 """
 
@@ -71,7 +71,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         long_job = dict(concurrency_limit=max(2, app.settings.concurrency), concurrency_id="long-job",
                         show_progress="minimal")
         internal = dict(api_visibility="private")  # a step of the page, not an HTTP endpoint
-        overview = [analysis.info, analysis.partition, analysis.errors, analysis.veo]
+        overview = [analysis.info, analysis.partition, analysis.errors, analysis.veo, analysis.veo_note]
         ded_inputs = [analysis.variant, analysis.layer, analysis.n_samples]
         ded = [analysis.ded_plot, analysis.qerr_plot, analysis.ded_note]
         interaction_inputs = [analysis.variant, analysis.interaction_samples]
@@ -88,6 +88,10 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
          .then(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal))
         gr.on([quantize.cancel.click, analysis.cancel.click, analysis.interaction_cancel.click, results.cancel.click,
                ask.finder_cancel.click, results.sweep_cancel.click], app.cancel, concurrency_limit=None, api_name="cancel")
+        # Quantize: download the latest variant in a chosen format, with the run's JSON (one at a time: a
+        # large model's zip is gigabytes of disk and minutes of CPU)
+        quantize.download_btn.click(quantize.download, [quantize.export_format], quantize.downloads,
+                                    api_name="download", concurrency_limit=1, concurrency_id="download")
 
         # Analysis: pick a variant, browse DED by layer, measure DED, ask whether the layers interact
         (analysis.variant.input(analysis.show_overview, [analysis.variant], overview, api_name="overview")
@@ -134,5 +138,5 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         demo.load(quantize.show_held, None, [quantize.held], **internal)
         demo.load(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal)
         demo.load(ask.warm_up, None, None, **internal)
-        demo.unload(app.drop_session)
+        demo.unload(app.drop_session)  # also removes the session's temporary files (downloads)
     return demo

@@ -4,6 +4,8 @@ The recipe menu, its labels, the bit settings and every default shown come from 
 (``qvlm.quant``); the form only turns text into values and shows what ``QuantConfig.validate()``
 says is wrong. A run streams its stages from a worker thread (:func:`~qvlm.ui.jobs.stream_job`) and
 on success adds the variant to the session's LRU store, announcing any variant the bound drops.
+Below the result, the Download group writes the latest variant as a zip in a chosen export format
+and the run as JSON (:mod:`qvlm.ui.downloads`) into the session's temporary folder.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from typing import Any
 
 import gradio as gr
 
+from qvlm.export import FORMAT_NAME, SAVE_FORMATS
 from qvlm.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, QuantConfig, QuantResult, get_recipe, quantize
+from qvlm.ui import texts
+from qvlm.ui.downloads import download_summary, run_record, write_model_zip, write_run_json
 from qvlm.ui.feedback import Outputs, warn
 from qvlm.ui.jobs import STAGE_LOAD, LongJob, stream_job
 from qvlm.ui.render import human_bytes, variants_markdown
@@ -164,6 +169,22 @@ class QuantizePanel:
         self.held = gr.Markdown(variants_markdown([], settings.variant_budget_bytes, settings.max_variants),
                                 elem_id="held-variants")
         self.new_variant = gr.State(None)  # the label of the variant the last run made; None when it made none
+        with gr.Group(elem_id="download"):
+            gr.Markdown(texts.DOWNLOAD_HELP, elem_id="download-help")
+            with gr.Row():
+                self.export_format = gr.Dropdown([(texts.EXPORT_FORMATS.get(f, f), f) for f in SAVE_FORMATS],
+                                                 value=FORMAT_NAME, label="Format", elem_id="export-format", scale=3)
+                self.download_btn = gr.Button("Prepare download", elem_id="download-btn", scale=1)
+            with gr.Row():
+                self.model_file = gr.File(label="Quantized model (zip)", interactive=False, elem_id="model-file")
+                self.run_file = gr.File(label="Run: config, statistics, evaluation (JSON)", interactive=False,
+                                        elem_id="run-file")
+            self.download_note = gr.Markdown(elem_id="download-note")
+
+    @property
+    def downloads(self) -> list[gr.components.Component]:
+        """The outputs of :meth:`download`."""
+        return [self.model_file, self.run_file, self.download_note]
 
     @property
     def form(self) -> list[gr.components.Component]:
@@ -216,6 +237,29 @@ class QuantizePanel:
             cancelled="■ Cancelled. Nothing changed: the variants you hold are all still here.",
             stopped=lambda: {self.held: self._held_markdown(session), self.new_variant: None},
         ), session, self.status)
+
+    def download(self, fmt: str, request: gr.Request | None = None) -> Outputs:
+        """Write the session's latest variant as a zip in ``fmt`` and its run as JSON; show both with their sizes.
+
+        The files go to the session's temporary folder inside Gradio's cache folder, which Gradio then
+        serves where it is instead of copying it, so ending the session removes the only copy. A format
+        that cannot hold the recipe, or no variant yet, is a warning; the files shown before stay.
+        """
+        session = self.app.session(request)
+        held = session.variants.variants()
+        if not held:
+            return {self.download_note: warn(texts.NO_VARIANT_TO_DOWNLOAD)}
+        variant = held[-1]  # the store's order is the order runs finished: nothing else reorders it
+        folder = session.files_dir(self.model_file.GRADIO_CACHE)
+        try:
+            model_zip = write_model_zip(variant, fmt, folder)
+            run_json = write_run_json(variant, run_record(variant, session.fp_evals), folder)
+        except ValueError as err:  # the exporter's own sentence: NF4 or AWQ in compressed-tensors, unknown format
+            return {self.download_note: warn(str(err))}
+        except OSError as err:  # a full or read-only disk
+            return {self.download_note: warn(f"Could not write the download ({err}); nothing was lost.")}
+        return {self.model_file: str(model_zip), self.run_file: str(run_json),
+                self.download_note: download_summary(variant.label, fmt, model_zip, run_json)}
 
     def show_held(self, request: gr.Request | None = None) -> str:
         """The session's held variants, for the page load (a reload keeps them)."""

@@ -11,6 +11,8 @@ most ``max_sessions`` sessions keep anything (the longest idle one is dropped fi
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -130,6 +132,27 @@ class SessionState:
     cancel: threading.Event = field(default_factory=threading.Event)
     busy: str | None = None  # "quantization" / "evaluation" / "DED analysis" while a job of this session runs
     lock: threading.Lock = field(default_factory=threading.Lock)
+    files: Path | None = None  # this session's temporary folder (downloads), made on first use
+
+    def files_dir(self, root: str | Path | None = None) -> Path:
+        """This session's temporary folder, created under ``root`` on first use; :meth:`remove_files` deletes it.
+
+        One folder per session, so that ending the session (tab closed, idle session evicted) removes
+        every file it wrote, whatever wrote it.
+        """
+        with self.lock:
+            if self.files is None or not self.files.is_dir():
+                if root is not None:
+                    Path(root).mkdir(parents=True, exist_ok=True)
+                self.files = Path(tempfile.mkdtemp(prefix="qvlm-session-", dir=root))
+            return self.files
+
+    def remove_files(self) -> None:
+        """Delete the session's temporary folder and everything in it (nothing when it has none)."""
+        with self.lock:
+            folder, self.files = self.files, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def begin(self, job: str) -> bool:
         """Mark a job as running; False when this session already runs one (double click, second tab)."""
@@ -166,18 +189,19 @@ class SessionRegistry:
             return state
 
     def drop(self, session_id: str) -> None:
-        """Forget a session (the browser tab closed): its variants become garbage."""
+        """Forget a session (the browser tab closed): its variants become garbage, its temporary files go."""
         with self._lock:
             state = self._sessions.pop(session_id, None)
         if state is not None:
             state.cancel.set()
+            state.remove_files()
 
     def _evict_idle(self, keep: str) -> None:
         for sid in list(self._sessions):
             if len(self._sessions) <= self.max_sessions:
                 break
             if sid != keep and self._sessions[sid].busy is None:
-                del self._sessions[sid]
+                self._sessions.pop(sid).remove_files()
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -271,7 +295,7 @@ class AppState:
         gr.Info(f"Cancelling the {session.busy}…" if session.busy else "Nothing is running in this session.")
 
     def drop_session(self, request: gr.Request | None = None) -> None:
-        """Tab closed: forget the session's variants (cancelling its job, if any)."""
+        """Tab closed: forget the session's variants (cancelling its job, if any) and remove its temporary files."""
         sid = getattr(request, "session_hash", None)
         if sid:
             self.sessions.drop(sid)

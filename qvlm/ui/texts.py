@@ -6,6 +6,8 @@ that builds components, and so the tests can check every panel has one.
 
 from __future__ import annotations
 
+from qvlm.export import COMPRESSED_TENSORS, FORMAT_NAME
+
 PAPER = (
     "Wang, Wang, Xu, Tang, Zhou, Lu. *Q-VLM: Post-training Quantization for Large Vision-Language Models.* "
     "NeurIPS 2024. [arXiv:2410.08119](https://arxiv.org/abs/2410.08119)"
@@ -105,3 +107,27 @@ NO_VARIANT_NOTE = (
     "No quantized variant yet: only the full-precision answer is shown. "
     "Quantize a model in the **Quantize** tab to compare."
 )
+
+EXPORT_FORMATS = {
+    FORMAT_NAME: "Q-VLM packed: bit-exact reload with qvlm (load_quantized, or this app's model picker)",
+    COMPRESSED_TENSORS: "compressed-tensors: transformers / vLLM load it; weights only (uniform, not NF4), "
+                        "activation ranges in a sidecar JSON",
+}
+"""The Download group's format menu: one line per :data:`qvlm.export.SAVE_FORMATS` entry (a format not
+listed here is shown by its name)."""
+
+EXPORT_RELOAD = {
+    FORMAT_NAME: "Unzip, then `qvlm.load_quantized(folder)` (or put the folder under an allowed model folder and "
+                 "pick it in **Model**): it answers bit for bit like the variant here.",
+    COMPRESSED_TENSORS: "Unzip, then `LlavaForConditionalGeneration.from_pretrained(folder)` (transformers with the "
+                        "`compressed-tensors` package). The loader applies the quantized weights only; the activation "
+                        "ranges are in `qvlm_activations.json`, so a W4A4 variant answers as its W4A16 counterpart.",
+}
+"""What to do with a downloaded zip, shown under its size."""
+
+DOWNLOAD_HELP = (
+    "**Download** the latest quantized variant of this session as a zip in the chosen format, with the run's JSON "
+    "(its config, what the run measured, and any easy-VQA evaluation from the **Results** tab)."
+)
+
+NO_VARIANT_TO_DOWNLOAD = "There is no quantized variant to download yet: run a quantization above first."

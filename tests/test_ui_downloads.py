@@ -1,0 +1,202 @@
+"""The Quantize tab's Download group on a REAL W4A4 RTN run of the bundled model.
+
+The panel's ``download`` handler is called as the app calls it (one session per test scenario);
+each zip is unzipped and reloaded the way its format's users would: the packed one with
+``qvlm.export.load_vlm_or_export`` (it must answer exactly like the variant held in the app), the
+compressed-tensors one with plain ``LlavaForConditionalGeneration.from_pretrained``. Then the run
+JSON, one file per format and session, the clear refusal of NF4 weights in compressed-tensors, the
+session's temporary folder disappearing with the session, and the ``/download`` HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+import torch
+
+from qvlm.data import evaluation_subset
+from qvlm.export import COMPRESSED_TENSORS, FORMAT_NAME, load_vlm_or_export
+from qvlm.inference import generate_answers, prepare_inputs
+from qvlm.ui.panel_quantize import QuantizePanel
+from qvlm.ui.panel_results import ResultsPanel
+from qvlm.ui.settings import Settings
+from qvlm.ui.state import AppState, SessionRegistry
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# bits, recipe, calib, depth, h0, percentiles, VEO epochs, eta, lambda1, lambda2
+RTN_RUN = ["W4A4", "rtn", 4, 3, "mean", "1.0, 0.99", 0, 1.0, 0.01, 1.0]
+NF4_RUN = ["W4A4", "qlora", 4, 3, "mean", "1.0, 0.99", 0, 1.0, 0.01, 1.0]
+
+
+def _req(sid: str) -> SimpleNamespace:
+    return SimpleNamespace(session_hash=sid)
+
+
+@pytest.fixture(scope="module")
+def ui(bundled_dir: Path):
+    """The Quantize and Results panels as build_app makes them, after one real W4A4 RTN run in session "rtn"."""
+    app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], preload=False))
+    quantize, results = QuantizePanel(app), ResultsPanel(app)
+    with gr.Blocks():
+        quantize.layout()
+        results.layout()
+    outs = list(quantize.quantize(str(bundled_dir), *RTN_RUN, request=_req("rtn")))
+    assert "ready in" in outs[-1][quantize.status], outs[-1][quantize.status]
+    list(results.evaluate(8, str(bundled_dir), request=_req("rtn")))  # an evaluation for the run JSON
+    yield SimpleNamespace(app=app, panel=quantize, model=str(bundled_dir))
+    for sid in ("rtn", "nf4", "empty"):
+        app.sessions.drop(sid)
+
+
+def _download(ui, fmt: str, sid: str = "rtn") -> dict:
+    return ui.panel.download(fmt, request=_req(sid))
+
+
+def _unzip(archive: str, into: Path) -> Path:
+    """The one folder the zip holds, extracted under ``into``."""
+    with zipfile.ZipFile(archive) as zf:
+        tops = {Path(name).parts[0] for name in zf.namelist()}
+        zf.extractall(into)
+    assert len(tops) == 1, tops
+    return into / tops.pop()
+
+
+def _questions(n: int = 12) -> tuple[list, list[str]]:
+    samples = evaluation_subset(n, seed=3)
+    return [s.load_image() for s in samples], [s.question for s in samples]
+
+
+def test_packed_zip_reloads_and_answers_exactly_like_the_variant_in_the_app(ui, tmp_path):
+    out = _download(ui, FORMAT_NAME)
+    zip_path = Path(out[ui.panel.model_file])
+    assert zip_path.name == f"tiny-llava-easyvqa-w4a4-rtn-{FORMAT_NAME}.zip"
+    note = out[ui.panel.download_note]
+    assert re.search(rf"`{re.escape(zip_path.name)}`, \d+\.\d (KiB|MiB)", note), note
+    reloaded = load_vlm_or_export(_unzip(str(zip_path), tmp_path), device="cpu")
+    held = ui.app.session(_req("rtn")).variants.find_label("W4A4 rtn").handle
+    images, questions = _questions()
+    ours = generate_answers(held.model, held.processor, images, questions)
+    assert generate_answers(reloaded.model, reloaded.processor, images, questions) == ours
+    assert all(ours)
+
+
+def test_compressed_tensors_zip_loads_in_plain_transformers_and_answers(ui, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    out = _download(ui, COMPRESSED_TENSORS)
+    folder = _unzip(out[ui.panel.model_file], tmp_path)
+    assert "from_pretrained" in out[ui.panel.download_note]
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    images, questions = _questions()
+    with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward call
+        model(**prepare_inputs(processor, images[:2], questions[:2]))
+    answers = generate_answers(model, processor, images, questions)
+    assert len(answers) == len(questions) and all(answers)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+
+
+def test_run_json_holds_the_config_statistics_and_evaluation(ui):
+    out = _download(ui, FORMAT_NAME)
+    record = json.loads(Path(out[ui.panel.run_file]).read_text())
+    variant = ui.app.session(_req("rtn")).variants.find_label("W4A4 rtn")
+    assert record["quant_config"] == variant.result.config.to_dict()
+    assert record["quant_config"]["recipe"] == "rtn" and record["quant_config"]["w_bits"] == 4
+    assert record["statistics"]["timings"]["total"] > 0 and record["quantize_seconds"] > 0
+    assert record["weight_memory"]["quant_bytes"] < record["weight_memory"]["fp16_bytes"]
+    assert [e["questions"] for e in record["evaluation"]] == [8] and 0 <= record["evaluation"][0]["accuracy"] <= 1
+    assert [e["questions"] for e in record["fp_evaluation"]] == [8]
+    assert Path(out[ui.panel.run_file]).name in out[ui.panel.download_note]
+
+
+def test_a_session_keeps_one_file_per_format(ui):
+    first = Path(_download(ui, FORMAT_NAME)[ui.panel.model_file])
+    second = Path(_download(ui, FORMAT_NAME)[ui.panel.model_file])
+    _download(ui, COMPRESSED_TENSORS)
+    folder = ui.app.session(_req("rtn")).files
+    zips = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.zip"))
+    assert zips == [f"{COMPRESSED_TENSORS}/tiny-llava-easyvqa-w4a4-rtn-{COMPRESSED_TENSORS}.zip",
+                    f"{FORMAT_NAME}/tiny-llava-easyvqa-w4a4-rtn-{FORMAT_NAME}.zip"]
+    assert second == first and second.is_file()
+    assert len(list(folder.rglob("*.json"))) == 1 and not list(folder.glob("*staging*"))
+
+
+def test_before_a_run_the_download_says_to_quantize_first(ui):
+    out = _download(ui, FORMAT_NAME, sid="empty")
+    assert set(out) == {ui.panel.download_note}  # the file boxes keep whatever they showed
+    assert "quantization above first" in out[ui.panel.download_note]
+
+
+def test_nf4_weights_in_compressed_tensors_get_a_clear_message_and_keep_the_packed_file(ui):
+    outs = list(ui.panel.quantize(ui.model, *NF4_RUN, request=_req("nf4")))
+    assert "ready in" in outs[-1][ui.panel.status]
+    packed = Path(_download(ui, FORMAT_NAME, sid="nf4")[ui.panel.model_file])
+    out = _download(ui, COMPRESSED_TENSORS, sid="nf4")
+    assert set(out) == {ui.panel.download_note}
+    note = out[ui.panel.download_note]
+    assert note.startswith("⚠") and "NormalFloat" in note and FORMAT_NAME in note and "Traceback" not in note
+    assert packed.is_file()  # what the user already had stays
+    assert not (ui.app.session(_req("nf4")).files / COMPRESSED_TENSORS).exists()
+
+
+def test_the_session_folder_is_removed_when_the_session_ends(ui):
+    outs = list(ui.panel.quantize(ui.model, *RTN_RUN, request=_req("closing")))
+    assert "ready in" in outs[-1][ui.panel.status]
+    _download(ui, FORMAT_NAME, sid="closing")
+    folder = ui.app.session(_req("closing")).files
+    assert folder.is_dir() and folder.is_relative_to(ui.panel.model_file.GRADIO_CACHE)
+    ui.app.drop_session(_req("closing"))  # what the page's unload event calls when the tab closes
+    assert not folder.exists()
+
+
+def test_an_evicted_idle_session_takes_its_folder_with_it(tmp_path):
+    registry = SessionRegistry(max_sessions=1)
+    folder = registry.get("old").files_dir(tmp_path)
+    (folder / "model.zip").write_bytes(b"x")
+    registry.get("new")
+    assert "old" not in registry and not folder.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_download_over_http_serves_the_one_copy_in_the_session_folder(bundled_dir, tmp_path, monkeypatch):
+    """``/download`` after ``/quantize``; the server's cache then holds the zip once, in the session's folder
+    (Gradio serves it in place, so removing that folder removes every server-side copy)."""
+    from gradio_client import Client
+
+    from qvlm.ui import build_app
+
+    cache = tmp_path / "server-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    settings = Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], hub_models=(), preload=False)
+    demo = build_app(settings)
+    demo.queue(default_concurrency_limit=settings.concurrency)
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "client"))
+        *_, note = client.predict(FORMAT_NAME, api_name="/download")
+        assert "quantization above first" in note
+        status, *_ = client.predict(str(bundled_dir), *RTN_RUN, True, False, api_name="/quantize")
+        assert "ready in" in status, status
+        model_zip, run_json, note = client.predict(COMPRESSED_TENSORS, api_name="/download")
+        name = f"tiny-llava-easyvqa-w4a4-rtn-{COMPRESSED_TENSORS}.zip"
+        assert Path(model_zip).name == name and re.search(r"\d+\.\d (KiB|MiB)", note), note
+        assert zipfile.ZipFile(model_zip).testzip() is None
+        assert json.loads(Path(run_json).read_text())["quant_config"]["recipe"] == "rtn"
+        on_server = [p.relative_to(cache).parts[0] for p in cache.rglob(name)]
+        assert len(on_server) == 1 and on_server[0].startswith("qvlm-session-"), on_server
+    finally:
+        demo.close()
