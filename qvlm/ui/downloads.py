@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qvlm.export import save_quantized
+from qvlm.export import export_refusal, save_quantized
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import Variant
@@ -44,10 +44,13 @@ def write_model_zip(variant: Variant, fmt: str, folder: Path) -> Path:
     """``variant`` exported in ``fmt`` (:data:`qvlm.export.SAVE_FORMATS`) and zipped under ``folder / fmt``.
 
     The zip holds one folder named like the zip, which is what ``load_quantized`` (packed) or
-    ``from_pretrained`` (compressed-tensors) is given after unzipping. Raises the exporter's
-    ValueError, with its message for the user, when ``fmt`` cannot hold the recipe (NF4 weights or AWQ
-    scales in compressed-tensors).
+    ``from_pretrained`` (compressed-tensors) is given after unzipping. Raises ValueError with the
+    exporter's sentence for the user when ``fmt`` cannot hold the recipe (NF4 weights or AWQ scales in
+    compressed-tensors: :func:`qvlm.export.export_refusal`, asked before anything is written).
     """
+    refusal = export_refusal(variant.result.config, fmt)
+    if refusal:
+        raise ValueError(refusal)
     stem = f"{file_stem(variant)}-{fmt}"
     config, stats = variant.result.config.to_dict(), variant.result.to_dict()
 
