@@ -268,6 +268,49 @@ def dependency_verdict(pairs: list[dict]) -> str:
             f"samples have DED = 0; {chance}, so entropy has little DED to explain.")
 
 
+VEO_HEADROOM_NEGLIGIBLE = 0.005
+"""Below this gap in held-out answer-token agreement (half a point) between the quantized vision
+activations and unquantized ones, the vision activations' error does not reach the answers."""
+
+
+def veo_verdict(holdout: list[dict]) -> str:
+    """A plain-words verdict on what VEO did for images it never saw, from its held-out log.
+
+    ``holdout``: :attr:`QuantResult.veo_holdout` (epoch 0 = the layer-wise init, with
+    ``vision_acts_fp``: the same pairs with the vision activations unquantized, VEO's ceiling).
+    Why: a falling training loss says nothing about unseen images, and a falling held-out error
+    says nothing about answers; this compares the three numbers that do (issue 16).
+    """
+    rows = [r for r in holdout if r.get("err") is not None]
+    if not rows:
+        return "VEO measured no held-out images in this run (veo_holdout_images = 0), so nothing can be said."
+    first, kept = rows[0], next((r for r in rows if r.get("kept")), rows[-1])
+    moved = 100 * (kept["output"] - first["output"]) / first["output"] if first["output"] > 0 else 0.0
+    error = (f"the error the language model's output carries from it {'fell' if moved < 0 else 'rose'} from "
+             f"{first['output']:.3g} to {kept['output']:.3g} ({moved:+.0f}%) on held-out images, epoch "
+             f"{kept['epoch']} of {rows[-1]['epoch']} kept" if kept["epoch"] else
+             f"no epoch lowered the held-out error, so VEO kept the layer-wise ranges (epoch 0 of {rows[-1]['epoch']})")
+    if "answer_agree" not in first:
+        return f"VEO: {error}."
+    ceiling = first.get("vision_acts_fp")
+    agree0, agreek = 100 * first["answer_agree"], 100 * kept["answer_agree"]
+    answers = (f"The answers' most likely token matched the FP model's on {agree0:.1f}% of "
+               f"{first['answer_tokens']} held-out answer tokens before VEO and {agreek:.1f}% after")
+    if ceiling is None:
+        return f"VEO: {error}. {answers}."
+    top = 100 * ceiling["answer_agree"]
+    headroom = top - agree0
+    answers += f"; with the vision activations unquantized they would match on {top:.1f}%"
+    if ceiling["answer_agree"] - first["answer_agree"] < VEO_HEADROOM_NEGLIGIBLE:
+        return (f"VEO: {error}. {answers}. So the vision activations' quantization error hardly reaches the "
+                f"answers on this model (at most {max(headroom, 0.0):.1f} points of answer tokens to win): "
+                f"no VEO setting can raise accuracy much here, whatever it does to the error.")
+    recovered = agreek - agree0
+    return (f"VEO: {error}. {answers}. Quantizing the vision activations costs {headroom:.1f} points of answer "
+            f"tokens; VEO {'won back' if recovered > 0 else 'did not win back any of'} "
+            + (f"{recovered:.1f} of them." if recovered > 0 else "them."))
+
+
 @dataclass
 class DependencyReport:
     """Per adjacent decoder pair: DED, interaction share, controllable error, gain; and the verdict."""

@@ -126,6 +126,10 @@ def test_veo_keeps_the_epoch_with_the_lowest_held_out_error(bundled):
     kept = [r for r in rows if r["kept"]]
     assert len(kept) == 1 and kept[0]["err"] == min(r["err"] for r in rows)
     assert all(r["err"] == pytest.approx(r["visual"] + res.config.veo_eta * r["output"]) for r in rows)
+    # where the error ends: the answers, and VEO's ceiling (the same images, vision activations unquantized)
+    assert all(0.0 <= r["answer_agree"] <= 1.0 and r["answer_kl"] >= 0.0 and r["answer_tokens"] >= 8 for r in rows)
+    ceiling = rows[0]["vision_acts_fp"]
+    assert ceiling["visual"] < rows[0]["visual"] and ceiling["answer_tokens"] == rows[0]["answer_tokens"]
 
 
 def test_veo_that_only_hurts_held_out_images_leaves_the_init_ranges(bundled):

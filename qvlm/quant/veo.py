@@ -68,18 +68,25 @@ class VisualEncoderOptimization:
 @torch.no_grad()
 def holdout_error(qmodel, batches: list[CalibBatch], targets: list[dict[str, torch.Tensor]],
                   cfg: "QuantConfig") -> dict[str, float]:
-    """Eq. 9's error on held-out pairs: the visual term, the LLM-output term, and L_err = visual + eta * output.
+    """Eq. 9's error on held-out pairs: the visual term, the LLM-output term, and L_err = visual + eta * output;
+    and where it ends: the answers.
 
-    Each term is the MSE against the FP model's, averaged over batches weighted by their size.
+    Each error term is the MSE against the FP model's, averaged over batches weighted by their size.
+    ``answer_agree`` is the fraction of (teacher-forced) answer tokens whose most likely token is the
+    FP model's, ``answer_kl`` the mean KL(FP || quantized) in nats at those positions, over
+    ``answer_tokens`` positions. Why: a lower output error is only worth having if it moves the
+    answers; these say whether it does (issue 16).
     """
     core = core_model(qmodel)
+    head = qmodel.get_output_embeddings()
     seen: dict[str, torch.Tensor] = {}
 
     def hook(module, args, output):
         seen["in"], seen["out"] = args[0], output
 
     handle = core.multi_modal_projector.register_forward_hook(hook)
-    visual = output = 0.0
+    visual = output = kl = 0.0
+    agree = tokens = 0
     n = sum(b.size for b in batches)
     try:
         for b, tgt in zip(batches, targets):
@@ -87,9 +94,17 @@ def holdout_error(qmodel, batches: list[CalibBatch], targets: list[dict[str, tor
             xv = seen["out"] if cfg.veo_visual_output == "projector" else seen["in"]
             visual += float(masked_mse(xv, tgt["xv"], None)) * b.size / n
             output += float(masked_mse(hidden, tgt["xn"], b.valid)) * b.size / n
+            predicts_answer = torch.zeros_like(b.answer_mask)
+            predicts_answer[:, :-1] = b.answer_mask[:, 1:]  # position t predicts token t + 1
+            q_logp = F.log_softmax(head(hidden[predicts_answer]).float(), -1)
+            fp_logp = F.log_softmax(head(tgt["xn"][predicts_answer]).float(), -1)
+            agree += int((q_logp.argmax(-1) == fp_logp.argmax(-1)).sum())
+            kl += float((fp_logp.exp() * (fp_logp - q_logp)).sum())
+            tokens += int(predicts_answer.sum())
     finally:
         handle.remove()
-    return {"visual": visual, "output": output, "err": visual + cfg.veo_eta * output}
+    return {"visual": visual, "output": output, "err": visual + cfg.veo_eta * output,
+            "answer_agree": agree / max(1, tokens), "answer_kl": kl / max(1, tokens), "answer_tokens": tokens}
 
 
 @torch.no_grad()
@@ -159,6 +174,14 @@ def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cf
     holdout = holdout or []
     holdout_targets = fp_targets(fp_model, holdout, cfg.veo_visual_output) if holdout else []
     holdout_log = [{"epoch": 0, **holdout_error(qmodel, holdout, holdout_targets, cfg)}] if holdout else []
+    if holdout:  # VEO's ceiling: the same pairs with the vision activations unquantized
+        for q in vision_qs:
+            q.enabled = False
+        try:
+            holdout_log[0]["vision_acts_fp"] = holdout_error(qmodel, holdout, holdout_targets, cfg)
+        finally:
+            for q in vision_qs:
+                q.enabled = True
     init_ranges = [tuple(t.clone() for t in q.get_range()) for q in vision_qs]
     # Micro-batches are cut before the FP targets are taken, so each target has its chunk's layout
     # (LLaVA-NeXT's projector output is not row-aligned with the batch).
