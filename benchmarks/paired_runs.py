@@ -3,8 +3,8 @@
     python benchmarks/paired_runs.py --runs '[["W4A3", "qlora", {}], ["W4A3", "qvlm-cdm", {"block_objective": "residual"}]]' \
         --out benchmarks/results/cdm_objectives
 
-Each run quantizes the bundled model (64 train calibration pairs unless a run overrides it), answers
-the full easy-VQA test split (or ``--limit`` questions) and stores per-question correctness, so every
+Each run quantizes the model (``--model``, default the bundled easy-VQA one; 64 train calibration
+pairs of its task unless a run overrides it), answers its task's full test split (or ``--limit`` questions) and stores per-question correctness, so every
 run is compared with the baseline run of the same bits (``--baseline``, default qlora) on the same
 questions. Runs already in ``OUT.json`` are skipped, so an interrupted measurement resumes.
 Writes ``OUT.json`` (rows) and ``OUT.md`` (table with p-values) after every run.
@@ -29,10 +29,10 @@ def run_key(bits: str, recipe: str, overrides: dict) -> str:
     return f"{bits} {recipe} {json.dumps(overrides, sort_keys=True)}"
 
 
-def render(rows: list[dict], baseline: str, title: str) -> str:
+def render(rows: list[dict], baseline: str, title: str, task: str = "easy-vqa") -> str:
     """Markdown table: accuracy, questions only this run / only the baseline got right, p, verdict."""
     lines = [f"# {title}", "", f"Every run against `{baseline}` at the same bits, McNemar's exact test on the same "
-             f"questions ({rows[0]['n'] if rows else 0} easy-VQA test questions).", "",
+             f"questions ({rows[0]['n'] if rows else 0} {task} test questions).", "",
              "| Bits | Recipe | Overrides | Accuracy | only this right | only baseline right | p | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -73,7 +73,7 @@ def main() -> None:
         print(f"{bits} {recipe} {overrides}: {100 * row['accuracy']:.2f}% (quantize {row['quantize_s']:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rows, default=str))
-        md_path.write_text(render(rows, args.baseline, args.title))
+        md_path.write_text(render(rows, args.baseline, args.title, handle.task))
 
 
 if __name__ == "__main__":
