@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from qvlm.data.tasks import DEFAULT_TASK, task_of_model_folder
 from qvlm.models import VLMHandle, build_layer_map, model_classes
 from qvlm.models.loader import load_config, resolve_source
 
@@ -39,4 +40,5 @@ def load_bnb_nf4(name_or_path: str | os.PathLike = "bundled", dtype: torch.dtype
     model.eval()
     model.requires_grad_(False)
     return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model),
-                     name=f"{BNB_NF4}: {name_or_path}", source=source)
+                     name=f"{BNB_NF4}: {name_or_path}", source=source,
+                     task=DEFAULT_TASK if source == "hub" else task_of_model_folder(location))
