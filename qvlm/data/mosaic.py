@@ -171,6 +171,18 @@ def mosaic_answers() -> list[str]:
     return sorted({a for t in TEMPLATES for a in t.answers})
 
 
+def mosaic_example_questions() -> list[str]:
+    """One question of each type (count, position, compare, exists, negation), worded by its type's first template.
+
+    Why from the templates: example questions offered to a person then ask only what the model was trained on.
+    """
+    params: Params = {"shape": 0, "color": 0, "pos": 0, "side": "top"}
+    first: dict[str, Template] = {}
+    for t in TEMPLATES:
+        first.setdefault(t.question_type, t)
+    return [t.question({k: params[k] for k in t.slots}) for t in first.values()]
+
+
 def mosaic_words() -> list[str]:
     """Every word of every mosaic question and answer, lower-case, sorted (for the tokenizer)."""
     words = set(mosaic_answers())

@@ -23,13 +23,18 @@ class Task:
     evaluation_subset: Callable[..., list]  # (limit=None, seed=0) -> test samples
     calibration_split: Callable[..., list]  # (n=64, seed=0) -> train samples
     holdout_split: Callable[..., list]  # (n, exclude_image_ids, seed=0) -> train samples on unseen images
+    answers: Callable[[], list[str]]  # () -> every answer a question can have, sorted
+
+    def test_size(self) -> int:
+        """How many questions the fixed test split holds: the most a subset of it can draw."""
+        return len(self.evaluation_subset())
 
 
 TASKS: dict[str, Task] = {
     "easy-vqa": Task("easy-vqa", easy_vqa.QUESTION_TYPES, easy_vqa.evaluation_subset, easy_vqa.calibration_split,
-                     easy_vqa.holdout_split),
+                     easy_vqa.holdout_split, easy_vqa.answer_vocabulary),
     "mosaic": Task("mosaic", mosaic.MOSAIC_QUESTION_TYPES, mosaic.mosaic_evaluation_subset,
-                   mosaic.mosaic_calibration_split, mosaic.mosaic_holdout_split),
+                   mosaic.mosaic_calibration_split, mosaic.mosaic_holdout_split, mosaic.mosaic_answers),
 }
 DEFAULT_TASK = "easy-vqa"
 
