@@ -20,7 +20,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qvlm.models import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME
+from qvlm.data import DEFAULT_TASK, task_of_model_folder
+from qvlm.models import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME, BUNDLED_MODELS, SHORT_NAMES, ModelLoadError, bundled_name
+from qvlm.models.loader import resolve_source
 
 REPO_ROOT = BUNDLED_MODEL_DIR.parents[1]
 EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
@@ -32,6 +34,19 @@ DEFAULT_HUB_MODELS = (
     "llava-hf/llava-1.5-7b-hf",
     "llava-hf/llava-v1.6-mistral-7b-hf",
 )
+
+
+def bundled_display_name(name: str) -> str | None:
+    """The display name of a bundled model given by any spelling (display name, short name, its folder); else None.
+
+    Why one function: the model list, the session keys (:func:`qvlm.ui.state.canonical_name`) and the
+    default model must agree that ``mosaic``, ``assets/tiny-llava-mosaic`` and its display name are one model.
+    """
+    text = SHORT_NAMES.get(name.strip(), name.strip())
+    if text in BUNDLED_MODELS:
+        return text
+    path = Path(text).expanduser()
+    return bundled_name(path) if text and path.is_dir() else None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -78,21 +93,34 @@ class Settings:
 
     def _allow_default_model_folder(self) -> None:
         """A default model given as a folder (by whoever started the app) is allowed by definition."""
-        if self.default_model in (BUNDLED_MODEL_NAME, "bundled"):
+        if bundled_display_name(self.default_model):
             return
         path = Path(self.default_model).expanduser()
         if path.is_dir() and not any(path.resolve().is_relative_to(r.resolve()) for r in self.allowed_roots):
             self.allowed_roots.append(path.resolve())
 
     def model_choices(self) -> list[str]:
-        """The model dropdown: the default, the bundled model, local folders found in the allowed roots, hub ids."""
-        choices = [self.default_model]
-        if BUNDLED_MODEL_NAME not in choices and (BUNDLED_MODEL_DIR / "config.json").is_file():
-            choices.append(BUNDLED_MODEL_NAME)
+        """The model dropdown: the default, every bundled model present (easy-VQA first), the other local
+        folders found in the allowed roots, hub ids. A bundled model appears once, by its display name."""
+        default = bundled_display_name(self.default_model) or self.default_model
+        bundled = [name for name, folder in BUNDLED_MODELS.items() if (folder / "config.json").is_file()]
+        choices = ([] if default in bundled else [default]) + bundled
         for root in self.allowed_roots:
             for config in sorted(root.glob("*/config.json")) if root.is_dir() else []:
                 folder = str(config.parent.resolve())
-                if config.parent.resolve() != BUNDLED_MODEL_DIR.resolve() and folder not in choices:
+                if not bundled_name(config.parent) and folder not in choices:
                     choices.append(folder)
         choices.extend(m for m in self.hub_models if m not in choices)
         return choices
+
+    def model_task(self, name: str) -> str:
+        """The task of the model called ``name`` (:data:`qvlm.data.TASKS`), read from its folder without loading it.
+
+        Why not load it: the Ask tab switches its examples as soon as the model box changes, and a hub model
+        may take minutes to load. Hub ids, and names this app may not load (their load reports why), are easy-VQA.
+        """
+        try:
+            location, source = resolve_source(name, self.allowed_roots)
+        except ModelLoadError:
+            return DEFAULT_TASK
+        return DEFAULT_TASK if source == "hub" else task_of_model_folder(location)

@@ -22,9 +22,9 @@ from typing import Any
 import gradio as gr
 
 from qvlm.export import load_vlm_or_export
-from qvlm.models import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME, VLMHandle
+from qvlm.models import VLMHandle
 from qvlm.ui.feedback import log
-from qvlm.ui.settings import EXAMPLES_DIR, Settings
+from qvlm.ui.settings import EXAMPLES_DIR, Settings, bundled_display_name
 
 
 def module_bytes(model: Any) -> int:
@@ -208,15 +208,13 @@ class SessionRegistry:
 
 
 def canonical_name(name: str) -> str:
-    """One key per model: the bundled model has two spellings, folders are resolved."""
+    """One key per model: every spelling of a bundled model is its display name, other folders are resolved."""
     text = (name or "").strip()
-    if text in ("bundled", BUNDLED_MODEL_NAME):
-        return BUNDLED_MODEL_NAME
+    bundled = bundled_display_name(text)
+    if bundled:
+        return bundled
     path = Path(text).expanduser()
-    if path.is_dir():
-        resolved = path.resolve()
-        return BUNDLED_MODEL_NAME if resolved == BUNDLED_MODEL_DIR.resolve() else str(resolved)
-    return text
+    return str(path.resolve()) if text and path.is_dir() else text
 
 
 class ModelCache:
