@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qvlm.data import VQASample, answer_vocabulary, normalize_answer
+from qvlm.data import DEFAULT_TASK, VQASample, get_task, normalize_answer
 from qvlm.eval import evaluate
 from qvlm.inference import answer_token_ids, continuation_probs, generate_answers, generate_token_ids
 from qvlm.progress import ProgressCallback, check_cancel, report
@@ -228,13 +228,15 @@ def unknown_words(tokenizer: Any, question: str) -> list[str]:
     return [w for w in words if w and unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
 
 
-def vocabulary_hint(tokenizer: Any, question: str, answers: Sequence[str]) -> dict[str, Any] | None:
-    """What the model knows, when the question or its answers fall outside easy-VQA; None when both are inside.
+def vocabulary_hint(tokenizer: Any, question: str, answers: Sequence[str], task: str = DEFAULT_TASK
+                    ) -> dict[str, Any] | None:
+    """What the model knows, when the question or its answers fall outside its task; None when both are inside.
 
-    ``answers``: what the models said. Returns ``{"unknown": [words], "outside": [answers not in the task's
+    ``answers``: what the models said; ``task``: the model's task (:data:`qvlm.data.TASKS`), whose answer set
+    is what the model knows. Returns ``{"unknown": [words], "outside": [answers not in the task's
     answer set], "known_answers": [the task's answers]}``.
     """
-    vocabulary = answer_vocabulary()
+    vocabulary = get_task(task).answers()
     unknown = unknown_words(tokenizer, question)
     outside = sorted({a for a in answers if normalize_answer(a) not in vocabulary})
     if not unknown and not outside:

@@ -28,3 +28,18 @@ def bundled(bundled_dir):
     from qvlm.models import load_vlm
 
     return load_vlm(bundled_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mosaic_dir(tmp_path_factory) -> Path:
+    """A genuine LlavaForConditionalGeneration trained for 2 steps on the mosaic task (~20 s, once per session).
+
+    Its answers are noise, but its folder says task "mosaic" like the bundled mosaic model's, so the app's
+    task-following paths run on a real model without waiting for (or needing) the real one.
+    """
+    from qvlm.cli import main
+
+    out = tmp_path_factory.mktemp("mosaic") / "tiny-llava-mosaic"
+    args = ["train-mosaic", "--out", str(out), "--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2"]
+    assert main(args) == 0
+    return out

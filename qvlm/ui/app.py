@@ -124,6 +124,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
          .then(ask.answer_all, ask_inputs, [ask.answers, ask.note], **internal, **ask_light)
          .then(ask.compare_tokens, ask_inputs, tokens, **internal, **ask_light))
         quantize.model.change(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal)
+        quantize.model.change(ask.offer_examples, [quantize.model], ask.example_boxes, **internal)  # the model's task
 
         # Results
         results.start.click(results.evaluate, [results.n_questions, quantize.model],

@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from qvlm.data import load_split
 
+def parse_question_count(value: Any, limit: int, purpose: str = "") -> int:
+    """A count of test questions as an int in 1..``limit``; ValueError naming the allowed range otherwise.
 
-def parse_question_count(value: Any, purpose: str = "") -> int:
-    """A count of test questions as an int; ValueError naming the allowed range otherwise."""
-    n_test = len(load_split("test"))
+    ``limit`` is the size of the picked model's test split (each task has its own), so the check can
+    only be made once the model is known.
+    """
     try:
         n = float(value)
     except (TypeError, ValueError):
         n = math.nan
-    if not n.is_integer() or not 1 <= n <= n_test:
-        raise ValueError(f"Choose between 1 and {n_test} test questions{purpose}.")
+    if not n.is_integer() or not 1 <= n <= limit:
+        raise ValueError(f"Choose between 1 and {limit} test questions{purpose}.")
     return int(n)

@@ -1,8 +1,9 @@
 """Ask tab: the FP model and every held variant answer one question about one image, side by side.
 
 Inference is light (tens of ms on the bundled model) so answers are not serialized with the
-long jobs; an example image also shows easy-VQA's own answer when the question is one of the
-test set's. Below the answers, the models are compared token by token
+long jobs; an example image also shows its task's own answer when the question is one of the
+test set's. The example images and questions follow the picked model's task (easy-VQA or mosaic).
+Below the answers, the models are compared token by token
 (:func:`qvlm.compare.token_comparison`), and the disagreement finder scans test questions for
 answers that differ (:func:`qvlm.compare.disagreement_scan`, a long job); clicking a found
 question loads it here.
@@ -11,11 +12,8 @@ question loads it here.
 from __future__ import annotations
 
 import dataclasses
-import re
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -23,18 +21,18 @@ from PIL import Image
 
 from qvlm import plots
 from qvlm.compare import disagreement_scan, rank_disagreements, token_comparison, vocabulary_hint
-from qvlm.data import evaluation_subset, load_image, load_split, normalize_answer, validate_question
+from qvlm.data import DEFAULT_TASK, get_task, normalize_answer, validate_question
 from qvlm.inference import answer
 from qvlm.models import ModelLoadError, VLMHandle
 from qvlm.progress import ProgressCallback
+from qvlm.ui.examples import TaskExamples, examples_by_task, reference_answer, served_image_path
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.images import load_user_image
+from qvlm.ui.inputs import parse_question_count
 from qvlm.ui.jobs import LongJob, stream_job
 from qvlm.ui.render import AnswerCard, answers_html, token_table_html, vocabulary_hint_markdown
-from qvlm.ui.settings import EXAMPLES_DIR
 from qvlm.ui.state import AppState, SessionState, Variant, canonical_name
-from qvlm.ui.texts import NO_VARIANT_NOTE
-from qvlm.ui.inputs import parse_question_count
+from qvlm.ui.texts import NO_VARIANT_NOTE, TASK_HINTS, TASK_LABELS
 
 TokenComparisonFn = Callable[..., dict]
 ScanFn = Callable[..., dict]
@@ -42,10 +40,8 @@ FINDER_QUESTIONS = 500
 """The finder's default scan: 500 test questions take about half a minute per model on the bundled model."""
 FINDER_SHOWN = 24
 """Thumbnails shown: every flipped answer first, then the largest drops of the right answer's probability."""
-FOUND_DIR = Path(tempfile.gettempdir()) / "qvlm-found"
-"""Where found test images are copied, named as easy-VQA names them, so the Ask tab can serve them
-(Gradio serves files from the temp folder, not from site-packages) and recognise their reference answer."""
-_TEST_IMAGE_NAME = re.compile(r"easyvqa_test_(\d+)\.png$")
+FINDER_SEED = 0
+"""The finder scans a fixed random subset of the model's test split (the same questions on every click)."""
 
 
 def image_path(value: Any) -> str | None:
@@ -63,19 +59,6 @@ def answer_card(name: str, kind: str, handle: VLMHandle, image: Image.Image, que
         log.exception("answering with %s failed", name)
         return AnswerCard(name, "error", f"failed: {type(err).__name__}", None, str(err)[:200])
     return AnswerCard(name, kind, a.text, a.seconds)
-
-
-def _normalize_question(q: str) -> str:
-    return " ".join(q.lower().replace("?", " ").split())
-
-
-def found_image_path(image_id: int) -> str:
-    """A served copy of an easy-VQA test image, named ``easyvqa_test_<id>.png`` like the examples."""
-    FOUND_DIR.mkdir(parents=True, exist_ok=True)
-    path = FOUND_DIR / f"easyvqa_test_{image_id}.png"
-    if not path.exists():
-        load_image("test", image_id).save(path)
-    return str(path)
 
 
 def flag_flips(cards: list[AnswerCard]) -> list[AnswerCard]:
@@ -96,13 +79,18 @@ class AskPanel:
         self.app = app
         self._token_comparison = token_comparison
         self._scan = disagreement_scan
-        self._reference: dict[tuple[int, str], str] | None = None  # (image id, question) -> easy-VQA answer
+        self.examples: dict[str, TaskExamples] = examples_by_task(app.examples)
+        self._example_boxes: list[tuple[str, gr.Column]] = []  # (task, the box showing its examples)
         self._warmed = not app.settings.preload
         self._warm_lock = threading.Lock()
 
     def layout(self) -> None:
-        """The tab's components, top to bottom; handlers read and write them by attribute."""
-        examples = self.app.examples
+        """The tab's components, top to bottom; handlers read and write them by attribute.
+
+        Every task's examples are laid out, each in a box shown only while a model of that task is
+        picked (:meth:`offer_examples`).
+        """
+        shown = self.app.settings.model_task(self.app.settings.default_model)
         with gr.Row():
             self.image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=260,
                                   elem_id="ask-image", scale=1)
@@ -110,17 +98,19 @@ class AskPanel:
                 self.question = gr.Textbox(label="Question", placeholder="what shape is in the image?",
                                            max_lines=2, elem_id="question")
                 self.ask_button = gr.Button("Ask", variant="primary", elem_id="ask-btn")
-                if examples.get("generic_questions"):
-                    gr.Examples([[q] for q in examples["generic_questions"]], inputs=[self.question],
-                                label="Example questions", elem_id="question-examples", cache_examples=False)
+                for task, ex in self.examples.items():
+                    if ex.questions:
+                        with self._example_box(task, shown):
+                            gr.Examples([[q] for q in ex.questions], inputs=[self.question], label="Example questions",
+                                        elem_id=_examples_id(task, "question-examples"), cache_examples=False)
         self.answers = gr.HTML(answers_html([]), elem_id="answers")
         self.note = gr.Markdown("", elem_id="ask-note")
-        if examples.get("images"):
-            gr.Examples(
-                [[str(EXAMPLES_DIR / img["file"]), img["questions"][0]["question"]] for img in examples["images"]],
-                inputs=[self.image, self.question], label="Example images (easy-VQA test split): click one",
-                elem_id="image-examples", cache_examples=False, examples_per_page=12,
-            )
+        for task, ex in self.examples.items():
+            if ex.images:
+                with self._example_box(task, shown):
+                    gr.Examples([list(pair) for pair in ex.images], inputs=[self.image, self.question], label=ex.label,
+                                elem_id=_examples_id(task, "image-examples"), cache_examples=False,
+                                examples_per_page=12)
         with gr.Accordion("Token by token: where quantization bites", open=True, elem_id="tokens"):
             self.token_note = gr.Markdown("*Ask a question: every model is then fed the FP model's answer token by "
                                           "token, and its next-token probabilities are compared with FP's.*",
@@ -140,6 +130,22 @@ class AskPanel:
                                     "probability: click one to ask it", columns=6, height="auto", allow_preview=False,
                                     elem_id="finder-gallery")
             self.found_rows = gr.State([])  # the gallery's questions, in its order: what a click loads
+
+    def _example_box(self, task: str, shown: str) -> gr.Column:
+        """A box for some of ``task``'s examples, visible while ``task`` is the one ``shown``; kept for the switch."""
+        box = gr.Column(visible=task == shown, elem_classes=["qvlm-examples", f"qvlm-examples-{task}"])
+        self._example_boxes.append((task, box))
+        return box
+
+    @property
+    def example_boxes(self) -> list[gr.Column]:
+        """Every example box, in layout order: the outputs of :meth:`offer_examples`."""
+        return [box for _, box in self._example_boxes]
+
+    def offer_examples(self, model_name: str) -> Outputs:
+        """Show the example images and questions of the picked model's task, hide the other tasks' (issue 11)."""
+        task = self.app.settings.model_task(model_name)
+        return {box: gr.update(visible=t == task) for t, box in self._example_boxes}
 
     def answer_all(self, image: Any, question: str, model_name: str, request: gr.Request | None = None) -> Outputs:
         """Ask the FP model and every held variant of it the same question; cards side by side, FP first."""
@@ -162,16 +168,18 @@ class AskPanel:
         cards += [answer_card(v.label, "variant", v.handle, img, q) for v in variants]
         cards = flag_flips(cards)
         notes = [image_note] if image_note else []
-        hint = vocabulary_hint(fp.processor.tokenizer, q, [c.text for c in cards if c.kind != "error"])
+        hint = vocabulary_hint(fp.processor.tokenizer, q, [c.text for c in cards if c.kind != "error"], fp.task)
         if hint:
-            notes.append(vocabulary_hint_markdown(hint))
+            notes.append(vocabulary_hint_markdown(hint, TASK_HINTS[fp.task]))
         if not variants:
             notes.append(NO_VARIANT_NOTE)
         others = len(session.variants.variants()) - len(variants)
         if others:
             notes.append(f"{others} variant(s) of another model are held; choose that model in the Quantize tab "
                          "to ask them.")
-        return {self.answers: answers_html(cards, self._expected_answer(path, q)), self.note: "\n\n".join(notes)}
+        reference = reference_answer(path, q)
+        html = answers_html(cards, reference[1], TASK_LABELS[reference[0]]) if reference else answers_html(cards)
+        return {self.answers: html, self.note: "\n\n".join(notes)}
 
     def compare_tokens(self, image: Any, question: str, model_name: str, request: gr.Request | None = None) -> Outputs:
         """Feed FP's greedy answer to every model; per step the top-5 next tokens, KL(FP‖variant), the first difference."""
@@ -211,8 +219,9 @@ class AskPanel:
                            request: gr.Request | None = None) -> Iterator[Outputs]:
         """Scan test questions with FP and the chosen variants (a long job); thumbnails of what changed."""
         session = self.app.session(request)
+        task = self.app.settings.model_task(model_name)
         try:
-            n = parse_question_count(n_questions, " to scan")
+            n = parse_question_count(n_questions, get_task(task).test_size(), " to scan")
         except ValueError as err:
             yield {self.finder_status: warn(str(err))}
             return
@@ -223,24 +232,29 @@ class AskPanel:
                                             "variants with it.")}
             return
 
-        def work(progress: ProgressCallback, cancel: threading.Event) -> dict:
+        def work(progress: ProgressCallback, cancel: threading.Event) -> tuple[dict, str, list]:
             fp = self.app.models.get(base)
-            return self._scan(fp, {v.label: v.handle for v in variants}, evaluation_subset(n, seed=0),
-                              progress=progress, cancel=cancel)
+            samples = get_task(fp.task).evaluation_subset(n, seed=FINDER_SEED)
+            scan = self._scan(fp, {v.label: v.handle for v in variants}, samples, progress=progress, cancel=cancel)
+            return scan, fp.task, samples
 
-        def render(scan: dict, seconds: float) -> tuple[str, Outputs]:
+        def render(result: tuple[dict, str, list], seconds: float) -> tuple[str, Outputs]:
+            scan, scanned_task, samples = result
             found = rank_disagreements(scan, FINDER_SHOWN)
             counts = "; ".join(f"`{label}`: **{c}** of {scan['n']} answers differ from FP ({100 * c / scan['n']:.1f}%)"
                                for label, c in scan["counts"].items())
             line = f"✓ Scanned {scan['n']} test questions in {seconds:.1f} s. {counts}."
             if not found:
                 line += " No answer changed and no right answer lost probability."
-            gallery = [(found_image_path(r["image_id"]), _caption(r)) for r in found]
-            rows = [{"image_id": r["image_id"], "question": r["question"]} for r in found]
+            paths = [served_image_path(scanned_task, samples[r["index"]]) for r in found]
+            gallery = [(path, _caption(r)) for path, r in zip(paths, found, strict=True)]
+            rows = [{"image_id": r["image_id"], "question": r["question"], "path": path}
+                    for path, r in zip(paths, found, strict=True)]
             return line, {self.found: gallery, self.found_rows: rows}
 
         yield from stream_job(LongJob(
-            name="disagreement scan", title=f"Scanning {n} test questions with FP and {len(variants)} variant(s)",
+            name="disagreement scan",
+            title=f"Scanning {n} {TASK_LABELS[task]} test questions with FP and {len(variants)} variant(s)",
             holder=f"a disagreement scan ({n} questions)", work=work, render=render,
             cancelled="■ Cancelled. The questions found before are still shown.",
         ), session, self.finder_status)
@@ -250,7 +264,7 @@ class AskPanel:
         if not rows or evt.index is None or not 0 <= int(evt.index) < len(rows):
             return {}
         row = rows[int(evt.index)]
-        return {self.image: found_image_path(row["image_id"]), self.question: row["question"]}
+        return {self.image: row["path"], self.question: row["question"]}
 
     @staticmethod
     def _chosen_variants(session: SessionState, base: str, chosen: list[str]) -> list[Variant]:
@@ -276,25 +290,17 @@ class AskPanel:
         model = self.app.settings.default_model
         try:
             fp = self.app.models.get(model)
-            images = self.app.examples.get("images", [])
+            images = self.examples[fp.task].images
             if images:
-                img, _ = load_user_image(str(EXAMPLES_DIR / images[0]["file"]))
-                answer_card("warm-up", "fp", fp, img, images[0]["questions"][0]["question"])
+                img, _ = load_user_image(images[0][0])
+                answer_card("warm-up", "fp", fp, img, images[0][1])
         except Exception:  # noqa: BLE001 - reported when the user actually uses it
             log.warning("warming up %s failed", model, exc_info=True)
 
-    def _expected_answer(self, path: str | None, question: str) -> str | None:
-        """easy-VQA's answer when the image is one of the bundled examples and the question is in the test set."""
-        if not path:
-            return None
-        image_id = self.app.examples.get("by_file", {}).get(Path(str(path)).name)
-        if image_id is None and (m := _TEST_IMAGE_NAME.search(Path(str(path)).name)):
-            image_id = int(m.group(1))  # a test image the disagreement finder loaded
-        if image_id is None:
-            return None
-        if self._reference is None:
-            self._reference = {(s.image_id, _normalize_question(s.question)): s.answer for s in load_split("test")}
-        return self._reference.get((image_id, _normalize_question(question)))
+
+def _examples_id(task: str, part: str) -> str:
+    """An examples block's elem_id: easy-VQA's keep their first names (``image-examples``), others are prefixed."""
+    return part if task == DEFAULT_TASK else f"{task}-{part}"
 
 
 def _caption(row: dict) -> str:

@@ -1,8 +1,9 @@
-"""Results tab: easy-VQA accuracy of FP and the held variants on one subset, and weight memory;
-accuracy against bit-width; the paper's own numbers, apart.
+"""Results tab: accuracy of FP and the held variants on one subset of the model's task, and weight
+memory; accuracy against bit-width; the paper's own numbers, apart.
 
-Every model is scored on the same fixed random subset, and results are stored per model and
-subset size, so asking again after adding a variant evaluates only the new one. Each row says
+Every model is scored on the same fixed random subset of its task's test split (easy-VQA, or mosaics
+for the mosaic model: :func:`qvlm.data.get_task` of the FP model's task), and results are stored per
+model and subset size, so asking again after adding a variant evaluates only the new one. Each row says
 which towers the variant quantized (vision tower and projector switches of the Quantize tab).
 The bit-width sweep (:func:`qvlm.compare.bit_sweep`) quantizes and evaluates one point after
 another as a long job; the paper's Table 3 sits in its own, labelled panel: other models, other
@@ -22,23 +23,24 @@ from collections.abc import Callable
 
 from qvlm import plots
 from qvlm.compare import PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE, bit_sweep
-from qvlm.data import evaluation_subset, load_split
+from qvlm.data import TASKS, get_task
 from qvlm.eval import evaluate
 from qvlm.models import VLMHandle
 from qvlm.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
+from qvlm.ui.inputs import parse_question_count
 from qvlm.ui.jobs import LongJob, StageTracker, stream_job
 from qvlm.ui.panel_quantize import FIRST_RUN_CALIB_PAIRS, quantized_parts, whole_number
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import AppState, canonical_name
-from qvlm.ui.texts import NO_VARIANT_NOTE, PAPER_TABLE_NOTE
-from qvlm.ui.inputs import parse_question_count
+from qvlm.ui.texts import NO_VARIANT_NOTE, PAPER_TABLE_NOTE, TASK_LABELS
 
 BitSweepFn = Callable[..., list[dict]]
-EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "yes/no %", "color %", "shape %", "answers/s",
+EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "per question type %", "answers/s",
                 "FP16 weights", "packed weights", "smaller by"]
+"""One column holds every question type's accuracy: the types are the task's (3 for easy-VQA, 5 for mosaics)."""
 SWEEP_COLUMNS = ["recipe", "bits", "questions", "accuracy %", "weights"]
 SWEEP_RECIPES = ("qlora", "qvlm")
 """The sweep's default recipes: the paper's baseline and Q-VLM."""
@@ -87,7 +89,7 @@ class ResultsPanel:
 
     def layout(self) -> None:
         """The tab's components, top to bottom; the handler writes them by attribute."""
-        n_test = len(load_split("test"))
+        n_test = max(task.test_size() for task in TASKS.values())  # each run checks its own task's size
         with gr.Row():
             self.n_questions = gr.Slider(10, n_test, value=100, step=10, label="Test questions (fixed random subset)",
                                          elem_id="eval-n", scale=3)
@@ -99,7 +101,7 @@ class ResultsPanel:
             self.accuracy = gr.Plot(plots.accuracy_figure([]), label="Accuracy", elem_id="acc-plot")
             self.memory = gr.Plot(plots.memory_figure([]), label="Weight memory", elem_id="mem-plot")
         with gr.Group(elem_id="sweep"):
-            gr.Markdown("### Accuracy vs bit-width on this model's task (easy-VQA)")
+            gr.Markdown("### Accuracy vs bit-width on the model's own task (easy-VQA or mosaic)")
             with gr.Row(equal_height=True):
                 self.sweep_recipes = gr.CheckboxGroup([(get_recipe(r).label, r) for r in MENU_ORDER],
                                                       value=list(SWEEP_RECIPES), label="Recipes",
@@ -128,19 +130,12 @@ class ResultsPanel:
     def evaluate(self, n_questions: Any, model_name: str, request: gr.Request | None = None) -> Iterator[Outputs]:
         """Score FP and every held variant of it on one subset (only those not scored yet), then draw the table."""
         session = self.app.session(request)
-        n_test = len(load_split("test"))
-        try:
-            n = float(n_questions)
-        except (TypeError, ValueError):
-            n = float("nan")
-        if not n.is_integer() or not 1 <= n <= n_test:
-            yield {self.status: warn(f"Choose between 1 and {n_test} test questions.")}
-            return
-        n = int(n)
         base = canonical_name(model_name)
         try:
             fp = self.app.models.get(base)
-        except ValueError as err:  # ModelLoadError: a message for the user
+            task = get_task(fp.task)
+            n = parse_question_count(n_questions, task.test_size())
+        except ValueError as err:  # a count out of range, or ModelLoadError: a message for the user
             yield {self.status: warn(str(err))}
             return
         except Exception as err:  # noqa: BLE001
@@ -149,13 +144,14 @@ class ResultsPanel:
         models = [_Scored("FP", fp, session.fp_evals, (base, n, SUBSET_SEED))]
         models += [_Scored(v.label, v.handle, v.evals, (n, SUBSET_SEED), quantized_parts(v.result.config))
                    for v in session.variants.variants(base)]
-        title = f"Evaluating on {n} easy-VQA test questions"
+        label = TASK_LABELS[task.name]
+        title = f"Evaluating on {n} {label} test questions"
 
         def render(_: None, seconds: float) -> tuple[str, Outputs]:
             final = f"✓ {len(models)} model(s) evaluated on the same {n} test questions."
             if len(models) == 1:
                 final += " " + NO_VARIANT_NOTE
-            return final, self._draw(models)
+            return final, self._draw(models, task.question_types, label)
 
         todo = [m for m in models if not m.done]
         if not todo:  # every score is stored: draw at once, no job
@@ -164,7 +160,7 @@ class ResultsPanel:
             return
 
         def work(progress: ProgressCallback, cancel: threading.Event) -> None:
-            samples = evaluation_subset(n, seed=SUBSET_SEED)
+            samples = task.evaluation_subset(n, seed=SUBSET_SEED)
             for m in todo:  # each score is stored as soon as it exists: a cancel keeps the finished ones
                 m.store[m.key] = evaluate(m.handle.model, m.handle.processor, samples, cancel=cancel,
                                           progress=lambda _stage, f, msg, label=m.label: progress(label, f, msg))
@@ -174,8 +170,11 @@ class ResultsPanel:
             cancelled="■ Cancelled. Finished evaluations are kept.",
         ), session, self.status)
 
-    def _draw(self, models: list[_Scored]) -> Outputs:
-        """The table and both figures, from the stored scores and each model's weight memory."""
+    def _draw(self, models: list[_Scored], question_types: tuple[str, ...], task_label: str) -> Outputs:
+        """The table and both figures, from the stored scores and each model's weight memory.
+
+        ``question_types``: the task's, in its report order (the table's per-type column lists them so).
+        """
         table, acc_rows, mem_rows = [], [], []
         for m in models:
             res = m.store[m.key]
@@ -183,8 +182,7 @@ class ResultsPanel:
             fp16 = mem.get("fp16_bytes") if mem else None
             packed = mem.get("quant_bytes") if mem else None
             table.append([
-                m.label, m.parts, res.n, round(100 * res.accuracy, 1),
-                *(round(100 * res.per_type[t], 1) if t in res.per_type else None for t in ("yes/no", "color", "shape")),
+                m.label, m.parts, res.n, round(100 * res.accuracy, 1), per_type_text(res.per_type, question_types),
                 round(res.answers_per_second, 1),
                 human_bytes(fp16) if fp16 else "", human_bytes(packed) if packed else "",
                 f"{fp16 / packed:.2f}x" if fp16 and packed else "",
@@ -193,7 +191,7 @@ class ResultsPanel:
                              "is_fp": m.label == "FP"})
             if fp16 and packed and m.label != "FP":  # FP's FP16 size is every variant's grey bar already
                 mem_rows.append({"model": m.label, "fp16_bytes": fp16, "quant_bytes": packed})
-        return {self.table: table, self.accuracy: plots.accuracy_figure(acc_rows),
+        return {self.table: table, self.accuracy: plots.accuracy_figure(acc_rows, title=f"{task_label} accuracy"),
                 self.memory: plots.memory_figure(mem_rows)}
 
 
@@ -201,8 +199,9 @@ class ResultsPanel:
               model_name: str, request: gr.Request | None = None) -> Iterator[Outputs]:
         """Quantize and evaluate every chosen (recipe, bit-width) on one subset (a long job); draw accuracy vs bits."""
         session = self.app.session(request)
+        task = self.app.settings.model_task(model_name)
         try:
-            n = parse_question_count(n_questions)
+            n = parse_question_count(n_questions, get_task(task).test_size())
         except ValueError as err:
             yield {self.sweep_status: warn(str(err))}
             return
@@ -213,23 +212,32 @@ class ResultsPanel:
         base = canonical_name(model_name)
         ordered = [b for b in BIT_SETTINGS if b in bits] + [b for b in bits if b not in BIT_SETTINGS]
 
+        label = TASK_LABELS[task]
+
         def work(progress: ProgressCallback, cancel: threading.Event) -> list[dict]:
             fp = self.app.models.get(base)
-            return self._bit_sweep(fp, list(recipes), ordered, evaluation_subset(n, seed=SUBSET_SEED),
+            return self._bit_sweep(fp, list(recipes), ordered, get_task(fp.task).evaluation_subset(n, seed=SUBSET_SEED),
                                    calib_size=calib, progress=progress, cancel=cancel)
 
         def render(rows: list[dict], seconds: float) -> tuple[str, Outputs]:
             table = [[r["recipe"], r["bits"], r["n"], round(100 * r["accuracy"], 1),
                       human_bytes(r["quant_bytes"]) if r.get("quant_bytes") else ""] for r in rows]
             return (f"✓ {len(rows) - 1} point(s) and FP on the same {n} test questions in {seconds:.0f} s.",
-                    {self.sweep_plot: plots.bit_sweep_figure(rows), self.sweep_table: table})
+                    {self.sweep_plot: plots.bit_sweep_figure(rows, title=f"{label} accuracy vs bit-width"),
+                     self.sweep_table: table})
 
         points = len(recipes) * len(bits)
         yield from stream_job(LongJob(
-            name="bit-width sweep", title=f"Sweeping {points} point(s) on {n} test questions ({calib} calibration pairs each)",
+            name="bit-width sweep",
+            title=f"Sweeping {points} point(s) on {n} {label} test questions ({calib} calibration pairs each)",
             holder=f"a bit-width sweep ({points} points)", work=work, render=render,
             cancelled="■ Cancelled. The sweep's plot is unchanged.",
         ), session, self.sweep_status)
+
+
+def per_type_text(per_type: dict[str, float], question_types: tuple[str, ...]) -> str:
+    """"yes/no 99.8 · color 100.0 · shape 99.5": each type's accuracy in %, in the task's order."""
+    return " · ".join(f"{t} {100 * per_type[t]:.1f}" for t in question_types if t in per_type)
 
 
 def _weight_memory(m: _Scored) -> dict[str, Any] | None:

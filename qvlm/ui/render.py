@@ -27,8 +27,10 @@ _BADGE = "font-size:0.55em;background:#E45756;color:white;border-radius:8px;padd
 _CELL = "padding:3px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top;"
 
 
-def answers_html(cards: Sequence[AnswerCard], expected: str | None = None) -> str:
+def answers_html(cards: Sequence[AnswerCard], expected: str | None = None, source: str = "easy-VQA") -> str:
     """Side-by-side answer cards (a flex row that wraps on a phone), FP first.
+
+    ``expected``: the reference answer of ``source`` (the task the image and question come from), when known.
 
     Styles are inline because Gradio 6 takes custom CSS only at ``launch()``, which
     ``app.py`` should not have to know about.
@@ -41,8 +43,8 @@ def answers_html(cards: Sequence[AnswerCard], expected: str | None = None) -> st
         mark = ""
         if expected and card.kind != "error":
             ok = card.text.strip().lower().split()[:1] == [expected.lower()]
-            mark = " <span title='matches the easy-VQA answer'>✓</span>" if ok else \
-                " <span title='differs from the easy-VQA answer'>✗</span>"
+            mark = f" <span title='matches the {source} answer'>✓</span>" if ok else \
+                f" <span title='differs from the {source} answer'>✗</span>"
         detail = f"<div style='{_SMALL}'>{html.escape(card.detail)}</div>" if card.detail else ""
         if card.flipped:
             mark += (" <span class='qvlm-flipped' title='this answer differs from the FP model&#39;s' "
@@ -55,7 +57,7 @@ def answers_html(cards: Sequence[AnswerCard], expected: str | None = None) -> st
             f"<div class='qvlm-card-latency' style='{_SMALL}'>{latency}</div>{detail}</div>"
         )
     footer = (
-        f"<div class='qvlm-expected' style='{_SMALL}margin-top:6px;'>easy-VQA reference answer: "
+        f"<div class='qvlm-expected' style='{_SMALL}margin-top:6px;'>{html.escape(source)} reference answer: "
         f"<b>{html.escape(expected)}</b></div>" if expected else ""
     )
     return f"<div id='answers-row' class='qvlm-answers' style='{_ROW}'>{''.join(items)}</div>{footer}"
@@ -120,8 +122,11 @@ def token_table_html(comparison: dict) -> str:
             f"<thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def vocabulary_hint_markdown(hint: dict | None) -> str:
-    """What the model knows, for a question outside its task (:func:`qvlm.compare.vocabulary_hint`); "" when inside."""
+def vocabulary_hint_markdown(hint: dict | None, task_note: str) -> str:
+    """What the model knows, for a question outside its task (:func:`qvlm.compare.vocabulary_hint`); "" when inside.
+
+    ``task_note``: the task's sentence, with ``{n}`` and ``{answers}`` for its answer set (``texts.TASK_HINTS``).
+    """
     if not hint:
         return ""
     lines = []
@@ -131,7 +136,5 @@ def vocabulary_hint_markdown(hint: dict | None) -> str:
     if hint["outside"]:
         said = ", ".join(f"'{a}'" for a in hint["outside"])
         lines.append(f"ℹ The answer {said} is not one of the task's answers.")
-    known = ", ".join(hint["known_answers"])
-    lines.append(f"The task here is easy-VQA (one coloured shape per image), which the bundled model was trained on; "
-                 f"its {len(hint['known_answers'])} answers are: {known}. Ask about the shape or its colour.")
+    lines.append(task_note.format(n=len(hint["known_answers"]), answers=", ".join(hint["known_answers"])))
     return "\n\n".join(lines)

@@ -64,10 +64,12 @@ ASK_HELP = """
 **What am I looking at?** The same image and question go to the **full-precision (FP)** model and to every
 quantized variant you hold; the answers appear side by side with their latency. A good quantization gives the
 same answers. The bundled model is a tiny LLaVA trained on **easy-VQA** (one coloured shape per 64x64 image), so ask
-about shape and colour: *what shape is in the image?*, *is there a red shape?*. Quantized weights are held packed
-(4 bits really take half a byte) and unpacked in every forward pass, while activations are fake-quantized in float
-arithmetic as in the paper's own code, so latency shows the cost of that simulation, not the speed-up of real
-4-bit kernels.
+about shape and colour: *what shape is in the image?*, *is there a red shape?*. The **mosaic** model (where this
+checkout has it) was trained on 2x2 grids of easy-VQA images: ask it how many shapes of a kind there are, what is in
+a corner, whether two shapes match; the example images and questions follow the model you pick. Quantized weights
+are held packed (4 bits really take half a byte) and unpacked in every forward pass, while activations are
+fake-quantized in float arithmetic as in the paper's own code, so latency shows the cost of that simulation, not
+the speed-up of real 4-bit kernels.
 
 **Token by token** feeds every model the FP model's answer (teacher forcing), so step j of every model predicts the
 same token: the table lists each model's five most likely next tokens, **KL(FP‖variant)** measures in nats how far
@@ -78,9 +80,11 @@ probability of the right answer fell most; click one to ask it here. — {paper}
 """.format(paper=PAPER)
 
 RESULTS_HELP = """
-**What am I looking at?** Accuracy on a fixed random subset of the easy-VQA *test* split (the same questions for
-every model), overall and per question type (yes/no, colour, shape), for the FP model and each variant you
-hold; the *quantized* column says which parts each variant quantized (the vision-tower and projector switches
+**What am I looking at?** Accuracy on a fixed random subset of the *test* split of the model's own task (the same
+questions for every model): easy-VQA for the bundled model, mosaics for the mosaic model. Overall and per question type
+(yes/no, colour, shape for easy-VQA; count, position, compare, exists, negation for mosaics), for the FP model and each
+variant you hold; the
+*quantized* column says which parts each variant quantized (the vision-tower and projector switches
 of the Quantize tab), so the cost of quantizing the vision tower is one row against another. The memory plot compares the weights' size in FP16 with their size when packed at the variant's bit-width
 (the paper reports 2.78x less memory for LLaVA-13B at W4A4). Larger subsets give steadier numbers but take longer:
 about 100 questions a second for the bundled model on 2 CPU cores.
@@ -89,6 +93,18 @@ about 100 questions a second for the bundled model on 2 CPU cores.
 test questions, with FP as a dashed line. Below it, in its own panel, the paper's LLaVA-1.5-7B numbers (Table 3):
 another model on other datasets, for the shape of the curve only. — {paper}
 """.format(paper=PAPER)
+
+TASK_LABELS = {"easy-vqa": "easy-VQA", "mosaic": "mosaic"}
+"""How titles and statuses name each task of :data:`qvlm.data.TASKS`."""
+
+TASK_HINTS = {
+    "easy-vqa": "The task here is easy-VQA (one coloured shape per image), which the bundled model was trained on; "
+                "its {n} answers are: {answers}. Ask about the shape or its colour.",
+    "mosaic": "The task here is the mosaic task (a 2x2 grid of easy-VQA shapes), which this model was trained on; "
+              "its {n} answers are: {answers}. Ask how many shapes of a kind there are, what colour or shape is in "
+              "a corner, whether two shapes match, or whether one is (not) there.",
+}
+"""What the model knows, said next to its answers when a question falls outside its task (issue 15, part 6)."""
 
 PAPER_TABLE_NOTE = (
     "These are the paper's numbers for **LLaVA-v1.5-7B** on **ScienceQA (SQA), VizWiz and VQA v2**, copied from "
