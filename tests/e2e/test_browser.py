@@ -3,8 +3,9 @@
 Flow: W4A4 Q-VLM quantization of the bundled model with 8 calibration pairs (the status must
 show the stages while it runs), the partition and DED plots render in the Analysis tab, an
 example image is asked about and both the FP and the quantized answers appear, the easy-VQA
-accuracy is measured, and the Analysis tab answers "Do the layers interact?" with a verdict. Screenshots
-and measured timings go to ``test-artifacts/``.
+accuracy is measured, and the Analysis tab answers "Do the layers interact?" with a verdict. Then the
+other views (second test) and the Download group: a zip caught as a browser download, unzipped and
+reloaded (third test). Screenshots and measured timings go to ``test-artifacts/``.
 
 Uses Debian's Chromium through Playwright (``/usr/bin/chromium``); Playwright's own browser
 download is never used. Skipped, with the reason, only when that binary is absent.
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,38 @@ def _set_number(page, selector: str, value: str) -> None:
 
 def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def _quantize_w4a4_rtn(page) -> None:
+    """A W4A4 RTN run with 4 calibration pairs (seconds), from the Quantize tab; waits for its result."""
+    page.click("#tab-quantize-button")
+    if not page.locator("#calib-size input").is_visible():  # the first test leaves the accordion open
+        page.click("#advanced button, #advanced .label-wrap")
+    _set_number(page, "#calib-size input", "4")
+    page.check("#bits input[value='W4A4']")
+    page.locator("#recipe input").fill("round-to-nearest")  # the menu filters on its labels, not on "rtn"
+    page.keyboard.press("Enter")
+    page.click("#start-btn")
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#quant-status')?.innerText || '';"
+        " return t.includes('W4A4 rtn') && t.includes('ready in'); }", timeout=240_000)
+
+
+def _prepare_download(page, fmt_label: str, fmt: str) -> None:
+    """Pick the format whose menu line starts with ``fmt_label``, press the button, wait for the zip named for ``fmt``."""
+    page.locator("#export-format input").fill(fmt_label)
+    page.keyboard.press("Enter")
+    page.click("#download-btn")
+    page.wait_for_selector(f"#model-file a[download$='-{fmt}.zip']", timeout=120_000)
+
+
+def _save_download(page, link: str, into: Path) -> Path:
+    """Click a file box's link as a user does and save what the browser downloads."""
+    with page.expect_download() as caught:
+        page.click(link)
+    path = into / caught.value.suggested_filename
+    caught.value.save_as(path)
+    return path
 
 
 def test_quantize_analyse_and_ask_in_a_real_browser(page):
@@ -210,14 +244,7 @@ def test_compare_find_sweep_and_modality_views_in_a_real_browser(page):
     sweep one W8A8 RTN point on 20). Runs after the flow above, or alone (then a W4A4 variant is made first)."""
     page.click("#tab-quantize-button")
     if "W4A4" not in page.inner_text("#held-variants"):
-        page.click("#advanced button, #advanced .label-wrap")
-        _set_number(page, "#calib-size input", "4")
-        page.check("#bits input[value='W4A4']")
-        page.locator("#recipe input").fill("rtn")
-        page.keyboard.press("Enter")
-        page.click("#start-btn")
-        page.wait_for_function(
-            "() => (document.querySelector('#quant-status')?.innerText || '').includes('ready in')", timeout=240_000)
+        _quantize_w4a4_rtn(page)
     # Ask: an example image, then the token-by-token comparison and the disagreement finder on 20 questions
     page.click("#tab-ask-button")
     page.locator("#image-examples tbody tr").first.click()
@@ -282,3 +309,41 @@ def test_compare_find_sweep_and_modality_views_in_a_real_browser(page):
     assert "image tokens" in page.locator("#modality-plot").text_content()
     page.wait_for_timeout(500)
     page.locator("#modality-plot").screenshot(path=str(ARTIFACTS / "13_modality.png"))
+
+
+def test_download_a_quantized_model_and_reload_it_in_a_real_browser(page, tmp_path):
+    """The Quantize tab's Download group: after a W4A4 RTN run, the compressed-tensors zip and then the Q-VLM packed
+    zip and the run JSON are caught as browser downloads; the packed zip, unzipped, reloads with
+    ``load_vlm_or_export`` and answers. Screenshot ``14``."""
+    from qvlm.data import evaluation_subset, is_correct
+    from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, FORMAT_NAME, load_vlm_or_export
+    from qvlm.inference import generate_answers
+
+    _quantize_w4a4_rtn(page)
+    clicked = time.monotonic()
+    _prepare_download(page, "compressed-tensors", COMPRESSED_TENSORS)
+    ct_zip = _save_download(page, "#model-file a[download$='.zip']", tmp_path)
+    _record("download_compressed_tensors_seconds", round(time.monotonic() - clicked, 1))
+    names = zipfile.ZipFile(ct_zip).namelist()
+    assert ct_zip.name.endswith(f"w4a4-rtn-{COMPRESSED_TENSORS}.zip")
+    assert any(n.endswith("/config.json") for n in names) and any(n.endswith(ACTIVATION_SIDECAR) for n in names)
+
+    _prepare_download(page, "Q-VLM packed", FORMAT_NAME)
+    packed_zip = _save_download(page, "#model-file a[download$='.zip']", tmp_path)
+    note = page.inner_text("#download-note")
+    assert "W4A4 rtn" in note and re.search(rf"{re.escape(packed_zip.name)}, \d+\.\d (KiB|MiB)", note), note
+    _record("download_zip_bytes", {COMPRESSED_TENSORS: ct_zip.stat().st_size, FORMAT_NAME: packed_zip.stat().st_size})
+    run = json.loads(_save_download(page, "#run-file a[download$='.json']", tmp_path).read_text())
+    assert run["quant_config"]["recipe"] == "rtn" and run["quant_config"]["a_bits"] == 4
+    page.wait_for_timeout(300)
+    page.locator("#download").first.screenshot(path=str(ARTIFACTS / "14_download.png"))
+
+    with zipfile.ZipFile(packed_zip) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    (folder,) = (tmp_path / "unzipped").iterdir()
+    handle = load_vlm_or_export(folder, device="cpu")
+    samples = evaluation_subset(8, seed=3)
+    answers = generate_answers(handle.model, handle.processor, [s.load_image() for s in samples],
+                               [s.question for s in samples])
+    assert len(answers) == 8 and all(answers)
+    assert sum(is_correct(a, s.answer) for a, s in zip(answers, samples)) >= 4  # still the easy-VQA model
