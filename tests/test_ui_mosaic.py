@@ -104,6 +104,7 @@ def test_model_list_names_every_bundled_model_once_easy_vqa_first(monkeypatch, t
     for default in (BUNDLED_MODEL_NAME, "mosaic", str(tiny_mosaic_dir), MOSAIC_MODEL_NAME):
         s = Settings.from_env(default_model=default, allowed_roots=list(roots), hub_models=("llava-hf/x",))
         assert s.model_choices() == [BUNDLED_MODEL_NAME, MOSAIC_MODEL_NAME, "llava-hf/x"], default
+        assert s.default_model == (BUNDLED_MODEL_NAME if default == BUNDLED_MODEL_NAME else MOSAIC_MODEL_NAME)
         assert s.allowed_roots == roots  # a bundled default is allowed by name, not by adding its folder
     for spelling in ("mosaic", MOSAIC_MODEL_NAME, str(tiny_mosaic_dir), f" {tiny_mosaic_dir} "):
         assert canonical_name(spelling) == MOSAIC_MODEL_NAME

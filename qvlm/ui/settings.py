@@ -88,6 +88,7 @@ class Settings:
         for key, value in overrides.items():
             if value is not None:
                 setattr(s, key, value)
+        s.default_model = bundled_display_name(s.default_model) or s.default_model  # as the model list names it
         s._allow_default_model_folder()
         return s
 
