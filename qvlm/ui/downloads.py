@@ -65,16 +65,15 @@ def write_model_zip(variant: Variant, fmt: str, folder: Path) -> Path:
 
 
 def zip_folder(source: Path, archive: Path) -> None:
-    """Zip ``source`` with its own name as the top folder.
+    """Zip ``source`` with its own name as the top folder, deflated at level 1.
 
-    safetensors files are stored, not deflated: packed low-bit codes hardly compress, and deflating a
-    7B model's gigabytes would keep the user waiting for a few percent.
+    Level 1 because the weights are mostly packed codes: on the bundled model (W4A4 RTN) it makes the
+    safetensors file 80% of its size in half the time of level 6, which reaches 79%.
     """
-    with zipfile.ZipFile(archive, "w") as zf:
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for path in sorted(source.rglob("*")):
             if path.is_file():
-                method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
-                zf.write(path, path.relative_to(source.parent), compress_type=method)
+                zf.write(path, path.relative_to(source.parent))
 
 
 def run_record(variant: Variant, fp_evals: dict[tuple[str, int, int], Any]) -> dict:
