@@ -211,13 +211,13 @@ class ResultsPanel:
         calib = whole_number(calib_size)  # the config says what is wrong with it
         base = canonical_name(model_name)
         ordered = [b for b in BIT_SETTINGS if b in bits] + [b for b in bits if b not in BIT_SETTINGS]
-
         label = TASK_LABELS[task]
 
         def work(progress: ProgressCallback, cancel: threading.Event) -> list[dict]:
             fp = self.app.models.get(base)
-            return self._bit_sweep(fp, list(recipes), ordered, get_task(fp.task).evaluation_subset(n, seed=SUBSET_SEED),
-                                   calib_size=calib, progress=progress, cancel=cancel)
+            samples = get_task(fp.task).evaluation_subset(n, seed=SUBSET_SEED)
+            return self._bit_sweep(fp, list(recipes), ordered, samples, calib_size=calib, progress=progress,
+                                   cancel=cancel)
 
         def render(rows: list[dict], seconds: float) -> tuple[str, Outputs]:
             table = [[r["recipe"], r["bits"], r["n"], round(100 * r["accuracy"], 1),
