@@ -71,7 +71,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         long_job = dict(concurrency_limit=max(2, app.settings.concurrency), concurrency_id="long-job",
                         show_progress="minimal")
         internal = dict(api_visibility="private")  # a step of the page, not an HTTP endpoint
-        overview = [analysis.info, analysis.partition, analysis.errors, analysis.veo]
+        overview = [analysis.info, analysis.partition, analysis.errors, analysis.veo, analysis.veo_note]
         ded_inputs = [analysis.variant, analysis.layer, analysis.n_samples]
         ded = [analysis.ded_plot, analysis.qerr_plot, analysis.ded_note]
         interaction_inputs = [analysis.variant, analysis.interaction_samples]

@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from qvlm import plots
-from qvlm.analysis import INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics
+from qvlm.analysis import INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, veo_verdict
 from qvlm.modality import modality_activation_stats
 from qvlm.progress import ProgressCallback
 from qvlm.ui.feedback import Outputs, warn
@@ -101,7 +101,9 @@ class AnalysisPanel:
                                               elem_id="interaction-table")
         with gr.Row():
             self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
-            self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
+            with gr.Column():
+                self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
+                self.veo_note = gr.Markdown("", elem_id="veo-verdict")
         gr.Markdown("### Image tokens vs text tokens")
         with gr.Row(equal_height=True):
             self.modality_pairs = gr.Number(MODALITY_PAIRS, precision=0, minimum=1, maximum=64,
@@ -141,7 +143,7 @@ class AnalysisPanel:
                 msg = f"The variant '{label}' is no longer held (dropped by the memory bound); pick another."
             return {self.info: f"*{msg}*", self.partition: plots.empty_figure(msg, "Block partition"),
                     self.errors: plots.empty_figure(msg, "Per-layer error"),
-                    self.veo: plots.empty_figure(msg, "VEO loss")}
+                    self.veo: plots.empty_figure(msg, "VEO loss"), self.veo_note: ""}
         r = variant.result
         if r.entropies:
             partition = plots.partition_figure(list(r.entropies), [list(b) for b in (r.blocks or [])],
@@ -153,7 +155,8 @@ class AnalysisPanel:
         compare = {variant.label: compare.pop(variant.label), **compare}  # the chosen one first
         return {self.info: _variant_info(variant), self.partition: partition,
                 self.errors: plots.layer_error_figure(compare),
-                self.veo: plots.veo_loss_figure(list(r.veo_losses or []), holdout=list(r.veo_holdout or []))}
+                self.veo: plots.veo_loss_figure(list(r.veo_losses or []), holdout=list(r.veo_holdout or [])),
+                self.veo_note: f"*{veo_verdict(list(r.veo_holdout))}*" if r.veo_losses else ""}
 
     def show_ded(self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None) -> Outputs:
         """Draw DED vs entropy and vs quantization error for decoder layers (k, k+1) from a computed sweep."""
