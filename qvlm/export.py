@@ -126,7 +126,8 @@ def export_refusal(config: "QuantConfig", format: str) -> str | None:
     weights, _ = config.resolved_weights()
     if weights == "nf4":
         return (f"compressed-tensors has no NormalFloat (NF4) weights, which recipe {config.recipe!r} uses: "
-                f"save it as {FORMAT_NAME!r}, or pick a uniform-weight recipe (e.g. qvlm, rtn) for compressed-tensors")
+                f"save it as {FORMAT_NAME!r}, or set weight_format to 'uniform' (CLI: --config FILE holding "
+                f"{{\"weight_format\": \"uniform\"}}) or use rtn for compressed-tensors")
     init = get_recipe(config.recipe).init
     if init is not None and init.scaling == "awq":
         return (f"compressed-tensors has no place for AWQ's per-channel input scales (recipe {config.recipe!r}): "
