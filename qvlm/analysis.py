@@ -15,7 +15,9 @@ and R^2 are fitted for entropy vs DED and for qerr vs DED.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -320,6 +322,32 @@ class DependencyReport:
 
     def to_dict(self) -> dict:
         return {"pairs": [p.summary() for p in self.pairs], "verdict": self.verdict}
+
+
+DEPENDENCY_REPORT = "dependency_report.json"
+"""A model folder's stored diagnostics (``python -m qvlm diagnose``): {bits: {"pairs", "verdict", ...}}."""
+
+
+def store_dependency_report(path: str | Path, bits: str, report: DependencyReport, **facts) -> dict:
+    """Merge one bit setting's report (and ``facts``: model, samples, seconds, ...) into ``path``; returns all.
+
+    Why stored: the diagnostics take minutes per model, and the Analysis tab shows the measured
+    verdict of every bundled model side by side before anyone runs them again.
+    """
+    path = Path(path)
+    stored = read_dependency_reports(path)
+    stored[bits] = {**facts, **report.to_dict()}
+    path.write_text(json.dumps(stored, indent=1, default=str))
+    return stored
+
+
+def read_dependency_reports(path: str | Path) -> dict[str, dict]:
+    """The stored reports of ``path`` by bit setting; {} when absent or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def dependency_diagnostics(handle_fp: VLMHandle, cfg_or_result, n_samples: int | None = None,

@@ -199,6 +199,15 @@ def _add_quant_commands(sub) -> None:
                         "loads in plain transformers)")
     p.set_defaults(func=_cmd_quantize)
 
+    p = sub.add_parser("diagnose", help="do the decoder layers interact? dependency diagnostics -> the model "
+                                         "folder's dependency_report.json (shown in the Analysis tab)")
+    p.add_argument("--model", default="bundled", help="'bundled', 'mosaic', a model folder or a hub id")
+    p.add_argument("--bits", default="W4A3", help="comma-separated bit settings (default W4A3)")
+    p.add_argument("--method", default="qvlm-cdm", help="the recipe whose ranges and search are diagnosed")
+    p.add_argument("--samples", type=int, default=16, help="calibration samples per pair (default 16)")
+    p.add_argument("--out", type=Path, default=None, help="report file (default: MODEL/dependency_report.json)")
+    p.set_defaults(func=_cmd_diagnose)
+
     p = sub.add_parser("bench", help="FP and every recipe at W8A8/W6A6/W4A4 -> benchmarks/results/bench.{md,json}")
     p.add_argument("--model", default="bundled")
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N test questions")
@@ -264,6 +273,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
     _add_quant_commands(sub)
     return parser
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    import time
+
+    from qvlm.analysis import DEPENDENCY_REPORT, dependency_diagnostics, store_dependency_report
+    from qvlm.models import load_vlm
+    from qvlm.quant import QuantConfig
+
+    if args.samples < 2:
+        raise ValueError("--samples must be at least 2")
+    bits = [b.strip().upper() for b in args.bits.split(",") if b.strip()]
+    configs = {b: QuantConfig.from_bits(b, recipe=args.method) for b in bits}  # validates before loading
+    handle = load_vlm(args.model)
+    out = args.out
+    if out is None:
+        if handle.source == "hub":
+            raise ValueError("a hub model has no folder to store the report in: pass --out FILE")
+        out = Path(args.model if handle.source == "local" else _bundled_folder(handle.name)) / DEPENDENCY_REPORT
+    for b, cfg in configs.items():
+        start = time.perf_counter()
+        with _progress_bar(f"diagnose {b}") as progress:
+            report = dependency_diagnostics(handle, cfg, n_samples=args.samples, progress=progress)
+        store_dependency_report(out, b, report, model=handle.name, task=handle.task, recipe=args.method,
+                                samples=args.samples, seconds=round(time.perf_counter() - start, 1))
+        shares = [p.interaction_share for p in report.pairs]
+        print(f"{b}: interaction share per pair {', '.join(f'{100 * s:.1f}%' for s in shares if s is not None)}")
+        print(f"{b}: {report.verdict}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _bundled_folder(name: str) -> Path:
+    from qvlm.models import BUNDLED_MODELS
+
+    return BUNDLED_MODELS[name]
 
 
 def main(argv: list[str] | None = None) -> int:

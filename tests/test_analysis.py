@@ -88,3 +88,25 @@ def test_the_veo_verdict_counts_the_answer_tokens_veo_wins_back():
     kept_init = [_held_out_row(0, 0.02, 0.90, kept=True, ceiling=0.96), _held_out_row(1, 0.03, 0.85)]
     assert "kept the layer-wise ranges" in veo_verdict(kept_init) and "did not win back any" in veo_verdict(kept_init)
     assert "no held-out images" in veo_verdict([])
+
+
+def test_the_analysis_tab_shows_each_bundled_model_s_stored_diagnostics(tmp_path):
+    import json
+
+    from qvlm.ui.panel_analysis import measured_interaction_markdown
+
+    adds_up, interacts, absent = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder in (adds_up, interacts, absent):
+        folder.mkdir()
+    pair = {"interaction_share": 0.02, "joint_equals_greedy": True, "r2_entropy": 0.1, "r2_chance": 0.25}
+    (adds_up / "dependency_report.json").write_text(json.dumps({"W4A3": {
+        "samples": 16, "pairs": [pair] * 3, "verdict": "On this model the layers' quantization errors add up: x"}}))
+    (interacts / "dependency_report.json").write_text(json.dumps({"W4A3": {
+        "samples": 16, "pairs": [pair, dict(pair, interaction_share=0.3, joint_equals_greedy=False, r2_entropy=0.4)],
+        "verdict": "On this model the layers interact: y"}}))
+    text = measured_interaction_markdown({"easy": adds_up, "mosaic": interacts, "other": absent})
+    assert "| easy | W4A3 (16 samples) | 0 of 3 | 0 of 3 | 0 of 3 | On this model the layers' quantization errors add up |" \
+        in text
+    assert "| mosaic | W4A3 (16 samples) | 1 of 2 | 1 of 2 | 1 of 2 | On this model the layers interact |" in text
+    assert "No stored report for other" in text
+    assert "No stored diagnostics yet" in measured_interaction_markdown({"other": absent})

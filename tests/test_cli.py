@@ -42,3 +42,27 @@ def test_a_bundled_model_that_is_not_in_the_checkout_says_how_to_train_it(monkey
     monkeypatch.setitem(loader.BUNDLED_MODELS, loader.MOSAIC_MODEL_NAME, tmp_path / "absent")
     assert main(["eval", "--model", "mosaic"]) == 2
     assert "train-mosaic" in capsys.readouterr().err
+
+
+def test_diagnose_stores_each_bit_setting_in_one_report(bundled_dir, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import qvlm.analysis as analysis
+
+    calls = []
+
+    def fake_diagnostics(handle, cfg, n_samples=None, progress=None, cancel=None):
+        calls.append((cfg.bits_label, cfg.recipe, n_samples))
+        pairs = [SimpleNamespace(interaction_share=0.2, summary=lambda: {"interaction_share": 0.2})]
+        return SimpleNamespace(pairs=pairs, verdict="On this model the layers interact: ...",
+                               to_dict=lambda: {"pairs": [p.summary() for p in pairs], "verdict": "On this model ..."})
+
+    monkeypatch.setattr(analysis, "dependency_diagnostics", fake_diagnostics)
+    out = tmp_path / "report.json"
+    assert main(["diagnose", "--model", str(bundled_dir), "--bits", "w4a3,w4a4", "--samples", "4",
+                 "--out", str(out)]) == 0
+    assert calls == [("W4A3", "qvlm-cdm", 4), ("W4A4", "qvlm-cdm", 4)]
+    stored = json.loads(out.read_text())
+    assert set(stored) == {"W4A3", "W4A4"} and stored["W4A3"]["samples"] == 4 and stored["W4A4"]["task"] == "easy-vqa"
+    assert "20.0%" in capsys.readouterr().out
+    assert main(["diagnose", "--model", str(bundled_dir), "--samples", "1", "--out", str(out)]) == 2

@@ -19,7 +19,9 @@ from typing import Any
 import gradio as gr
 
 from qvlm import plots
-from qvlm.analysis import INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, veo_verdict
+from qvlm.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, \
+    read_dependency_reports, veo_verdict
+from qvlm.models import BUNDLED_MODELS
 from qvlm.modality import modality_activation_stats
 from qvlm.progress import ProgressCallback
 from qvlm.ui.feedback import Outputs, warn
@@ -51,6 +53,36 @@ def _sample_count(value: Any) -> int:
     if not n.is_integer() or not lo <= n <= hi:
         raise ValueError(f"DED samples must be a whole number from {lo} to {hi}.")
     return int(n)
+
+
+def measured_interaction_markdown(models: dict[str, Any] | None = None) -> str:
+    """What ``python -m qvlm diagnose`` measured on each bundled model, side by side.
+
+    Why shown before any run: the diagnostics take minutes, and the point to teach is the
+    contrast between a model whose layers' errors add up and one whose layers interact.
+    Every figure comes from the model folder's stored report; a model without one says so.
+    """
+    lines = ["| model | bits | pairs with interaction share ≥ "
+             f"{100 * INTERACTION_THRESHOLD:.0f}% | joint ≠ greedy | R² above chance | verdict |",
+             "|---|---|---|---|---|---|"]
+    missing = []
+    for name, folder in (models if models is not None else BUNDLED_MODELS).items():
+        reports = read_dependency_reports(f"{folder}/{DEPENDENCY_REPORT}")
+        if not reports:
+            missing.append(name)
+        for bits, r in reports.items():
+            pairs = r.get("pairs", [])
+            share = sum((p.get("interaction_share") or 0.0) >= INTERACTION_THRESHOLD for p in pairs)
+            differs = sum(not p.get("joint_equals_greedy", True) for p in pairs)
+            above = sum(p.get("r2_entropy", 0.0) > p.get("r2_chance", 1.0) for p in pairs)
+            verdict = r.get("verdict", "").split(":")[0]
+            lines.append(f"| {name} | {bits} ({r.get('samples', '?')} samples) | {share} of {len(pairs)} | "
+                         f"{differs} of {len(pairs)} | {above} of {len(pairs)} | {verdict} |")
+    if len(lines) == 2:
+        return "*No stored diagnostics yet: `python -m qvlm diagnose --model bundled` measures them.*"
+    note = f" No stored report for {', '.join(missing)}." if missing else ""
+    return ("**Measured on the bundled models** (`python -m qvlm diagnose`; the button below measures the "
+            f"variant you pick):{note}\n\n" + "\n".join(lines))
 
 
 class AnalysisPanel:
@@ -87,6 +119,7 @@ class AnalysisPanel:
             self.qerr_plot = gr.Plot(plots.ded_scatter([], 0, "qerr"), label="DED vs quantization error",
                                      elem_id="qerr-plot")
         gr.Markdown("### Do the layers interact?")
+        self.measured = gr.Markdown(measured_interaction_markdown(), elem_id="interaction-measured")
         with gr.Row(equal_height=True):
             self.interaction_samples = gr.Number(16, precision=0, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
                                                  label="Samples", elem_id="interaction-samples", scale=1)
