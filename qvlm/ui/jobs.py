@@ -153,7 +153,7 @@ STAGE_TITLES = {
     STAGE_ENTROPY: "entropy D(k,k+1) between decoder layers",
     STAGE_SEARCH: "block-wise percentile search",
     STAGE_DONE: "finish: measure per-layer errors",
-    STAGE_EVAL: "easy-VQA evaluation",
+    STAGE_EVAL: "evaluation on the test split",
     STAGE_DED: "DED: layer-wise vs joint search, per sample",
     STAGE_SCAN: "answer test questions with FP and the variants",
     STAGE_SWEEP: "quantize and evaluate each bit-width",

@@ -139,7 +139,7 @@ class QuantizePanel:
                                       label="Recipe", elem_id="recipe", scale=2)
         with gr.Accordion("Advanced: QuantConfig", open=False, elem_id="advanced"):
             with gr.Row():
-                self.calib_size = gr.Number(FIRST_RUN_CALIB_PAIRS, label="Calibration pairs (easy-VQA train)",
+                self.calib_size = gr.Number(FIRST_RUN_CALIB_PAIRS, label="Calibration pairs (the model's train split)",
                                             precision=0, minimum=1, maximum=256, elem_id="calib-size")
                 self.max_block_depth = gr.Slider(1, 6, value=defaults.max_block_depth, step=1,
                                                  label="Max block depth (layers per block)", elem_id="max-depth")

@@ -250,13 +250,12 @@ class ModelCache:
 
 
 def load_examples() -> dict[str, Any]:
-    """The bundled example images and questions (assets/examples/examples.json), plus file -> image id."""
+    """The bundled example images and questions (assets/examples/examples.json)."""
     try:
         meta = json.loads((EXAMPLES_DIR / "examples.json").read_text())
     except (OSError, ValueError):
         log.warning("no example images found in %s", EXAMPLES_DIR)
-        return {"images": [], "generic_questions": [], "by_file": {}}
-    meta["by_file"] = {img["file"]: int(img["image_id"]) for img in meta.get("images", [])}
+        return {"images": [], "generic_questions": []}
     return meta
 
 

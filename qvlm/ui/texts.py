@@ -33,7 +33,7 @@ Q-VLM chooses each decoder layer's range (a percentile *p* of its activations) n
 dependency mining), and it also tunes the vision encoder's quantizers so the language model receives easier
 activations (*VEO*, visual encoder optimization). The recipes `qvlm-cdm` and `qvlm-veo` are its two halves
 (the paper's ablations); `rtn`, `qlora` and `awq` are baselines. Calibration uses a few image–question pairs
-from easy-VQA's *train* split. — {paper}
+from the *train* split of the model's own task (easy-VQA, or mosaics for the mosaic model). — {paper}
 """.format(paper=PAPER)
 
 ANALYSIS_HELP = """
