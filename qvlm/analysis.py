@@ -270,9 +270,9 @@ def dependency_verdict(pairs: list[dict]) -> str:
             f"samples have DED = 0; {chance}, so entropy has little DED to explain.")
 
 
-VEO_HEADROOM_NEGLIGIBLE = 0.005
-"""Below this gap in held-out answer-token agreement (half a point) between the quantized vision
-activations and unquantized ones, the vision activations' error does not reach the answers."""
+VEO_SHARE_NEGLIGIBLE = 0.10
+"""Below this share of the answers' divergence from FP caused by the vision activations'
+quantization, their error does not reach the answers enough for VEO to matter."""
 
 
 def veo_verdict(holdout: list[dict]) -> str:
@@ -281,36 +281,37 @@ def veo_verdict(holdout: list[dict]) -> str:
     ``holdout``: :attr:`QuantResult.veo_holdout` (epoch 0 = the layer-wise init, with
     ``vision_acts_fp``: the same pairs with the vision activations unquantized, VEO's ceiling).
     Why: a falling training loss says nothing about unseen images, and a falling held-out error
-    says nothing about answers; this compares the three numbers that do (issue 16).
+    says nothing about answers. The answers are read through the KL divergence of the answer
+    tokens' distributions (continuous, so it resolves what 1-token agreement counts cannot):
+    how much of it the vision activations cause, and how much of that VEO removed (issue 16).
     """
     rows = [r for r in holdout if r.get("err") is not None]
     if not rows:
         return "VEO measured no held-out images in this run (veo_holdout_images = 0), so nothing can be said."
     first, kept = rows[0], next((r for r in rows if r.get("kept")), rows[-1])
     moved = 100 * (kept["output"] - first["output"]) / first["output"] if first["output"] > 0 else 0.0
-    error = (f"the error the language model's output carries from it {'fell' if moved < 0 else 'rose'} from "
-             f"{first['output']:.3g} to {kept['output']:.3g} ({moved:+.0f}%) on held-out images, epoch "
-             f"{kept['epoch']} of {rows[-1]['epoch']} kept" if kept["epoch"] else
+    error = (f"on held-out images the error of the language model's output {'fell' if moved < 0 else 'rose'} "
+             f"from {first['output']:.3g} to {kept['output']:.3g} ({moved:+.0f}%), epoch {kept['epoch']} of "
+             f"{rows[-1]['epoch']} kept" if kept["epoch"] else
              f"no epoch lowered the held-out error, so VEO kept the layer-wise ranges (epoch 0 of {rows[-1]['epoch']})")
-    if "answer_agree" not in first:
-        return f"VEO: {error}."
     ceiling = first.get("vision_acts_fp")
-    agree0, agreek = 100 * first["answer_agree"], 100 * kept["answer_agree"]
-    answers = (f"The answers' most likely token matched the FP model's on {agree0:.1f}% of "
-               f"{first['answer_tokens']} held-out answer tokens before VEO and {agreek:.1f}% after")
-    if ceiling is None:
-        return f"VEO: {error}. {answers}."
-    top = 100 * ceiling["answer_agree"]
-    headroom = top - agree0
-    answers += f"; with the vision activations unquantized they would match on {top:.1f}%"
-    if ceiling["answer_agree"] - first["answer_agree"] < VEO_HEADROOM_NEGLIGIBLE:
-        return (f"VEO: {error}. {answers}. So the vision activations' quantization error hardly reaches the "
-                f"answers on this model (at most {max(headroom, 0.0):.1f} points of answer tokens to win): "
-                f"no VEO setting can raise accuracy much here, whatever it does to the error.")
-    recovered = agreek - agree0
-    return (f"VEO: {error}. {answers}. Quantizing the vision activations costs {headroom:.1f} points of answer "
-            f"tokens; VEO {'won back' if recovered > 0 else 'did not win back any of'} "
-            + (f"{recovered:.1f} of them." if recovered > 0 else "them."))
+    if "answer_kl" not in first or ceiling is None:
+        return f"VEO: {error}."
+    n = first["answer_tokens"]
+    agree = "/".join(str(round(r["answer_agree"] * n)) for r in (first, kept, ceiling))
+    kl0, kl1, klc = first["answer_kl"], kept["answer_kl"], ceiling["answer_kl"]
+    answers = (f"At the answers, KL(FP ‖ quantized) per answer token went from {kl0:.3g} to {kl1:.3g} nats; with "
+               f"the vision activations unquantized it would be {klc:.3g} (most likely token as FP's: {agree} of "
+               f"{n} answer tokens before VEO / after / unquantized)")
+    share = (kl0 - klc) / kl0 if kl0 > 0 else 0.0
+    if share < VEO_SHARE_NEGLIGIBLE:
+        return (f"VEO: {error}. {answers}. The vision activations cause only {100 * max(share, 0.0):.0f}% of the "
+                f"answers' divergence, so their error hardly reaches the answers on this model: no VEO setting "
+                f"can raise accuracy much here, whatever it does to the error.")
+    removed = (kl0 - kl1) / (kl0 - klc)
+    return (f"VEO: {error}. {answers}. The vision activations cause {100 * share:.0f}% of the answers' divergence; "
+            f"VEO removed {100 * max(removed, 0.0):.0f}% of that part"
+            + (" (it made it larger)." if removed < 0 else "."))
 
 
 @dataclass

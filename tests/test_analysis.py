@@ -60,33 +60,35 @@ def test_dependency_diagnostics_on_the_bundled_model(bundled):
     assert dependency_verdict(flat).startswith("On this model the layers' quantization errors add up")
 
 
-def _held_out_row(epoch, output, agree, kept=False, ceiling=None):
+def _held_out_row(epoch, output, kl, agree=0.98, kept=False, ceiling_kl=None):
     row = {"epoch": epoch, "visual": 0.01, "output": output, "err": 0.01 + output, "answer_agree": agree,
-           "answer_kl": 1e-4, "answer_tokens": 128, "kept": kept}
-    if ceiling is not None:
-        row["vision_acts_fp"] = {"visual": 0.0, "output": output / 4, "err": output / 4, "answer_agree": ceiling,
-                                 "answer_kl": 1e-5, "answer_tokens": 128}
+           "answer_kl": kl, "answer_tokens": 128, "kept": kept}
+    if ceiling_kl is not None:
+        row["vision_acts_fp"] = {"visual": 0.0, "output": output / 4, "err": output / 4, "answer_agree": 1.0,
+                                 "answer_kl": ceiling_kl, "answer_tokens": 128}
     return row
 
 
 def test_the_veo_verdict_says_when_the_vision_error_does_not_reach_the_answers():
     from qvlm.analysis import veo_verdict
 
-    log = [_held_out_row(0, 0.02, 0.990, ceiling=0.992), _held_out_row(1, 0.01, 0.990, kept=True)]
+    log = [_held_out_row(0, 0.02, 0.100, ceiling_kl=0.095), _held_out_row(1, 0.01, 0.099, kept=True)]
     text = veo_verdict(log)
     assert "fell from 0.02 to 0.01 (-50%)" in text and "epoch 1 of 1 kept" in text
-    assert "99.0%" in text and "99.2%" in text and "hardly reaches the answers" in text
+    assert "from 0.1 to 0.099 nats" in text and "be 0.095" in text and "125/125/128 of 128" in text
+    assert "cause only 5%" in text and "hardly reaches the answers" in text
 
 
-def test_the_veo_verdict_counts_the_answer_tokens_veo_wins_back():
+def test_the_veo_verdict_measures_the_part_of_the_answer_divergence_veo_removes():
     from qvlm.analysis import veo_verdict
 
-    log = [_held_out_row(0, 0.02, 0.90, ceiling=0.96), _held_out_row(1, 0.01, 0.93, kept=True),
-           _held_out_row(2, 0.015, 0.92)]
+    log = [_held_out_row(0, 0.02, 0.10, ceiling_kl=0.04), _held_out_row(1, 0.01, 0.07, kept=True),
+           _held_out_row(2, 0.015, 0.08)]
     text = veo_verdict(log)
-    assert "costs 6.0 points" in text and "won back 3.0 of them" in text and "epoch 1 of 2 kept" in text
-    kept_init = [_held_out_row(0, 0.02, 0.90, kept=True, ceiling=0.96), _held_out_row(1, 0.03, 0.85)]
-    assert "kept the layer-wise ranges" in veo_verdict(kept_init) and "did not win back any" in veo_verdict(kept_init)
+    assert "cause 60% of the answers' divergence; VEO removed 50% of that part." in text
+    assert "epoch 1 of 2 kept" in text
+    kept_init = [_held_out_row(0, 0.02, 0.10, kept=True, ceiling_kl=0.04), _held_out_row(1, 0.03, 0.12)]
+    assert "kept the layer-wise ranges" in veo_verdict(kept_init) and "removed 0% of that part" in veo_verdict(kept_init)
     assert "no held-out images" in veo_verdict([])
 
 
