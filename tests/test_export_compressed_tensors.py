@@ -84,3 +84,17 @@ def test_cli_quantize_saves_compressed_tensors(tmp_path, bundled_dir, capsys):
     assert "compressed-tensors" in capsys.readouterr().out
     model, _ = _plain_load(save)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_the_app_loader_reads_a_compressed_tensors_export_and_evaluates_it_under_inference_mode(exported):
+    from qvlm.eval import evaluate
+    from qvlm.models import load_vlm
+
+    result, folder = exported
+    handle = load_vlm(folder, device="cpu")
+    plain, _ = _plain_load(folder)
+    for name, module in handle.model.named_modules():
+        if type(module) is torch.nn.Linear and name.startswith("model.language_model.layers.0."):
+            assert torch.equal(module.weight, dict(plain.named_modules())[name].weight), name
+    ev = evaluate(handle.model, handle.processor, evaluation_subset(8, seed=3), batch_size=8)
+    assert ev.n == 8 and ev.accuracy >= 0.5

@@ -218,6 +218,23 @@ def copies_fit(config: PretrainedConfig, copies: int = 2, dtype: torch.dtype | N
     return need <= (available_memory_bytes(device) if budget_bytes is None else budget_bytes)
 
 
+def _quantized_checkpoint_kwargs(config: PretrainedConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a checkpoint that is already quantized.
+
+    A compressed-tensors checkpoint (this project's ``--format compressed-tensors``, or llm-compressor's)
+    is decompressed while loading (``dequantize=True``): left compressed, compressed-tensors 0.20
+    decompresses on the first forward call, which fails under ``torch.inference_mode`` (the mode every
+    evaluation here runs in). The weights are the same dequantized values either way.
+    """
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if method == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    return {}
+
+
 def load_vlm(
     name_or_path: str | os.PathLike = BUNDLED_MODEL_NAME,
     *,
@@ -252,6 +269,7 @@ def load_vlm(
     cls = model_classes()[config.model_type]
     local_only = source != "hub"
     extra = {"device_map": device_map} if device_map is not None else {}
+    extra |= _quantized_checkpoint_kwargs(config)
     try:
         processor = AutoProcessor.from_pretrained(location, trust_remote_code=False, local_files_only=local_only)
         model = cls.from_pretrained(

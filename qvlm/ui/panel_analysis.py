@@ -134,7 +134,7 @@ class AnalysisPanel:
                                               elem_id="interaction-table")
         with gr.Row():
             self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
-            with gr.Column():
+            with gr.Column(elem_id="veo-view"):
                 self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
                 self.veo_note = gr.Markdown("", elem_id="veo-verdict")
         gr.Markdown("### Image tokens vs text tokens")

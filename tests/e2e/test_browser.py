@@ -191,6 +191,12 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     _record("ded_sweep_4_samples_seconds", round(time.monotonic() - clicked, 1))
     page.wait_for_timeout(500)
     _shot(page, "04_analysis.png")
+    # VEO on images it never saw: the held-out error next to the loss, and the verdict in words
+    veo_note = page.inner_text("#veo-verdict")
+    assert veo_note.startswith("VEO:") and "KL(FP" in veo_note and "unquantized" in veo_note, veo_note
+    assert "held-out" in page.locator("#veo-plot").text_content()
+    assert "Measured on the bundled models" in page.inner_text("#interaction-measured")
+    page.locator("#veo-view").screenshot(path=str(ARTIFACTS / "15_veo_held_out.png"))
 
     # --- Ask: an example image, both answers side by side -------------------------------------------
     page.click("#tab-ask-button")
