@@ -58,6 +58,14 @@ def test_dependency_diagnostics_on_the_bundled_model(bundled):
     assert dependency_verdict(flipped).startswith("On this model the layers interact:")
     flat = [dict(r, interaction_share=0.01, joint_equals_greedy=True) for r in rows]
     assert dependency_verdict(flat).startswith("On this model the layers' quantization errors add up")
+    # "layers interact" needs at least a quarter of the pairs: 3 of 15 is not, 4 of 15 is
+    fifteen = [dict(flat[0], layer=k) for k in range(15)]
+    three = [dict(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) if k < 3 else r
+             for k, r in enumerate(fifteen)]
+    four = [dict(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) if k < 4 else r
+            for k, r in enumerate(fifteen)]
+    assert dependency_verdict(three).startswith("On this model the layers' quantization errors add up")
+    assert dependency_verdict(four).startswith("On this model the layers interact:")
 
 
 def _held_out_row(epoch, output, kl, agree=0.98, kept=False, ceiling_kl=None):
