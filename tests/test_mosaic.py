@@ -126,3 +126,22 @@ def test_a_model_folder_names_its_task_else_easy_vqa(tmp_path):
     assert task_of_model_folder(tmp_path) == "easy-vqa"
     (tmp_path / "qvlm_activations.json").write_text(json.dumps({"task": "mosaic"}))
     assert task_of_model_folder(tmp_path) == "mosaic"
+
+
+def test_questions_asked_about_a_training_mosaic_have_balanced_yes_no_answers():
+    """Unbalanced extra questions taught the mosaic model answer priors instead of reading the image."""
+    import random
+
+    from qvlm.data.mosaic import ask_about, labelled_pool, sample_training_mosaic
+
+    rng = random.Random(0)
+    pool = labelled_pool("train")
+    answers = Counter()
+    for _ in range(400):
+        cells = sample_training_mosaic(rng, 1)[0].cells
+        for q in ask_about(pool, cells, 4, rng):
+            if q.question_type in ("exists", "negation"):
+                answers[q.question_type, q.answer] += 1
+    for qtype in ("exists", "negation"):
+        yes, no = answers[qtype, "yes"], answers[qtype, "no"]
+        assert 0.4 < yes / (yes + no) < 0.6, (qtype, yes, no)

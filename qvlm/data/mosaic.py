@@ -266,19 +266,33 @@ def load_mosaic_test() -> tuple[MosaicSample, ...]:
     return tuple(out)
 
 
+ASK_ABOUT_DRAWS = 24
+"""Parameter draws per question in :func:`ask_about`: enough to find both answers of a yes/no template."""
+
+
 def ask_about(pool: LabelledPool, cells: Cells, n: int, rng: random.Random) -> list[MosaicSample]:
-    """``n`` questions about a given mosaic: templates uniform, each named attribute taken from the
-    mosaic's own cells half of the time (so yes and no both occur often), answers by the rules."""
+    """``n`` questions about a given mosaic: templates uniform, and for each the answer drawn uniformly
+    among those the mosaic allows, then a question with that answer.
+
+    Why balanced: drawing the named attributes at random answered "yes" to 70% of the existence and
+    "no" to 66-69% of the comparison and negation questions, and a 16-layer language model learned
+    those priors (training accuracy ~0.65-0.7) instead of reading the image tokens: on balanced test
+    mosaics its yes/no answers were at chance and unchanged when the captions were shuffled.
+    """
     labels = pool.cell_labels(cells)
     out = []
     for _ in range(n):
         t = rng.choice(TEMPLATES)
-        params = t.draw_params(rng)
-        if rng.random() < 0.5:
-            shape, color = rng.choice(labels)
-            params = {k: shape if k == "shape" else color if k == "color" else v for k, v in params.items()}
-        out.append(MosaicSample(cells, t.question(params), t.answer(params, labels), t.question_type, t.name,
-                                pool.split))
+        by_answer: dict[str, list[Params]] = {}
+        for _ in range(ASK_ABOUT_DRAWS):
+            params = t.draw_params(rng)
+            if rng.random() < 0.5:  # name an attribute that is in the mosaic: "yes" needs it
+                shape, color = rng.choice(labels)
+                params = {k: shape if k == "shape" else color if k == "color" else v for k, v in params.items()}
+            by_answer.setdefault(t.answer(params, labels), []).append(params)
+        answer = rng.choice(sorted(by_answer))
+        params = rng.choice(by_answer[answer])
+        out.append(MosaicSample(cells, t.question(params), answer, t.question_type, t.name, pool.split))
     return out
 
 
