@@ -310,9 +310,12 @@ def veo_verdict(holdout: list[dict]) -> str:
                 f"answers' divergence, so their error hardly reaches the answers on this model: no VEO setting "
                 f"can raise accuracy much here, whatever it does to the error.")
     removed = (kl0 - kl1) / (kl0 - klc)
-    return (f"VEO: {error}. {answers}. The vision activations cause {100 * share:.0f}% of the answers' divergence; "
-            f"VEO removed {100 * max(removed, 0.0):.0f}% of that part"
-            + (" (it made it larger)." if removed < 0 else "."))
+    if removed > 1:
+        outcome = "VEO removed all of that part (the answers ended closer to FP than with the vision activations unquantized)."
+    else:
+        outcome = f"VEO removed {100 * max(removed, 0.0):.0f}% of that part" + (" (it made it larger)." if removed < 0 else ".")
+    return (f"VEO: {error}. {answers}. The vision activations cause {100 * share:.0f}% of the answers' "
+            f"divergence; {outcome}")
 
 
 @dataclass

@@ -98,6 +98,8 @@ def test_the_veo_verdict_measures_the_part_of_the_answer_divergence_veo_removes(
     kept_init = [_held_out_row(0, 0.02, 0.10, kept=True, ceiling_kl=0.04), _held_out_row(1, 0.03, 0.12)]
     assert "kept the layer-wise ranges" in veo_verdict(kept_init) and "removed 0% of that part" in veo_verdict(kept_init)
     assert "no held-out images" in veo_verdict([])
+    beyond = [_held_out_row(0, 0.02, 0.10, ceiling_kl=0.04), _held_out_row(1, 0.01, 0.02, kept=True)]
+    assert "VEO removed all of that part" in veo_verdict(beyond)
 
 
 def test_the_analysis_tab_shows_each_bundled_model_s_stored_diagnostics(tmp_path):
