@@ -80,6 +80,11 @@ def build_family(family: str, out: Path, seed: int = 0) -> Path:
         processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
                                    vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
                                    num_additional_image_tokens=extra)
+    return _save(model, processor, tok, out)
+
+
+def _save(model, processor, tok, out: Path) -> Path:
+    """Write a built model with its processor; generation stops and pads with the word tokenizer's ids."""
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
@@ -151,8 +156,4 @@ def build_hub_shaped(hub_id: str, out: Path, *, vision_layers: int = 2, text_lay
         processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                        vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
                                        num_additional_image_tokens=extra_tokens)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(model, processor, tok, out)

@@ -97,7 +97,9 @@ def holdout_error(qmodel, batches: list[CalibBatch], targets: list[dict[str, tor
             predicts_answer = torch.zeros_like(b.answer_mask)
             predicts_answer[:, :-1] = b.answer_mask[:, 1:]  # position t predicts token t + 1
             q_logp = F.log_softmax(head(hidden[predicts_answer]).float(), -1)
-            fp_logp = F.log_softmax(head(tgt["xn"][predicts_answer]).float(), -1)
+            if "answer_logp" not in tgt:  # the FP side is the same every epoch: computed once, kept with the targets
+                tgt["answer_logp"] = F.log_softmax(head(tgt["xn"][predicts_answer]).float(), -1)
+            fp_logp = tgt["answer_logp"]
             agree += int((q_logp.argmax(-1) == fp_logp.argmax(-1)).sum())
             kl += float((fp_logp.exp() * (fp_logp - q_logp)).sum())
             tokens += int(predicts_answer.sum())

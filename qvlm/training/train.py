@@ -184,13 +184,8 @@ def vision_patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[cfg.vision_feature_layer][:, 1:]
 
 
-def answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questions: list[list], pad_id: int):
-    """Cross-entropy on answer tokens of every question of every image.
-
-    ``image_embeds`` [images, tokens, hidden] are what the LLM sees in place of ``<image>``
-    (projected patch features, or caption tokens). Returns (loss, per-question first-answer-token
-    correctness as a bool tensor, in the order of ``questions`` flattened).
-    """
+def encode_questions(table: QuestionTable, questions: list[list]) -> tuple[list[list[int]], list[int], list[int]]:
+    """(token rows, owning image index, first answer position) of every question of every image."""
     rows, owners, starts = [], [], []
     for img_index, qs in enumerate(questions):
         for q in qs:
@@ -198,6 +193,37 @@ def answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questio
             rows.append(ids)
             owners.append(img_index)
             starts.append(start)
+    return rows, owners, starts
+
+
+def answer_token_loss(model, hidden: torch.Tensor, rows: list[list[int]], starts: list[int],
+                      offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on every answer token, and the first answer token's correctness per row.
+
+    ``hidden`` [rows, positions, hidden] holds sequence position ``t`` at index ``t - offset``
+    (``offset`` > 0 when a shared prefix ran separately).
+    """
+    targets, positions = [], []
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        for t in range(s, len(r)):
+            positions.append((i, t - 1 - offset))
+            targets.append(r[t])
+    idx = torch.tensor(positions)
+    logits = model.lm_head(hidden[idx[:, 0], idx[:, 1]])
+    targets_t = torch.tensor(targets)
+    loss = F.cross_entropy(logits, targets_t)
+    first = torch.tensor([positions.index((i, s - 1 - offset)) for i, s in enumerate(starts)])
+    return loss, logits[first].argmax(-1) == targets_t[first]
+
+
+def answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questions: list[list], pad_id: int):
+    """Cross-entropy on answer tokens of every question of every image.
+
+    ``image_embeds`` [images, tokens, hidden] are what the LLM sees in place of ``<image>``
+    (projected patch features, or caption tokens). Returns (loss, per-question first-answer-token
+    correctness as a bool tensor, in the order of ``questions`` flattened).
+    """
+    rows, owners, starts = encode_questions(table, questions)
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -208,17 +234,7 @@ def answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questio
     embeds = model.get_input_embeddings()(ids.masked_fill(is_image, pad_id))
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds[owners].reshape(-1, embeds.shape[-1]))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    targets, positions = [], []
-    for i, (r, s) in enumerate(zip(rows, starts)):
-        for t in range(s, len(r)):
-            positions.append((i, t - 1))
-            targets.append(r[t])
-    idx = torch.tensor(positions)
-    logits = model.lm_head(hidden[idx[:, 0], idx[:, 1]])
-    targets_t = torch.tensor(targets)
-    loss = F.cross_entropy(logits, targets_t)
-    first = torch.tensor([positions.index((i, s - 1)) for i, s in enumerate(starts)])
-    return loss, logits[first].argmax(-1) == targets_t[first]
+    return answer_token_loss(model, hidden, rows, starts)
 
 
 class _Tally:

@@ -66,10 +66,12 @@ from qvlm.data import COLORS, SHAPES
 from qvlm.data.mosaic import CELL_SIZE, MOSAIC_SIZE, labelled_pool, mosaic_evaluation_subset, mosaic_words, \
     sample_training_mosaic
 from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer, vocabulary_words
-# The bundled recipe's step helpers, shared as they are (train.py keeps them private; it is not ours to edit).
+# The bundled recipe's step helpers, shared: one encoding of questions and one answer-token loss for both models.
 from qvlm.training.train import (
     AttributeHeads,
     answer_loss,
+    answer_token_loss,
+    encode_questions,
     lr_lambda,
     QuestionTable,
     relative_sq_error,
@@ -230,13 +232,7 @@ def shared_prefix_answer_loss(model, table: QuestionTable, image_embeds: torch.T
     language model sees ~2.9x fewer tokens per step. Gradients flow through the cache, so loss and
     gradients equal ``answer_loss``'s (tested).
     """
-    rows, owners, starts = [], [], []
-    for img_index, qs in enumerate(questions):
-        for q in qs:
-            ids, start = table.encode(q.question, q.answer)
-            rows.append(ids)
-            owners.append(img_index)
-            starts.append(start)
+    rows, owners, starts = encode_questions(table, questions)
     first_image = rows[0].index(table.image_token_id)
     cut = first_image + table.image_tokens  # prefix length: everything up to the last image token
     prefix = rows[0][:cut]
@@ -257,17 +253,7 @@ def shared_prefix_answer_loss(model, table: QuestionTable, image_embeds: torch.T
         mask[i, cut : cut + len(r)] = 1
     hidden = lm(inputs_embeds=embed(ids), attention_mask=mask, cache=cache,
                 position_ids=torch.arange(cut, cut + length).expand(len(rows), -1)).last_hidden_state
-    targets, positions = [], []
-    for i, (r, s) in enumerate(zip(rows, starts)):
-        for t in range(s, len(r)):
-            positions.append((i, t - 1 - cut))
-            targets.append(r[t])
-    idx = torch.tensor(positions)
-    logits = model.lm_head(hidden[idx[:, 0], idx[:, 1]])
-    targets_t = torch.tensor(targets)
-    loss = F.cross_entropy(logits, targets_t)
-    first = torch.tensor([positions.index((i, s - 1 - cut)) for i, s in enumerate(starts)])
-    return loss, logits[first].argmax(-1) == targets_t[first]
+    return answer_token_loss(model, hidden, rows, starts, offset=cut)
 
 
 class _Log:
