@@ -44,11 +44,19 @@ def _cmd_train_mosaic(args: argparse.Namespace) -> int:
              "text_intermediate": args.text_intermediate, "patch_size": args.patch_size}
     spec = replace(spec, **{k: v for k, v in sizes.items() if v is not None})
     steps = {"vision_steps": args.vision_steps, "caption_steps": args.caption_steps,
-             "align_steps": args.align_steps, "joint_steps": args.joint_steps}
+             "align_steps": args.align_steps, "joint_steps": args.joint_steps,
+             "checkpoint_every": args.checkpoint_every}
+    given = {k: v for k, v in steps.items() if v is not None}  # None: the config's default
+    if args.tiny:  # 2 decoder layers of 32, from random weights: stack once, after the first caption step
+        given.update(caption_start_layers=1, caption_stack_at=(1,), language_init=None)
+    if args.language_init is not None:
+        given["language_init"] = None if args.language_init == "none" else args.language_init
+    if args.caption_start_layers is not None:
+        given["caption_start_layers"] = args.caption_start_layers or None
+    if args.caption_stack_at is not None:
+        given["caption_stack_at"] = tuple(int(s) for s in args.caption_stack_at.split(",") if s.strip())
     cfg = MosaicTrainConfig(spec=spec, seed=args.seed, max_steps=args.max_steps, max_minutes=args.max_minutes,
-                            eval_questions=args.eval_questions, threads=args.threads,
-                            **{k: v for k, v in steps.items() if v is not None},
-                            **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}))
+                            eval_questions=args.eval_questions, threads=args.threads, **given)
     report = train_mosaic_llava(args.out, cfg, resume=args.resume)
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -254,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     for stage in ("vision", "caption", "align", "joint"):
         p.add_argument(f"--{stage}-steps", type=int, default=None, help=f"{stage} stage steps (default: config's)")
+    p.add_argument("--caption-start-layers", type=int, default=None,
+                   help="caption stage: train this many decoder layers first, then double them by stacking "
+                        "(default 8; 0 trains every layer from the start)")
+    p.add_argument("--caption-stack-at", default=None,
+                   help="comma-separated caption steps after which the depth doubles (default 1500)")
+    p.add_argument("--language-init", default=None,
+                   help="LLaVA folder whose language model seeds this one: 'bundled' (default) or 'none'")
     p.add_argument("--text-layers", type=int, default=None, help="decoder layers (default 16)")
     p.add_argument("--text-hidden", type=int, default=None, help="decoder width (default 256)")
     p.add_argument("--text-intermediate", type=int, default=None, help="decoder MLP width (default 704)")

@@ -7,8 +7,10 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from qvlm.cli import main
-from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, build_mosaic_tokenizer, cell_of_token, \
-    latest_checkpoint
+import pytest
+
+from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, MosaicTrainConfig, build_mosaic_tokenizer, \
+    cell_of_token, decoder_depth, latest_checkpoint, stack_decoder_layers
 
 _SMOKE = ["--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2", "--checkpoint-every", "3"]
 
@@ -27,6 +29,7 @@ def test_a_run_stopped_by_its_time_budget_resumes_to_the_same_weights(tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = (stopped / "train.log").read_text()
     assert "stopped: time budget" in log and "resumed from step-1" in log and "saved the FP16 model" in log
+    assert "caption: stacked the 1 trained decoder layers, now 2" in log
     assert (stopped / "checkpoints" / ".gitignore").read_text() == "*\n"
     final = json.loads((stopped / "training_report.json").read_text())
     assert final["task"] == "mosaic" and "stopped" not in final and "joint_test_accuracy" in final
@@ -105,3 +108,54 @@ def test_the_shared_prefix_loss_equals_the_plain_answer_loss_and_its_gradients()
     assert torch.allclose(loss_a, loss_b, atol=1e-6) and torch.equal(ok_a, ok_b) and len(ok_a) == 15
     assert torch.allclose(img_a, img_b, atol=1e-6)
     assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b))
+
+
+def test_the_caption_stage_doubles_its_depth_at_the_configured_steps():
+    cfg = MosaicTrainConfig()
+    assert [cfg.caption_depth(s) for s in (1, 1500, 1501, cfg.caption_steps)] == [8, 8, 16, 16]
+    assert MosaicTrainConfig(caption_start_layers=None).caption_depth(1) == 16
+    with pytest.raises(ValueError, match="gives 32, not 16"):
+        MosaicTrainConfig(caption_stack_at=(1000, 2000))
+    # a saved config (JSON lists) reads back to the same schedule
+    assert MosaicTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).caption_stack_at == (1500,)
+
+
+def test_stacking_copies_the_trained_layers_on_top_and_a_shallow_pass_skips_the_rest():
+    from qvlm.training.tiny_llava import build_model
+
+    model = build_model(SMOKE_SPEC, build_mosaic_tokenizer(), seed=0)
+    layers = model.model.language_model.layers
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        deep = model.model.language_model(input_ids=ids).last_hidden_state
+        with decoder_depth(model, 1):
+            assert len(model.model.language_model.layers) == 1
+            shallow = model.model.language_model(input_ids=ids).last_hidden_state
+    assert len(model.model.language_model.layers) == 2 and not torch.allclose(deep, shallow)
+    stack_decoder_layers(model, 1)
+    first, second = layers[0].state_dict(), layers[1].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    first["mlp.down_proj.weight"].add_(1.0)  # a copy, not a shared tensor
+    assert not torch.equal(layers[0].mlp.down_proj.weight, layers[1].mlp.down_proj.weight)
+
+
+def test_the_language_model_starts_from_the_bundled_models_words_and_layers():
+    from qvlm.models import BUNDLED_MODEL_DIR
+    from qvlm.training.tiny_llava import build_model
+    from qvlm.training.train_mosaic import init_language_model
+
+    tokenizer = build_mosaic_tokenizer()
+    model = build_model(MOSAIC_SPEC, tokenizer, seed=0)
+    line = init_language_model(model, tokenizer, "bundled")
+    source = LlavaForConditionalGeneration.from_pretrained(BUNDLED_MODEL_DIR)
+    source_vocab = AutoProcessor.from_pretrained(BUNDLED_MODEL_DIR).tokenizer.get_vocab()
+    assert "8 decoder layers" in line
+    a, b = model.model.language_model.layers[7].state_dict(), source.model.language_model.layers[7].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    red = tokenizer.convert_tokens_to_ids("red")
+    assert torch.equal(model.get_input_embeddings().weight[red], source.get_input_embeddings().weight[source_vocab["red"]])
+    assert torch.equal(model.lm_head.weight[red], source.lm_head.weight[source_vocab["red"]])
+    # a mosaic-only word keeps its own row
+    assert "triangles" not in source_vocab
+    with pytest.raises(ValueError, match="does not fit"):
+        init_language_model(build_model(SMOKE_SPEC, tokenizer, seed=0), tokenizer, "bundled")
