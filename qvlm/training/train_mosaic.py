@@ -130,6 +130,7 @@ class MosaicTrainConfig:
     caption_lr: float = 1e-3
     caption_start_layers: int | None = 8  # progressive stacking; None trains every layer from the start
     caption_stack_at: tuple[int, ...] = (1500,)  # caption steps after which the depth doubles
+    caption_places: bool = True  # captions name each cell's place (top/bottom + left/right), see _Captions
     language_init: str | None = "bundled"  # a LLaVA folder whose language model seeds this one; None: random
     align_steps: int = 200
     align_lr: float = 2e-3
@@ -239,15 +240,31 @@ def _heads_loss(heads: AttributeHeads, feats: torch.Tensor, shape_y: torch.Tenso
 
 
 class _Captions:
-    """``E[colour] + E[shape]`` of each token's cell: [B, T, hidden]."""
+    """``E[colour] + E[shape]`` of each token's cell, plus ``E[row] + E[column]`` of the cell
+    (``top``/``bottom``, ``left``/``right``) when ``token_cell`` is given: [B, T, hidden].
 
-    def __init__(self, tokenizer) -> None:
+    Why the cell's place: a cell's 16 tokens are not contiguous in the sequence (row-major 8x8
+    grid: four runs of four, interleaved with the neighbour cell's), so "the shape in the top left"
+    asks the language model for a periodic positional pattern through RoPE; with the place words
+    in the caption it is the same content match as "is there a red shape?". The vision tower
+    knows each patch's place (its position embeddings), so the projector can produce them.
+    """
+
+    def __init__(self, tokenizer, token_cell: torch.Tensor | None = None) -> None:
         self.color_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(COLORS)))
         self.shape_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(SHAPES)))
+        self.place_ids = None
+        if token_cell is not None:
+            row = torch.tensor(tokenizer.convert_tokens_to_ids(["top", "bottom"]))[token_cell // 2]
+            column = torch.tensor(tokenizer.convert_tokens_to_ids(["left", "right"]))[token_cell % 2]
+            self.place_ids = torch.stack([row, column])  # [2, T]
 
     def __call__(self, model, shape_y: torch.Tensor, color_y: torch.Tensor) -> torch.Tensor:
         emb = model.get_input_embeddings()
-        return emb(self.color_ids[color_y]) + emb(self.shape_ids[shape_y])
+        caption = emb(self.color_ids[color_y]) + emb(self.shape_ids[shape_y])
+        if self.place_ids is not None:
+            caption = caption + emb(self.place_ids).sum(0)
+        return caption
 
 
 def shared_prefix_answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questions: list[list],
@@ -394,7 +411,7 @@ class _MosaicRun:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.token_cell = cell_of_token(cfg.spec)
         self.table = QuestionTable(self.processor, cfg.spec.image_tokens)
-        self.captions = _Captions(self.tokenizer)
+        self.captions = _Captions(self.tokenizer, self.token_cell if cfg.caption_places else None)
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
         self.report: dict = {"task": TASK}
