@@ -30,10 +30,11 @@ LLaVA folder plus ``trainer_state.pt``), so ``--resume`` continues exactly where
     tail -f assets/tiny-llava-mosaic/train.log
 
 Cost (measured 2026-11-26 on the 2-core machine, ``--threads 1`` beside other work): a vision step
-(16 mosaics) 0.20 s; a caption step (4 mosaics x 8 questions) 0.8 s, a joint step ~1.3 s. Each
+(16 mosaics) 0.20 s; a caption step (4 mosaics x 8 questions) 0.24 s at 8 decoder layers of 192 and
+0.48 s at 16, an align step 0.40 s, a joint step 0.55 s. Each
 mosaic's ~67-token prefix (``<s> user :`` + 64 image tokens) runs once, its key/value cache shared by
 the mosaic's questions (:func:`shared_prefix_answer_loss`: same loss and gradients, 3.1x faster than
-running every question in full). The defaults (9,000 + 6,000 + 200 + 1,500 steps) take ~2.3 h at one
+running every question in full). The defaults (9,000 + 4,000 + 200 + 1,500 steps) take ~72 min at one
 thread. With ``--threads 2`` on idle cores a step is ~1.6x faster, but beside another process two
 threads spin at their barriers and steps got 10-20x slower: use one thread when the machine is shared.
 
@@ -126,7 +127,7 @@ class MosaicTrainConfig:
     vision_steps: int = 9000  # 3,000 left cell shape at 66% on test mosaics (colour 99%)
     vision_batch: int = 16  # mosaics per step (64 cell images)
     vision_lr: float = 2e-3
-    caption_steps: int = 6000  # 3,500 with unbalanced extra questions learned answer priors, not the image
+    caption_steps: int = 4000  # steps 1-1,500 at 8 layers, then 16 (caption_stack_at)
     caption_lr: float = 1e-3
     caption_start_layers: int | None = 8  # progressive stacking; None trains every layer from the start
     caption_stack_at: tuple[int, ...] = (1500,)  # caption steps after which the depth doubles
