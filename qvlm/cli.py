@@ -214,6 +214,8 @@ def _add_quant_commands(sub) -> None:
     p.add_argument("--method", default="qvlm-cdm", help="the recipe whose ranges and search are diagnosed")
     p.add_argument("--samples", type=int, default=16, help="calibration samples per pair (default 16)")
     p.add_argument("--out", type=Path, default=None, help="report file (default: MODEL/dependency_report.json)")
+    p.add_argument("--fp-vision", action="store_true", help="keep the vision tower in full precision: the "
+                   "language model's layers alone (stored as e.g. 'W4A3 vision FP')")
     p.set_defaults(func=_cmd_diagnose)
 
     p = sub.add_parser("bench", help="FP and every recipe at W8A8/W6A6/W4A4 -> benchmarks/results/bench.{md,json}")
@@ -300,7 +302,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     if args.samples < 2:
         raise ValueError("--samples must be at least 2")
     bits = [b.strip().upper() for b in args.bits.split(",") if b.strip()]
-    configs = {b: QuantConfig.from_bits(b, recipe=args.method) for b in bits}  # validates before loading
+    # validates before loading; with --fp-vision the language model's own interaction, stored apart
+    configs = {(f"{b} vision FP" if args.fp_vision else b): QuantConfig.from_bits(
+        b, recipe=args.method, quantize_vision=not args.fp_vision) for b in bits}
     handle = load_vlm(args.model)
     out = args.out
     if out is None:

@@ -52,7 +52,7 @@ def test_diagnose_stores_each_bit_setting_in_one_report(bundled_dir, tmp_path, m
     calls = []
 
     def fake_diagnostics(handle, cfg, n_samples=None, progress=None, cancel=None):
-        calls.append((cfg.bits_label, cfg.recipe, n_samples))
+        calls.append((cfg.bits_label, cfg.recipe, n_samples, cfg.quantize_vision))
         pairs = [SimpleNamespace(interaction_share=0.2, summary=lambda: {"interaction_share": 0.2})]
         return SimpleNamespace(pairs=pairs, verdict="On this model the layers interact: ...",
                                to_dict=lambda: {"pairs": [p.summary() for p in pairs], "verdict": "On this model ..."})
@@ -61,8 +61,13 @@ def test_diagnose_stores_each_bit_setting_in_one_report(bundled_dir, tmp_path, m
     out = tmp_path / "report.json"
     assert main(["diagnose", "--model", str(bundled_dir), "--bits", "w4a3,w4a4", "--samples", "4",
                  "--out", str(out)]) == 0
-    assert calls == [("W4A3", "qvlm-cdm", 4), ("W4A4", "qvlm-cdm", 4)]
+    assert calls == [("W4A3", "qvlm-cdm", 4, True), ("W4A4", "qvlm-cdm", 4, True)]
     stored = json.loads(out.read_text())
     assert set(stored) == {"W4A3", "W4A4"} and stored["W4A3"]["samples"] == 4 and stored["W4A4"]["task"] == "easy-vqa"
     assert "20.0%" in capsys.readouterr().out
+    # the language model alone: vision tower unquantized, stored beside the full-model reports
+    assert main(["diagnose", "--model", str(bundled_dir), "--bits", "w4a3", "--samples", "4", "--fp-vision",
+                 "--out", str(out)]) == 0
+    assert calls[-1] == ("W4A3", "qvlm-cdm", 4, False)
+    assert set(json.loads(out.read_text())) == {"W4A3", "W4A4", "W4A3 vision FP"}
     assert main(["diagnose", "--model", str(bundled_dir), "--samples", "1", "--out", str(out)]) == 2
