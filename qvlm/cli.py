@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language-init", default=None,
                    help="LLaVA folder whose language model seeds this one: 'bundled' (default) or 'none'")
     p.add_argument("--text-layers", type=int, default=None, help="decoder layers (default 16)")
-    p.add_argument("--text-hidden", type=int, default=None, help="decoder width (default 256)")
-    p.add_argument("--text-intermediate", type=int, default=None, help="decoder MLP width (default 704)")
+    p.add_argument("--text-hidden", type=int, default=None,
+                   help="decoder width (default 192; another width needs --language-init none)")
+    p.add_argument("--text-intermediate", type=int, default=None, help="decoder MLP width (default 512)")
     p.add_argument("--patch-size", type=int, default=None, help="16: 64 image tokens (default); 32: 16 tokens")
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke tests)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 250)")

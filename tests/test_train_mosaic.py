@@ -24,6 +24,9 @@ def test_a_run_stopped_by_its_time_budget_resumes_to_the_same_weights(tmp_path, 
     checkpoint = latest_checkpoint(stopped)
     assert checkpoint.name == "step-1"
     assert LlavaForConditionalGeneration.from_pretrained(checkpoint).config.vision_feature_layer == -2
+    from qvlm.data import task_of_model_folder
+
+    assert task_of_model_folder(checkpoint) == "mosaic"  # a probe's checkpoint is evaluated on its own task
     assert main(["train-mosaic", "--out", str(stopped), *_SMOKE, "--resume"]) == 0
     a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,8 +15,10 @@ The recipe is the bundled model's four stages (:mod:`qvlm.training.train`), carr
    and trains all 16. Why: trained from random weights, 16 layers sat at chance on every question
    type for 1,000 caption steps and 4 layers were still at chance on the yes/no types after 4,000
    (2026-11-26 probes); the bundled language model, moved over untouched, already answered 43.5% of
-   400 test mosaics from their captions (29% with the captions shuffled across mosaics; position
-   questions 75-80%).
+   400 test mosaics from their captions (29% with the captions shuffled across mosaics). Its 75-80%
+   on position questions there was the test split's majority-colour shortcut, since removed: the
+   seeded model has not learned to pick a cell by its place (41% on position questions after all
+   stages), the task's open problem.
 3. **projector**: only the projector, on the answer loss plus the relative squared error to
    those caption tokens.
 4. **joint**: everything, with the heads as an auxiliary loss and a small pull to the captions.
@@ -39,21 +41,15 @@ thread. With ``--threads 2`` on idle cores a step is ~1.6x faster, but beside an
 threads spin at their barriers and steps got 10-20x slower: use one thread when the machine is shared.
 
 Gate before the full run (issue 11). A probe is one flag away: ``--max-minutes 20`` stops with a
-checkpoint (rerun with ``--resume`` to continue). On the probe's checkpoint, measure::
+checkpoint (rerun with ``--resume`` to continue). A checkpoint folder is a loadable LLaVA that names
+its task (``training_report.json``), so the CLI calibrates and scores it on mosaics::
 
-    from qvlm.analysis import dependency_diagnostics
-    from qvlm.models import load_vlm
-    from qvlm.quant import QuantConfig
-    handle = load_vlm("assets/tiny-llava-mosaic/checkpoints/step-N")
-    report = dependency_diagnostics(handle, QuantConfig.from_bits("W4A3", recipe="qvlm-cdm"), n_samples=16)
+    python -m qvlm eval --model RUN --limit 500
+    python -m qvlm diagnose --model RUN --bits W4A3,W4A4 --samples 16 [--fp-vision] --out FILE
 
-The calibration pairs must then be mosaic questions (``qvlm.data.get_task("mosaic").calibration_split``;
-``qvlm.quant.calibration`` still draws easy-VQA pairs). Pass: interaction share >= 10% in at least a
-quarter of the adjacent pairs, joint != greedy in some block. Designs to try first, cheapest lever first:
-depth/width (``--text-layers 16 --text-hidden 256`` against 192, or 24 layers of 192), image tokens
-(``--patch-size 16``: 64 tokens, against 32: 16 tokens, ~2x cheaper but each 8 px shape then sits in
-one 32 px patch) and training length (interaction may need outlier channels that form late: probe at
-two lengths and keep a design only if the share grows between them).
+Pass: interaction share >= 10% in at least a quarter of the adjacent pairs, joint != greedy in some
+block. Every design tried so far, with its accuracy and gate numbers, is in
+``benchmarks/results/mosaic_designs.md`` (none passed; none reached 80%).
 """
 
 from __future__ import annotations
@@ -249,6 +245,8 @@ class _Captions:
     asks the language model for a periodic positional pattern through RoPE; with the place words
     in the caption it is the same content match as "is there a red shape?". The vision tower
     knows each patch's place (its position embeddings), so the projector can produce them.
+    Measured: not enough - with or without them, and with one image token per cell, the seeded
+    language model answered 41-53% of position questions (``benchmarks/results/mosaic_designs.md``).
     """
 
     def __init__(self, tokenizer, token_cell: torch.Tensor | None = None) -> None:
@@ -413,6 +411,7 @@ class _MosaicRun:
         self.token_cell = cell_of_token(cfg.spec)
         self.table = QuestionTable(self.processor, cfg.spec.image_tokens)
         self.captions = _Captions(self.tokenizer, self.token_cell if cfg.caption_places else None)
+        self.depth = cfg.spec.text_layers  # decoder layers the current step runs (fewer early in the caption stage)
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
         self.report: dict = {"task": TASK}
@@ -442,6 +441,8 @@ class _MosaicRun:
         path = self.out / "checkpoints" / f"step-{global_step}"
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
+        # names its task, so eval/diagnose/quantize on a checkpoint calibrate and score on mosaics
+        (path / "training_report.json").write_text(json.dumps(self.report, indent=2, default=str))
         torch.save({"stage": stage, "step": step, "global_step": global_step, "heads": self.heads.state_dict(),
                     "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": self.rng.getstate(),
                     "gen": self.gen.get_state(), "elapsed": self._elapsed(), "report": self.report},
