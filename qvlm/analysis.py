@@ -253,12 +253,13 @@ def dependency_verdict(pairs: list[dict]) -> str:
               f"(chance alone does that in about 1 pair in 20)")
     controllable = [p["controllable_share"] for p in interacting if p.get("controllable_share") is not None]
     small = bool(controllable) and max(controllable) < 0.05
-    if len(interacting) >= max(1, math.ceil(n / 4)) and differs and not small:
+    widespread = len(interacting) >= max(1, math.ceil(n / 4))  # at least a quarter of the pairs
+    if widespread and differs and not small:
         return (f"On this model the layers interact: {share_text} (at least {100 * INTERACTION_THRESHOLD:.0f}% in "
                 f"{len(interacting)} of {n} pairs), and the joint block search picks a different choice than "
                 f"layer-by-layer search in {len(differs)} of {n} pairs, so block search has something to find. "
                 f"{100 * zero:.0f}% of samples have DED = 0; {chance}.")
-    if len(interacting) >= max(1, math.ceil(n / 4)) and small:
+    if widespread and small:
         return (f"On this model the layers interact only where little can be gained: {share_text} (at least "
                 f"{100 * INTERACTION_THRESHOLD:.0f}% in {len(interacting)} of {n} pairs), but in those pairs the "
                 f"activation ranges control at most {100 * max(controllable):.1f}% of the block error (the rest "

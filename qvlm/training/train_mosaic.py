@@ -536,7 +536,7 @@ class _MosaicRun:
             tally, losses, t_window = Counter(), [], time.perf_counter()
             for step in range(done + 1, total + 1):
                 self.depth = cfg.caption_depth(step) if stage == "caption" else cfg.spec.text_layers
-                if stage == "caption" and self.depth > cfg.caption_depth(step - 1):
+                if stage == "caption" and cfg.caption_start_layers and step - 1 in cfg.caption_stack_at:
                     stack_decoder_layers(self.model, self.depth // 2)
                     self.log(f"caption: stacked the {self.depth // 2} trained decoder layers, now {self.depth}")
                 loss, qs, ok = self._step(stage, pixels)
