@@ -37,7 +37,8 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 def _cmd_train_mosaic(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, MosaicTrainConfig, train_mosaic_llava
+    from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, MosaicTrainConfig, parse_curriculum, \
+        train_mosaic_llava
 
     spec = SMOKE_SPEC if args.tiny else MOSAIC_SPEC
     sizes = {"text_layers": args.text_layers, "text_hidden": args.text_hidden,
@@ -55,8 +56,10 @@ def _cmd_train_mosaic(args: argparse.Namespace) -> int:
         given["caption_start_layers"] = args.caption_start_layers or None
     if args.caption_stack_at is not None:
         given["caption_stack_at"] = tuple(int(s) for s in args.caption_stack_at.split(",") if s.strip())
+    if args.caption_curriculum is not None:
+        given["caption_curriculum"] = parse_curriculum(args.caption_curriculum)
     cfg = MosaicTrainConfig(spec=spec, seed=args.seed, max_steps=args.max_steps, max_minutes=args.max_minutes,
-                            eval_questions=args.eval_questions, threads=args.threads, **given)
+                            eval_questions=args.eval_questions, threads=args.threads, device=args.device, **given)
     report = train_mosaic_llava(args.out, cfg, resume=args.resume)
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -271,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated caption steps after which the depth doubles (default 1500)")
     p.add_argument("--language-init", default=None,
                    help="LLaVA folder whose language model seeds this one: 'bundled' (default) or 'none'")
+    p.add_argument("--caption-curriculum", default=None,
+                   help="caption stage's first steps ask only some question types, e.g. "
+                        "'600=position;1200=position,compare' (then every type); '' for none")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto: where the run trains")
     p.add_argument("--text-layers", type=int, default=None, help="decoder layers (default 16)")
     p.add_argument("--text-hidden", type=int, default=None,
                    help="decoder width (default 192; another width needs --language-init none)")

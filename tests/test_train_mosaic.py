@@ -1,6 +1,7 @@
 """The mosaic training entry point: a tiny smoke run checkpoints, stops on its time budget and resumes exactly."""
 
 import json
+import random
 
 import torch
 from safetensors.torch import load_file
@@ -10,7 +11,8 @@ from qvlm.cli import main
 import pytest
 
 from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, MosaicTrainConfig, build_mosaic_tokenizer, \
-    cell_of_token, decoder_depth, latest_checkpoint, stack_decoder_layers
+    cell_of_token, decoder_depth, latest_checkpoint, parse_curriculum, stack_decoder_layers
+from qvlm.data.mosaic import sample_training_mosaic
 
 _SMOKE = ["--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2", "--checkpoint-every", "3"]
 
@@ -162,3 +164,25 @@ def test_the_language_model_starts_from_the_bundled_models_words_and_layers():
     assert "triangles" not in source_vocab
     with pytest.raises(ValueError, match="does not fit"):
         init_language_model(build_model(SMOKE_SPEC, tokenizer, seed=0), tokenizer, "bundled")
+
+
+def test_the_caption_curriculum_asks_its_phases_types_then_every_type(tmp_path, capsys):
+    cfg = MosaicTrainConfig(caption_curriculum=parse_curriculum("2=position; 4=position,compare"))
+    assert [cfg.caption_question_types(s) for s in (1, 2, 3, 5)] == [
+        ("position",), ("position",), ("position", "compare"), None]
+    assert MosaicTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).caption_curriculum == \
+        cfg.caption_curriculum
+    rng = random.Random(0)
+    asked = {q.question_type for _ in range(20) for q in sample_training_mosaic(rng, 8, question_types=("count",))}
+    assert asked == {"count"}
+    with pytest.raises(ValueError, match="question types"):
+        MosaicTrainConfig(caption_curriculum=((10, ("colour",)),))
+    with pytest.raises(ValueError, match="LAST_STEP"):
+        parse_curriculum("position")
+    # the CLI takes it, and a bad phase is a one-line message, not a stack trace
+    assert main(["train-mosaic", "--out", str(tmp_path / "bad"), *_SMOKE, "--caption-curriculum", "5=where"]) == 2
+    assert "question types must be some of" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["train-mosaic", "--out", str(out), *_SMOKE, "--caption-curriculum", "1=position"]) == 0
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["caption_curriculum"] == [[1, ["position"]]] and saved["device"] == "cpu"

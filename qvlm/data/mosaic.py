@@ -169,6 +169,19 @@ TEMPLATES: tuple[Template, ...] = (
 )
 
 
+QUESTION_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t.question_type for t in TEMPLATES))
+
+
+def templates_of(question_types: tuple[str, ...] | None) -> tuple[Template, ...]:
+    """The templates of the given question types (all for None); unknown types are refused."""
+    if question_types is None:
+        return TEMPLATES
+    unknown = set(question_types) - set(QUESTION_TYPES)
+    if unknown or not question_types:
+        raise ValueError(f"question types must be some of {', '.join(QUESTION_TYPES)}; got {sorted(question_types)}")
+    return tuple(t for t in TEMPLATES if t.question_type in question_types)
+
+
 def mosaic_answers() -> list[str]:
     """Every answer a mosaic question can have, sorted (18 words)."""
     return sorted({a for t in TEMPLATES for a in t.answers})
@@ -273,7 +286,8 @@ ASK_ABOUT_DRAWS = 24
 """Parameter draws per question in :func:`ask_about`: enough to find both answers of a yes/no template."""
 
 
-def ask_about(pool: LabelledPool, cells: Cells, n: int, rng: random.Random) -> list[MosaicSample]:
+def ask_about(pool: LabelledPool, cells: Cells, n: int, rng: random.Random,
+              templates: tuple[Template, ...] = TEMPLATES) -> list[MosaicSample]:
     """``n`` questions about a given mosaic: templates uniform, and for each the answer drawn uniformly
     among those the mosaic allows, then a question with that answer.
 
@@ -285,7 +299,7 @@ def ask_about(pool: LabelledPool, cells: Cells, n: int, rng: random.Random) -> l
     labels = pool.cell_labels(cells)
     out = []
     for _ in range(n):
-        t = rng.choice(TEMPLATES)
+        t = rng.choice(templates)
         by_answer: dict[str, list[Params]] = {}
         for _ in range(ASK_ABOUT_DRAWS):
             params = t.draw_params(rng)
@@ -299,16 +313,20 @@ def ask_about(pool: LabelledPool, cells: Cells, n: int, rng: random.Random) -> l
     return out
 
 
-def sample_training_mosaic(rng: random.Random, n_questions: int, split: Split = "train") -> list[MosaicSample]:
+def sample_training_mosaic(rng: random.Random, n_questions: int, split: Split = "train",
+                           question_types: tuple[str, ...] | None = None) -> list[MosaicSample]:
     """A fresh mosaic with ``n_questions`` questions; the first has a balanced answer (template and
-    answer uniform, mosaic built for it), the rest are asked about the same mosaic (:func:`ask_about`)."""
+    answer uniform, mosaic built for it), the rest are asked about the same mosaic (:func:`ask_about`).
+
+    ``question_types`` limits the templates to those types (a training curriculum); None: all."""
     pool = labelled_pool(split)
-    t = rng.choice(TEMPLATES)
+    templates = templates_of(question_types)
+    t = rng.choice(templates)
     answer = rng.choice(t.answers)
     params = t.draw_params(rng)
     cells = build_cells(pool, t, params, answer, rng)
     first = MosaicSample(cells, t.question(params), answer, t.question_type, t.name, split)
-    return [first, *ask_about(pool, cells, n_questions - 1, rng)]
+    return [first, *ask_about(pool, cells, n_questions - 1, rng, templates)]
 
 
 def mosaic_calibration_split(n: int = 64, seed: int = 0) -> list[MosaicSample]:

@@ -122,7 +122,7 @@ def augment(pixels: torch.Tensor, generator: torch.Generator, max_shift: int = 8
     """
     out = torch.empty_like(pixels)
     n, _, h, w = pixels.shape
-    draws = torch.randint(0, 1 << 30, (n, 5), generator=generator).tolist()
+    draws = torch.randint(0, 1 << 30, (n, 5), generator=generator, device=generator.device).tolist()
     for i, (flip, turns, dy, dx, _) in enumerate(draws):
         img = pixels[i]
         if flip % 2:

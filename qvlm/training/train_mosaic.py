@@ -71,7 +71,7 @@ from transformers import LlavaForConditionalGeneration
 
 from qvlm.data import COLORS, SHAPES
 from qvlm.data.mosaic import CELL_SIZE, MOSAIC_SIZE, labelled_pool, mosaic_evaluation_subset, mosaic_words, \
-    sample_training_mosaic
+    sample_training_mosaic, templates_of
 from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer, vocabulary_words
 # The bundled recipe's step helpers, shared: one encoding of questions and one answer-token loss for both models.
 from qvlm.training.train import (
@@ -129,6 +129,8 @@ class MosaicTrainConfig:
     caption_stack_at: tuple[int, ...] = (1500,)  # caption steps after which the depth doubles
     caption_places: bool = True  # captions name each cell's place (top/bottom + left/right), see _Captions
     language_init: str | None = "bundled"  # a LLaVA folder whose language model seeds this one; None: random
+    # ((last step, question types), ...): the caption stage's first steps ask only these types; later steps all
+    caption_curriculum: tuple[tuple[int, tuple[str, ...]], ...] = ()
     align_steps: int = 200
     align_lr: float = 2e-3
     align_weight: float = 1.0
@@ -148,11 +150,17 @@ class MosaicTrainConfig:
     log_every: int = 25
     max_minutes: float | None = None  # stop with a checkpoint after this long (a design probe)
     threads: int | None = None
+    device: str = "cpu"  # "cuda" trains on a GPU: same recipe and initial weights, not the same bits
 
-    RUN_CONTROL = ("max_minutes", "threads", "eval_questions", "checkpoint_every", "log_every")
+    RUN_CONTROL = ("max_minutes", "threads", "eval_questions", "checkpoint_every", "log_every", "device")
 
     def __post_init__(self) -> None:
         self.caption_stack_at = tuple(self.caption_stack_at)
+        self.caption_curriculum = tuple((int(last), tuple(types)) for last, types in self.caption_curriculum)
+        for _, types in self.caption_curriculum:
+            templates_of(types)  # refuses unknown question types now, not mid-run
+        if [last for last, _ in self.caption_curriculum] != sorted({last for last, _ in self.caption_curriculum}):
+            raise ValueError("caption_curriculum's last steps must increase")
         if self.caption_start_layers is not None:
             final = self.caption_start_layers * 2 ** len(self.caption_stack_at)
             if final != self.spec.text_layers:
@@ -164,6 +172,10 @@ class MosaicTrainConfig:
         if self.caption_start_layers is None:
             return self.spec.text_layers
         return self.caption_start_layers * 2 ** sum(step > s for s in self.caption_stack_at)
+
+    def caption_question_types(self, step: int) -> tuple[str, ...] | None:
+        """Question types the caption stage asks at its ``step`` (1-based); None: every type."""
+        return next((types for last, types in self.caption_curriculum if step <= last), None)
 
     def stage_steps(self, stage: str) -> int:
         steps = getattr(self, f"{stage}_steps")
@@ -177,6 +189,17 @@ class MosaicTrainConfig:
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names and k != "spec"}
         return cls(spec=TinyLlavaSpec(**data["spec"]), **kwargs)
+
+
+def parse_curriculum(text: str) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """``'600=position;1200=position,compare'`` -> ((600, ("position",)), (1200, ("position", "compare")))."""
+    phases = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        last, sep, types = part.partition("=")
+        if not sep or not last.strip().isdigit():
+            raise ValueError(f"curriculum phase {part!r} is not LAST_STEP=type,type (e.g. 600=position)")
+        phases.append((int(last), tuple(t.strip() for t in types.split(",") if t.strip())))
+    return tuple(phases)
 
 
 def cell_of_token(spec: TinyLlavaSpec) -> torch.Tensor:
@@ -209,7 +232,9 @@ class CellPixels:
     """Normalised pixels of every labelled train image, composed into mosaics per step."""
 
     def __init__(self) -> None:
-        self.ids, self.pixels, self.labels = _cell_pixel_table()
+        self.ids, pixels, labels = _cell_pixel_table()
+        device = torch.get_default_device()  # the run's device (see _MosaicRun.run)
+        self.pixels, self.labels = pixels.to(device), labels.to(device)
         self.row = {image_id: k for k, image_id in enumerate(self.ids)}
 
     def mosaics(self, cells: list[tuple[int, ...]], gen: torch.Generator | None) -> torch.Tensor:
@@ -257,6 +282,11 @@ class _Captions:
             row = torch.tensor(tokenizer.convert_tokens_to_ids(["top", "bottom"]))[token_cell // 2]
             column = torch.tensor(tokenizer.convert_tokens_to_ids(["left", "right"]))[token_cell % 2]
             self.place_ids = torch.stack([row, column])  # [2, T]
+
+    def to(self, device: torch.device) -> None:
+        self.color_ids, self.shape_ids = self.color_ids.to(device), self.shape_ids.to(device)
+        if self.place_ids is not None:
+            self.place_ids = self.place_ids.to(device)
 
     def __call__(self, model, shape_y: torch.Tensor, color_y: torch.Tensor) -> torch.Tensor:
         emb = model.get_input_embeddings()
@@ -345,8 +375,9 @@ def init_language_model(model, tokenizer, source: str | Path) -> str:
     shared = [(i, src_vocab[w]) for w, i in tokenizer.get_vocab().items() if w in src_vocab]
     rows, src_rows = torch.tensor([i for i, _ in shared]), torch.tensor([j for _, j in shared])
     with torch.no_grad():
-        model.get_input_embeddings().weight[rows] = src.get_input_embeddings().weight[src_rows]
-        model.lm_head.weight[rows] = src.lm_head.weight[src_rows]
+        for ours, theirs in ((model.get_input_embeddings().weight, src.get_input_embeddings().weight),
+                             (model.lm_head.weight, src.lm_head.weight)):
+            ours[rows.to(ours.device)] = theirs[src_rows.to(theirs.device)].to(ours.device)
     return (f"language model initialised from {folder.name}: {len(src_lm.layers)} decoder layers, "
             f"{len(shared)} of {len(tokenizer.get_vocab())} word rows")
 
@@ -391,7 +422,13 @@ def train_mosaic_llava(out_dir: str | Path, config: MosaicTrainConfig | None = N
     (out / "checkpoints").mkdir(exist_ok=True)
     (out / "checkpoints" / ".gitignore").write_text("*\n")  # checkpoints never go into git
     (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    return _MosaicRun(out, cfg, _Log(out / "train.log", echo)).run(checkpoint)
+    from qvlm.models.device import resolve_device
+
+    device = resolve_device(cfg.device)
+    with torch.device("cpu"):  # initial weights drawn on the CPU: the same on every device
+        run = _MosaicRun(out, cfg, _Log(out / "train.log", echo))
+    with torch.device(device):  # every tensor the steps create lands beside the model
+        return run.run(checkpoint, device)
 
 
 class _MosaicRun:
@@ -412,6 +449,7 @@ class _MosaicRun:
         self.table = QuestionTable(self.processor, cfg.spec.image_tokens)
         self.captions = _Captions(self.tokenizer, self.token_cell if cfg.caption_places else None)
         self.depth = cfg.spec.text_layers  # decoder layers the current step runs (fewer early in the caption stage)
+        self.question_types: tuple[str, ...] | None = None  # the caption curriculum's types at this step
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
         self.report: dict = {"task": TASK}
@@ -455,7 +493,7 @@ class _MosaicRun:
 
     def _restore(self, checkpoint: Path) -> dict:
         self.model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location="cpu")
         self.heads.load_state_dict(state["heads"])
         self.rng.setstate(state["rng"])
         self.gen.set_state(state["gen"])
@@ -469,7 +507,8 @@ class _MosaicRun:
 
     # ---- steps ---------------------------------------------------------------------------------
     def _mosaics(self, n: int) -> list[list]:
-        return [sample_training_mosaic(self.rng, self.cfg.questions_per_mosaic) for _ in range(n)]
+        return [sample_training_mosaic(self.rng, self.cfg.questions_per_mosaic, question_types=self.question_types)
+                for _ in range(n)]
 
     def _step(self, stage: str, pixels: CellPixels):
         """(loss, questions, per-question correctness or None) of one step of ``stage``."""
@@ -505,9 +544,13 @@ class _MosaicRun:
         return loss, qs, ok
 
     # ---- the run -------------------------------------------------------------------------------
-    def run(self, checkpoint: Path | None) -> dict:
+    def run(self, checkpoint: Path | None, device: torch.device = torch.device("cpu")) -> dict:
         cfg = self.cfg
         state = self._restore(checkpoint) if checkpoint is not None else None
+        self.model.to(device)
+        self.heads.to(device)
+        self.token_cell = self.token_cell.to(device)
+        self.captions.to(device)
         if state is None:
             n_params = sum(p.numel() for p in self.model.parameters())
             self.report.update(parameters=n_params, fp16_mb=round(fp16_megabytes(self.model), 2),
@@ -536,6 +579,7 @@ class _MosaicRun:
             tally, losses, t_window = Counter(), [], time.perf_counter()
             for step in range(done + 1, total + 1):
                 self.depth = cfg.caption_depth(step) if stage == "caption" else cfg.spec.text_layers
+                self.question_types = cfg.caption_question_types(step) if stage == "caption" else None
                 if stage == "caption" and cfg.caption_start_layers and step - 1 in cfg.caption_stack_at:
                     stack_decoder_layers(self.model, self.depth // 2)
                     self.log(f"caption: stacked the {self.depth // 2} trained decoder layers, now {self.depth}")
@@ -589,7 +633,7 @@ class _MosaicRun:
     @torch.no_grad()
     def _test_pixels(self, samples) -> torch.Tensor:
         images = [s.load_image() for s in samples]
-        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.token_cell.device)
 
     @torch.no_grad()
     def _cell_accuracy(self) -> dict[str, float]:
