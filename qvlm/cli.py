@@ -269,18 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{stage}-steps", type=int, default=None, help=f"{stage} stage steps (default: config's)")
     p.add_argument("--caption-start-layers", type=int, default=None,
                    help="caption stage: train this many decoder layers first, then double them by stacking "
-                        "(default 8; 0 trains every layer from the start)")
+                        "(default 2; 0 trains every layer from the start)")
     p.add_argument("--caption-stack-at", default=None,
-                   help="comma-separated caption steps after which the depth doubles (default 1500)")
+                   help="comma-separated caption steps after which the depth doubles (default 3000,5000,7000)")
     p.add_argument("--language-init", default=None,
-                   help="LLaVA folder whose language model seeds this one: 'bundled' (default) or 'none'")
+                   help="LLaVA folder whose language model seeds this one, 'bundled' (the first model), or 'none' (default)")
     p.add_argument("--caption-curriculum", default=None,
                    help="caption stage's first steps ask only some question types, e.g. "
-                        "'600=position;1200=position,compare' (then every type); '' for none")
+                        "'600=position;1200=position,compare' (then every type; default "
+                        "'600=position;1200=position,compare;1800=position,compare,count'); '' for none")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto: where the run trains")
     p.add_argument("--text-layers", type=int, default=None, help="decoder layers (default 16)")
     p.add_argument("--text-hidden", type=int, default=None,
-                   help="decoder width (default 192; another width needs --language-init none)")
+                   help="decoder width (default 192; --language-init needs the same width)")
     p.add_argument("--text-intermediate", type=int, default=None, help="decoder MLP width (default 512)")
     p.add_argument("--patch-size", type=int, default=None, help="16: 64 image tokens (default); 32: 16 tokens")
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke tests)")

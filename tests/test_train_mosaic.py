@@ -117,12 +117,12 @@ def test_the_shared_prefix_loss_equals_the_plain_answer_loss_and_its_gradients()
 
 def test_the_caption_stage_doubles_its_depth_at_the_configured_steps():
     cfg = MosaicTrainConfig()
-    assert [cfg.caption_depth(s) for s in (1, 1500, 1501, cfg.caption_steps)] == [8, 8, 16, 16]
+    assert [cfg.caption_depth(s) for s in (1, 3000, 3001, 5001, 7000, 7001, cfg.caption_steps)] == [2, 2, 4, 8, 8, 16, 16]
     assert MosaicTrainConfig(caption_start_layers=None).caption_depth(1) == 16
     with pytest.raises(ValueError, match="gives 32, not 16"):
-        MosaicTrainConfig(caption_stack_at=(1000, 2000))
+        MosaicTrainConfig(caption_stack_at=(1000, 2000, 3000, 4000))
     # a saved config (JSON lists) reads back to the same schedule
-    assert MosaicTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).caption_stack_at == (1500,)
+    assert MosaicTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).caption_stack_at == (3000, 5000, 7000)
 
 
 def test_stacking_copies_the_trained_layers_on_top_and_a_shallow_pass_skips_the_rest():

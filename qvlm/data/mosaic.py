@@ -169,16 +169,14 @@ TEMPLATES: tuple[Template, ...] = (
 )
 
 
-QUESTION_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t.question_type for t in TEMPLATES))
-
-
 def templates_of(question_types: tuple[str, ...] | None) -> tuple[Template, ...]:
     """The templates of the given question types (all for None); unknown types are refused."""
     if question_types is None:
         return TEMPLATES
-    unknown = set(question_types) - set(QUESTION_TYPES)
+    unknown = set(question_types) - set(MOSAIC_QUESTION_TYPES)
     if unknown or not question_types:
-        raise ValueError(f"question types must be some of {', '.join(QUESTION_TYPES)}; got {sorted(question_types)}")
+        raise ValueError(f"question types must be some of {', '.join(MOSAIC_QUESTION_TYPES)}; "
+                         f"got {sorted(question_types)}")
     return tuple(t for t in TEMPLATES if t.question_type in question_types)
 
 
