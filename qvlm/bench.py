@@ -345,10 +345,11 @@ def render_markdown(out: dict) -> str:
     fp = _find(rows, "FP", "fp")
     limit = out.get("limit")
     types_present = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in rows)]  # the model's task only
+    task = out.get("task", "easy-vqa")  # runs stored before the task was recorded were all easy-VQA
     lines = [
         f"# Q-VLM bench: {out['model']}",
         "",
-        f"- Evaluation: {out['eval_questions']} easy-VQA test questions "
+        f"- Evaluation: {out['eval_questions']} {get_task(task).title or task} test questions "
         f"({'full test split' if limit is None else f'fixed random subset, --limit {limit}'}), greedy decoding.",
         f"- Calibration: {out['calib_size']} train-split pairs (batch 8). Machine: {out['machine']['cpus']} CPUs, "
         f"torch {out['machine']['torch']}, {out['machine']['torch_threads']} threads, device {out['machine']['device']}.",

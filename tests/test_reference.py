@@ -34,3 +34,5 @@ def test_reference_row_enters_the_table_and_the_paired_verdicts():
            "machine": {"cpus": 2, "torch": "x", "torch_threads": 2, "device": "cpu"}}
     md = render_markdown(out)
     assert BNB_NF4_LABEL in md and "Answers/s" in md and "| 60.0 |" in md
+    assert "10 easy-VQA test questions" in md
+    assert "10 easy-VQA mosaic test questions" in render_markdown({**out, "task": "mosaic"})

@@ -24,6 +24,7 @@ class Task:
     calibration_split: Callable[..., list]  # (n=64, seed=0) -> train samples
     holdout_split: Callable[..., list]  # (n, exclude_image_ids, seed=0) -> train samples on unseen images
     answers: Callable[[], list[str]]  # () -> every answer a question can have, sorted
+    title: str = ""  # how reports name it in prose ("easy-VQA"); the name where empty
 
     def test_size(self) -> int:
         """How many questions the fixed test split holds: the most a subset of it can draw."""
@@ -32,9 +33,10 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "easy-vqa": Task("easy-vqa", easy_vqa.QUESTION_TYPES, easy_vqa.evaluation_subset, easy_vqa.calibration_split,
-                     easy_vqa.holdout_split, easy_vqa.answer_vocabulary),
+                     easy_vqa.holdout_split, easy_vqa.answer_vocabulary, title="easy-VQA"),
     "mosaic": Task("mosaic", mosaic.MOSAIC_QUESTION_TYPES, mosaic.mosaic_evaluation_subset,
-                   mosaic.mosaic_calibration_split, mosaic.mosaic_holdout_split, mosaic.mosaic_answers),
+                   mosaic.mosaic_calibration_split, mosaic.mosaic_holdout_split, mosaic.mosaic_answers,
+                   title="easy-VQA mosaic"),
 }
 DEFAULT_TASK = "easy-vqa"
 
