@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-stack-at", default=None,
                    help="comma-separated caption steps after which the depth doubles (default 3000,5000,7000)")
     p.add_argument("--language-init", default=None,
-                   help="LLaVA folder whose language model seeds this one, 'bundled' (the first model), or 'none' (default)")
+                   help="LLaVA folder whose language model seeds this one, 'bundled' (the first model), "
+                        "or 'none' (default)")
     p.add_argument("--caption-curriculum", default=None,
                    help="caption stage's first steps ask only some question types, e.g. "
                         "'600=position;1200=position,compare' (then every type; default "

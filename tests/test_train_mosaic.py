@@ -117,7 +117,8 @@ def test_the_shared_prefix_loss_equals_the_plain_answer_loss_and_its_gradients()
 
 def test_the_caption_stage_doubles_its_depth_at_the_configured_steps():
     cfg = MosaicTrainConfig()
-    assert [cfg.caption_depth(s) for s in (1, 3000, 3001, 5001, 7000, 7001, cfg.caption_steps)] == [2, 2, 4, 8, 8, 16, 16]
+    steps = (1, 3000, 3001, 5001, 7000, 7001, cfg.caption_steps)
+    assert [cfg.caption_depth(s) for s in steps] == [2, 2, 4, 8, 8, 16, 16]
     assert MosaicTrainConfig(caption_start_layers=None).caption_depth(1) == 16
     with pytest.raises(ValueError, match="gives 32, not 16"):
         MosaicTrainConfig(caption_stack_at=(1000, 2000, 3000, 4000))

@@ -169,6 +169,7 @@ TEMPLATES: tuple[Template, ...] = (
 )
 
 
+@lru_cache(maxsize=None)
 def templates_of(question_types: tuple[str, ...] | None) -> tuple[Template, ...]:
     """The templates of the given question types (all for None); unknown types are refused."""
     if question_types is None:

@@ -65,8 +65,8 @@ ASK_HELP = """
 quantized variant you hold; the answers appear side by side with their latency. A good quantization gives the
 same answers. The bundled model is a tiny LLaVA trained on **easy-VQA** (one coloured shape per 64x64 image), so ask
 about shape and colour: *what shape is in the image?*, *is there a red shape?*. The bundled **mosaic** model
-(16 decoder layers, 84% on its test split) was trained on 2x2 grids of easy-VQA images: ask it how many shapes of a kind there are, what is in
-a corner, whether two shapes match; the example images and questions follow the model you pick. Quantized weights
+(16 decoder layers, 84% on its test split) was trained on 2x2 grids of easy-VQA images: ask it how many
+shapes of a kind there are, what is in a corner, whether two shapes match; the example images and questions follow the model you pick. Quantized weights
 are held packed (4 bits really take half a byte) and unpacked in every forward pass, while activations are
 fake-quantized in float arithmetic as in the paper's own code, so latency shows the cost of that simulation, not
 the speed-up of real 4-bit kernels.
