@@ -238,9 +238,8 @@ def _cell_pixel_table() -> tuple[list[int], torch.Tensor, torch.Tensor]:
 class CellPixels:
     """Normalised pixels of every labelled train image, composed into mosaics per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self.ids, pixels, labels = _cell_pixel_table()
-        device = torch.get_default_device()  # the run's device (see _MosaicRun.run)
         self.pixels, self.labels = pixels.to(device), labels.to(device)
         self.row = {image_id: k for k, image_id in enumerate(self.ids)}
 
@@ -290,10 +289,11 @@ class _Captions:
             column = torch.tensor(tokenizer.convert_tokens_to_ids(["left", "right"]))[token_cell % 2]
             self.place_ids = torch.stack([row, column])  # [2, T]
 
-    def to(self, device: torch.device) -> None:
+    def to(self, device: torch.device) -> "_Captions":
         self.color_ids, self.shape_ids = self.color_ids.to(device), self.shape_ids.to(device)
         if self.place_ids is not None:
             self.place_ids = self.place_ids.to(device)
+        return self
 
     def __call__(self, model, shape_y: torch.Tensor, color_y: torch.Tensor) -> torch.Tensor:
         emb = model.get_input_embeddings()
@@ -433,16 +433,17 @@ def train_mosaic_llava(out_dir: str | Path, config: MosaicTrainConfig | None = N
 
     device = resolve_device(cfg.device)
     with torch.device("cpu"):  # initial weights drawn on the CPU: the same on every device
-        run = _MosaicRun(out, cfg, _Log(out / "train.log", echo))
+        run = _MosaicRun(out, cfg, _Log(out / "train.log", echo), device)
     with torch.device(device):  # every tensor the steps create lands beside the model
-        return run.run(checkpoint, device)
+        return run.run(checkpoint)
 
 
 class _MosaicRun:
     """One training process: builds or restores the state, runs the remaining stages, checkpoints."""
 
-    def __init__(self, out: Path, cfg: MosaicTrainConfig, log: _Log) -> None:
-        self.out, self.cfg, self.log = out, cfg, log
+    def __init__(self, out: Path, cfg: MosaicTrainConfig, log: _Log,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.out, self.cfg, self.log, self.device = out, cfg, log, device
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.tokenizer = build_mosaic_tokenizer()
@@ -551,13 +552,13 @@ class _MosaicRun:
         return loss, qs, ok
 
     # ---- the run -------------------------------------------------------------------------------
-    def run(self, checkpoint: Path | None, device: torch.device = torch.device("cpu")) -> dict:
+    def run(self, checkpoint: Path | None) -> dict:
         cfg = self.cfg
         state = self._restore(checkpoint) if checkpoint is not None else None
-        self.model.to(device)
-        self.heads.to(device)
-        self.token_cell = self.token_cell.to(device)
-        self.captions.to(device)
+        self.model.to(self.device)
+        self.heads.to(self.device)
+        self.token_cell = self.token_cell.to(self.device)
+        self.captions.to(self.device)
         if state is None:
             n_params = sum(p.numel() for p in self.model.parameters())
             self.report.update(parameters=n_params, fp16_mb=round(fp16_megabytes(self.model), 2),
@@ -565,7 +566,7 @@ class _MosaicRun:
             self.log(f"model: {n_params:,} parameters ({self.report['fp16_mb']} MB in FP16), "
                      f"{cfg.spec.text_layers} decoder layers of {cfg.spec.text_hidden}, "
                      f"{cfg.spec.image_tokens} image tokens; stages {[cfg.stage_steps(s) for s in STAGES]} steps")
-        pixels = CellPixels()
+        pixels = CellPixels(self.device)
         global_step = state["global_step"] if state else 0
         first = STAGES.index(state["stage"]) if state else 0
         self.model.train()
@@ -640,7 +641,7 @@ class _MosaicRun:
     @torch.no_grad()
     def _test_pixels(self, samples) -> torch.Tensor:
         images = [s.load_image() for s in samples]
-        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.token_cell.device)
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
 
     @torch.no_grad()
     def _cell_accuracy(self) -> dict[str, float]:
