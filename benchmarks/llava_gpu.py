@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qvlm.inference import generate_answers  # noqa: E402
+from qvlm.models.inference import generate_answers  # noqa: E402
 from qvlm.models import default_dtype, load_vlm, resolve_device  # noqa: E402
 from qvlm.quant import QuantConfig, quantize  # noqa: E402
 

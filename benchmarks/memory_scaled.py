@@ -45,7 +45,7 @@ def _build(layers: int, vision_layers: int):
 
     from qvlm.models import build_layer_map
     from qvlm.models.loader import VLMHandle
-    from qvlm.training.tiny_llava import CHAT_TEMPLATE, IMAGE, build_tokenizer
+    from training.tiny_llava import CHAT_TEMPLATE, IMAGE, build_tokenizer
 
     tok = build_tokenizer()
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,

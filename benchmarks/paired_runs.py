@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qvlm.bench import measure_row
+from qvlm.evaluation.bench import measure_row
 from qvlm.data import get_task
 from qvlm.models import load_vlm
-from qvlm.stats import mcnemar, paired_verdict
+from qvlm.utils.stats import mcnemar, paired_verdict
 
 
 def run_key(bits: str, recipe: str, overrides: dict) -> str:

@@ -27,7 +27,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from qvlm.training.tiny_llava import CHAT_TEMPLATE, IMAGE, build_tokenizer
+from training.tiny_llava import CHAT_TEMPLATE, IMAGE, build_tokenizer
 
 FAMILIES = ("llava-clip-llama", "llava-siglip-qwen2", "llava-siglip-mistral", "llava-next-clip-llama")
 IMAGE_SIZE, PATCH = 32, 8

@@ -6,8 +6,8 @@ import pytest
 
 import torch
 
-from qvlm.analysis import ded_analysis, ded_sweep, dependency_diagnostics, dependency_verdict, interaction_share
-from qvlm.stats import r2_chance_level
+from qvlm.evaluation.analysis import ded_analysis, ded_sweep, dependency_diagnostics, dependency_verdict, interaction_share
+from qvlm.utils.stats import r2_chance_level
 from qvlm.quant import QuantConfig
 
 
@@ -78,7 +78,7 @@ def _held_out_row(epoch, output, kl, agree=0.98, kept=False, ceiling_kl=None):
 
 
 def test_the_veo_verdict_says_when_the_vision_error_does_not_reach_the_answers():
-    from qvlm.analysis import veo_verdict
+    from qvlm.evaluation.analysis import veo_verdict
 
     log = [_held_out_row(0, 0.02, 0.100, ceiling_kl=0.095), _held_out_row(1, 0.01, 0.099, kept=True)]
     text = veo_verdict(log)
@@ -88,7 +88,7 @@ def test_the_veo_verdict_says_when_the_vision_error_does_not_reach_the_answers()
 
 
 def test_the_veo_verdict_measures_the_part_of_the_answer_divergence_veo_removes():
-    from qvlm.analysis import veo_verdict
+    from qvlm.evaluation.analysis import veo_verdict
 
     log = [_held_out_row(0, 0.02, 0.10, ceiling_kl=0.04), _held_out_row(1, 0.01, 0.07, kept=True),
            _held_out_row(2, 0.015, 0.08)]

@@ -41,13 +41,13 @@ def test_a_bundled_model_that_is_not_in_the_checkout_says_how_to_train_it(monkey
 
     monkeypatch.setitem(loader.BUNDLED_MODELS, loader.MOSAIC_MODEL_NAME, tmp_path / "absent")
     assert main(["eval", "--model", "mosaic"]) == 2
-    assert "train-mosaic" in capsys.readouterr().err
+    assert "python -m training mosaic" in capsys.readouterr().err
 
 
 def test_diagnose_stores_each_bit_setting_in_one_report(bundled_dir, tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
-    import qvlm.analysis as analysis
+    import qvlm.evaluation.analysis as analysis
 
     calls = []
 

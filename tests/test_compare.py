@@ -1,4 +1,4 @@
-"""qvlm.compare and qvlm.modality on the bundled model: teacher-forced steps line up, KL and flips are
+"""qvlm.evaluation.compare and qvlm.evaluation.modality on the bundled model: teacher-forced steps line up, KL and flips are
 found where a variant really differs, the scan counts and ranks them, the sweep walks its points.
 
 The "variant" is the FP model with its preferred first answer token pushed down in lm_head: a
@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qvlm import compare
+from qvlm.evaluation import compare
 from qvlm.data import evaluation_subset
-from qvlm.inference import answer_token_ids, continuation_probs, generate_token_ids
-from qvlm.modality import modality_activation_stats
-from qvlm.progress import Cancelled
+from qvlm.models.inference import answer_token_ids, continuation_probs, generate_token_ids
+from qvlm.evaluation.modality import modality_activation_stats
+from qvlm.utils.progress import Cancelled
 
 SAMPLES = evaluation_subset(8, seed=3)
 

@@ -13,10 +13,10 @@ from qvlm.export import (
     WEIGHTS,
     ExportError,
     load_quantized,
-    load_vlm_or_export,
+    load_model,
     save_quantized,
 )
-from qvlm.inference import generate_answers, prepare_inputs
+from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.memory import weight_memory
 from qvlm.quant.packing import PackedLinear
@@ -104,10 +104,10 @@ def test_cli_save_then_reload_through_the_model_loader(tmp_path, bundled_dir, ca
     assert main(["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "rtn",
                  "--calib-size", "8", "--out", str(tmp_path / "run"), "--save", str(save)]) == 0
     assert "saved the packed model" in capsys.readouterr().out
-    handle = load_vlm_or_export(save)  # what the app's model picker and the CLI call
+    handle = load_model(save)  # what the app's model picker and the CLI call
     assert any(isinstance(m, PackedLinear) for m in handle.model.modules())
     assert isinstance(qvlm.load_quantized(save).model, type(handle.model))
-    assert isinstance(load_vlm_or_export(bundled_dir).model, type(handle.model))  # checkpoints too
+    assert isinstance(load_model(bundled_dir).model, type(handle.model))  # checkpoints too
     # the checkpoint loader never reads packed codes as weights (they would load as random layers)
     with pytest.raises(ModelLoadError, match="packed export"):
         load_vlm(save)

@@ -7,7 +7,7 @@ import torch
 
 from qvlm.data import evaluation_subset
 from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, save_quantized
-from qvlm.inference import generate_answers, prepare_inputs
+from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
 
@@ -87,7 +87,7 @@ def test_cli_quantize_saves_compressed_tensors(tmp_path, bundled_dir, capsys):
 
 
 def test_the_app_loader_reads_a_compressed_tensors_export_and_evaluates_it_under_inference_mode(exported):
-    from qvlm.eval import evaluate
+    from qvlm.evaluation.accuracy import evaluate
     from qvlm.models import load_vlm
 
     result, folder = exported

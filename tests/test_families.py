@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from qvlm.data import load_split
-from qvlm.inference import generate_answers
+from qvlm.models.inference import generate_answers
 from qvlm.models import load_vlm
 
 from families import FAMILIES, build_family

@@ -20,7 +20,7 @@ import torch
 
 from qvlm.data import load_split
 from qvlm.export import load_quantized, save_quantized
-from qvlm.inference import generate_answers, prepare_inputs
+from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.models import load_vlm
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from qvlm.data import evaluation_subset, is_correct
-from qvlm.inference import generate_answers
+from qvlm.models.inference import generate_answers
 from qvlm.models import ModelLoadError, build_layer_map, load_vlm
 from qvlm.models.loader import check_fits
 

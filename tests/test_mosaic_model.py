@@ -8,7 +8,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from qvlm.models import MOSAIC_MODEL_DIR
-from qvlm.training.train_mosaic import MosaicTrainConfig
+from training.train_mosaic import MosaicTrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_the_mosaic_model_loads_offline_in_plain_transformers_within_the_issues_
 
 def test_the_mosaic_model_answers_its_own_test_split(shipped):
     from qvlm.data.mosaic import mosaic_evaluation_subset
-    from qvlm.eval import evaluate
+    from qvlm.evaluation.accuracy import evaluate
 
     model, processor = shipped
     result = evaluate(model, processor, mosaic_evaluation_subset(96, seed=0))

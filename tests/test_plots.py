@@ -1,4 +1,4 @@
-"""qvlm.plots: every figure builds from plain data, shows what the paper's figures show, and
+"""qvlm.ui.plots: every figure builds from plain data, shows what the paper's figures show, and
 degrades to a readable placeholder on empty input (the app draws them before any run)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 
-from qvlm import plots
+from qvlm.ui import plots
 
 
 def _texts(fig: go.Figure) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qvlm.data import evaluation_subset
-from qvlm.inference import generate_answers, prepare_inputs
+from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.quant import RECIPES, Cancelled, QuantConfig, QuantLinear, quantize
 from qvlm.quant.packing import PackedLinear
 from qvlm.quant.memory import weight_memory

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from qvlm.bench import render_markdown, reference_verdicts
+from qvlm.evaluation.bench import render_markdown, reference_verdicts
 from qvlm.data import evaluation_subset
-from qvlm.eval import evaluate
-from qvlm.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
+from qvlm.evaluation.accuracy import evaluate
+from qvlm.evaluation.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 

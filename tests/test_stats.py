@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from qvlm.stats import linear_fit, mcnemar, paired_verdict, r2_chance_level, regularized_beta
+from qvlm.utils.stats import linear_fit, mcnemar, paired_verdict, r2_chance_level, regularized_beta
 
 
 def test_linear_fit_exact_line_and_noise():

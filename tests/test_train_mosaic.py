@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from qvlm.cli import main
+from training.__main__ import main
 import pytest
 
-from qvlm.training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, MosaicTrainConfig, build_mosaic_tokenizer, \
+from training.train_mosaic import MOSAIC_SPEC, SMOKE_SPEC, MosaicTrainConfig, build_mosaic_tokenizer, \
     cell_of_token, decoder_depth, latest_checkpoint, parse_curriculum, stack_decoder_layers
 from qvlm.data.mosaic import sample_training_mosaic
 
@@ -19,8 +19,8 @@ _SMOKE = ["--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2
 
 def test_a_run_stopped_by_its_time_budget_resumes_to_the_same_weights(tmp_path, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert main(["train-mosaic", "--out", str(straight), *_SMOKE]) == 0
-    assert main(["train-mosaic", "--out", str(stopped), *_SMOKE, "--max-minutes", "0"]) == 0
+    assert main(["mosaic", "--out", str(straight), *_SMOKE]) == 0
+    assert main(["mosaic", "--out", str(stopped), *_SMOKE, "--max-minutes", "0"]) == 0
     report = json.loads((stopped / "training_report.json").read_text())
     assert "time budget" in report["stopped"]
     checkpoint = latest_checkpoint(stopped)
@@ -29,7 +29,7 @@ def test_a_run_stopped_by_its_time_budget_resumes_to_the_same_weights(tmp_path, 
     from qvlm.data import task_of_model_folder
 
     assert task_of_model_folder(checkpoint) == "mosaic"  # a probe's checkpoint is evaluated on its own task
-    assert main(["train-mosaic", "--out", str(stopped), *_SMOKE, "--resume"]) == 0
+    assert main(["mosaic", "--out", str(stopped), *_SMOKE, "--resume"]) == 0
     a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = (stopped / "train.log").read_text()
@@ -52,8 +52,8 @@ def test_a_run_stopped_by_its_time_budget_resumes_to_the_same_weights(tmp_path, 
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train-mosaic", "--out", str(out), *_SMOKE, "--max-minutes", "0"]) == 0
-    assert main(["train-mosaic", "--out", str(out), *_SMOKE]) == 2
+    assert main(["mosaic", "--out", str(out), *_SMOKE, "--max-minutes", "0"]) == 0
+    assert main(["mosaic", "--out", str(out), *_SMOKE]) == 2
     assert "--resume" in capsys.readouterr().err
 
 
@@ -65,7 +65,7 @@ def test_each_image_token_knows_its_cell():
 
 
 def test_the_mosaic_model_config_meets_the_issue():
-    from qvlm.training.tiny_llava import build_model
+    from training.tiny_llava import build_model
 
     tokenizer = build_mosaic_tokenizer()
     model = build_model(MOSAIC_SPEC, tokenizer)
@@ -78,8 +78,8 @@ def test_the_mosaic_model_config_meets_the_issue():
 
 def test_mosaics_composed_from_cell_pixels_equal_the_processed_mosaic_image():
     from qvlm.data.mosaic import mosaic_calibration_split
-    from qvlm.training.tiny_llava import build_processor
-    from qvlm.training.train_mosaic import CellPixels
+    from training.tiny_llava import build_processor
+    from training.train_mosaic import CellPixels
 
     sample = mosaic_calibration_split(1)[0]
     processor = build_processor(MOSAIC_SPEC, build_mosaic_tokenizer())
@@ -91,9 +91,9 @@ def test_the_shared_prefix_loss_equals_the_plain_answer_loss_and_its_gradients()
     import random
 
     from qvlm.data.mosaic import sample_training_mosaic
-    from qvlm.training.tiny_llava import build_model, build_processor
-    from qvlm.training.train import QuestionTable, answer_loss
-    from qvlm.training.train_mosaic import shared_prefix_answer_loss
+    from training.tiny_llava import build_model, build_processor
+    from training.train import QuestionTable, answer_loss
+    from training.train_mosaic import shared_prefix_answer_loss
 
     tokenizer = build_mosaic_tokenizer()
     model = build_model(SMOKE_SPEC, tokenizer, seed=0)
@@ -127,7 +127,7 @@ def test_the_caption_stage_doubles_its_depth_at_the_configured_steps():
 
 
 def test_stacking_copies_the_trained_layers_on_top_and_a_shallow_pass_skips_the_rest():
-    from qvlm.training.tiny_llava import build_model
+    from training.tiny_llava import build_model
 
     model = build_model(SMOKE_SPEC, build_mosaic_tokenizer(), seed=0)
     layers = model.model.language_model.layers
@@ -147,8 +147,8 @@ def test_stacking_copies_the_trained_layers_on_top_and_a_shallow_pass_skips_the_
 
 def test_the_language_model_starts_from_the_bundled_models_words_and_layers():
     from qvlm.models import BUNDLED_MODEL_DIR
-    from qvlm.training.tiny_llava import build_model
-    from qvlm.training.train_mosaic import init_language_model
+    from training.tiny_llava import build_model
+    from training.train_mosaic import init_language_model
 
     tokenizer = build_mosaic_tokenizer()
     model = build_model(MOSAIC_SPEC, tokenizer, seed=0)
@@ -181,9 +181,9 @@ def test_the_caption_curriculum_asks_its_phases_types_then_every_type(tmp_path, 
     with pytest.raises(ValueError, match="LAST_STEP"):
         parse_curriculum("position")
     # the CLI takes it, and a bad phase is a one-line message, not a stack trace
-    assert main(["train-mosaic", "--out", str(tmp_path / "bad"), *_SMOKE, "--caption-curriculum", "5=where"]) == 2
+    assert main(["mosaic", "--out", str(tmp_path / "bad"), *_SMOKE, "--caption-curriculum", "5=where"]) == 2
     assert "question types must be some of" in capsys.readouterr().err
     out = tmp_path / "run"
-    assert main(["train-mosaic", "--out", str(out), *_SMOKE, "--caption-curriculum", "1=position"]) == 0
+    assert main(["mosaic", "--out", str(out), *_SMOKE, "--caption-curriculum", "1=position"]) == 0
     saved = json.loads((out / "training_config.json").read_text())
     assert saved["caption_curriculum"] == [[1, ["position"]]] and saved["device"] == "cpu"

@@ -4,15 +4,15 @@ import json
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from qvlm.cli import main
+from training.__main__ import main
 from qvlm.data import load_split
-from qvlm.inference import generate_answers
+from qvlm.models.inference import generate_answers
 from qvlm.models import load_vlm
 
 
 def test_train_tiny_smoke_run_saves_a_reloadable_llava(tmp_path, capsys):
     out = tmp_path / "tiny"
-    code = main(["train-tiny", "--tiny", "--out", str(out), "--max-steps", "3", "--train-images", "24",
+    code = main(["tiny", "--tiny", "--out", str(out), "--max-steps", "3", "--train-images", "24",
                  "--eval-questions", "8", "--threads", "2"])
     assert code == 0
     report = json.loads((out / "training_report.json").read_text())
@@ -30,8 +30,8 @@ def test_caption_tokens_are_the_label_words_in_the_llms_own_embedding_space():
     import torch
 
     from qvlm.data import COLORS, SHAPES
-    from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_tokenizer
-    from qvlm.training.train import _CaptionTokens
+    from training.tiny_llava import TinyLlavaSpec, build_model, build_tokenizer
+    from training.train import _CaptionTokens
 
     tok = build_tokenizer()
     spec = TinyLlavaSpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,

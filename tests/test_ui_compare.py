@@ -15,7 +15,7 @@ import gradio as gr
 import pytest
 import torch
 
-from qvlm.progress import check_cancel
+from qvlm.utils.progress import check_cancel
 from qvlm.quant import QuantConfig
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel

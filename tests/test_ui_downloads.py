@@ -2,7 +2,7 @@
 
 The panel's ``download`` handler is called as the app calls it (one session per test scenario);
 each zip is unzipped and reloaded the way its format's users would: the packed one with
-``qvlm.export.load_vlm_or_export`` (it must answer exactly like the variant held in the app), the
+``qvlm.export.load_model`` (it must answer exactly like the variant held in the app), the
 compressed-tensors one with plain ``LlavaForConditionalGeneration.from_pretrained``. Then the run
 JSON, one file per format and session, the clear refusal of NF4 weights in compressed-tensors, the
 session's temporary folder disappearing with the session, and the ``/download`` HTTP endpoint.
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from qvlm.data import evaluation_subset
-from qvlm.export import COMPRESSED_TENSORS, FORMAT_NAME, load_vlm_or_export
-from qvlm.inference import generate_answers, prepare_inputs
+from qvlm.export import COMPRESSED_TENSORS, FORMAT_NAME, load_model
+from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.ui.panel_quantize import QuantizePanel
 from qvlm.ui.panel_results import ResultsPanel
 from qvlm.ui.settings import Settings
@@ -80,7 +80,7 @@ def test_packed_zip_reloads_and_answers_exactly_like_the_variant_in_the_app(ui, 
     assert zip_path.name == f"tiny-llava-easyvqa-w4a4-rtn-{FORMAT_NAME}.zip"
     note = out[ui.panel.download_note]
     assert re.search(rf"`{re.escape(zip_path.name)}`, \d+\.\d (KiB|MiB)", note), note
-    reloaded = load_vlm_or_export(_unzip(str(zip_path), tmp_path), device="cpu")
+    reloaded = load_model(_unzip(str(zip_path), tmp_path), device="cpu")
     held = ui.app.session(_req("rtn")).variants.find_label("W4A4 rtn").handle
     images, questions = _questions()
     ours = generate_answers(held.model, held.processor, images, questions)

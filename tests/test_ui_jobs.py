@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from qvlm.progress import Cancelled, check_cancel
+from qvlm.utils.progress import Cancelled, check_cancel
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel
 from qvlm.ui.panel_ask import AskPanel

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qvlm.compare import disagreement_scan
+from qvlm.evaluation.compare import disagreement_scan
 from qvlm.data import MosaicSample, get_task
 from qvlm.data.mosaic import mosaic_answers
 from qvlm.models import BUNDLED_MODEL_NAME, BUNDLED_MODELS, MOSAIC_MODEL_NAME, load_vlm
@@ -50,7 +50,7 @@ class ScanSpy:
 
 
 def fake_sweep(fp, recipes, bits, samples, calib_size=16, progress=None, cancel=None):
-    """Stands in for :func:`qvlm.compare.bit_sweep` (quantizing is not what is tested); FP's row says its task."""
+    """Stands in for :func:`qvlm.evaluation.compare.bit_sweep` (quantizing is not what is tested); FP's row says its task."""
     fake_sweep.samples = list(samples)
     progress("bit sweep", 1.0, "done")
     return [{"recipe": "fp", "bits": "FP", "accuracy": 0.5, "n": len(samples), "quant_bytes": 1000},

@@ -110,7 +110,7 @@ def resolve_source(name_or_path: str | os.PathLike, allowed_roots: list[Path] | 
         folder = BUNDLED_MODELS[text]
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{text} is not in this checkout ({folder} holds no model); "
-                                 "train it with `python -m qvlm train-mosaic --out assets/tiny-llava-mosaic`.")
+                                 "train it with `python -m training mosaic --out assets/tiny-llava-mosaic`.")
         return str(folder), "bundled"
     path = Path(text).expanduser()
     looks_local = path.is_absolute() or text.startswith((".", "~")) or path.exists() or not _HUB_ID.match(text)
@@ -253,13 +253,13 @@ def load_vlm(
 
     A Q-VLM packed export folder is refused with a message naming ``qvlm.load_vlm``: the packed
     format is read by :mod:`qvlm.export`, which sits above this module (``qvlm.load_vlm`` and
-    ``qvlm.export.load_vlm_or_export`` take both kinds of folder).
+    ``qvlm.export.load_model`` take both kinds of folder).
     """
     location, source = resolve_source(name_or_path, allowed_roots)
     if source != "hub" and is_packed_export(location):
         raise ModelLoadError(
             f"{name_or_path} is a Q-VLM packed export, not a checkpoint: open it with qvlm.load_vlm "
-            "or qvlm.export.load_vlm_or_export (or qvlm.load_quantized)."
+            "or qvlm.export.load_model (or qvlm.load_quantized)."
         )
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)

@@ -26,7 +26,7 @@ Eq.         what                                                          functi
                                                                           :func:`~qvlm.quant.entropy.conditional_entropy`
 5           soft assignment of activations to quantization levels         :func:`qvlm.quant.entropy.soft_assign`,
                                                                           :func:`~qvlm.quant.entropy.soft_assign_banded`
-6           entropy of a block = sum of its adjacent pairs                :func:`qvlm.analysis.ded_sweep`
+6           entropy of a block = sum of its adjacent pairs                :func:`qvlm.evaluation.analysis.ded_sweep`
 7           block partition by the threshold h0 and a maximum depth       :func:`qvlm.quant.partition.partition_layers`,
                                                                           :meth:`QuantConfig.h0_value`
 8           Jacobian-weighted entropy L_ent of the vision tower           :func:`qvlm.quant.veo.optimize_vision_bounds`
@@ -35,7 +35,7 @@ Eq.         what                                                          functi
 ==========  ============================================================  =============================================
 """
 
-from qvlm.progress import Cancelled
+from qvlm.utils.progress import Cancelled
 from qvlm.quant.cdm import CrossLayerSearch
 from qvlm.quant.config import BIT_SETTINGS, QuantConfig
 from qvlm.quant.layerwise import LayerwiseInit

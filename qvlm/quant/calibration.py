@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qvlm.data import VQASample, build_prompt, chat_messages, get_task
-from qvlm.progress import check_cancel
+from qvlm.utils.progress import check_cancel
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 from qvlm.models import core_model
 from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES
-from qvlm.progress import STAGE_ENTROPY, STAGE_SEARCH, check_cancel, report
+from qvlm.utils.progress import STAGE_ENTROPY, STAGE_SEARCH, check_cancel, report
 from qvlm.quant.calibration import LayerInputs, mse_over, observing, release_records, run_layer
 from qvlm.quant.entropy import pair_entropy, residual_grid
 from qvlm.quant.partition import partition_layers

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 
 from qvlm.models import core_model
-from qvlm.progress import STAGE_INIT, check_cancel
+from qvlm.utils.progress import STAGE_INIT, check_cancel
 from qvlm.quant.awq import awq_scale_search
 from qvlm.quant.entropy import residual_grid
 from qvlm.quant.calibration import LayerInputs, StopForward, call_layer, observing, release_records, run_layer

@@ -8,7 +8,7 @@
     pack_model(qrun.qmodel)                  real low-bit storage
 
 Progress arrives as ``progress(stage, fraction_within_stage, message)`` with the stage names of
-:mod:`qvlm.progress`; a set ``cancel`` event raises :class:`Cancelled` within a layer pass.
+:mod:`qvlm.utils.progress`; a set ``cancel`` event raises :class:`Cancelled` within a layer pass.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from qvlm.models import VLMHandle
-from qvlm.progress import STAGE_DONE, Cancelled, ProgressCallback, report
+from qvlm.utils.progress import STAGE_DONE, Cancelled, ProgressCallback, report
 from qvlm.quant.config import QuantConfig
 from qvlm.quant.packing import pack_model
 from qvlm.quant.partition import singleton_blocks

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from qvlm.models import VLMHandle, build_layer_map, core_model
-from qvlm.progress import STAGE_CALIBRATION, STAGE_DONE, ProgressCallback, check_cancel, report
+from qvlm.utils.progress import STAGE_CALIBRATION, STAGE_DONE, ProgressCallback, check_cancel, report
 from qvlm.quant.calibration import (
     CalibBatch,
     LayerInputs,

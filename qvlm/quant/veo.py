@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qvlm.models import core_model
-from qvlm.progress import STAGE_VEO, check_cancel, report
+from qvlm.utils.progress import STAGE_VEO, check_cancel, report
 from qvlm.data import get_task
 from qvlm.quant.calibration import CalibBatch, build_batches, calibration_batches, masked_mse
 from qvlm.quant.entropy import pair_entropy

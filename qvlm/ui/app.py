@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from qvlm.analysis import ded_sweep, dependency_diagnostics
-from qvlm.compare import bit_sweep, disagreement_scan, token_comparison
-from qvlm.modality import modality_activation_stats
+from qvlm.evaluation.analysis import ded_sweep, dependency_diagnostics
+from qvlm.evaluation.compare import bit_sweep, disagreement_scan, token_comparison
+from qvlm.evaluation.modality import modality_activation_stats
 from qvlm.models import gpu_task
 from qvlm.quant import quantize as quantize_model
 from qvlm.ui import texts

@@ -21,9 +21,9 @@ from typing import Generic, TypeVar
 
 from gradio.components import Component
 
-from qvlm.compare import STAGE_SCAN, STAGE_SWEEP
-from qvlm.modality import STAGE_MODALITY
-from qvlm.progress import (
+from qvlm.evaluation.compare import STAGE_SCAN, STAGE_SWEEP
+from qvlm.evaluation.modality import STAGE_MODALITY
+from qvlm.utils.progress import (
     STAGE_CALIBRATION,
     STAGE_DED,
     STAGE_DONE,
@@ -143,7 +143,7 @@ class BackgroundJob(Generic[T]):
 
 # ---------------------------------------------------------------------------- the stage-by-stage status
 STAGE_LOAD = "load"
-"""Loading the FP model, the first stage of a quantization job (the app's own; the core's are in qvlm.progress)."""
+"""Loading the FP model, the first stage of a quantization job (the app's own; the core's are in qvlm.utils.progress)."""
 
 STAGE_TITLES = {
     STAGE_LOAD: "load model",

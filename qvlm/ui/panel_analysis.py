@@ -18,12 +18,12 @@ from typing import Any
 
 import gradio as gr
 
-from qvlm import plots
-from qvlm.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, \
+from qvlm.ui import plots
+from qvlm.evaluation.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, \
     read_dependency_reports, veo_verdict
 from qvlm.models import BUNDLED_MODELS
-from qvlm.modality import modality_activation_stats
-from qvlm.progress import ProgressCallback
+from qvlm.evaluation.modality import modality_activation_stats
+from qvlm.utils.progress import ProgressCallback
 from qvlm.ui.feedback import Outputs, warn
 from qvlm.ui.jobs import LongJob, stream_job
 from qvlm.ui.render import human_bytes
@@ -88,9 +88,9 @@ def measured_interaction_markdown(models: dict[str, Any] | None = None) -> str:
 class AnalysisPanel:
     """The Analysis tab: its components (made by :meth:`layout`) and its handlers.
 
-    ``ded_sweep`` is :func:`qvlm.analysis.ded_sweep`, ``dependency_diagnostics`` is
-    :func:`qvlm.analysis.dependency_diagnostics` and ``modality_stats`` is
-    :func:`qvlm.modality.modality_activation_stats`; a test passes stand-ins with their signatures.
+    ``ded_sweep`` is :func:`qvlm.evaluation.analysis.ded_sweep`, ``dependency_diagnostics`` is
+    :func:`qvlm.evaluation.analysis.dependency_diagnostics` and ``modality_stats`` is
+    :func:`qvlm.evaluation.modality.modality_activation_stats`; a test passes stand-ins with their signatures.
     """
 
     def __init__(self, app: AppState, ded_sweep: DEDSweepFn = ded_sweep,

@@ -4,8 +4,8 @@ Inference is light (tens of ms on the bundled model) so answers are not serializ
 long jobs; an example image also shows its task's own answer when the question is one of the
 test set's. The example images and questions follow the picked model's task (easy-VQA or mosaic).
 Below the answers, the models are compared token by token
-(:func:`qvlm.compare.token_comparison`), and the disagreement finder scans test questions for
-answers that differ (:func:`qvlm.compare.disagreement_scan`, a long job); clicking a found
+(:func:`qvlm.evaluation.compare.token_comparison`), and the disagreement finder scans test questions for
+answers that differ (:func:`qvlm.evaluation.compare.disagreement_scan`, a long job); clicking a found
 question loads it here.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from qvlm import plots
-from qvlm.compare import disagreement_scan, rank_disagreements, token_comparison, vocabulary_hint
+from qvlm.ui import plots
+from qvlm.evaluation.compare import disagreement_scan, rank_disagreements, token_comparison, vocabulary_hint
 from qvlm.data import DEFAULT_TASK, get_task, normalize_answer, validate_question
-from qvlm.inference import answer
+from qvlm.models.inference import answer
 from qvlm.models import ModelLoadError, VLMHandle
-from qvlm.progress import ProgressCallback
+from qvlm.utils.progress import ProgressCallback
 from qvlm.ui.examples import TaskExamples, examples_by_task, reference_answer, served_image_path
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.images import load_user_image
@@ -70,8 +70,8 @@ def flag_flips(cards: list[AnswerCard]) -> list[AnswerCard]:
 class AskPanel:
     """The Ask tab: its components (made by :meth:`layout`) and its handlers.
 
-    ``token_comparison`` is :func:`qvlm.compare.token_comparison` and ``disagreement_scan`` is
-    :func:`qvlm.compare.disagreement_scan`; a test passes stand-ins with their signatures.
+    ``token_comparison`` is :func:`qvlm.evaluation.compare.token_comparison` and ``disagreement_scan`` is
+    :func:`qvlm.evaluation.compare.disagreement_scan`; a test passes stand-ins with their signatures.
     """
 
     def __init__(self, app: AppState, token_comparison: TokenComparisonFn = token_comparison,

@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from qvlm.export import FORMAT_NAME, SAVE_FORMATS
-from qvlm.progress import ProgressCallback
+from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, QuantConfig, QuantResult, get_recipe, quantize
 from qvlm.ui import texts
 from qvlm.ui.downloads import download_summary, run_record, write_model_zip, write_run_json

@@ -5,7 +5,7 @@ Every model is scored on the same fixed random subset of its task's test split (
 for the mosaic model: :func:`qvlm.data.get_task` of the FP model's task), and results are stored per
 model and subset size, so asking again after adding a variant evaluates only the new one. Each row says
 which towers the variant quantized (vision tower and projector switches of the Quantize tab).
-The bit-width sweep (:func:`qvlm.compare.bit_sweep`) quantizes and evaluates one point after
+The bit-width sweep (:func:`qvlm.evaluation.compare.bit_sweep`) quantizes and evaluates one point after
 another as a long job; the paper's Table 3 sits in its own, labelled panel: other models, other
 datasets.
 """
@@ -21,12 +21,12 @@ import gradio as gr
 
 from collections.abc import Callable
 
-from qvlm import plots
-from qvlm.compare import PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE, bit_sweep
+from qvlm.ui import plots
+from qvlm.evaluation.compare import PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE, bit_sweep
 from qvlm.data import TASKS, get_task
-from qvlm.eval import evaluate
+from qvlm.evaluation.accuracy import evaluate
 from qvlm.models import VLMHandle
-from qvlm.progress import ProgressCallback
+from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
@@ -80,7 +80,7 @@ def paper_table_headers(table: dict) -> list[str]:
 class ResultsPanel:
     """The Results tab: its components (made by :meth:`layout`) and its handlers.
 
-    ``bit_sweep`` is :func:`qvlm.compare.bit_sweep`; a test passes a stand-in with its signature.
+    ``bit_sweep`` is :func:`qvlm.evaluation.compare.bit_sweep`; a test passes a stand-in with its signature.
     """
 
     def __init__(self, app: AppState, bit_sweep: BitSweepFn = bit_sweep) -> None:

@@ -95,7 +95,7 @@ def token_table_html(comparison: dict) -> str:
     """One row per step of FP's answer: FP's token and top-k, then each variant's top-k and KL(FP‖variant).
 
     A variant's first step whose top token is not FP's is shaded red; its header says where that is and
-    whether its own answer flipped. ``comparison`` is :func:`qvlm.compare.token_comparison`'s result.
+    whether its own answer flipped. ``comparison`` is :func:`qvlm.evaluation.compare.token_comparison`'s result.
     """
     variants = comparison.get("variants") or {}
     tokens = comparison.get("tokens") or []
@@ -123,7 +123,7 @@ def token_table_html(comparison: dict) -> str:
 
 
 def vocabulary_hint_markdown(hint: dict | None, task_note: str) -> str:
-    """What the model knows, for a question outside its task (:func:`qvlm.compare.vocabulary_hint`); "" when inside.
+    """What the model knows, for a question outside its task (:func:`qvlm.evaluation.compare.vocabulary_hint`); "" when inside.
 
     ``task_note``: the task's sentence, with ``{n}`` and ``{answers}`` for its answer set (``texts.TASK_HINTS``).
     """

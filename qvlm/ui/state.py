@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from qvlm.export import load_vlm_or_export
+from qvlm.export import load_model
 from qvlm.models import VLMHandle
 from qvlm.ui.feedback import log
 from qvlm.ui.settings import EXAMPLES_DIR, Settings, bundled_display_name
@@ -222,7 +222,7 @@ class ModelCache:
 
     Every session asks the same FP model (quantization makes copies and never modifies it), so
     one read-only copy per model name serves everybody. Loading goes through
-    :func:`qvlm.export.load_vlm_or_export` (a checkpoint or a packed export) with the app's allow-list and memory budget, so every refusal
+    :func:`qvlm.export.load_model` (a checkpoint or a packed export) with the app's allow-list and memory budget, so every refusal
     arrives as a :class:`~qvlm.models.ModelLoadError` carrying a message for the user. Loads are
     serialized: two sessions asking for the same new model load it once.
     """
@@ -240,7 +240,7 @@ class ModelCache:
         with self._lock:
             handle = self._models.get(key)
             if handle is None:
-                handle = load_vlm_or_export(key, allowed_roots=self.allowed_roots,
+                handle = load_model(key, allowed_roots=self.allowed_roots,
                                             memory_budget_bytes=self.memory_budget_bytes)
                 self._models[key] = handle
                 while len(self._models) > self.max_models:

@@ -320,10 +320,10 @@ def test_compare_find_sweep_and_modality_views_in_a_real_browser(page):
 def test_download_a_quantized_model_and_reload_it_in_a_real_browser(page, tmp_path):
     """The Quantize tab's Download group: after a W4A4 RTN run, the compressed-tensors zip and then the Q-VLM packed
     zip and the run JSON are caught as browser downloads; the packed zip, unzipped, reloads with
-    ``load_vlm_or_export`` and answers. Screenshot ``14``."""
+    ``load_model`` and answers. Screenshot ``14``."""
     from qvlm.data import evaluation_subset, is_correct
-    from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, FORMAT_NAME, load_vlm_or_export
-    from qvlm.inference import generate_answers
+    from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, FORMAT_NAME, load_model
+    from qvlm.models.inference import generate_answers
 
     _quantize_w4a4_rtn(page)
     clicked = time.monotonic()
@@ -347,7 +347,7 @@ def test_download_a_quantized_model_and_reload_it_in_a_real_browser(page, tmp_pa
     with zipfile.ZipFile(packed_zip) as zf:
         zf.extractall(tmp_path / "unzipped")
     (folder,) = (tmp_path / "unzipped").iterdir()
-    handle = load_vlm_or_export(folder, device="cpu")
+    handle = load_model(folder, device="cpu")
     samples = evaluation_subset(8, seed=3)
     answers = generate_answers(handle.model, handle.processor, [s.load_image() for s in samples],
                                [s.question for s in samples])

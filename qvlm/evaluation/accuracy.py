@@ -8,8 +8,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from qvlm.data import QUESTION_TYPES, VQASample, is_correct
-from qvlm.inference import generate_answers
-from qvlm.progress import ProgressCallback, check_cancel, report
+from qvlm.models.inference import generate_answers
+from qvlm.utils.progress import ProgressCallback, check_cancel, report
 
 
 @dataclass

@@ -257,7 +257,7 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def load_vlm_or_export(name_or_path: str | Path, **kwargs: Any) -> VLMHandle:
+def load_model(name_or_path: str | Path, **kwargs: Any) -> VLMHandle:
     """Load whatever the CLI or the app's model picker is given: a Q-VLM packed export folder
     (:func:`load_quantized`) or a checkpoint (bundled, local folder, hub id: :func:`qvlm.models.load_vlm`).
 

@@ -10,7 +10,7 @@
 * :func:`vocabulary_hint`: words of a question the tokenizer does not know, and the answers the
   task has, for questions outside what the model was trained on.
 
-Everything returns plain data (dicts, lists, floats) for :mod:`qvlm.plots` and the UI.
+Everything returns plain data (dicts, lists, floats) for :mod:`qvlm.ui.plots` and the UI.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from qvlm.data import DEFAULT_TASK, VQASample, get_task, normalize_answer
-from qvlm.eval import evaluate
-from qvlm.inference import answer_token_ids, continuation_probs, generate_answers, generate_token_ids
-from qvlm.progress import ProgressCallback, check_cancel, report
+from qvlm.evaluation.accuracy import evaluate
+from qvlm.models.inference import answer_token_ids, continuation_probs, generate_answers, generate_token_ids
+from qvlm.utils.progress import ProgressCallback, check_cancel, report
 from qvlm.quant import QuantConfig
 from qvlm.quant import quantize as core_quantize
 from qvlm.quant.memory import weight_memory

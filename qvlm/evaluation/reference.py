@@ -24,7 +24,7 @@ BNB_NF4_LABEL = "bnb-nf4: transformers load_in_4bit (weights only)"
 def load_bnb_nf4(name_or_path: str | os.PathLike = "bundled", dtype: torch.dtype = torch.float32) -> VLMHandle:
     """The checkpoint loaded through transformers' real ``BitsAndBytesConfig`` 4-bit path, on the CPU.
 
-    Its Linears are ``bitsandbytes.nn.Linear4bit``; the handle works with :func:`qvlm.eval.evaluate`.
+    Its Linears are ``bitsandbytes.nn.Linear4bit``; the handle works with :func:`qvlm.evaluation.accuracy.evaluate`.
     """
     from transformers import AutoProcessor, BitsAndBytesConfig
 

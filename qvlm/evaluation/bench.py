@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 
 from qvlm.data import QUESTION_TYPES, get_task
-from qvlm.eval import evaluate
+from qvlm.evaluation.accuracy import evaluate
 from qvlm.quant import RECIPES, QuantConfig, quantize
-from qvlm.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
-from qvlm.stats import mcnemar, paired_verdict
+from qvlm.evaluation.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
+from qvlm.utils.stats import mcnemar, paired_verdict
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A4", "W4A3")
 SEARCH_STAGES = ("init", "veo", "entropy", "search")
@@ -49,7 +49,7 @@ class BenchOptions:
     ded_samples: int = 64
     ded_bits: tuple[str, ...] = ("W4A4", "W4A3")
     references: tuple[str, ...] = (BNB_NF4,)
-    """Reference rows measured next to FP: ``"bnb-nf4"`` (:func:`qvlm.reference.load_bnb_nf4`, as W4A16)."""
+    """Reference rows measured next to FP: ``"bnb-nf4"`` (:func:`qvlm.evaluation.reference.load_bnb_nf4`, as W4A16)."""
     timing_baseline: bool = True
     timing_repeats: int = 2
     calib_sweep: tuple[int, ...] = (256,)
@@ -109,7 +109,7 @@ def measure_row(handle, samples, bits: str, recipe: str, calib_size: int, overri
 
 
 def run_bench(opts: BenchOptions) -> dict:
-    from qvlm.analysis import dependency_diagnostics
+    from qvlm.evaluation.analysis import dependency_diagnostics
     from qvlm.models import load_vlm
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 No gradio here: the same figures serve the app (through ``gr.Plot``), notebooks and the
 benchmark reports. Every function accepts what :class:`qvlm.quant.QuantResult` and
-:func:`qvlm.analysis.ded_analysis` return, already unpacked, so the plots can be tested
+:func:`qvlm.evaluation.analysis.ded_analysis` return, already unpacked, so the plots can be tested
 without running a quantization, and an empty input gives a readable placeholder figure
 instead of an exception (the UI shows figures before anything has been computed).
 """
@@ -17,7 +17,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qvlm.stats import linear_fit
+from qvlm.utils.stats import linear_fit
 
 # A qualitative palette with enough distinct colours for the blocks of a 40-layer model
 # (colours repeat after that, but adjacent blocks never share one).
@@ -99,7 +99,7 @@ def interaction_figure(
 ) -> go.Figure:
     """Bars of the interaction share (%) of each adjacent decoder pair, a dashed line at ``threshold``.
 
-    ``pairs`` are the rows of :meth:`qvlm.analysis.DependencyReport.to_dict` (``block``,
+    ``pairs`` are the rows of :meth:`qvlm.evaluation.analysis.DependencyReport.to_dict` (``block``,
     ``interaction_share``, ...). The share is the part of the block error's variance over the
     candidate grid that an additive model leaves: 0 means the two layers' errors simply add up,
     so choosing their ranges one by one is as good as choosing them together.
@@ -364,7 +364,7 @@ def token_kl_figure(comparison: Mapping[str, Any], title: str = "KL(FP‖variant
     """Grouped bars of KL(FP‖variant) per step of FP's answer, one colour per variant; a variant's first
     step with another top token is marked with a red ring.
 
-    ``comparison``: what :func:`qvlm.compare.token_comparison` returns (``tokens``, ``variants`` with
+    ``comparison``: what :func:`qvlm.evaluation.compare.token_comparison` returns (``tokens``, ``variants`` with
     ``kl`` and ``first_diff``).
     """
     variants = dict(comparison.get("variants") or {})
@@ -390,7 +390,7 @@ def token_kl_figure(comparison: Mapping[str, Any], title: str = "KL(FP‖variant
 def bit_sweep_figure(rows: Sequence[Mapping[str, Any]], title: str = "easy-VQA accuracy vs bit-width") -> go.Figure:
     """One line per recipe over the bit settings (most bits left), FP as a dashed horizontal line.
 
-    ``rows``: ``{"recipe", "bits", "accuracy", "n"}``, as :func:`qvlm.compare.bit_sweep` returns
+    ``rows``: ``{"recipe", "bits", "accuracy", "n"}``, as :func:`qvlm.evaluation.compare.bit_sweep` returns
     (the FP row has ``recipe == "fp"``).
     """
     points = [r for r in rows if r.get("recipe") != "fp"]
@@ -422,7 +422,7 @@ def paper_table_figure(table: Mapping[str, Mapping[str, Mapping[str, float]]], s
     """One panel per dataset: accuracy per bit setting, one line per method, FP dashed; the source in the title.
 
     ``table``: dataset -> bit setting -> method -> accuracy (%), e.g.
-    :data:`qvlm.compare.PAPER_TABLE3_LLAVA15_7B`; bit settings in the table's own order.
+    :data:`qvlm.evaluation.compare.PAPER_TABLE3_LLAVA15_7B`; bit settings in the table's own order.
     """
     if not table:
         return empty_figure("No paper numbers to show.", title)
@@ -452,7 +452,7 @@ def modality_figure(rows: Sequence[Mapping[str, Any]], title: str = "Decoder-lay
     """Per decoder layer, |x| of image tokens and of text tokens: the percentile solid, the maximum dotted.
 
     ``rows``: ``{"layer", "image_p", "image_max", "text_p", "text_max", "percentile"}``, as
-    :func:`qvlm.modality.modality_activation_stats` returns.
+    :func:`qvlm.evaluation.modality.modality_activation_stats` returns.
     """
     if not rows:
         return empty_figure("Press 'Measure image vs text tokens' to see both modalities' ranges.", title)

@@ -19,7 +19,7 @@ accuracy: yes/no balance) and the vision tower learns nothing. So:
    so the vision tower does not forget.
 
 Stages 2-4 use each image's own questions plus questions written from the dataset's templates
-with balanced comparisons (:mod:`qvlm.training.questions`).
+with balanced comparisons (:mod:`training.questions`).
 
 Why it is affordable on 2 cores: each image is encoded once per step for *all* of its
 questions, and the loss only needs the answer positions.
@@ -41,8 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qvlm.data import COLORS, SHAPES, chat_messages, image_labels, load_image, load_split
-from qvlm.training.questions import QuestionSynth, mentions_color
-from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
+from training.questions import QuestionSynth, mentions_color
+from training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from qvlm.progress import ProgressCallback, check_cancel, report
+from qvlm.utils.progress import ProgressCallback, check_cancel, report
 from qvlm.quant.calibration import calibration_batches
 
 STAGE_MODALITY = "modality"

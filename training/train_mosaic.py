@@ -1,6 +1,6 @@
 """Train the second bundled LLaVA (issue 11) on the easy-VQA mosaic task, resumably, on a CPU.
 
-The recipe is the bundled model's four stages (:mod:`qvlm.training.train`), carried over to
+The recipe is the bundled model's four stages (:mod:`training.train`), carried over to
 2x2 mosaics (:mod:`qvlm.data.mosaic`):
 
 1. **vision**: the vision tower with linear shape/colour heads on every patch token, each token
@@ -28,7 +28,7 @@ scheduler, both random generators) is checkpointed to ``OUT/checkpoints/step-N``
 LLaVA folder plus ``trainer_state.pt``), so ``--resume`` continues exactly where a run stopped.
 ``OUT/train.log`` gets one line per ``log_every`` steps. Run in the background with::
 
-    nohup python -m qvlm train-mosaic --out assets/tiny-llava-mosaic > /dev/null 2>&1 &
+    nohup python -m training mosaic --out assets/tiny-llava-mosaic > /dev/null 2>&1 &
     tail -f assets/tiny-llava-mosaic/train.log
 
 Cost (measured 2026-11-26 on the 2-core machine, run v5, ``--threads 2`` on otherwise idle cores):
@@ -76,9 +76,9 @@ from transformers import LlavaForConditionalGeneration
 from qvlm.data import COLORS, SHAPES
 from qvlm.data.mosaic import CELL_SIZE, MOSAIC_SIZE, labelled_pool, mosaic_evaluation_subset, mosaic_words, \
     sample_training_mosaic, templates_of
-from qvlm.training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer, vocabulary_words
+from training.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer, vocabulary_words
 # The bundled recipe's step helpers, shared: one encoding of questions and one answer-token loss for both models.
-from qvlm.training.train import (
+from training.train import (
     AttributeHeads,
     answer_loss,
     answer_token_loss,
@@ -305,7 +305,7 @@ class _Captions:
 
 def shared_prefix_answer_loss(model, table: QuestionTable, image_embeds: torch.Tensor, questions: list[list],
                               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`qvlm.training.train.answer_loss`, computing each mosaic's shared prefix once.
+    """:func:`training.train.answer_loss`, computing each mosaic's shared prefix once.
 
     Every question of a mosaic starts with the same ``<s> user :`` + image tokens (~67 of ~90
     tokens). The prefix runs once per mosaic with a key/value cache; the cache is repeated for the

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from qvlm.models import VLMHandle
-from qvlm.progress import STAGE_DED, report
+from qvlm.utils.progress import STAGE_DED, report
 from qvlm.quant import QuantConfig, QuantRun, get_recipe
 from qvlm.models import core_model
 from qvlm.quant.calibration import mse_over, run_layer
 from qvlm.quant.cdm import BlockObjective, entropy_pass
 from qvlm.quant.quantizers import valid_rows
 from qvlm.quant.search import exhaustive_search
-from qvlm.stats import linear_fit, r2_chance_level
+from qvlm.utils.stats import linear_fit, r2_chance_level
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The bottom layer: progress reporting and statistics. Imports nothing else from ``qvlm``."""

@@ -1,0 +1,1 @@
+"""Tools that build the bundled models (``python -m training``); not part of the runtime package ``qvlm``."""
