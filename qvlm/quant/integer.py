@@ -1,0 +1,286 @@
+"""An integer execution path for packed Linears: one int8 x int8 -> int32 matmul plus a rescale.
+
+Why: a :class:`PackedLinear` fake-quantizes its input and multiplies in floating point, so a
+quantized model answers *slower* than the FP one on a CPU. When the weight has one (step, zero point)
+per output channel and the input one per token row (a static range per tensor or per token
+position, or a dynamic one per row), both steps factor out of the sum over input channels i:
+
+    y[t, o] = s_x[t] s_w[o] (sum_i qx qw - z_x sum_i qw - z_w sum_i qx + K z_x z_w) + b[o]
+
+with unsigned codes qx, qw and integer zero points z_x, z_w (the grid of
+:mod:`qvlm.quant.quantizers`). The sum runs on ``torch._int_mm`` (int8 dot-product instructions:
+AVX512-VNNI, or AMX where the CPU has it).
+Codes are shifted into int8 (8 bits: q - 128; up to 7 bits they fit as they are) and the shift is
+folded into the zero points, which leaves the formula unchanged.
+
+``torch._int_mm`` on the CPU (torch 2.13, checked in ``tests/test_integer.py``): both operands int8
+(a uint8 second operand raises), 2-D only, any M, K, N (no padding needed, unlike CUDA's M > 16 and
+multiples of 8, which are not handled here), int32 accumulator: exact while K * 128 * 128 < 2**31, so
+longer rows are summed in chunks. On other devices the sum runs as a float64 matmul: exact (K * 2**14 < 2**53)
+but not fast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qvlm.quant.packing import PackedLinear, unpack_bits
+from qvlm.quant.qlinear import QuantLinear, replace_module
+from qvlm.quant.quantizers import qmax_of, qparams
+
+MAX_INT_MM_K = (1 << 31) // (128 * 128) - 1
+"""Longest row one ``torch._int_mm`` call sums exactly in its int32 accumulator (131071)."""
+
+ACT_MODES = ("tensor", "token", "dynamic")
+"""Activation grids the integer path takes: a static range per tensor or per token position (the
+:class:`ActQuantizer` granularities), or a range from each row's min/max at run time."""
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+# ----------------------------------------------------------------------------------------------
+def code_offset(bits: int) -> int:
+    """What is subtracted from b-bit unsigned codes to fit int8: 128 at 8 bits, 0 below."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"the integer path takes 1 to 8 bits, got {bits}")
+    return 128 if bits == 8 else 0
+
+
+def act_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes of ``x`` (float32, same shape) on the grid (``scale``, ``zero``), broadcastable.
+
+    The arithmetic of ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``, which
+    :class:`ActQuantizer` calls: x * (1 / step), not x / step (the two round differently for about one
+    value in 10^4), round half to even, add the zero point, clamp. So these are exactly the codes the
+    simulated path dequantizes.
+    """
+    inv = torch.reciprocal(scale.float())
+    return torch.clamp(torch.round(x.float() * inv) + zero.float(), 0, qmax_of(bits))
+
+
+def dynamic_grid(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step [M], zero point [M] as float) from each row's min/max of ``rows`` [M, K] (per-token, at run time)."""
+    rows = rows.float()
+    return qparams(rows.amin(dim=1), rows.amax(dim=1), bits)
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact sum_i a[m, i] b[n, i]: [M, N] int32 (int64 when K > :data:`MAX_INT_MM_K`) from int8 a [M, K], b [N, K].
+
+    ``torch._int_mm`` on the CPU; longer rows in chunks summed in int64; other devices: float64 matmul.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"int_matmul takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.device.type != "cpu":
+        return (a.double() @ b.double().t()).to(torch.int64)
+    k = a.shape[1]
+    if k <= MAX_INT_MM_K:
+        return torch._int_mm(a, b.t())
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64)
+    for start in range(0, k, MAX_INT_MM_K):
+        part = slice(start, start + MAX_INT_MM_K)
+        total += torch._int_mm(a[:, part].contiguous(), b[:, part].t())
+    return total
+
+
+def correction_dtype(k: int, bits_x: int, bits_w: int) -> torch.dtype:
+    """int32 when no partial sum of :func:`rescale`'s integer terms can overflow it, else int64.
+
+    With shifted codes |a| <= A and zero points |z| <= A: |acc|, |z_x sum_i aw| <= K A_x A_w and
+    |z_w sum_i (qx - z_x)| <= K A_w (2^bx - 1). W8A8 stays int32 up to K = 32832.
+    """
+    def reach(bits: int) -> int:
+        return max(code_offset(bits), qmax_of(bits) - code_offset(bits))
+
+    bound = k * (2 * reach(bits_x) * reach(bits_w) + reach(bits_w) * qmax_of(bits_x))
+    return torch.int32 if bound < 2**31 else torch.int64
+
+
+def rescale(acc: torch.Tensor, sum_x: torch.Tensor, zero_x: torch.Tensor, sum_w: torch.Tensor,
+            zero_w: torch.Tensor, k: int, scale_x: torch.Tensor, scale_w: torch.Tensor,
+            bias: torch.Tensor | None, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """y [M, N] float32 = s_x[t] s_w[o] (acc - z_x sum_i aw - z_w sum_i ax + K z_x z_w) + b[o].
+
+    acc: [M, N] sum_i ax aw of shifted codes; sum_x [M], sum_w [N]: their row sums; zero_x [M],
+    zero_w [N]: zero points minus the same shift; scale_x [M], scale_w [N] float32. The bracket is
+    computed exactly in ``dtype`` (:func:`correction_dtype`), written as
+    acc - z_x sum_i aw - z_w sum_i (ax - z_x), then rounded once to float32.
+    """
+    zero_x, zero_w = zero_x.to(dtype), zero_w.to(dtype)
+    centred_x = sum_x.to(dtype) - k * zero_x                       # sum_i (qx - z_x), [M]
+    exact = acc.to(dtype) - zero_x.unsqueeze(1) * sum_w.to(dtype) - centred_x.unsqueeze(1) * zero_w
+    y = exact.float().mul_(scale_x.float().unsqueeze(1)).mul_(scale_w.float())
+    return y if bias is None else y.add_(bias.float())
+
+
+def refusal(packed: nn.Module, dynamic: bool = False, act_bits: int | None = None) -> str | None:
+    """Why ``packed`` cannot run on integer kernels, or None when it can.
+
+    ``dynamic``: take the input's range from each row at run time instead of its static ranges
+    (then ``act_bits``, default the layer's activation bits, sets the grid).
+    """
+    if not isinstance(packed, PackedLinear):
+        return f"{type(packed).__name__} is not a PackedLinear (weights fake-quantized, not packed)"
+    if packed.fmt != "uniform":
+        return "NormalFloat weights: a level table, no per-channel step to factor out of the sum"
+    if packed.bits > 8:
+        return f"{packed.bits}-bit weights do not fit int8"
+    if packed.group < packed.in_features:
+        return (f"grouped weights (group {packed.group} < row {packed.in_features}): "
+                "the step changes inside the sum over input channels")
+    act = packed.act
+    if dynamic:
+        bits = act_bits if act_bits is not None else (act.bits if act is not None else None)
+        if bits is None:
+            return "weight-only layer and no activation bit-width given for the dynamic grid"
+        return None if 1 <= bits <= 8 else f"{bits}-bit activations do not fit int8"
+    if act is None or not act.enabled:
+        return "the input is not quantized (weight-only)"
+    if not act.calibrated or act.log_hi is not None:
+        return "the activation ranges are not calibrated and frozen yet"
+    if act.bits > 8:
+        return f"{act.bits}-bit activations do not fit int8"
+    if act.granularity == "channel":
+        return "per-input-channel activation ranges: the step changes inside the sum over input channels"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the module
+# ----------------------------------------------------------------------------------------------
+class IntegerLinear(nn.Module):
+    """A quantized Linear that runs as :func:`int_matmul` + :func:`rescale` (inference only, no gradient).
+
+    Build it with :meth:`from_packed`. Buffers: ``codes`` [out, in] int8 (weight codes minus
+    :func:`code_offset`: 1 byte per weight, held once; at W4 that is twice the packed stream, because
+    ``torch._int_mm`` reads int8 only), ``w_scale`` [out] float32, ``w_zero`` [out] int32 (shifted),
+    ``w_sum`` [out] int32 (sum_i of shifted codes); for static grids ``act_scale`` / ``act_zero``
+    [G] (G = 1 per tensor, T per token position; zero points unshifted, as in :class:`ActQuantizer`);
+    ``smooth`` (AWQ's divisor, applied before quantizing, as :class:`PackedLinear` does).
+    """
+
+    weight_quantized = True
+    w_format = "uniform"
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor, w_bits: int,
+                 bias: torch.Tensor | None, act_bits: int, act_mode: str, act_scale: torch.Tensor | None,
+                 act_zero: torch.Tensor | None, smooth: torch.Tensor | None, dtype: torch.dtype,
+                 tower: str = "", role: str = "") -> None:
+        super().__init__()
+        if act_mode not in ACT_MODES:
+            raise ValueError(f"unknown activation mode {act_mode!r}; expected one of {ACT_MODES}")
+        self.out_features, self.in_features = codes.shape
+        self.w_bits, self.a_bits, self.act_mode = w_bits, act_bits, act_mode
+        self.w_group = self.in_features
+        self.compute_dtype = dtype
+        self.tower, self.role = tower, role
+        offset = code_offset(w_bits)
+        shifted = (codes.to(torch.int32) - offset).to(torch.int8).contiguous()
+        self.register_buffer("codes", shifted)
+        self.register_buffer("w_scale", w_scale.float().reshape(-1))
+        self.register_buffer("w_zero", w_zero.to(torch.int32).reshape(-1) - offset)
+        self.register_buffer("w_sum", shifted.sum(dim=1, dtype=torch.int32))
+        self.register_buffer("act_scale", None if act_scale is None else act_scale.float().reshape(-1))
+        self.register_buffer("act_zero", None if act_zero is None else act_zero.to(torch.int32).reshape(-1))
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.sum_dtype = correction_dtype(self.in_features, act_bits, w_bits)
+
+    @classmethod
+    def from_packed(cls, packed: PackedLinear, dynamic: bool = False,
+                    act_bits: int | None = None) -> "IntegerLinear | None":
+        """The integer form of ``packed``, or None when its format does not factor (:func:`refusal` says why)."""
+        if refusal(packed, dynamic, act_bits) is not None:
+            return None
+        shape = (packed.out_features, packed.in_features)
+        codes = unpack_bits(packed.packed, packed.bits, shape[0] * shape[1]).reshape(shape)
+        act = packed.act
+        if dynamic:
+            bits = act_bits if act_bits is not None else act.bits
+            mode, a_scale, a_zero = "dynamic", None, None
+        else:
+            bits, mode = act.bits, act.granularity
+            a_scale, a_zero = act.grid()
+        layer = cls(codes, packed.scale, packed.zero, packed.bits, packed.bias, bits, mode, a_scale, a_zero,
+                    packed.smooth, packed.compute_dtype, packed.tower, packed.role)
+        return layer.to(packed.packed.device)
+
+    def row_grid(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step [M], zero point [M]) of each row of ``rows`` [M, K] (``x`` [..., T, K] flattened)."""
+        m = rows.shape[0]
+        if self.act_mode == "dynamic":
+            return dynamic_grid(rows, self.a_bits)
+        if self.act_mode == "tensor":
+            return self.act_scale.expand(m), self.act_zero.expand(m)
+        t = x.shape[-2] if x.dim() >= 2 else 1
+        if x.dim() < 2 or t != self.act_scale.numel():
+            raise ValueError(f"this layer's activation ranges were calibrated for {self.act_scale.numel()} "
+                             f"token positions; the input has {t}")
+        return self.act_scale.repeat(m // t), self.act_zero.repeat(m // t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        scale_x, zero_x = self.row_grid(x, rows)
+        offset = code_offset(self.a_bits)
+        codes_x = act_codes(rows, scale_x.unsqueeze(1), zero_x.unsqueeze(1), self.a_bits).sub_(offset).to(torch.int8)
+        acc = int_matmul(codes_x, self.codes)
+        y = rescale(acc, codes_x.sum(dim=1, dtype=torch.int32), zero_x.to(torch.int32) - offset, self.w_sum,
+                    self.w_zero, self.in_features, scale_x, self.w_scale, self.bias, self.sum_dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight [out, in] in the compute dtype: (codes - zero) * step, the packed layer's floats."""
+        w = (self.codes.float() - self.w_zero.float().unsqueeze(1)) * self.w_scale.unsqueeze(1)
+        return w.to(self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads ``.weight`` (shape/dtype/device checks)."""
+        return self.dequantized_weight()
+
+    def storage_bytes(self) -> int:
+        """Bytes held for the weight: int8 codes + per-channel step, zero point and code sum."""
+        tensors = (self.codes, self.w_scale, self.w_zero, self.w_sum)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits} integer, "
+                f"activations {self.act_mode} ({self.storage_bytes()} bytes), tower={self.tower}, role={self.role}")
+
+
+# ----------------------------------------------------------------------------------------------
+# whole models
+# ----------------------------------------------------------------------------------------------
+def to_integer_path(model: nn.Module, dynamic: bool = False) -> dict:
+    """Swap every eligible :class:`PackedLinear` of ``model`` for an :class:`IntegerLinear`, in place.
+
+    Returns {"integer": [names], "simulated": {name: reason}} over the quantized Linears (packed or
+    fake-quant); FP Linears (e.g. the LM head) are in neither. With ``dynamic`` the swapped layers take
+    per-row ranges at run time, so their outputs differ from the simulated model's.
+    """
+    integer, simulated = [], {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (PackedLinear, QuantLinear)):
+            continue
+        reason = refusal(module, dynamic)
+        if reason is not None:
+            simulated[name] = reason
+            continue
+        replace_module(model, name, IntegerLinear.from_packed(module, dynamic))
+        integer.append(name)
+    return {"integer": integer, "simulated": simulated}
+
+
+def execution_path(model: nn.Module) -> str:
+    """"integer kernels", "simulated" or "mixed: N of M Linears on integer kernels", over the quantized
+    Linears (an FP model has none on integer kernels, so it reads "simulated")."""
+    n = sum(isinstance(m, IntegerLinear) for m in model.modules())
+    total = n + sum(isinstance(m, (PackedLinear, QuantLinear)) for m in model.modules())
+    if n == 0:
+        return "simulated"
+    if n == total:
+        return "integer kernels"
+    return f"mixed: {n} of {total} Linears on integer kernels"
