@@ -9,6 +9,7 @@ import argparse
 import os
 
 from qvlm.ui import Settings, build_app
+from qvlm.ui.state import remove_stale_session_folders
 
 
 def main() -> None:
@@ -18,6 +19,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default model (else QVLM_DEFAULT_MODEL or the bundled one)")
     args = parser.parse_args()
     settings = Settings.from_env(default_model=args.model)
+    remove_stale_session_folders()  # a killed server's sessions never ended: their download folders go now
     build_app(settings).queue(default_concurrency_limit=settings.concurrency).launch(
         server_name=args.host, server_port=args.port,
         max_file_size="20mb",  # uploads are images; refuse huge files early

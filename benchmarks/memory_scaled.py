@@ -65,17 +65,32 @@ def _build(layers: int, vision_layers: int):
                      source="local")
 
 
+def use_full_copy() -> None:
+    """Make every later quantize() work on ``copy.deepcopy`` of the FP model (the former design).
+
+    The copy is made by ``QuantRun.prepare`` (``qvlm/quant/run.py``) through the name
+    ``working_copy`` it imports; that is the name to replace. Fails loudly if the run stops making
+    its copy there, so ``--compare`` never measures the shared copy twice under two labels.
+    """
+    from qvlm.quant import run
+
+    if not callable(getattr(run, "working_copy", None)):
+        raise RuntimeError("qvlm/quant/run.py no longer makes the working copy through `working_copy`; "
+                           "update use_full_copy() in benchmarks/memory_scaled.py")
+    run.working_copy = copy.deepcopy
+
+
 def measure(layers: int, vision_layers: int, design: str, calib: int, micro: int | None) -> dict:
     import torch
 
     from qvlm.quant import QuantConfig, quantize
-    from qvlm.quant import pipeline
+    from qvlm.quant.working_copy import shared_bytes
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     handle = _build(layers, vision_layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in handle.model.parameters())
     if design == "deepcopy":
-        pipeline.working_copy = copy.deepcopy
+        use_full_copy()
     shared = design == "shared"
     # "shared": the large-model settings (micro-batches + checkpointing in VEO); "deepcopy": as before.
     cfg = QuantConfig(recipe="qvlm", w_bits=4, a_bits=4, calib_size=calib, calib_batch=calib, veo_epochs=1,
@@ -108,6 +123,7 @@ def measure(layers: int, vision_layers: int, design: str, calib: int, micro: int
             "veo_micro_batch": micro, "fp_weight_bytes": weight_bytes, "peak_extra_bytes": peak[0] - base,
             "peak_extra_over_weights": round((peak[0] - base) / weight_bytes, 3), "seconds": round(seconds, 1),
             "kept_after_bytes": _rss() - base, "blocks": result.blocks,
+            "shared_with_fp_after_bytes": shared_bytes(handle.model, result.handle.model),
             "peak_extra_bytes_by_stage": by_stage}
 
 
@@ -133,7 +149,8 @@ def main() -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{design:8s} layers={layers}: FP weights {r['fp_weight_bytes'] / 2**30:.2f} GiB, peak extra "
-                  f"{r['peak_extra_bytes'] / 2**30:.2f} GiB ({r['peak_extra_over_weights']}x), {r['seconds']} s",
+                  f"{r['peak_extra_bytes'] / 2**30:.2f} GiB ({r['peak_extra_over_weights']}x), shared with FP after "
+                  f"{r['shared_with_fp_after_bytes'] / 2**30:.2f} GiB, {r['seconds']} s",
                   flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -37,9 +37,9 @@ def tiny_mosaic_dir(tmp_path_factory) -> Path:
     Its answers are noise, but its folder says task "mosaic" like the bundled mosaic model's, so the app's
     task-following paths run on a real model without waiting for (or needing) the real one.
     """
-    from qvlm.cli import main
+    from training.__main__ import main
 
     out = tmp_path_factory.mktemp("mosaic") / "tiny-llava-mosaic"
-    args = ["train-mosaic", "--out", str(out), "--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2"]
+    args = ["mosaic", "--out", str(out), "--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2"]
     assert main(args) == 0
     return out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qvlm.data import evaluation_subset
-from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, save_quantized
+from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, README, save_quantized
 from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
@@ -24,14 +24,10 @@ def exported(request, bundled, tmp_path_factory):
 
 
 def _plain_load(folder):
+    """Exactly what a user types: ``from_pretrained(folder)`` with no extra argument, and no warm-up call."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    samples = evaluation_subset(2, seed=1)
-    with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward call
-        model(**prepare_inputs(processor, [s.load_image() for s in samples], [s.question for s in samples]))
-    return model, processor
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
 def test_plain_from_pretrained_loads_weights_that_dequantize_to_the_projects_exactly(exported):
@@ -44,9 +40,25 @@ def test_plain_from_pretrained_loads_weights_that_dequantize_to_the_projects_exa
     assert any(n.startswith("model.vision_tower") for n in ours)  # the vision tower is quantized in the file too
     for name, m in ours.items():
         assert torch.equal(loaded[name].weight, m.dequantized_weight()), name
-        assert type(loaded[name]) is torch.nn.Linear and loaded[name].quantization_scheme.weights.num_bits == 4
+        assert type(loaded[name]) is torch.nn.Linear
+    assert config["dequantize"] is True and {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4}
     sidecar = json.loads((folder / ACTIVATION_SIDECAR).read_text())
     assert sidecar["applied_by_loader"] is False and set(sidecar["modules"]) == set(ours)
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_plain_from_pretrained_then_generate_answers_under_no_grad_and_inference_mode(exported, no_grad):
+    """The user's two lines: plain from_pretrained, then generate (it failed with "'Linear' object has no
+    attribute 'weight'" while the checkpoint left decompression to the first forward call)."""
+    _, folder = exported
+    model, processor = _plain_load(folder)
+    samples = evaluation_subset(2, seed=1)
+    inputs = prepare_inputs(processor, [s.load_image() for s in samples], [s.question for s in samples])
+    with no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(answers) == 2 and all(a.strip() for a in answers)
+    assert "from_pretrained(" in (folder / README).read_text()
 
 
 def test_answers_equal_with_activation_quantization_off_on_both_sides(exported):

@@ -119,6 +119,24 @@ def test_dynamic_per_token_grid_quantizes_each_row_by_its_own_range():
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
+def test_a_dynamic_token_layer_runs_on_integer_kernels_with_the_simulated_codes(bits):
+    """The simulated dynamic ActQuantizer and the integer path take the same grid (dynamic_grid) and codes
+    (act_codes), so only the float rounding of the sum differs (bound as in the static test above)."""
+    w_bits, a_bits = bits
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(48, 320, generator=g), torch.randn(2, 6, 320, generator=g) * 2 + 0.3
+    packed = PackedLinear.from_encoded(encode_weight(w, w_bits, "uniform", None), None,
+                                       ActQuantizer(a_bits, "dynamic_token"), None, torch.float32)
+    assert refusal(packed) is None
+    layer = IntegerLinear.from_packed(packed)
+    assert layer.act_mode == "dynamic" and layer.a_bits == a_bits
+    with torch.no_grad():
+        want, got = packed(x), layer(x)
+        bound = (packed.act(x).abs() @ packed.dequantized_weight().abs().t()) * (320 + 8) * EPS32
+    assert torch.all((got - want).abs() <= bound + want.abs() * 4 * EPS32)
+
+
 def test_formats_that_do_not_factor_are_refused_with_a_reason():
     cases = {
         "NormalFloat": _packed(8, 64, 4, 4, "tensor", fmt="nf4", group=64)[0],
@@ -158,7 +176,8 @@ def test_integer_w8a8_model_answers_like_the_simulated_one(bundled):
     from qvlm.models.inference import generate_answers
     from qvlm.quant import QuantConfig, quantize
 
-    cfg = QuantConfig.from_bits("W8A8", recipe="rtn", act_granularity_language="tensor", calib_size=8, calib_batch=4)
+    cfg = QuantConfig.from_bits("W8A8", recipe="rtn", preset="paper", act_granularity_language="tensor", calib_size=8,
+                                calib_batch=4)  # static per-token vision ranges: integer kernels take them
     res = quantize(bundled, cfg)
     model = res.handle.model
     integer = copy.deepcopy(model)

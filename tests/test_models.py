@@ -45,6 +45,15 @@ def test_layer_map_finds_every_linear_of_every_layer_by_role(bundled):
     modules = dict(bundled.model.named_modules())
     for name, linear in lm.linears():
         assert modules[name] is linear
+    assert modules[lm.projector_name] is lm.projector
+    assert lm.final_norm is bundled.model.model.language_model.norm
+
+
+def test_layer_map_refuses_a_language_model_without_a_final_norm():
+    core = nn.Module()
+    core.vision_tower, core.language_model, core.multi_modal_projector = nn.Module(), nn.Module(), nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="no final norm"):
+        build_layer_map(core)
 
 
 def test_layer_map_refuses_a_model_without_towers():

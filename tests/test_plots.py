@@ -140,7 +140,7 @@ def test_token_kl_figure_bars_each_variant_per_step_and_rings_the_first_differen
         "W3A3 rtn": {"kl": [2.5, 0.1], "first_diff": 0}}}
     fig = plots.token_kl_figure(comparison)
     assert [t.name for t in fig.data] == ["W4A4 qvlm", "W3A3 rtn"]
-    assert list(fig.data[0].x) == ["0: circle", "1: </s>"] and list(fig.data[1].y) == [2.5, 0.1]
+    assert list(fig.data[0].x) == ["0: circle", "1: &lt;/s&gt;"] and list(fig.data[1].y) == [2.5, 0.1]
     assert list(fig.data[1].marker.line.color) == ["#E45756", "white"]
     assert "compare token by token" in _texts(plots.token_kl_figure({}))
 
@@ -184,5 +184,69 @@ def test_veo_figure_shows_the_held_out_error_and_the_kept_epoch():
     fig = plots.veo_loss_figure(losses, holdout=holdout)
     held = [t for t in fig.data if "held-out" in t.name]
     assert len(held) == 1 and list(held[0].y) == [0.05, 0.04, 0.045] and list(held[0].x) == [0, 2, 4]
-    assert "0.05 -> 0.04 (-20%), epoch 1 kept" in fig.layout.title.text
+    assert "0.05 → 0.04 (-20%), epoch 1 kept" in fig.layout.title.text
     assert "held-out" not in plots.veo_loss_figure(losses).layout.title.text
+
+
+def test_veo_terms_are_drawn_weighted_so_they_add_up_to_the_total():
+    """Eq. 10: L = L_reg + λ1·L_ent + λ2·L_err; an unweighted L_ent above the total misreads the figure."""
+    losses = [{"step": i, "epoch": 1, "reg": 0.5, "ent": 3.0 - 0.1 * i, "err": 0.2,
+               "total": 0.5 + 0.01 * (3.0 - 0.1 * i) + 1.0 * 0.2} for i in range(4)]
+    fig = plots.veo_loss_figure(losses, lambdas=(0.01, 1.0))
+    by_name = {t.name.split(" (")[0]: list(t.y) for t in fig.data}
+    assert set(by_name) == {"total L", "L_reg", "λ1·L_ent", "λ2·L_err"}
+    for i, total in enumerate(by_name["total L"]):
+        assert total == pytest.approx(by_name["L_reg"][i] + by_name["λ1·L_ent"][i] + by_name["λ2·L_err"][i])
+        assert total >= by_name["λ1·L_ent"][i]  # the total is never drawn below one of its terms
+
+
+def test_veo_placeholder_says_why_there_is_no_run():
+    fig = plots.veo_loss_figure([], empty="No VEO in this variant: its vision tower stays in full precision.")
+    assert "vision tower stays in full precision" in _texts(fig) and "use the 'qvlm'" not in _texts(fig)
+
+
+def test_token_labels_are_escaped_so_the_end_token_shows():
+    fig = plots.token_kl_figure({"tokens": ["circle", "</s>"], "variants": {"v": {"kl": [0.1, 0.0], "first_diff": None}}})
+    assert list(fig.data[0].x) == ["0: circle", "1: &lt;/s&gt;"]
+
+
+def test_bit_sweep_axis_shows_differences_near_100_percent():
+    rows = [{"recipe": "fp", "bits": "FP", "accuracy": 0.995, "n": 200},
+            {"recipe": "qvlm", "bits": "W8A8", "accuracy": 0.99, "n": 200},
+            {"recipe": "qvlm", "bits": "W4A4", "accuracy": 0.97, "n": 200}]
+    low, high = plots.bit_sweep_figure(rows).layout.yaxis.range
+    assert 85 <= low <= 95 and 100 <= high <= 102
+    assert plots.accuracy_range([3.0, 99.0])[0] == 0.0  # never below 0
+
+
+def test_log_axes_tick_once_per_power_of_ten():
+    rows = [{"layer": k, "image_p": 10.0 ** k, "image_max": 2 * 10.0 ** k, "text_p": 1.0, "text_max": 3.0}
+            for k in range(3)]
+    axis = plots.modality_figure(rows).layout.yaxis
+    assert axis.type == "log" and axis.dtick == 1
+    errs = [{"tower": "language", "index": 0, "quant_mse": 1e-4}]
+    assert plots.layer_error_figure({"v": errs}).layout.yaxis.dtick == 1
+
+
+def test_partition_legend_hangs_below_the_axis_title():
+    blocks = [[2 * i, 2 * i + 1] for i in range(8)]  # 16 layers, as the mosaic model
+    fig = plots.partition_figure([0.5] * 15, blocks, h0=0.4)
+    legend = fig.layout.legend
+    assert legend.yanchor == "top" and legend.y <= -0.2 and fig.layout.margin.b >= 120
+
+
+def test_vision_sites_figure_has_one_bar_series_per_site_and_names_the_total():
+    from qvlm.ui.plots import site_map_figure, vision_sites_figure
+
+    rows = [{"layer": l, "site": s, "error": 0.001 * (l + 1), "share": 0.125} for l in range(2)
+            for s in ("qkv", "out_proj", "fc1", "fc2")]
+    fig = vision_sites_figure(rows, all_on=0.02)
+    assert [t.name for t in fig.data] == ["q/k/v input", "out_proj input", "fc1 input", "fc2 input"]
+    assert list(fig.data[3].x) == ["V0", "V1"] and list(fig.data[3].y) == pytest.approx([0.1, 0.2])
+    assert "every vision site on: 2%" in fig.layout.title.text
+    assert "Measure the vision sites" in vision_sites_figure([]).layout.annotations[0].text
+    m = {"layer": 1, "site": "fc2", "bits": 4, "abs": [[1.0, 9.0], [2.0, 8.0], [0.5, 7.0]],
+         "token_range": [10.0, 10.0, 8.0], "channel_range": [3.0, 18.0], "levels_token": 0.3, "levels_channel": 1.5}
+    heat = site_map_figure(m)
+    assert [type(t).__name__ for t in heat.data] == ["Heatmap", "Bar", "Bar"] and "V1 fc2 input" in heat.layout.title.text
+    assert site_map_figure(None).layout.annotations

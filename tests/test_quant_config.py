@@ -7,6 +7,8 @@ import json
 import pytest
 
 from qvlm.quant import RECIPES, QuantConfig
+from qvlm.quant.config import RECIPE_NAMES
+from qvlm.quant.recipes import resolve_weights
 
 
 def test_defaults_follow_the_paper():
@@ -78,9 +80,61 @@ def test_from_dict_rejects_unknown_fields_and_bad_json():
 
 
 def test_weight_format_auto_follows_the_recipe():
-    assert QuantConfig(recipe="qlora").resolved_weights() == ("nf4", 64)
-    assert QuantConfig(recipe="qvlm").resolved_weights() == ("nf4", 64)  # Q-VLM keeps the baseline's weights
-    assert QuantConfig(recipe="rtn").resolved_weights() == ("uniform", None)
-    assert QuantConfig(recipe="awq").resolved_weights() == ("uniform", 64)
-    assert QuantConfig(recipe="qvlm", weight_format="uniform").resolved_weights() == ("uniform", None)
-    assert QuantConfig(recipe="qlora", weight_group_size=32).resolved_weights() == ("nf4", 32)
+    assert resolve_weights(QuantConfig(recipe="qlora")) == ("nf4", 64)
+    assert resolve_weights(QuantConfig(recipe="qvlm")) == ("nf4", 64)  # Q-VLM keeps the baseline's weights
+    assert resolve_weights(QuantConfig(recipe="rtn")) == ("uniform", None)
+    assert resolve_weights(QuantConfig(recipe="awq")) == ("uniform", 64)
+    assert resolve_weights(QuantConfig(recipe="qvlm", weight_format="uniform")) == ("uniform", None)
+    assert resolve_weights(QuantConfig(recipe="qlora", weight_group_size=32)) == ("nf4", 32)
+
+
+def test_config_names_exactly_the_recipes_of_the_table():
+    assert RECIPE_NAMES == RECIPES
+
+
+def test_config_imports_no_stage():
+    import ast
+    import inspect
+
+    import qvlm.quant.config as config
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(config))) if isinstance(n, ast.ImportFrom)}
+    allowed = {"qvlm.quant.quantizers", "qvlm.quant.presets"}
+    assert not {m for m in imported if m and m.startswith("qvlm.quant.") and m not in allowed}
+
+
+def test_vision_bits_default_to_the_runs_and_show_in_the_label_when_they_differ():
+    cfg = QuantConfig.from_bits("W4A4", recipe="rtn")
+    assert cfg.tower_bits("vision") == cfg.tower_bits("language") == (4, 4) and cfg.bits_label == "W4A4"
+    cfg = QuantConfig.from_bits("W4A4", recipe="rtn", vision_a_bits=8)
+    assert cfg.tower_bits("vision") == (4, 8) and cfg.tower_bits("language") == (4, 4)
+    assert cfg.bits_label == "W4A4 (vision W4A8)"
+    assert QuantConfig.from_bits("W4A4", recipe="rtn", vision_w_bits=4, vision_a_bits=4).bits_label == "W4A4"
+    assert cfg.replace(quantize_vision=False).bits_label == "W4A4"  # an FP vision tower has no bits
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("changes", [{"vision_w_bits": 1}, {"vision_a_bits": 9}, {"vision_a_bits": 4.0},
+                                     {"vision_w_bits": True}])
+def test_bad_vision_bits_give_clear_errors(changes):
+    (name,) = changes
+    with pytest.raises(ValueError, match=f"{name} must be a whole number of bits from 2 to 8"):
+        QuantConfig(**changes).validate()
+
+
+def test_vision_bits_reach_the_vision_linears_and_the_llm_keeps_the_runs(bundled):
+    from qvlm.quant import quantize
+    from qvlm.quant.memory import weight_memory
+
+    cfg = QuantConfig.from_bits("W4A4", recipe="rtn", vision_w_bits=6, vision_a_bits=8, calib_size=2, calib_batch=2)
+    result = quantize(bundled, cfg)
+    bits = {}
+    for module in result.handle.model.modules():
+        if getattr(module, "tower", None) in ("vision", "language"):
+            bits.setdefault(module.tower, set()).add((module.w_bits, module.act.bits))
+    assert bits == {"vision": {(6, 8)}, "language": {(4, 4)}}
+    # the memory count reads the packed codes: the vision weights at 6 bits a weight
+    linears = [m for m in result.handle.model.modules() if getattr(m, "tower", None) == "vision"]
+    codes = sum(m.packed.numel() * m.packed.element_size() for m in linears)
+    assert codes == sum(m.out_features * m.in_features for m in linears) * 6 // 8
+    assert weight_memory(result.handle.model)["by_family"]["vision"]["quant_bytes"] > codes

@@ -66,6 +66,20 @@ def test_w8a8_logits_close_to_fp_and_w4a4_further(bundled):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
+def test_each_stage_progress_grows_and_reaches_one_only_at_its_end(recipe, results):
+    _, stages = results[recipe]
+    fractions: dict[str, list[float]] = {}
+    for stage, fraction, _ in stages:
+        fractions.setdefault(stage, []).append(fraction)
+    for stage, fs in fractions.items():
+        assert fs == sorted(fs), (stage, fs)
+        assert fs[-1] == 1.0 and 1.0 not in fs[:-1], (stage, fs)
+    if "search" in fractions:  # blocks done / blocks
+        n_blocks = len(results[recipe][0].blocks)
+        assert {round(f * n_blocks, 9) % 1 for f in fractions["search"]} == {0.0}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_end_to_end(recipe, results, bundled, fp_print):
     res, stages = results[recipe]
     n_lang = len(bundled.layer_map.language)
@@ -73,7 +87,7 @@ def test_every_recipe_end_to_end(recipe, results, bundled, fp_print):
     assert res.config.recipe == recipe
     assert sorted(k for b in res.blocks for k in b) == list(range(n_lang))
     json.dumps(res.to_dict())  # statistics are JSON-serialisable
-    assert stages[-1][0] == "done" and stages[-1][1] == 1.0
+    assert stages[-1][0] == "measure" and stages[-1][1] == 1.0
     # the FP model is never modified (no weights, no hooks, no wrapped layers)
     assert _fingerprint(bundled.model) == fp_print
     # the quantized handle answers questions

@@ -52,7 +52,8 @@ def test_api_lists_each_panels_main_endpoint_and_nothing_internal(served):
     _, client, _, _ = served
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert names == {"/quantize", "/download", "/ask", "/compare_tokens", "/find_disagreements", "/evaluate",
-                     "/bit_sweep", "/cancel", "/overview", "/ded", "/compute_ded", "/interaction", "/modality"}
+                     "/bit_sweep", "/cancel", "/overview", "/ded", "/compute_ded", "/interaction", "/modality",
+                     "/vision_sites"}
     assert any("disagree" in name for name in names)
 
 

@@ -1,5 +1,5 @@
-"""Issue 15 in the panels, with the core's comparisons faked where they are slow: the flipped badge and
-the out-of-domain hint on real answers, the token table, the disagreement finder (long job, cancel, a
+"""The comparisons of ``qvlm/evaluation/compare.py`` in the panels, faked where they are slow: the
+flipped badge and the out-of-domain hint on real answers, the token table, the disagreement finder (long job, cancel, a
 click that loads a question into Ask), the vision-tower switch reaching the config and the Results
 rows, the bit-width sweep and the paper's numbers, and the image-vs-text statistics.
 """
@@ -23,7 +23,8 @@ from qvlm.ui.panel_ask import AskPanel
 from qvlm.ui.panel_quantize import QuantizePanel, config_from_form, quantized_parts, variant_label
 from qvlm.ui.panel_results import ResultsPanel
 from qvlm.ui.settings import EXAMPLES_DIR, Settings
-from qvlm.ui.state import AppState, Variant
+from qvlm.models import MOSAIC_MODEL_NAME
+from qvlm.ui.state import AppState, Variant, canonical_name
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -140,7 +141,9 @@ def test_finder_lists_flips_first_and_a_click_loads_the_question_into_ask(ui, bu
     assert "Scanned 6 test questions" in status and "`W4A3 qvlm`: **1** of 6" in status and "W4A4" not in status
     gallery, rows = final[ui.ask.found], final[ui.ask.found_rows]
     assert len(gallery) == len(rows) == 5  # the flipped one, then the 4 with a positive drop
-    assert gallery[0][1].startswith("⚑ flipped") and gallery[1][1].startswith("p(right) −0.50")
+    assert gallery[0][1].startswith("⚑ ") and gallery[1][1].startswith("p −0.50")
+    assert all(len(caption) <= 40 for _, caption in gallery)  # one line under a thumbnail, not cut off
+    assert status.count("\n| ") == 1 + len(rows) and rows[0]["question"] in status  # the full rows, in order
     loaded = ui.ask.load_found(rows, SimpleNamespace(index=0))
     path = loaded[ui.ask.image]
     assert Path(path).name == f"easyvqa_test_{rows[0]['image_id']}.png" and Path(path).is_file()
@@ -173,15 +176,18 @@ def test_vision_and_projector_switches_reach_the_config_label_and_results_rows(u
     assert (cfg.quantize_vision, cfg.quantize_projector) == (False, True)
     assert variant_label(cfg) == "W4A4 qvlm · vision FP · projector W4A4"
     assert variant_label(QuantConfig()) == "W4A4 qvlm" and quantized_parts(QuantConfig()) == "LLM + vision"
+    assert variant_label(QuantConfig(), MOSAIC_MODEL_NAME) == "tiny-llava-mosaic W4A4 qvlm"  # named with its model
+    assert variant_label(QuantConfig(), "/models/my-llava/") == "my-llava W4A4 qvlm"
     assert quantized_parts(cfg) == "LLM + projector"
     q = ui.quantize
     final = list(q.quantize(ui.model, "W4A4", "qvlm", 8, 3, "mean", "1.0", 1, 1.0, 0.01, 1.0, False, False,
                             request=_req("c7")))[-1]
-    assert final[q.new_variant] == "W4A4 qvlm · vision FP"
-    variant = ui.app.session(_req("c7")).variants.find_label("W4A4 qvlm · vision FP")
+    label = variant_label(cfg.replace(quantize_projector=False), canonical_name(ui.model))
+    assert final[q.new_variant] == label and label.endswith(" W4A4 qvlm · vision FP")
+    variant = ui.app.session(_req("c7")).variants.find_label(label)
     assert variant.result.config.quantize_vision is False
     table = list(ui.results.evaluate(10, ui.model, _req("c7")))[-1][ui.results.table]
-    assert [row[:2] for row in table] == [["FP", "nothing (FP)"], ["W4A4 qvlm · vision FP", "LLM only"]]
+    assert [row[:2] for row in table] == [["FP", "nothing (FP)"], [label, "LLM only"]]
 
 
 def test_bit_sweep_draws_accuracy_against_bits_and_checks_its_inputs(ui):

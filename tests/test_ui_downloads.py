@@ -19,15 +19,15 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
-import torch
 
 from qvlm.data import evaluation_subset
-from qvlm.export import COMPRESSED_TENSORS, FORMAT_NAME, load_model
-from qvlm.models.inference import generate_answers, prepare_inputs
+from qvlm.export import BITSANDBYTES, COMPRESSED_TENSORS, FORMAT_NAME, README, load_model
+from qvlm.models.inference import generate_answers
 from qvlm.ui.panel_quantize import QuantizePanel
 from qvlm.ui.panel_results import ResultsPanel
 from qvlm.ui.settings import Settings
-from qvlm.ui.state import AppState, SessionRegistry
+from qvlm.ui.downloads import failure_message
+from qvlm.ui.state import AppState, SessionRegistry, remove_stale_session_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -81,7 +81,7 @@ def test_packed_zip_reloads_and_answers_exactly_like_the_variant_in_the_app(ui, 
     note = out[ui.panel.download_note]
     assert re.search(rf"`{re.escape(zip_path.name)}`, \d+\.\d (KiB|MiB)", note), note
     reloaded = load_model(_unzip(str(zip_path), tmp_path), device="cpu")
-    held = ui.app.session(_req("rtn")).variants.find_label("W4A4 rtn").handle
+    held = ui.app.session(_req("rtn")).variants.variants()[-1].handle
     images, questions = _questions()
     ours = generate_answers(held.model, held.processor, images, questions)
     assert generate_answers(reloaded.model, reloaded.processor, images, questions) == ours
@@ -95,12 +95,10 @@ def test_compressed_tensors_zip_loads_in_plain_transformers_and_answers(ui, tmp_
     out = _download(ui, COMPRESSED_TENSORS)
     folder = _unzip(out[ui.panel.model_file], tmp_path)
     assert "from_pretrained" in out[ui.panel.download_note]
-    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()  # plain: no extra argument, no warm-up
     processor = AutoProcessor.from_pretrained(folder)
     images, questions = _questions()
-    with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward call
-        model(**prepare_inputs(processor, images[:2], questions[:2]))
-    answers = generate_answers(model, processor, images, questions)
+    answers = generate_answers(model, processor, images, questions)  # under torch.inference_mode
     assert len(answers) == len(questions) and all(answers)
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
 
@@ -108,7 +106,7 @@ def test_compressed_tensors_zip_loads_in_plain_transformers_and_answers(ui, tmp_
 def test_run_json_holds_the_config_statistics_and_evaluation(ui):
     out = _download(ui, FORMAT_NAME)
     record = json.loads(Path(out[ui.panel.run_file]).read_text())
-    variant = ui.app.session(_req("rtn")).variants.find_label("W4A4 rtn")
+    variant = ui.app.session(_req("rtn")).variants.variants()[-1]
     assert record["quant_config"] == variant.result.config.to_dict()
     assert record["quant_config"]["recipe"] == "rtn" and record["quant_config"]["w_bits"] == 4
     assert record["statistics"]["timings"]["total"] > 0 and record["quantize_seconds"] > 0
@@ -136,16 +134,90 @@ def test_before_a_run_the_download_says_to_quantize_first(ui):
     assert "quantization above first" in out[ui.panel.download_note]
 
 
-def test_nf4_weights_in_compressed_tensors_get_a_clear_message_and_keep_the_packed_file(ui):
+@pytest.fixture(scope="module")
+def nf4(ui):
+    """Session "nf4" after a real W4A4 QLoRA-style run (NF4 weights, like the default qvlm recipe)."""
     outs = list(ui.panel.quantize(ui.model, *NF4_RUN, request=_req("nf4")))
     assert "ready in" in outs[-1][ui.panel.status]
+    return ui
+
+
+def test_nf4_weights_in_compressed_tensors_get_a_clear_message_and_keep_the_packed_file(nf4):
+    ui = nf4
     packed = Path(_download(ui, FORMAT_NAME, sid="nf4")[ui.panel.model_file])
     out = _download(ui, COMPRESSED_TENSORS, sid="nf4")
-    assert set(out) == {ui.panel.download_note}
+    assert set(out) == {ui.panel.download_note, ui.panel.run_file}  # the run JSON is still there to download
+    assert Path(out[ui.panel.run_file]).is_file()
     note = out[ui.panel.download_note]
-    assert note.startswith("⚠") and "NormalFloat" in note and FORMAT_NAME in note and "Traceback" not in note
+    assert note.startswith("⚠") and "Traceback" not in note
+    assert "compressed-tensors needs uniform (integer) weights: this variant has NF4 weights" in note
+    assert BITSANDBYTES in note and FORMAT_NAME in note
     assert packed.is_file()  # what the user already had stays
     assert not (ui.app.session(_req("nf4")).files / COMPRESSED_TENSORS).exists()
+
+
+def test_the_format_menu_offers_what_the_variant_can_be_written_in_and_says_why_not_the_rest(nf4):
+    ui = nf4
+    menu = ui.panel.offer_formats(request=_req("nf4"))
+    assert [value for _, value in menu.choices] == [FORMAT_NAME, BITSANDBYTES] and menu.value == FORMAT_NAME
+    assert "compressed-tensors needs uniform (integer) weights: this variant has NF4 weights" in menu.info
+    menu = ui.panel.offer_formats(request=_req("rtn"))
+    assert [value for _, value in menu.choices] == [FORMAT_NAME, COMPRESSED_TENSORS]
+    assert "bitsandbytes needs NF4 weights: this variant has uniform" in menu.info
+    menu = ui.panel.offer_formats(request=_req("empty"))  # nothing held yet: every format, no reason
+    assert len(menu.choices) == 3
+
+
+def test_bitsandbytes_zip_of_the_nf4_variant_loads_in_plain_transformers_and_answers(nf4, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    ui = nf4
+    out = _download(ui, BITSANDBYTES, sid="nf4")
+    folder = _unzip(out[ui.panel.model_file], tmp_path)
+    assert "W4A16" in out[ui.panel.download_note] and "W4A16" in (folder / README).read_text()
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(model.model.language_model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    images, questions = _questions(4)
+    answers = generate_answers(model, processor, images, questions)
+    assert len(answers) == 4 and all(answers)
+
+
+def test_a_bitsandbytes_download_of_a_uniform_variant_is_refused_with_the_reason(ui):
+    out = _download(ui, BITSANDBYTES)
+    assert "bitsandbytes needs NF4 weights" in out[ui.panel.download_note]
+
+
+def test_a_disk_error_names_the_file_not_the_servers_path(tmp_path):
+    err = OSError(28, "No space left on device", str(tmp_path / "deep" / "model.zip"))
+    message = failure_message(err)
+    assert "No space left on device" in message and "model.zip" in message and str(tmp_path) not in message
+
+
+def test_a_restarted_server_removes_the_session_folders_a_killed_one_left(tmp_path):
+    """kill -9 ends no session: their folders stay on disk (and Gradio would serve them) until the next start."""
+    old = SessionRegistry().get("before-the-kill").files_dir(tmp_path)
+    (old / "run").mkdir()
+    (old / "run" / "model-run.json").write_text("{}")
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    assert remove_stale_session_folders(tmp_path) == 1
+    assert not old.exists() and other.is_dir()
+    assert remove_stale_session_folders(tmp_path / "missing") == 0
+
+
+def test_after_a_restart_the_page_says_so(bundled_dir):
+    app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], preload=False))
+    restarted = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir],
+                                                preload=False))
+    notice, keep = restarted.restart_notice(app.server_id)  # the browser last saw the server before the restart
+    assert "The server restarted; variants from before are gone - quantize again" in notice
+    assert keep == restarted.server_id != app.server_id
+    for seen in (None, restarted.server_id):  # a first visit, a reload: no notice
+        notice, _ = restarted.restart_notice(seen)
+        assert notice == gr.skip()
 
 
 def test_the_session_folder_is_removed_when_the_session_ends(ui):
@@ -200,3 +272,5 @@ def test_download_over_http_serves_the_one_copy_in_the_session_folder(bundled_di
         assert len(on_server) == 1 and on_server[0].startswith("qvlm-session-"), on_server
     finally:
         demo.close()
+    remove_stale_session_folders(cache)  # what the next start of the server does (closing may have ended the session)
+    assert not list(cache.rglob(name))

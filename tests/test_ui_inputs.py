@@ -141,3 +141,23 @@ def test_variants_markdown_mentions_the_bound():
     assert "up to 4" in variants_markdown([], 2**30, 4)
     md = variants_markdown([("W4A4 qvlm", 12.3, 40 * 2**20)], 2**30, 4)
     assert "1/4" in md and "40.0 MiB" in md and "12.3 s" in md
+
+
+def test_a_fractional_calibration_count_reaches_the_config_and_is_refused(bundled_dir):
+    """A number box with precision=0 would round 2.5 to 2 before any check: the boxes pass what was typed."""
+    panel = QuantizePanel(AppState.from_settings(Settings(default_model=str(bundled_dir), preload=False)))
+    with gr.Blocks():
+        panel.layout()
+    for box in (panel.calib_size, panel.veo_epochs):
+        assert box.preprocess(2.5) == 2.5
+    with pytest.raises(ValueError, match="calib_size must be a whole number"):
+        config_from_form(**_form(calib_size=panel.calib_size.preprocess(2.5)))
+    assert config_from_form(**_form(calib_size=panel.calib_size.preprocess(8.0))).calib_size == 8
+
+
+def test_words_from_the_question_are_shown_as_text_not_markup():
+    from qvlm.ui.render import vocabulary_hint_markdown
+    hint = {"unknown": ["<b>zebra</b>", "<style>"], "outside": ["<i>x</i>"], "known_answers": ["circle"]}
+    note = vocabulary_hint_markdown(hint, "its {n} answers are: {answers}.")
+    assert "&lt;b&gt;zebra&lt;/b&gt;" in note and "&lt;style&gt;" in note and "&lt;i&gt;x&lt;/i&gt;" in note
+    assert "<b>" not in note and "<style>" not in note

@@ -8,6 +8,8 @@ The stand-ins are passed in where the panels are built (``QuantizePanel(app, qua
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,12 +22,19 @@ from qvlm.utils.progress import Cancelled, check_cancel
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel
 from qvlm.ui.panel_ask import AskPanel
-from qvlm.ui.panel_quantize import QuantizePanel
+from qvlm.ui.panel_quantize import QuantizePanel, model_short_name
 from qvlm.ui.panel_results import ResultsPanel
 from qvlm.ui.settings import EXAMPLES_DIR, Settings
 from qvlm.ui.state import AppState
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def L(rest: str) -> str:
+    """A variant's label as the Quantize tab makes it: the bundled model's name, then bits and recipe."""
+    from qvlm.models import BUNDLED_MODEL_DIR
+    from qvlm.ui.state import canonical_name
+    return f"{model_short_name(canonical_name(os.environ.get('QVLM_TEST_MODEL', str(BUNDLED_MODEL_DIR))))} {rest}"
 
 
 def fake_quantize(fp, cfg, progress=None, cancel=None, delay=0.05):
@@ -36,7 +45,8 @@ def fake_quantize(fp, cfg, progress=None, cancel=None, delay=0.05):
             progress(stage, (i + 1) / steps, f"{stage} {i + 1}/{steps}")
             time.sleep(delay)
     return SimpleNamespace(handle=fp, config=cfg, entropies=[0.5] * 7, h0=0.5, blocks=[[0, 1, 2], [3, 4], [5, 6, 7]],
-                           percentiles={k: 1.0 for k in range(8)}, layer_errors=[], veo_losses=[], timings={})
+                           percentiles={k: 1.0 for k in range(8)}, layer_errors=[], veo_losses=[], veo_holdout=[],
+                           timings={})
 
 
 @pytest.fixture
@@ -90,12 +100,12 @@ def test_progress_streams_stage_by_stage_then_the_variant_appears(ui, bundled_di
     assert any("**calibration" in s for s in statuses[:-1])
     assert any("▶ **" in s for s in statuses[:-1])  # a running stage is shown as such
     assert "✓ **VEO" in statuses[-1] and "✓ **block-wise percentile search" in statuses[-1]
-    assert "W4A4 qvlm" in statuses[-1] and "ready in" in statuses[-1]
+    assert L("W4A4 qvlm") in statuses[-1] and "ready in" in statuses[-1]
     assert "(8 calibration pairs)" in statuses[0]  # the form's setting reached the config
-    assert "1/2" in outs[-1][q.held] and outs[-1][q.new_variant] == "W4A4 qvlm"
+    assert "1/2" in outs[-1][q.held] and outs[-1][q.new_variant] == L("W4A4 qvlm")
     # the Analysis tab then opens the new variant, its layer slider bounded by the model's decoder pairs
     opened = a.select_variant(outs[-1][q.new_variant], _req("j1"))
-    assert opened[a.variant]["value"] == "W4A4 qvlm" and "W4A4 qvlm" in str(opened[a.variant]["choices"])
+    assert opened[a.variant]["value"] == L("W4A4 qvlm") and L("W4A4 qvlm") in str(opened[a.variant]["choices"])
     assert opened[a.layer]["maximum"] == 6
 
 
@@ -115,9 +125,9 @@ def test_cancel_mid_run_keeps_held_variants_and_the_analysis_selection(ui, bundl
     ui.app.cancel(_req("j3"))
     outs = list(gen)
     assert "Cancelled" in outs[-1][q.status] and "still here" in outs[-1][q.status]
-    assert "W8A8 rtn" in outs[-1][q.held]
+    assert L("W8A8 rtn") in outs[-1][q.held]
     assert outs[-1][q.new_variant] is None and ui.analysis.select_variant(None, _req("j3")) == {}
-    assert ui.app.session(_req("j3")).variants.labels() == ["W8A8 rtn"]
+    assert ui.app.session(_req("j3")).variants.labels() == [L("W8A8 rtn")]
     assert ui.app.session(_req("j3")).busy is None and not HEAVY_WORK.locked()
 
 
@@ -126,10 +136,10 @@ def test_lru_eviction_is_announced(ui, bundled_dir):
     for bits in ("W8A8", "W6A6"):
         list(q.quantize(str(bundled_dir), *_args(bits), request=_req("j4")))
     final = list(q.quantize(str(bundled_dir), *_args("W4A4"), request=_req("j4")))[-1]
-    assert "dropped the least recently used variant 'W8A8 qvlm'" in final[q.status]
-    assert ui.app.session(_req("j4")).variants.labels() == ["W6A6 qvlm", "W4A4 qvlm"]
+    assert f"dropped the least recently used variant '{L('W8A8 qvlm')}'" in final[q.status]
+    assert ui.app.session(_req("j4")).variants.labels() == [L("W6A6 qvlm"), L("W4A4 qvlm")]
     # the Analysis panel asked for the dropped variant says so instead of failing
-    assert "no longer held" in ui.analysis.show_overview("W8A8 qvlm", _req("j4"))[ui.analysis.info]
+    assert "no longer held" in ui.analysis.show_overview(L("W8A8 qvlm"), _req("j4"))[ui.analysis.info]
 
 
 def test_second_session_waits_with_a_message(ui, bundled_dir):
@@ -139,10 +149,10 @@ def test_second_session_waits_with_a_message(ui, bundled_dir):
     assert HEAVY_WORK.locked()
     second = q.quantize(str(bundled_dir), *_args("W8A8"), request=_req("b"))
     waiting = next(second)[q.status]
-    assert "Waiting: another session is running a quantization (W4A4 qvlm)" in waiting
+    assert f"Waiting: another session is running a quantization ({L('W4A4 qvlm')})" in waiting
     list(first)  # a finishes and releases the lock
     outs = list(second)
-    assert "W8A8 qvlm" in outs[-1][q.status] and "ready in" in outs[-1][q.status]
+    assert L("W8A8 qvlm") in outs[-1][q.status] and "ready in" in outs[-1][q.status]
 
 
 def test_cancel_while_waiting_for_another_session_starts_nothing(ui, bundled_dir):
@@ -188,7 +198,7 @@ def test_ask_shows_every_held_variant_side_by_side(ui, bundled_dir):
     out = ui.ask.answer_all(str(EXAMPLES_DIR / "easyvqa_test_0.png"), "what is the red shape?", str(bundled_dir),
                             _req("f"))
     html, note = out[ui.ask.answers], out[ui.ask.note]
-    assert "FP · full precision" in html and "W4A4 qvlm" in html and html.count(" ms<") == 2
+    assert "FP · full precision" in html and L("W4A4 qvlm") in html and html.count(" ms<") == 2
     assert "No quantized variant" not in note
 
 
@@ -205,9 +215,9 @@ def test_results_panel_evaluates_fp_and_variants_and_reuses_results(ui, bundled_
     final = list(r.evaluate(20, str(bundled_dir), _req("g")))[-1]
     assert "2 model(s) evaluated on the same 20 test questions" in final[r.status]
     table = final[r.table]
-    assert [row[0] for row in table] == ["FP", "W4A4 qvlm"] and all(row[2] == 20 for row in table)
+    assert [row[0] for row in table] == ["FP", L("W4A4 qvlm")] and all(row[2] == 20 for row in table)
     assert [row[1] for row in table] == ["nothing (FP)", "LLM + vision"]  # which towers each row quantized
-    assert [t.name for t in final[r.accuracy].data] == ["FP", "W4A4 qvlm"]
+    assert [t.name for t in final[r.accuracy].data] == ["FP", L("W4A4 qvlm")]
     # a second run with the same subset reuses the stored results (no new computation, one update)
     again = list(r.evaluate(20, str(bundled_dir), _req("g")))
     assert len(again) == 1 and again[0][r.table] == table
@@ -230,32 +240,32 @@ def test_results_panel_cancel_keeps_finished_evaluations(ui, bundled_dir):
 def test_ded_is_computed_once_per_sample_count_then_browsed_by_layer(ui, bundled_dir):
     a = ui.analysis
     list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("k")))
-    shown = a.show_ded("W4A4 qvlm", 3, 4, _req("k"))
+    shown = a.show_ded(L("W4A4 qvlm"), 3, 4, _req("k"))
     assert "Compute DED" in shown[a.ded_note] and len(shown[a.ded_plot].data) == 0  # a pointer, not a failure
-    final = list(a.compute_ded("W4A4 qvlm", 3, 4, _req("k")))[-1]
+    final = list(a.compute_ded(L("W4A4 qvlm"), 3, 4, _req("k")))[-1]
     assert "Done in" in final[a.ded_note] and "R² = 1.0000" in str(final[a.ded_plot].layout.annotations[0].text)
     assert "layers 3–4" in final[a.ded_plot].layout.title.text
-    assert "layers 5–6" in a.show_ded("W4A4 qvlm", 5, 4, _req("k"))[a.ded_plot].layout.title.text
-    list(a.compute_ded("W4A4 qvlm", 5, 4, _req("k")))
+    assert "layers 5–6" in a.show_ded(L("W4A4 qvlm"), 5, 4, _req("k"))[a.ded_plot].layout.title.text
+    list(a.compute_ded(L("W4A4 qvlm"), 5, 4, _req("k")))
     assert ui.sweeps == [4]  # the second request was served from the stored sweep
-    bad = list(a.compute_ded("W4A4 qvlm", 5, 1, _req("k")))
+    bad = list(a.compute_ded(L("W4A4 qvlm"), 5, 1, _req("k")))
     assert "from 2 to 64" in bad[-1][a.ded_note] and a.ded_plot not in bad[-1]  # the plots stay
 
 
 def test_ded_plot_shows_the_r2_chance_level(ui, bundled_dir):
     a = ui.analysis
     list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("m")))
-    final = list(a.compute_ded("W4A4 qvlm", 3, 4, _req("m")))[-1]
+    final = list(a.compute_ded(L("W4A4 qvlm"), 3, 4, _req("m")))[-1]
     assert "(chance level 0.90 for n = 4)" in final[a.ded_plot].layout.annotations[0].text
 
 
 def test_interaction_verdict_table_and_chart_reach_the_outputs_then_come_from_the_cache(ui, bundled_dir):
     a = ui.analysis
     list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("n")))
-    before = a.show_interaction("W4A4 qvlm", 4, _req("n"))
+    before = a.show_interaction(L("W4A4 qvlm"), 4, _req("n"))
     assert "Do the layers interact?" in before[a.interaction_note] and before[a.interaction_table] == []
-    outs = list(a.compute_interaction("W4A4 qvlm", 4, _req("n")))
-    assert len(outs) >= 2 and "Do the layers of W4A4 qvlm interact? (4 samples)" in outs[0][a.interaction_note]
+    outs = list(a.compute_interaction(L("W4A4 qvlm"), 4, _req("n")))
+    assert len(outs) >= 2 and f"Do the layers of {L('W4A4 qvlm')} interact? (4 samples)" in outs[0][a.interaction_note]
     final = outs[-1]
     assert "Done in" in final[a.interaction_note]
     assert "Made-up verdict for 4 samples" in final[a.verdict]
@@ -267,19 +277,68 @@ def test_interaction_verdict_table_and_chart_reach_the_outputs_then_come_from_th
     assert not HEAVY_WORK.locked() and ui.app.session(_req("n")).busy is None
     # a second request, or another variant and back, redraws from the session's cache
     list(ui.quantize.quantize(str(bundled_dir), *_args("W8A8"), request=_req("n")))
-    assert a.show_interaction("W8A8 qvlm", 4, _req("n"))[a.verdict] == ""
-    again = list(a.compute_interaction("W4A4 qvlm", 4, _req("n")))
+    assert a.show_interaction(L("W8A8 qvlm"), 4, _req("n"))[a.verdict] == ""
+    again = list(a.compute_interaction(L("W4A4 qvlm"), 4, _req("n")))
     assert len(again) == 1 and again[0][a.interaction_table] == table
-    assert a.show_interaction("W4A4 qvlm", 4, _req("n"))[a.verdict] == final[a.verdict]
+    assert a.show_interaction(L("W4A4 qvlm"), 4, _req("n"))[a.verdict] == final[a.verdict]
     assert ui.diagnostics == [4]
     # the diagnostics are the DED sweep too: DED for the same samples needs no second run
-    list(a.compute_ded("W4A4 qvlm", 3, 4, _req("n")))
+    list(a.compute_ded(L("W4A4 qvlm"), 3, 4, _req("n")))
     assert ui.sweeps == [4]
 
 
 def test_interaction_rejects_a_bad_sample_count_and_keeps_the_outputs(ui, bundled_dir):
     a = ui.analysis
     list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("o")))
-    bad = list(a.compute_interaction("W4A4 qvlm", 1, _req("o")))
+    bad = list(a.compute_interaction(L("W4A4 qvlm"), 1, _req("o")))
     assert len(bad) == 1 and "from 2 to 64" in bad[0][a.interaction_note] and a.verdict not in bad[0]
     assert ui.diagnostics == []
+
+
+def _events(*specs):
+    from qvlm.ui.jobs import ProgressEvent
+    return [ProgressEvent(stage, fraction, message, at) for stage, fraction, message, at in specs]
+
+
+def test_a_cancelled_stage_is_shown_where_it_stopped_not_finished():
+    from qvlm.ui.jobs import StageTracker
+    tracker = StageTracker("job")
+    tracker.update(_events(("calibration", 1.0, "done", 1.0), ("veo", 0.3, "epoch 3/10", 2.0)))
+    cancelled = tracker.markdown("■ Cancelled.")
+    assert "✓ **calibration" in cancelled and "100%" in cancelled.splitlines()[1]
+    veo = next(line for line in cancelled.splitlines() if "VEO" in line)
+    assert veo.startswith("- ■") and " 30%" in veo and "100%" not in veo and "stopped here" in veo
+    finished = tracker.markdown("✓ Done.", completed=True)
+    assert next(line for line in finished.splitlines() if "VEO" in line).startswith("- ✓")
+
+
+def test_a_stage_starts_when_the_previous_one_last_reported():
+    """The init reports after its first layer; the time before that is the init's, not the calibration's."""
+    from qvlm.ui.jobs import StageTracker
+    tracker = StageTracker("job")
+    tracker.update(_events(("calibration", 0.0, "", 0.0), ("calibration", 1.0, "done", 2.0),
+                           ("init", 0.5, "layer 1/2", 70.0), ("init", 1.0, "layer 2/2", 76.0),
+                           ("veo", 0.1, "epoch 1/10", 80.0)))
+    assert tracker.seconds("calibration") == 2.0 and tracker.seconds("init") == 74.0
+
+
+def test_cancel_mid_run_leaves_the_running_stage_unfinished(ui, bundled_dir):
+    q = ui.quantize
+    gen = q.quantize(str(bundled_dir), *_args(), request=_req("j9"))
+    while "**VEO" not in (status := next(gen)[q.status]):
+        pass
+    ui.app.cancel(_req("j9"))
+    final = list(gen)[-1][q.status]
+    assert "Cancelled" in final and not any(line.startswith("- ✓ **VEO") for line in final.splitlines())
+
+
+def test_ded_view_opens_with_a_sentence_that_reads_the_plotted_r2(ui, bundled_dir):
+    a = ui.analysis
+    list(ui.quantize.quantize(str(bundled_dir), *_args(), request=_req("p")))
+    final = list(a.compute_ded(L("W4A4 qvlm"), 3, 4, _req("p")))[-1]
+    annotation = final[a.ded_plot].layout.annotations[0].text
+    r2, chance = re.search(r"R² = ([\d.]+) \(chance level ([\d.]+)", annotation).groups()
+    assert f"R² {r2}, above the {chance}" in final[a.ded_lead]
+    overview = a.show_overview(L("W4A4 qvlm"), _req("p"))
+    assert "form 3 blocks" in overview[a.partition_lead] and "(3 blocks)" in overview[a.partition].layout.title.text
+    assert "no VEO step" not in overview[a.veo_lead] and overview[a.veo_lead].startswith("No VEO in this variant")

@@ -9,6 +9,7 @@ really interrupts the core.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,19 +18,21 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
+from qvlm.models import BUNDLED_MODEL_DIR
+from qvlm.ui import explain
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel
 from qvlm.ui.panel_ask import AskPanel
-from qvlm.ui.panel_quantize import QuantizePanel
+from qvlm.ui.panel_quantize import QuantizePanel, model_short_name
 from qvlm.ui.panel_results import ResultsPanel
 from qvlm.ui.settings import EXAMPLES_DIR, Settings
-from qvlm.ui.state import AppState
+from qvlm.ui.state import AppState, canonical_name
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # model, bits, recipe, calib, depth, h0, percentiles, VEO epochs, eta, lambda1, lambda2
 SMALL_RUN = ["W4A4", "qvlm", 4, 3, "mean", "1.0, 0.99, 0.98", 2, 1.0, 0.01, 1.0]
-LABEL = "W4A4 qvlm"
+LABEL = f"{model_short_name(canonical_name(os.environ.get('QVLM_TEST_MODEL', str(BUNDLED_MODEL_DIR))))} W4A4 qvlm"
 
 
 def _req(sid: str) -> SimpleNamespace:
@@ -75,6 +78,11 @@ def test_analysis_figures_come_from_the_real_result(run):
     assert any((t.name or "").startswith("h0") for t in partition.data)
     assert len(errors.data) >= 1 and len(errors.data[0].x) == len(r.layer_errors)
     assert len(veo.data) >= 1 and len(veo.data[0].x) == len(r.veo_losses)
+    # the VEO title and the text under it give the held-out error change in the same words
+    phrase = explain.veo_outcome(r.veo_holdout).error_phrase
+    assert phrase in veo.layout.title.text and phrase in shown[a.veo_note]
+    for lead in (a.partition_lead, a.error_lead, a.veo_lead):
+        assert shown[lead] and shown[lead].count(". ") <= 1  # one plain sentence (two for the error view)
 
 
 def test_ded_sweep_on_the_real_result(run):
@@ -117,3 +125,61 @@ def test_cancel_interrupts_the_real_core(run):
     assert "Cancelled" in statuses[-1]
     assert run.app.session(_req("real")).variants.labels() == [LABEL]  # nothing lost, nothing half-added
     assert not HEAVY_WORK.locked()
+
+
+# --- presets, vision bits, run size: plain config, no model ------------------------------------------------
+FORM = ["W4A4", "qvlm", 16, 3, "mean", "1.0, 0.995, 0.99, 0.985, 0.98", 2, 1.0, 0.01, 1.0]
+
+
+def test_the_preset_line_says_where_the_form_departs_from_its_preset():
+    from qvlm.quant import PRESETS
+    from qvlm.ui.panel_quantize import config_from_form, preset_line
+
+    default = config_from_form(*FORM)
+    assert preset_line(default).startswith(f"Preset: {default.preset} · differs in: calib_size = 16 (preset: 64)")
+    for name in PRESETS:
+        cfg = config_from_form(*FORM, preset=name)
+        assert cfg.preset == name and preset_line(cfg).startswith(f"Preset: {name}")
+    token = config_from_form(*FORM).replace(act_granularity_vision="token")
+    assert "act_granularity_vision = token (preset: channel)" in preset_line(token)
+
+
+def test_vision_bits_set_the_vision_tower_and_show_in_the_label():
+    from qvlm.quant import PRESET_NAMES
+    from qvlm.ui.panel_quantize import SAME_BITS, config_from_form, variant_label
+
+    same = config_from_form(*FORM, vision_bits=SAME_BITS)
+    assert (same.vision_w_bits, same.vision_a_bits) == (None, None) and variant_label(same, "m") == "m W4A4 qvlm"
+    own = config_from_form(*FORM, vision_bits="W4A8")
+    assert own.tower_bits("vision") == (4, 8) and variant_label(own, "m") == "m W4A4 (vision W4A8) qvlm"
+    other = next(p for p in PRESET_NAMES if p != same.preset)
+    assert variant_label(config_from_form(*FORM, preset=other), "m") == f"m W4A4 qvlm · {other} preset"
+    with pytest.raises(ValueError, match="W4A4"):
+        config_from_form(*FORM, vision_bits="eight")
+
+
+def test_expected_time_comes_from_measurements_or_says_there_is_none(tmp_path):
+    from qvlm.ui.run_size import RUN_SIZES, expected_time, read_costs
+
+    costs = {"machine": "test CPU", "threads": 2, "date": "2026-01-01", "runs": [
+        {"model": "m", "recipe": "qvlm", "run_size": "quick", "calib_size": 16, "veo_epochs": 2,
+         "timings": {"calibration": 1.0, "init": 2.0, "veo": 4.0, "measure": 1.0, "total": 8.2}}]}
+    assert "Expected time: 8 s of quantization (measured: test CPU" in expected_time("m", "qvlm", "quick", 16, 2, costs)
+    # twice the pairs and twice the epochs: 4 s of other stages x 2 + 4 s of VEO x 4
+    assert "about 24 s" in expected_time("m", "qvlm", "quick", 32, 4, costs)
+    assert "no measurement yet" in expected_time("m", "rtn", "quick", 16, 2, costs)
+    assert "no measurement yet" in expected_time("other", "qvlm", "paper", 64, 10, {})
+    assert read_costs(tmp_path / "absent.json") == {}
+    assert RUN_SIZES["paper"].calib_size == 64 and RUN_SIZES["paper"].veo_epochs == 10
+
+
+def test_the_form_preview_and_the_run_size_update_the_form(bundled_dir):
+    app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], preload=False))
+    panel = QuantizePanel(app)
+    with gr.Blocks():
+        panel.layout()
+    shown = panel.describe_form(str(bundled_dir), *FORM, True, False, "recommended", "same", "quick")
+    assert shown[panel.preset_line].startswith("Preset: recommended") and "Expected time" in shown[panel.estimate]
+    bad = panel.describe_form(str(bundled_dir), "W9A9", *FORM[1:], True, False, "recommended", "same", "quick")
+    assert "bits" in bad[panel.preset_line]
+    assert panel.choose_run_size("paper") == {panel.calib_size: 64, panel.veo_epochs: 10}

@@ -1,4 +1,4 @@
-"""VQA data: the easy-VQA dataset, its 2x2-mosaic task, prompt format and answer scoring."""
+"""VQA data: the easy-VQA dataset, its 2x2-mosaic task, the paper's hub benchmarks, prompt format and scoring."""
 
 from qvlm.data.easy_vqa import (
     COLORS,
@@ -15,11 +15,12 @@ from qvlm.data.easy_vqa import (
 )
 from qvlm.data.mosaic import MOSAIC_QUESTION_TYPES, MosaicSample
 from qvlm.data.prompts import build_prompt, chat_messages, is_correct, normalize_answer, validate_question
-from qvlm.data.tasks import DEFAULT_TASK, QUESTION_TYPES, TASKS, Task, get_task, task_of_model_folder
+from qvlm.data.tasks import DEFAULT_TASK, HUB_TASKS, QUESTION_TYPES, TASKS, Task, get_task, task_of_model_folder
 
 __all__ = [
     "COLORS",
     "DEFAULT_TASK",
+    "HUB_TASKS",
     "MOSAIC_QUESTION_TYPES",
     "MosaicSample",
     "QUESTION_TYPES",

@@ -1,4 +1,4 @@
-"""easy-VQA mosaics: 2x2 grids of easy-VQA images with compositional questions (issue 11's task).
+"""easy-VQA mosaics: 2x2 grids of easy-VQA images with compositional questions (the mosaic model's task).
 
 Every mosaic is four easy-VQA images of one split (train mosaics only from train images, test
 mosaics only from test images), pasted row-major: top left, top right, bottom left, bottom right.

@@ -2,6 +2,9 @@
 
 ``easy-vqa`` is the dataset as published (the bundled model's task); ``mosaic`` is the 2x2-mosaic
 task built from its labelled images (:mod:`qvlm.data.mosaic`, the second bundled model's task).
+``scienceqa-img`` and ``vqav2`` are the paper's hub benchmarks (:mod:`qvlm.data.hub`, Table 3): they
+need ``datasets`` and the hub, so they are in :data:`HUB_TASKS`, not in :data:`TASKS`, which lists
+what a model of this repository can be trained, evaluated and shown on offline.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlm.data import easy_vqa, mosaic
+from qvlm.data import easy_vqa, hub, mosaic
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class Task:
     holdout_split: Callable[..., list]  # (n, exclude_image_ids, seed=0) -> train samples on unseen images
     answers: Callable[[], list[str]]  # () -> every answer a question can have, sorted
     title: str = ""  # how reports name it in prose ("easy-VQA"); the name where empty
+    score: Callable[[str, object], float] | None = None
+    """(prediction, sample) -> credit in [0, 1]; None: exact match after normalization (``is_correct``)."""
 
     def test_size(self) -> int:
         """How many questions the fixed test split holds: the most a subset of it can draw."""
@@ -40,15 +45,24 @@ TASKS: dict[str, Task] = {
 }
 DEFAULT_TASK = "easy-vqa"
 
+HUB_TASKS: dict[str, Task] = {
+    hub.SCIENCEQA: Task(hub.SCIENCEQA, hub.SCIENCEQA_SUBJECTS, hub.scienceqa_evaluation_subset,
+                        hub.scienceqa_calibration_split, hub.scienceqa_holdout_split, hub.scienceqa_answers,
+                        title="ScienceQA-IMG", score=hub.score_scienceqa),
+    hub.VQAV2: Task(hub.VQAV2, hub.VQAV2_ANSWER_TYPES, hub.vqav2_evaluation_subset, hub.vqav2_calibration_split,
+                    hub.vqav2_holdout_split, hub.vqav2_answers, title="VQAv2", score=hub.score_vqav2),
+}
+
 # Every registered question type, easy-VQA's first: what evaluation reports per type.
 QUESTION_TYPES: tuple[str, ...] = tuple(t for task in TASKS.values() for t in task.question_types)
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name``; ValueError naming the choices otherwise."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return TASKS[name]
+    """The task called ``name`` (bundled or hub); ValueError naming the choices otherwise."""
+    task = TASKS.get(name) or HUB_TASKS.get(name)
+    if task is None:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join([*TASKS, *HUB_TASKS])}")
+    return task
 
 
 TASK_FILES = ("training_report.json", "qvlm_quant.json", "qvlm_activations.json")

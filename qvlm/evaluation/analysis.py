@@ -1,7 +1,7 @@
 """DED analysis: does the entropy proxy predict cross-layer dependency? (paper Fig. 2, Fig. 5, App. A)
 
 For a block of decoder layers starting at layer k (default: the pair k, k+1) and each calibration
-sample on its own (design note §3):
+sample on its own (paper §3.2 and Fig. 2: does the entropy predict what a joint search gains?):
 
     DED    = E_out(greedy layer-wise choice, Eq. 2) - E_out(joint choice, Eq. 3)  >= 0
     entropy = D(k_r, k_s) of Eqs. 4-6 for that sample (D(k, k+1) for a pair)
@@ -25,7 +25,6 @@ import torch
 from qvlm.models import VLMHandle
 from qvlm.utils.progress import STAGE_DED, report
 from qvlm.quant import QuantConfig, QuantRun, get_recipe
-from qvlm.models import core_model
 from qvlm.quant.calibration import mse_over, run_layer
 from qvlm.quant.cdm import BlockObjective, entropy_pass
 from qvlm.quant.quantizers import valid_rows
@@ -145,7 +144,7 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
     get_recipe(cfg.recipe).init.run(qrun)  # the state the CDM search starts from
     entries, fp_entries = qrun.qmap.language, handle_fp.layer_map.language
     inputs = qrun.language_inputs
-    final_norm = getattr(core_model(handle_fp.model).language_model, "norm", None)
+    final_norm = handle_fp.layer_map.final_norm
     results = []
     with torch.no_grad():
         xq, xr = qrun.language_input(), inputs.hidden
@@ -234,7 +233,8 @@ def ded_analysis(handle_fp: VLMHandle, cfg_or_result, layer: int = 0, n_samples:
 
 INTERACTION_THRESHOLD = 0.10
 """An adjacent pair "interacts" when the interaction term explains at least this share of its
-block error's variance over the candidate grid (issue 11's gate)."""
+block error's variance over the candidate grid (the gate of benchmarks/results/mosaic_designs.md,
+"Interaction gate")."""
 
 
 def dependency_verdict(pairs: list[dict]) -> str:
@@ -285,7 +285,8 @@ def veo_verdict(holdout: list[dict]) -> str:
     Why: a falling training loss says nothing about unseen images, and a falling held-out error
     says nothing about answers. The answers are read through the KL divergence of the answer
     tokens' distributions (continuous, so it resolves what 1-token agreement counts cannot):
-    how much of it the vision activations cause, and how much of that VEO removed (issue 16).
+    how much of it the vision activations cause, and how much of that VEO removed (README.md, "How VEO's
+    defaults were chosen").
     """
     rows = [r for r in holdout if r.get("err") is not None]
     if not rows:

@@ -1,9 +1,13 @@
 """``python -m qvlm bench``: FP and every recipe at W8A8, W6A6, W4A4 (and W3A3 when needed), one harness.
 
 Writes ``bench.json`` and ``bench.md`` to the output folder after every run (a long bench that is
-interrupted keeps what it measured). Besides accuracy it measures the issue's timing targets
-(full ``qvlm`` recipe time; CDM search vs the layer-wise greedy search on the same grid) and the
-entropy-vs-DED R^2 per decoder layer. Every verdict in the Markdown is computed from the numbers.
+interrupted keeps what it measured). Besides accuracy it measures the timing targets (full ``qvlm``
+recipe time; CDM search vs the layer-wise greedy search on the same grid) and the dependency
+diagnostics per decoder pair. Every verdict in the Markdown is computed from the numbers.
+
+:func:`quantize_and_evaluate` is the one quantize -> evaluate loop: the bench, the bit sweep
+(:func:`qvlm.evaluation.compare.bit_sweep`), ``benchmarks/paired_runs.py`` and
+``benchmarks/llava_gpu.py`` all measure their rows with it, so their rows compare.
 
 Definitions:
 * calibration seconds: building the calibration batches, copying the model, capturing the first
@@ -18,18 +22,23 @@ import gc
 import json
 import os
 import platform
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 
 from qvlm.data import QUESTION_TYPES, get_task
-from qvlm.evaluation.accuracy import evaluate
-from qvlm.quant import RECIPES, QuantConfig, quantize
+from qvlm.evaluation.accuracy import EvalResult, evaluate
 from qvlm.evaluation.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
+from qvlm.quant import RECIPES, QuantConfig
+from qvlm.quant import quantize as core_quantize
+from qvlm.quant.integer import use_integer_kernels
+from qvlm.utils.progress import ProgressCallback
 from qvlm.utils.stats import mcnemar, paired_verdict
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A4", "W4A3")
@@ -66,125 +75,195 @@ class BenchOptions:
     extra: dict = field(default_factory=dict)
 
 
-def _row(bits: str, recipe: str, ev, result=None, seconds: float | None = None) -> dict:
-    row = {"bits": bits, "recipe": recipe, "accuracy": ev.accuracy, "per_type": ev.per_type, "n": ev.n,
-           "eval_seconds": round(ev.seconds, 2), "answers_per_second": round(ev.answers_per_second, 1),
-           "calib_size": None if result is None else result.config.calib_size,
-           "correct": [bool(p["correct"]) for p in ev.predictions]}
-    if result is not None:
-        t = result.timings
-        row.update({
-            "calibration_s": round(t.get("calibration", 0.0), 3),
-            "search_s": round(sum(t.get(s, 0.0) for s in SEARCH_STAGES), 3),
-            "quantize_s": round(seconds if seconds is not None else t.get("total", 0.0), 3),
-            "timings": t,
-            "output_mse": result.output_mse,
-            "blocks": result.blocks,
-            "entropies": result.entropies,
-            "h0": result.h0,
-            "percentiles": {str(k): v for k, v in result.percentiles.items()},
-            "veo_final_loss": result.veo_losses[-1] if result.veo_losses else None,
-        })
-    return row
+# ----------------------------------------------------------------------------------------------
+# one row: quantize, evaluate
+# ----------------------------------------------------------------------------------------------
+def evaluation_fields(ev: EvalResult) -> dict:
+    """The accuracy columns of a row, with per-question correctness for McNemar's test."""
+    return {"accuracy": ev.accuracy, "per_type": ev.per_type, "n": ev.n, "eval_seconds": round(ev.seconds, 2),
+            "answers_per_second": round(ev.answers_per_second, 1), "kernels": ev.kernels,
+            "correct": [bool(p["correct"]) for p in ev.predictions]}
 
 
-def measure_row(handle, samples, bits: str, recipe: str, calib_size: int, overrides: dict | None = None,
-                batch_size: int = 64) -> dict:
-    """Quantize ``handle`` by one recipe and config, answer ``samples``: one row with per-question correctness.
+def quantization_fields(result) -> dict:
+    """What a bench row keeps of a :class:`~qvlm.quant.QuantResult`: stage seconds, errors, CDM's choices."""
+    t = result.timings
+    return {
+        "calibration_s": round(t.get("calibration", 0.0), 3),
+        "search_s": round(sum(t.get(s, 0.0) for s in SEARCH_STAGES), 3),
+        "timings": t,
+        "output_mse": result.output_mse,
+        "blocks": result.blocks,
+        "entropies": result.entropies,
+        "h0": result.h0,
+        "percentiles": {str(k): v for k, v in result.percentiles.items()},
+        "veo_final_loss": result.veo_losses[-1] if result.veo_losses else None,
+        "search": result.search,
+        "veo_holdout": result.veo_holdout,
+    }
 
-    The one measurement loop of the bench and of ``benchmarks/paired_runs.py``, so their rows compare.
+
+def quantize_and_evaluate(
+    handle: Any,
+    config: QuantConfig,
+    samples: Sequence,
+    *,
+    batch_size: int = 64,
+    describe: Callable[[Any], dict] | None = None,
+    quantize: Callable[..., Any] | None = None,
+    calibration: Sequence | None = None,
+    score: Callable[[str, object], float] | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> dict:
+    """Quantize ``handle`` by ``config``, answer ``samples`` with the quantized copy, drop it: one row.
+
+    Row: ``{"bits", "recipe", "calib_size", "quantize_s"}`` and :func:`evaluation_fields`, plus
+    ``describe(result)``, read before answering, while the quantized copy is still packed (timings, memory).
+    The copy then answers on integer kernels where its formats allow (:func:`use_integer_kernels`; the
+    row's ``kernels`` says which path answered).
+    ``progress`` hears the quantization's stages, then evaluation's ``STAGE_EVAL``; ``cancel``
+    stops either. ``quantize`` defaults to :func:`qvlm.quant.quantize` (a test passes a stand-in);
+    ``calibration`` replaces the task's calibration pairs, ``score`` its exact-match scoring
+    (:attr:`qvlm.data.Task.score`). Holding one quantized copy at a time is why the copy is dropped here.
     """
-    cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=calib_size, **(overrides or {}))
+    quantize = quantize or core_quantize
+    options: dict[str, Any] = {"cancel": cancel}  # only what was given, so a stand-in needs no more
+    if progress is not None:
+        options["progress"] = progress
+    if calibration is not None:
+        options["calibration"] = calibration
     start = time.perf_counter()
-    result = quantize(handle, cfg)
+    result = quantize(handle, config, **options)
     seconds = time.perf_counter() - start
-    ev = evaluate(result.handle.model, result.handle.processor, samples, batch_size=batch_size)
-    row = _row(bits, recipe, ev, result, seconds)
-    if overrides:
-        row["overrides"] = dict(overrides)
-    row["search"], row["veo_holdout"] = result.search, result.veo_holdout
+    described = describe(result) if describe is not None else {}
+    use_integer_kernels(result.handle)
+    ev = evaluate(result.handle.model, result.handle.processor, list(samples), batch_size=batch_size,
+                  progress=progress, cancel=cancel, score=score)
+    row = {"bits": config.bits_label, "recipe": config.recipe, "calib_size": config.calib_size,
+           "quantize_s": round(seconds, 3), **evaluation_fields(ev), **described}
     del result
     gc.collect()
     return row
 
 
+# ----------------------------------------------------------------------------------------------
+# the bench: its steps, in the order run_bench calls them
+# ----------------------------------------------------------------------------------------------
 def run_bench(opts: BenchOptions) -> dict:
-    from qvlm.evaluation.analysis import dependency_diagnostics
+    """Measure everything ``opts`` asks for on ``opts.model``; the report is saved after every row."""
     from qvlm.models import load_vlm
 
     torch.manual_seed(0)
     handle = load_vlm(opts.model)
-    samples = get_task(handle.task).evaluation_subset(opts.limit)
-    out = {
-        "model": handle.name,
-        "task": handle.task,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "platform": platform.platform(), "device": str(handle.device)},
-        "eval_questions": len(samples),
-        "limit": opts.limit,
-        "calib_size": opts.calib_size,
-        "rows": [],
-        "timing": {},
-        "ded": [],
-        "notes": [],
-    }
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    bench = _Bench(handle, get_task(handle.task).evaluation_subset(opts.limit), opts)
+    fp_accuracy = bench.measure_references()
+    bench.measure_recipes(fp_accuracy)
+    bench.measure_variants()
+    if opts.timing_baseline:
+        bench.measure_timing()
+    if opts.ded:
+        bench.measure_dependency()
+    bench.out["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    bench.save()
+    return bench.out
 
-    def save() -> None:
-        (opts.out_dir / "bench.json").write_text(json.dumps(out, indent=2, default=str))
-        (opts.out_dir / "bench.md").write_text(render_markdown(out))
 
-    opts.log(f"FP on {len(samples)} questions")
-    fp_eval = evaluate(handle.model, handle.processor, samples, batch_size=opts.batch_size)
-    out["rows"].append(_row("FP", "fp", fp_eval))
-    save()
-    if BNB_NF4 in opts.references:
-        opts.log(f"{BNB_NF4_LABEL} on {len(samples)} questions")
-        ref = load_bnb_nf4(opts.model)
-        ev = evaluate(ref.model, ref.processor, samples, batch_size=opts.batch_size)
-        out["rows"].append(_row("W4A16", BNB_NF4, ev))
-        del ref
-        save()
+class _Bench:
+    """One bench run: the FP model, the evaluated questions and the report that grows row by row."""
 
-    def measure(bits: str, recipe: str, calib_size: int, overrides: dict | None = None) -> dict:
-        """One measured row appended to the output, which is saved at once."""
-        row = measure_row(handle, samples, bits, recipe, calib_size, overrides, opts.batch_size)
-        out["rows"].append(row)
-        extra = f" {dict(overrides)}" if overrides else ""
-        opts.log(f"{bits} {recipe:9s}{extra} calib {calib_size}: acc {row['accuracy']:.4f}  quantize "
-                 f"{row['quantize_s']:.1f} s (calibration {row['calibration_s']:.1f} s, search {row['search_s']:.1f} s)")
-        save()
+    def __init__(self, handle: Any, samples: list, opts: BenchOptions) -> None:
+        self.handle, self.samples, self.opts = handle, samples, opts
+        self.out = {
+            "model": handle.name,
+            "task": handle.task,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "platform": platform.platform(), "device": str(handle.device)},
+            "eval_questions": len(samples),
+            "limit": opts.limit,
+            "calib_size": opts.calib_size,
+            "rows": [],
+            "timing": {},
+            "ded": [],
+            "notes": [],
+        }
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self) -> None:
+        (self.opts.out_dir / "bench.json").write_text(json.dumps(self.out, indent=2, default=str))
+        (self.opts.out_dir / "bench.md").write_text(render_markdown(self.out))
+
+    def add_unquantized(self, bits: str, recipe: str, model_handle: Any) -> dict:
+        """A row for a model evaluated as it is (FP, a reference), saved at once."""
+        ev = evaluate(model_handle.model, model_handle.processor, self.samples, batch_size=self.opts.batch_size)
+        row = {"bits": bits, "recipe": recipe, "calib_size": None, **evaluation_fields(ev)}
+        if recipe == BNB_NF4:  # bitsandbytes' Linear4bit: neither of the project's paths
+            row["kernels"] = "bitsandbytes"
+        self.out["rows"].append(row)
+        self.save()
         return row
 
-    bits_list = list(opts.bits)
-    done_bits: set[str] = set()
-    while bits_list:
-        bits = bits_list.pop(0)
-        done_bits.add(bits)
-        for recipe in opts.recipes:
-            measure(bits, recipe, opts.calib_size)
-        if bits == "W4A4" and "W3A3" not in done_bits and "W3A3" not in bits_list:
-            w4 = [r for r in out["rows"] if r["bits"] == "W4A4"]
-            no_gap = all(abs(r["accuracy"] - fp_eval.accuracy) <= 0.01 for r in w4)
-            if opts.w3a3 == "yes" or (opts.w3a3 == "auto" and no_gap):
-                out["notes"].append("W3A3 added: " + ("requested." if opts.w3a3 == "yes" else
-                                    "every recipe at W4A4 is within 1 pt of FP, so W4A4 shows no gap."))
-                bits_list.append("W3A3")
+    def measure(self, bits: str, recipe: str, calib_size: int, overrides: dict | None = None) -> dict:
+        """One quantized row appended to the report, which is saved at once."""
+        cfg = QuantConfig.from_bits(bits, recipe=recipe, calib_size=calib_size, **(overrides or {}))
+        row = quantize_and_evaluate(self.handle, cfg, self.samples, batch_size=self.opts.batch_size,
+                                    describe=quantization_fields)
+        if overrides:
+            row["overrides"] = dict(overrides)
+        self.out["rows"].append(row)
+        extra = f" {dict(overrides)}" if overrides else ""
+        self.opts.log(f"{bits} {recipe:9s}{extra} calib {calib_size}: acc {row['accuracy']:.4f}  quantize "
+                      f"{row['quantize_s']:.1f} s (calibration {row['calibration_s']:.1f} s, search "
+                      f"{row['search_s']:.1f} s), answered on {row['kernels']}")
+        self.save()
+        return row
 
-    for bits, recipe, overrides in opts.variants:
-        measure(bits, recipe, opts.calib_size, dict(overrides))
+    def measure_references(self) -> float:
+        """FP and the reference rows (bnb-nf4 as W4A16); returns FP's accuracy."""
+        self.opts.log(f"FP on {len(self.samples)} questions")
+        fp = self.add_unquantized("FP", "fp", self.handle)
+        if BNB_NF4 in self.opts.references:
+            self.opts.log(f"{BNB_NF4_LABEL} on {len(self.samples)} questions")
+            self.add_unquantized("W4A16", BNB_NF4, load_bnb_nf4(self.opts.model))
+            gc.collect()
+        return fp["accuracy"]
 
-    for size in opts.calib_sweep:
-        for bits in opts.sweep_bits:
-            for recipe in opts.sweep_recipes:
-                measure(bits, recipe, size)
+    def measure_recipes(self, fp_accuracy: float) -> None:
+        """Every recipe at every bit setting; W3A3 joins when asked, or when W4A4 shows no gap to FP."""
+        opts = self.opts
+        bits_list = list(opts.bits)
+        done_bits: set[str] = set()
+        while bits_list:
+            bits = bits_list.pop(0)
+            done_bits.add(bits)
+            for recipe in opts.recipes:
+                self.measure(bits, recipe, opts.calib_size)
+            if bits == "W4A4" and "W3A3" not in done_bits and "W3A3" not in bits_list:
+                w4 = [r for r in self.out["rows"] if r["bits"] == "W4A4"]
+                no_gap = all(abs(r["accuracy"] - fp_accuracy) <= 0.01 for r in w4)
+                if opts.w3a3 == "yes" or (opts.w3a3 == "auto" and no_gap):
+                    self.out["notes"].append("W3A3 added: " + ("requested." if opts.w3a3 == "yes" else
+                                             "every recipe at W4A4 is within 1 pt of FP, so W4A4 shows no gap."))
+                    bits_list.append("W3A3")
 
-    if opts.timing_baseline:
+    def measure_variants(self) -> None:
+        """The config variants, then the calibration-size sweep."""
+        opts = self.opts
+        for bits, recipe, overrides in opts.variants:
+            self.measure(bits, recipe, opts.calib_size, dict(overrides))
+        for size in opts.calib_sweep:
+            for bits in opts.sweep_bits:
+                for recipe in opts.sweep_recipes:
+                    self.measure(bits, recipe, size)
+
+    def measure_timing(self) -> None:
+        """The timing targets at W4A4: layer-wise greedy search vs CDM (exhaustive, coordinate), full qvlm, qlora."""
+        opts, handle = self.opts, self.handle
         opts.log("timing: layer-wise greedy search (max_block_depth=1) vs CDM, full qvlm, qlora at W4A4")
 
         def best_of(**kw):
-            runs = [quantize(handle, QuantConfig.from_bits("W4A4", calib_size=opts.calib_size, **kw))
+            runs = [core_quantize(handle, QuantConfig.from_bits("W4A4", calib_size=opts.calib_size, **kw))
                     for _ in range(max(1, opts.timing_repeats))]
             return min(runs, key=lambda r: r.timings.get("total", 0.0))
 
@@ -197,7 +276,7 @@ def run_bench(opts: BenchOptions) -> dict:
         def tables_s(r) -> float:  # the quantized pass + percentile tables, without Eqs. 4-5
             return r.timings.get("entropy", 0.0) - r.timing_details.get("entropy_eq45", 0.0)
 
-        out["timing"] = {
+        self.out["timing"] = {
             "repeats": opts.timing_repeats,
             "layerwise_search_s": greedy.timings.get("search", 0.0),
             "layerwise_tables_s": tables_s(greedy),
@@ -220,20 +299,21 @@ def run_bench(opts: BenchOptions) -> dict:
         }
         del greedy, cdm, full, qlora, coord
         gc.collect()
-        save()
+        self.save()
 
-    if opts.ded:
+    def measure_dependency(self) -> None:
+        """DED and the dependency diagnostics of every decoder pair at each of ``opts.ded_bits``."""
+        from qvlm.evaluation.analysis import dependency_diagnostics
+
+        opts = self.opts
         for bits in opts.ded_bits:
             opts.log(f"DED and dependency diagnostics at {bits}, every decoder pair, {opts.ded_samples} samples")
             report = dependency_diagnostics(
-                handle, QuantConfig.from_bits(bits, recipe="qvlm-cdm", calib_size=opts.ded_samples),
+                self.handle, QuantConfig.from_bits(bits, recipe="qvlm-cdm", calib_size=opts.ded_samples),
                 n_samples=opts.ded_samples)
-            out["ded"] += [{"bits": bits, **row} for row in report.to_dict()["pairs"]]
-            out.setdefault("verdicts_dependency", {})[bits] = report.verdict
-            save()
-    out["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    save()
-    return out
+            self.out["ded"] += [{"bits": bits, **row} for row in report.to_dict()["pairs"]]
+            self.out.setdefault("verdicts_dependency", {})[bits] = report.verdict
+            self.save()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +372,7 @@ def reference_verdicts(rows: list[dict], reference: str = BNB_NF4) -> list[str]:
 
 
 def verdicts(out: dict) -> list[str]:
-    """The issue's targets, each judged from the measured rows."""
+    """The accuracy and timing targets, each judged from the measured rows."""
     rows = [r for r in out["rows"] if r.get("calib_size") in (None, out["calib_size"]) and not r.get("overrides")]
     fp = _find(rows, "FP", "fp")
     if fp is None:
@@ -358,8 +438,8 @@ def render_markdown(out: dict) -> str:
         "first-layer capture.",
         "",
         "| Bits | Recipe | Calib. pairs | Accuracy | Δ vs FP (pt) | " + " | ".join(types_present)
-        + " | Calib. s | Search s | Quantize s | Answers/s |",
-        "|---|---|---|---|---|" + "---|" * len(types_present) + "---|---|---|---|",
+        + " | Calib. s | Search s | Quantize s | Answers/s | Kernels |",
+        "|---|---|---|---|---|" + "---|" * len(types_present) + "---|---|---|---|---|",
     ]
     for r in rows:
         delta = "" if fp is None or r is fp else f"{100 * (r['accuracy'] - fp['accuracy']):+.2f}"
@@ -367,7 +447,7 @@ def render_markdown(out: dict) -> str:
         name = BNB_NF4_LABEL if r["recipe"] == BNB_NF4 else r["recipe"] + (f" ({_overrides(r)})" if r.get("overrides") else "")
         lines.append(f"| {r['bits']} | {name} | {r.get('calib_size') or '–'} | {_pct(r['accuracy'])} | {delta} | {types} | "
                      f"{r.get('calibration_s', '–')} | {r.get('search_s', '–')} | {r.get('quantize_s', '–')} | "
-                     f"{r.get('answers_per_second', '–')} |")
+                     f"{r.get('answers_per_second', '–')} | {r.get('kernels', '–')} |")
     v = verdicts(out)
     if v:
         lines += ["", "## Targets (computed from the table)", ""] + [f"- {x}" for x in v]

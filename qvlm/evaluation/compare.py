@@ -25,10 +25,10 @@ from PIL import Image
 
 from qvlm.data import DEFAULT_TASK, VQASample, get_task, normalize_answer
 from qvlm.evaluation.accuracy import evaluate
+from qvlm.evaluation.bench import quantize_and_evaluate
 from qvlm.models.inference import answer_token_ids, continuation_probs, generate_answers, generate_token_ids
-from qvlm.utils.progress import ProgressCallback, check_cancel, report
+from qvlm.utils.progress import STAGE_EVAL, ProgressCallback, check_cancel, report
 from qvlm.quant import QuantConfig
-from qvlm.quant import quantize as core_quantize
 from qvlm.quant.memory import weight_memory
 
 STAGE_SCAN = "disagreement scan"
@@ -45,8 +45,8 @@ PAPER_TABLE3_LLAVA15_7B: dict[str, dict[str, dict[str, float]]] = {
     "VQA v2": {"FP": {"FP": 78.50}, "W6A6": {"AWQ": 77.51, "QLoRA": 77.58, "Q-VLM": 78.52},
                "W4A4": {"AWQ": 71.89, "QLoRA": 72.02, "Q-VLM": 72.51}},
 }
-"""LLaVA-v1.5-7B accuracy (%) by dataset -> bit setting -> method, as quoted in the design note
-(``qvlm-algorithm.md`` §7, Table 3). Only FP, W6A6 and W4A4 are in the paper's table: it has no
+"""LLaVA-v1.5-7B accuracy (%) by dataset -> bit setting -> method, from the paper's Table 3
+(arXiv 2410.08119). Only FP, W6A6 and W4A4 are in the paper's table: it has no
 W8A8, W4A3 or W3A3 column."""
 
 
@@ -184,13 +184,13 @@ def bit_sweep(
 ) -> list[dict[str, Any]]:
     """Accuracy on ``samples`` for FP and every (recipe, bit setting), each quantized with ``calib_size`` pairs.
 
-    Each quantized copy is dropped after its evaluation, so the sweep holds one at a time.
-    ``quantize`` defaults to :func:`qvlm.quant.quantize` and ``measure_memory`` to
-    :func:`qvlm.quant.memory.weight_memory` (a test passes stand-ins); ``config`` goes to every
+    Each point is one :func:`qvlm.evaluation.bench.quantize_and_evaluate`, which drops the quantized
+    copy after its evaluation, so the sweep holds one at a time. ``quantize`` defaults to
+    :func:`qvlm.quant.quantize` and ``measure_memory`` to :func:`qvlm.quant.memory.weight_memory`
+    (a test passes stand-ins); ``config`` goes to every
     :class:`~qvlm.quant.QuantConfig`. Returns one row per point, FP first: ``{"recipe", "bits",
     "accuracy", "n", "quant_bytes"}`` (FP's recipe and bits are "fp" / "FP").
     """
-    quantize = quantize or core_quantize
     measure_memory = measure_memory or weight_memory
     configs = [QuantConfig.from_bits(b, recipe=r, calib_size=calib_size, **config) for r in recipes for b in bits]
     if not configs:
@@ -198,20 +198,28 @@ def bit_sweep(
     total = len(configs) + 1
     samples = list(samples)
 
-    def scored(handle: Any, what: str, i: int) -> float:
-        res = evaluate(handle.model, handle.processor, samples, cancel=cancel,
-                       progress=lambda _s, f, msg: report(progress, STAGE_SWEEP, (i + f) / total, f"{what}: {msg}"))
-        return res.accuracy
+    def point_progress(what: str, i: int) -> ProgressCallback | None:
+        """Point ``i``'s stages on the sweep's one bar: quantizing holds it at the point's start, answering moves it."""
+        if progress is None:
+            return None
 
-    rows = [{"recipe": "fp", "bits": "FP", "accuracy": scored(fp, "FP", 0), "n": len(samples),
+        def forward(stage: str, fraction: float, message: str) -> None:
+            if stage == STAGE_EVAL:
+                report(progress, STAGE_SWEEP, (i + fraction) / total, f"{what}: {message}")
+            else:
+                report(progress, STAGE_SWEEP, i / total, f"{what}: {stage}, {message}")
+        return forward
+
+    fp_eval = evaluate(fp.model, fp.processor, samples, cancel=cancel, progress=point_progress("FP", 0))
+    rows = [{"recipe": "fp", "bits": "FP", "accuracy": fp_eval.accuracy, "n": fp_eval.n,
              "quant_bytes": measure_memory(fp.model).get("fp16_bytes")}]
     for i, cfg in enumerate(configs, start=1):
         what = f"{cfg.bits_label} {cfg.recipe}"
         report(progress, STAGE_SWEEP, i / total, f"{what}: quantizing")
-        result = quantize(fp, cfg, cancel=cancel)
-        rows.append({"recipe": cfg.recipe, "bits": cfg.bits_label, "accuracy": scored(result.handle, what, i),
-                     "n": len(samples), "quant_bytes": measure_memory(result.handle.model).get("quant_bytes")})
-        del result
+        row = quantize_and_evaluate(
+            fp, cfg, samples, batch_size=32, quantize=quantize, progress=point_progress(what, i), cancel=cancel,
+            describe=lambda result: {"quant_bytes": measure_memory(result.handle.model).get("quant_bytes")})
+        rows.append({k: row[k] for k in ("recipe", "bits", "accuracy", "n", "quant_bytes")})
     return rows
 
 

@@ -30,6 +30,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qvlm.data.tasks import task_of_model_folder
+from qvlm.export.bitsandbytes import BITSANDBYTES, W4A16_NOTE, bitsandbytes_refusal, save_bitsandbytes
+from qvlm.export.layout import (
+    ACTIVATION_SIDECAR,
+    WEIGHTS,
+    load_snippet,
+    shown_path,
+    without_paths,
+    unquantized_tensors,
+    unshared,
+    write_activation_sidecar,
+    write_model_files,
+    write_readme,
+)
 from qvlm.models import (
     PACKED_EXPORT_MANIFEST,
     ModelLoadError,
@@ -41,10 +54,11 @@ from qvlm.models import (
     resolve_device,
 )
 from qvlm.models.loader import resolve_source
+from qvlm.quant.integer import use_integer_kernels
 from qvlm.quant.packing import PackedLinear, pack_model, unpack_bits
 from qvlm.quant.qlinear import replace_module
 from qvlm.quant.quantizers import ActQuantizer
-from qvlm.quant.recipes import get_recipe
+from qvlm.quant.recipes import get_recipe, resolve_weights
 
 if TYPE_CHECKING:
     from qvlm.quant.config import QuantConfig
@@ -54,12 +68,10 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 LEGACY_FORMAT_NAMES = {"nf": "nf4"}  # version 1 spelled NormalFloat "nf"
 MANIFEST = PACKED_EXPORT_MANIFEST
-WEIGHTS = "model.safetensors"
 COMPRESSED_TENSORS = "compressed-tensors"
-SAVE_FORMATS = (FORMAT_NAME, COMPRESSED_TENSORS)
-"""What :func:`save_quantized` writes: the project's packed layout, or compressed-tensors (transformers,
-vLLM and llm-compressor load it)."""
-ACTIVATION_SIDECAR = "qvlm_activations.json"
+SAVE_FORMATS = (FORMAT_NAME, COMPRESSED_TENSORS, BITSANDBYTES)
+"""What :func:`save_quantized` writes: the project's packed layout, compressed-tensors (uniform weights;
+transformers, vLLM and llm-compressor load it) or bitsandbytes (NF4 weights; transformers loads ``Linear4bit``s)."""
 
 
 class ExportError(ModelLoadError):
@@ -67,9 +79,12 @@ class ExportError(ModelLoadError):
 
 
 def _act_entry(act: ActQuantizer | None) -> dict[str, Any] | None:
-    if act is None or not act.calibrated:
+    """The manifest entry of an input quantizer (its ranges, and its rotation, are stored as tensors);
+    a dynamic one ("dynamic_token") has no ranges to store: its granularity says it all."""
+    if act is None or not (act.calibrated or act.dynamic):
         return None
-    return {"bits": act.bits, "granularity": act.granularity}
+    entry = {"bits": act.bits, "granularity": act.granularity}
+    return entry if act.rotation is None else {**entry, "rotated": True}
 
 
 def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None,
@@ -80,6 +95,8 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
         raise ValueError(f"unknown save format {format!r}; expected one of {', '.join(SAVE_FORMATS)}")
     if format == COMPRESSED_TENSORS:
         return save_compressed_tensors(handle, out_dir, config_dict, stats)
+    if format == BITSANDBYTES:
+        return save_bitsandbytes(handle, out_dir, config_dict, stats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pack_model(handle.model)
@@ -100,11 +117,13 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
         if m.act is not None and m.act.calibrated:
             tensors[f"{name}.act.lo"] = m.act.lo.contiguous().cpu()
             tensors[f"{name}.act.hi"] = m.act.hi.contiguous().cpu()
+        if m.act is not None and m.act.rotation is not None:
+            tensors[f"{name}.act.rotation"] = m.act.rotation.contiguous().cpu()
     for key, t in handle.model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if not any(owner == n or owner.startswith(n + ".") for n in packed_names):
             tensors.setdefault(key, t.detach().contiguous().cpu())
-    save_file(_unshared(tensors), str(out / WEIGHTS), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+    save_file(unshared(tensors), str(out / WEIGHTS), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
     handle.model.config.save_pretrained(out)
     handle.model.generation_config.save_pretrained(out)
     handle.processor.save_pretrained(out)
@@ -116,22 +135,31 @@ def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, st
 
 
 def export_refusal(config: "QuantConfig", format: str) -> str | None:
-    """Why ``format`` cannot hold a model quantized with ``config``, or None when it can.
+    """Why ``format`` cannot hold a model quantized with ``config``, or None when it can: the one source of
+    the reasons the CLI refuses ``--format`` with and the app's format menu shows.
 
     Asked before quantizing (CLI) or before writing (app), so nobody waits for a run the export
-    then refuses; :func:`save_compressed_tensors` still checks the packed layers themselves.
+    then refuses; the writers still check the packed layers themselves.
     """
-    if format != COMPRESSED_TENSORS:
+    if format not in SAVE_FORMATS:
+        return f"unknown save format {format!r}; expected one of {', '.join(SAVE_FORMATS)}."
+    if format == FORMAT_NAME:
         return None
-    weights, _ = config.resolved_weights()
-    if weights == "nf4":
-        return (f"compressed-tensors has no NormalFloat (NF4) weights, which recipe {config.recipe!r} uses: "
-                f"save it as {FORMAT_NAME!r}, or set weight_format to 'uniform' (CLI: --config FILE holding "
-                f"{{\"weight_format\": \"uniform\"}}) or use rtn for compressed-tensors")
+    if config.vision_rotation != "none":
+        return (f"{format} has no place for the rotation of the vision Linears' inputs (vision_rotation "
+                f"{config.vision_rotation!r}): download it as {FORMAT_NAME}.")
     init = get_recipe(config.recipe).init
     if init is not None and init.scaling == "awq":
-        return (f"compressed-tensors has no place for AWQ's per-channel input scales (recipe {config.recipe!r}): "
-                f"save it as {FORMAT_NAME!r}")
+        return (f"{format} has no place for AWQ's per-channel input scales (recipe {config.recipe!r}): "
+                f"download it as {FORMAT_NAME}.")
+    if format == BITSANDBYTES:
+        return bitsandbytes_refusal(config)
+    weights, _ = resolve_weights(config)
+    if weights == "nf4":
+        return (f"{COMPRESSED_TENSORS} needs uniform (integer) weights: this variant has NF4 weights (recipe "
+                f"{config.recipe!r}); download it as {BITSANDBYTES} (NF4, plain from_pretrained loads it) or "
+                f"{FORMAT_NAME}, or quantize with uniform weights (recipe 'rtn'; CLI: a --config file holding "
+                f"{{\"weight_format\": \"uniform\"}}).")
     return None
 
 
@@ -140,7 +168,11 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
     """Write ``handle`` as a compressed-tensors ``pack-quantized`` checkpoint; return the folder.
 
     Plain ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` loads it with transformers and the
-    ``compressed-tensors`` package. Each packed uniform Linear (vision tower included) becomes a
+    ``compressed-tensors`` package, and ``generate`` answers. Why ``"dequantize": true`` in the
+    ``quantization_config``: without it transformers 5.25 leaves the weights compressed for
+    compressed-tensors 0.20 to decompress on the first forward call, which leaves each Linear without a
+    ``weight`` under ``torch.no_grad()`` or ``torch.inference_mode()`` (``'Linear' object has no attribute
+    'weight'``); with it the loader decompresses every weight while loading, to plain Linears. Each packed uniform Linear (vision tower included) becomes a
     ``weight_packed`` (signed codes q - 2^(b-1), packed 32 / b to an int32), a float32 ``weight_scale``
     [out, groups] and a signed ``weight_zero_point`` packed along the rows: (q - zp) * scale is the
     project's weight bit for bit. The packed zero points are zero-padded to [out, groups] int32, the
@@ -177,7 +209,6 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[tuple[int, int | None], list[str]] = {}
-    activations = {}
     for name, m in layers.items():
         shape = (m.out_features, m.in_features)
         half = 1 << (m.bits - 1)
@@ -190,13 +221,8 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().contiguous()
         groups.setdefault((m.bits, None if m.group == m.in_features else m.group), []).append(name)
-        if m.act is not None and m.act.calibrated:
-            activations[name] = {"bits": m.act.bits, "granularity": m.act.granularity,
-                                 "lo": m.act.lo.tolist(), "hi": m.act.hi.tolist()}
-    for key, t in handle.model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if not any(owner == n or owner.startswith(n + ".") for n in layers):
-            tensors.setdefault(key, t.detach().contiguous())
+    for key, t in unquantized_tensors(handle.model, layers).items():
+        tensors.setdefault(key, t)
     qconfig = QuantizationConfig(
         config_groups={
             f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
@@ -204,53 +230,34 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
                 group_size=group))
             for i, ((bits, group), names) in enumerate(sorted(groups.items(), key=str))},
         format="pack-quantized", quantization_status="compressed", ignore=[])
-    save_file(_unshared({k: v.cpu() for k, v in tensors.items()}), str(out / WEIGHTS), metadata={"format": "pt"})
-    config = handle.model.config.__class__.from_dict(handle.model.config.to_dict())
-    config.quantization_config = qconfig.model_dump(exclude_none=True)
-    config.dtype = handle.dtype
-    config.save_pretrained(out)
-    handle.model.generation_config.save_pretrained(out)
-    handle.processor.save_pretrained(out)
-    sidecar = {"applied_by_loader": False,
-               "note": "static activation ranges of the Q-VLM run, per input channel (language model) or per "
-                       "token position (vision tower); compressed-tensors' static input activations are per "
-                       "tensor, so from_pretrained applies the weights only. x_hat = clamp(round(x / step) + zp, "
-                       "0, 2^bits - 1) - zp) * step with step = (max(hi, 0) - min(lo, 0)) / (2^bits - 1), "
-                       "zp = round(-min(lo, 0) / step).",
-               "base_model": handle.name, "task": handle.task, "quant_config": config_dict, "stats": stats or {}, "modules": activations}
-    (out / ACTIVATION_SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))
-    return out
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` with every storage held by one name only (safetensors refuses shared memory).
-
-    Shared storage is normal here: AWQ gives q/k/v (and gate/up) one smoothing vector, and tied
-    embeddings (Qwen2-0.5B) share the lm_head's weight. Later names get a copy; the loader re-ties
-    embeddings by the config.
-    """
-    seen: set[int] = set()
-    out = {}
-    for name, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[name] = t.clone() if ptr in seen and t.numel() else t
-        seen.add(ptr)
+    save_file(unshared({k: v.cpu() for k, v in tensors.items()}), str(out / WEIGHTS), metadata={"format": "pt"})
+    write_model_files(handle, out, {**qconfig.model_dump(exclude_none=True), "dequantize": True})
+    write_activation_sidecar(out, handle, layers, config_dict, stats, loader="from_pretrained")
+    write_readme(out, f"{handle.name}: compressed-tensors", [
+        f"{handle.name} quantized by Q-VLM Studio, written as a compressed-tensors `pack-quantized` checkpoint "
+        f"({len(layers)} Linear layers with integer weights; the rest stay in floating point).",
+        "Load it with plain transformers (with the `compressed-tensors` package); the config asks the loader to "
+        "decompress the weights while loading (`\"dequantize\": true`), so `generate` works under "
+        "`torch.no_grad()` and `torch.inference_mode()`:",
+        load_snippet(out.name),
+        f"The loader applies the weights only: a W4A4 variant answers as its W4A16 counterpart. The run's static "
+        f"activation ranges are in `{ACTIVATION_SIDECAR}`."])
     return out
 
 
 def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
-        raise ExportError(f"{folder} is not a Q-VLM export: {MANIFEST} is missing.")
+        raise ExportError(f"{shown_path(folder)} is not a Q-VLM export: {MANIFEST} is missing.")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExportError(f"{path} is corrupted ({err}).") from err
+        raise ExportError(f"{shown_path(path)} is corrupted ({without_paths(err, folder)}).") from err
     if manifest.get("format") != FORMAT_NAME:
-        raise ExportError(f"{folder} holds format {manifest.get('format')!r}, not {FORMAT_NAME!r}.")
+        raise ExportError(f"{shown_path(folder)} holds format {manifest.get('format')!r}, not {FORMAT_NAME!r}.")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ExportError(
-            f"{folder} was written with export format version {manifest.get('format_version')}; this version of "
+            f"{shown_path(folder)} was written with export format version {manifest.get('format_version')}; this version of "
             f"Q-VLM Studio reads versions {', '.join(map(str, READABLE_VERSIONS))}. Re-export it with a matching "
             "version."
         )
@@ -275,26 +282,28 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
     """Rebuild a packed quantized model from an export folder; raises :class:`ExportError` when unreadable.
 
     ``device`` None: :func:`~qvlm.models.device.resolve_device` (``$QVLM_DEVICE``, else CUDA when available).
+    The layers whose formats factor run on integer kernels (:func:`~qvlm.quant.integer.use_integer_kernels`:
+    the handle's ``execution_path`` says which path answers, ``simulated_layers`` why the others stay).
     """
     from transformers import AutoConfig, AutoProcessor
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ExportError(f"No export folder at {folder}.")
+        raise ExportError(f"No export folder at {shown_path(folder)}.")
     manifest = _read_manifest(folder)
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except (SafetensorError, FileNotFoundError, OSError) as err:
-        raise ExportError(f"{folder / WEIGHTS} is missing or corrupted ({err}).") from err
+        raise ExportError(f"{shown_path(folder / WEIGHTS)} is missing or corrupted ({without_paths(err, folder)}).") from err
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ExportError(f"{folder}: config or processor files are missing or unreadable ({err}).") from err
+        raise ExportError(f"{shown_path(folder)}: config or processor files are missing or unreadable ({without_paths(err, folder)}).") from err
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     cls = model_classes().get(config.model_type)
     if cls is None:
-        raise ExportError(f"{folder}: unsupported model type {config.model_type!r}.")
+        raise ExportError(f"{shown_path(folder)}: unsupported model type {config.model_type!r}.")
     with torch.device("meta"):
         model = cls(config)
     model.to(dtype)
@@ -309,18 +318,20 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None)
         )
         model.tie_weights()  # assign=True gave tied weights (embeddings / lm_head) separate copies
     except KeyError as err:
-        raise ExportError(f"{folder}: the export is partial, tensor {err} is missing.") from err
+        raise ExportError(f"{shown_path(folder)}: the export is partial, tensor {err} is missing.") from err
     except ValueError as err:  # an entry this version cannot build (unknown weight format, bad shape)
-        raise ExportError(f"{folder}: unreadable layer entry ({err}).") from err
+        raise ExportError(f"{shown_path(folder)}: unreadable layer entry ({without_paths(err, folder)}).") from err
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise ExportError(f"{folder}: the export is partial ({len(still_meta)} tensors missing, e.g. {still_meta[0]}).")
+        raise ExportError(f"{shown_path(folder)}: the export is partial ({len(still_meta)} tensors missing, e.g. {still_meta[0]}).")
     _materialize_buffers(model)
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
     model.generation_config = _generation_config(folder, model)
-    return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model),
-                     name=f"export: {folder.name}", source="local", task=task_of_model_folder(folder))
+    handle = VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model),
+                       name=f"export: {folder.name}", source="local", task=task_of_model_folder(folder))
+    use_integer_kernels(handle)
+    return handle
 
 
 def _packed_from(name: str, entry: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> PackedLinear:
@@ -328,7 +339,10 @@ def _packed_from(name: str, entry: dict, tensors: dict[str, torch.Tensor], dtype
     act = None
     if entry.get("act"):
         act = ActQuantizer(entry["act"]["bits"], entry["act"]["granularity"])
-        act.set_range(tensors[f"{name}.act.lo"], tensors[f"{name}.act.hi"])
+        if not act.dynamic:
+            act.set_range(tensors[f"{name}.act.lo"], tensors[f"{name}.act.hi"])
+        if entry["act"].get("rotated"):
+            act.set_rotation(tensors[f"{name}.act.rotation"])
     fmt = LEGACY_FORMAT_NAMES.get(entry["format"], entry["format"])
     return PackedLinear(
         tensors[f"{name}.packed"], fmt, entry["bits"], tuple(entry["shape"]), entry["group"],

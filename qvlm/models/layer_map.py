@@ -2,7 +2,7 @@
 
 Quantizers, calibration hooks, entropy and the block search all walk this map, so the
 differences between model families (CLIP vs SigLIP towers, Llama vs Qwen2 vs Mistral
-decoders) live here and nowhere else.
+decoders, where the projector and the LLM's final norm sit) live here and nowhere else.
 """
 
 from __future__ import annotations
@@ -58,12 +58,18 @@ class LayerEntry:
 
 @dataclass
 class LayerMap:
-    """Every quantizable layer of a VLM, bottom-up per tower, plus the modules kept in full precision."""
+    """Every quantizable layer of a VLM, bottom-up per tower, plus the modules between and after them."""
 
     vision: list[LayerEntry]
     language: list[LayerEntry]
     vision_style: str
     language_style: str
+    projector: nn.Module
+    """The multimodal projector: vision features in, the image tokens the LLM sees out."""
+    projector_name: str
+    """The projector's qualified name in the model (the prefix of its Linears' names)."""
+    final_norm: nn.Module
+    """The LLM's norm after its last decoder layer (its output X^(n) is what lm_head reads)."""
 
     def layers(self, tower: Tower | None = None) -> list[LayerEntry]:
         if tower == "vision":
@@ -77,15 +83,6 @@ class LayerMap:
         for layer in self.layers(tower):
             for role, module in layer.linears.items():
                 yield layer.linear_names[role], module
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "vision_layers": len(self.vision),
-            "language_layers": len(self.language),
-            "vision_roles": list(self.vision[0].linears) if self.vision else [],
-            "language_roles": list(self.language[0].linears) if self.language else [],
-            "linears": sum(1 for _ in self.linears()),
-        }
 
 
 def _resolve(module: nn.Module, path: str) -> nn.Module | None:
@@ -147,9 +144,15 @@ def build_layer_map(model: nn.Module) -> LayerMap:
         raise ValueError(
             f"{type(model).__name__} has no vision_tower/language_model: not a LLaVA-family model"
         )
+    projector = getattr(core, "multi_modal_projector", None)
+    if not isinstance(projector, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no multi_modal_projector: not a LLaVA-family model")
+    final_norm = getattr(language_model, "norm", None)
+    if not isinstance(final_norm, nn.Module):
+        raise ValueError(f"{type(model).__name__}'s language model has no final norm (language_model.norm)")
     v_name, v_layers, v_style = _find_layer_list(vision_tower, VISION_STYLES)
     l_name, l_layers, l_style = _find_layer_list(language_model, LANGUAGE_STYLES)
     base = "model." if core is not model else ""
     vision = _entries("vision", f"{base}vision_tower.{v_name}", v_layers, VISION_STYLES[v_style])
     language = _entries("language", f"{base}language_model.{l_name}", l_layers, LANGUAGE_STYLES[l_style])
-    return LayerMap(vision, language, v_style, l_style)
+    return LayerMap(vision, language, v_style, l_style, projector, f"{base}multi_modal_projector", final_norm)

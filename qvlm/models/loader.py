@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +79,11 @@ class VLMHandle:
     name: str
     source: Source
     task: str = DEFAULT_TASK  # what it was trained on: its calibration pairs and its test split
+    execution_path: str | None = None
+    """How its quantized Linears run ("integer kernels", "simulated", "mixed: ..."), set by
+    :func:`qvlm.quant.integer.use_integer_kernels`; None: not asked."""
+    simulated_layers: dict[str, str] = field(default_factory=dict)
+    """Quantized Linears left on the simulated path -> why (:func:`qvlm.quant.integer.refusal`)."""
 
     @property
     def config(self) -> PretrainedConfig:

@@ -29,9 +29,11 @@ Eq.         what                                                          functi
 6           entropy of a block = sum of its adjacent pairs                :func:`qvlm.evaluation.analysis.ded_sweep`
 7           block partition by the threshold h0 and a maximum depth       :func:`qvlm.quant.partition.partition_layers`,
                                                                           :meth:`QuantConfig.h0_value`
-8           Jacobian-weighted entropy L_ent of the vision tower           :func:`qvlm.quant.veo.optimize_vision_bounds`
-9           visual + LLM output error L_err                               :func:`qvlm.quant.veo.optimize_vision_bounds`
-10          VEO objective L_reg + lambda1 L_ent + lambda2 L_err           :func:`qvlm.quant.veo.optimize_vision_bounds`
+8           Jacobian-weighted entropy L_ent of the vision tower           :func:`qvlm.quant.veo.weighted_entropy`,
+            (weights w_k)                                                 :func:`~qvlm.quant.veo.jacobian_weights`
+9           visual + LLM output error L_err                               :func:`qvlm.quant.veo.output_error`
+10          VEO objective L_reg + lambda1 L_ent + lambda2 L_err           :func:`qvlm.quant.veo.veo_objective`, trained by
+                                                                          :func:`~qvlm.quant.veo.optimize_vision_bounds`
 ==========  ============================================================  =============================================
 """
 
@@ -40,21 +42,25 @@ from qvlm.quant.cdm import CrossLayerSearch
 from qvlm.quant.config import BIT_SETTINGS, QuantConfig
 from qvlm.quant.layerwise import LayerwiseInit
 from qvlm.quant.pipeline import QuantResult, quantize
+from qvlm.quant.presets import PRESET_NAMES, PRESETS, Preset, get_preset
 from qvlm.quant.qlinear import QuantLinear
 from qvlm.quant.quantizers import ActQuantizer
-from qvlm.quant.recipes import MENU_ORDER, RECIPE_INFO, RECIPES, Recipe, Stage, get_recipe
+from qvlm.quant.recipes import MENU_ORDER, RECIPE_INFO, RECIPES, Recipe, Stage, get_recipe, resolve_weights
 from qvlm.quant.run import QuantRun
 from qvlm.quant.veo import VisualEncoderOptimization
 
 __all__ = [
     "BIT_SETTINGS",
     "MENU_ORDER",
+    "PRESETS",
+    "PRESET_NAMES",
     "RECIPES",
     "RECIPE_INFO",
     "ActQuantizer",
     "Cancelled",
     "CrossLayerSearch",
     "LayerwiseInit",
+    "Preset",
     "QuantConfig",
     "QuantLinear",
     "QuantResult",
@@ -62,6 +68,8 @@ __all__ = [
     "Recipe",
     "Stage",
     "VisualEncoderOptimization",
+    "get_preset",
     "get_recipe",
     "quantize",
+    "resolve_weights",
 ]

@@ -1,4 +1,4 @@
-"""Cross-layer dependency mining on the LLM decoder (paper §3.2; design note §4.3, §8.3 step 4).
+"""Cross-layer dependency mining on the LLM decoder (paper §3.2, Eqs. 3-7).
 
 1. One pass over the calibration set on the quantized path (current ranges): per decoder layer,
    the percentile candidate table of every activation quantizer and the entropy-site
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from qvlm.models import core_model
 from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES
 from qvlm.utils.progress import STAGE_ENTROPY, STAGE_SEARCH, check_cancel, report
 from qvlm.quant.calibration import LayerInputs, mse_over, observing, release_records, run_layer
@@ -38,7 +37,6 @@ Table = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 class EntropyPass:
     per_sample: torch.Tensor  # [n_layers - 1, n_samples], D(k, k+1) per calibration sample
     tables: list[Table]  # per layer: role -> [(lo, hi) per percentile]
-    grids: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     entropy_seconds: float = 0.0  # the part spent on Eqs. 4-5 (the rest: the pass and percentile tables)
 
     @property
@@ -80,7 +78,7 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
     xs, xr = xq0, xr0
     per_sample: list[torch.Tensor] = []
     tables: list[Table] = []
-    grids: list[tuple[torch.Tensor, torch.Tensor]] = []
+    prev_grid: tuple[torch.Tensor, torch.Tensor] | None = None
     prev_site: list[torch.Tensor] | None = None
     d_seconds = 0.0
     n = len(entries)
@@ -112,22 +110,21 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
         else:
             site = xs
             grid = residual_grid(xs, inputs.masks, cfg.a_bits)
-        grids.append(grid)
         if prev_site is not None:
             t_d = time.perf_counter()
             d = torch.cat([
-                pair_entropy(a, b, grids[k - 1], grid, cfg.a_bits, m, cfg.soft_temperature, cfg.soft_delta_mode)
+                pair_entropy(a, b, prev_grid, grid, cfg.a_bits, m, cfg.soft_temperature, cfg.soft_delta_mode)
                 for a, b, m in zip(prev_site, site, inputs.masks)
             ])
             per_sample.append(d.cpu())
             d_seconds += time.perf_counter() - t_d
-        prev_site = list(site)
+        prev_site, prev_grid = list(site), grid
         release_records(qs.values())
         del source, cache
         xs = ys
         report(progress, STAGE_ENTROPY, (k + 1) / n, f"layer {k + 1}/{n}")
     stacked = torch.stack(per_sample) if per_sample else torch.zeros(0, len(xq0) and sum(x.shape[0] for x in xq0))
-    return EntropyPass(stacked, tables, grids, d_seconds)
+    return EntropyPass(stacked, tables, d_seconds)
 
 
 def apply_candidate(entry, table: Table, c: int) -> None:
@@ -215,11 +212,11 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
     a block's choice is kept only if, propagated through the rest of the model (later layers at
     their incumbent ranges), it gives a lower final-output error (Eq. 1) than the block's incumbent
     ranges; otherwise the block goes back to its incumbent. ``search.accepted`` records which.
+    Progress: the fraction is blocks finished / blocks (a block's passes only update the message).
     """
-    total = sum(sum(n_cands ** (j + 1) for j in range(len(b))) if mode == "exhaustive" else n_cands * len(b)
-                for b in blocks)
+    n_blocks = len(blocks)
+    report(progress, STAGE_SEARCH, 0.0, f"{n_blocks} blocks")
     score = BlockObjective(objective, entries, fp_entries, final_norm, inputs, cancel)
-    done = {"passes": 0}
     xs, xr = xq0, xr0
     outcomes = []
     fp_final = None
@@ -232,6 +229,7 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
             xr, ref = score.reference(k, xr)
             refs.append(ref)
         compared: dict[int, list[torch.Tensor]] = {}
+        passes = 0
 
         def apply(j: int, c: int) -> None:
             apply_candidate(entries[block[j]], tables[block[j]], c)
@@ -244,8 +242,9 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
             return mse_over(compared[j], refs[j], inputs.masks)
 
         def on_pass() -> None:
-            done["passes"] += 1
-            report(progress, STAGE_SEARCH, min(1.0, done["passes"] / max(1, total)), f"block {bi + 1}/{len(blocks)}")
+            nonlocal passes
+            passes += 1
+            report(progress, STAGE_SEARCH, bi / n_blocks, f"block {bi + 1}/{n_blocks}, layer pass {passes}")
 
         if mode == "exhaustive":
             search = exhaustive_search(len(block), n_cands, apply, forward, error, xs, on_pass=on_pass)
@@ -270,7 +269,7 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
             else:
                 search.accepted, chosen_out = False, incumbent_out
         xs = chosen_out
-    report(progress, STAGE_SEARCH, 1.0, f"block {len(blocks)}/{len(blocks)}")
+        report(progress, STAGE_SEARCH, (bi + 1) / n_blocks, f"block {bi + 1}/{n_blocks} done")
     return outcomes
 
 
@@ -299,9 +298,15 @@ class CrossLayerSearch:
         cfg = qrun.config
         if not cfg.quantize_language:
             return
+        if cfg.act_granularity_language == "dynamic_token":
+            qrun.notes["cdm.skipped"] = ("dynamic_token language ranges are each token's min/max at run time: "
+                                         "no percentile ranges to search")
+            qrun.report(STAGE_SEARCH, 1.0, "skipped: " + qrun.notes["cdm.skipped"])
+            return
         entries, fp_entries, inputs = qrun.qmap.language, qrun.fp.layer_map.language, qrun.language_inputs
         with torch.no_grad():
             with qrun.timed(STAGE_ENTROPY):
+                qrun.report(STAGE_ENTROPY, 0.0, "quantized-path input of the decoder")
                 xq0 = qrun.language_input()
                 ep = entropy_pass(entries, fp_entries, inputs, xq0, inputs.hidden, cfg, qrun.cancel, qrun.progress)
             qrun.timing_details["entropy_eq45"] = round(ep.entropy_seconds, 4)  # part of "entropy"
@@ -311,7 +316,7 @@ class CrossLayerSearch:
                 qrun.blocks = partition_layers(ep.entropies, qrun.h0, cfg.max_block_depth)
                 outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
                                          len(cfg.percentiles) + 1, cfg.joint_search, cfg.block_objective,
-                                         core_model(qrun.fp.model).language_model.norm, qrun.cancel, qrun.progress,
+                                         qrun.fp.layer_map.final_norm, qrun.cancel, qrun.progress,
                                          cfg.cdm_accept)
                 labels = candidate_labels(cfg)
                 for block, search in outcomes:
@@ -322,7 +327,7 @@ class CrossLayerSearch:
                     if not accepted:
                         for k in block:
                             qrun.percentiles[k] = labels[0]
-                    qrun.search_log.append({
+                    qrun.search.append({
                         "block": block, "choice": [labels[c] for c in search.choice], "accepted": accepted,
                         "greedy": [labels[c] for c in search.greedy_choice],
                         "error": search.error, "greedy_error": search.greedy_error,

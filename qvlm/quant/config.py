@@ -1,7 +1,13 @@
 """QuantConfig: every parameter of a quantization run, with the reason for each default.
 
-The paper leaves many choices open (design note ``qvlm-algorithm.md`` §4.3, §5.3, §8); each
-one is a field here so a run is reproducible from its saved JSON alone.
+The paper leaves many choices open (arXiv 2410.08119 §3.2-§3.3 and §4.1-§4.3); each one is a
+field here so a run is reproducible from its saved JSON alone. The config is plain data: it names
+the recipes but does not import their stages (:mod:`qvlm.quant.recipes` does, and resolves a
+config against them, e.g. ``resolve_weights``).
+
+A config starts from a preset (:mod:`qvlm.quant.presets`: the measured best, the paper's text, the
+authors' code): ``QuantConfig()`` is the ``recommended`` one, ``from_bits(..., preset=...)`` applies
+another, and ``preset_differences()`` says where a config departs from its preset.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from qvlm.quant.presets import DEFAULT_PRESET, get_preset
 from qvlm.quant.quantizers import check_group_size
-from qvlm.quant.recipes import get_recipe
 
+RECIPE_NAMES: tuple[str, ...] = ("fp", "rtn", "qlora", "awq", "qvlm-cdm", "qvlm-veo", "qvlm")
+"""The recipes a config may name, in the order of the table in :mod:`qvlm.quant.recipes` (which
+must hold exactly these: ``RECIPES`` equals this tuple)."""
 BIT_SETTINGS: tuple[str, ...] = ("W8A8", "W6A6", "W4A4", "W4A3", "W3A3")
 """The bit settings the app and the bench offer (any WxAy with x, y in 2..8 is valid in a config)."""
 
@@ -28,11 +37,21 @@ class QuantConfig:
 
     # --- what and how many bits ---------------------------------------------------------------
     recipe: str = "qvlm"
-    """One of ``RECIPES``: fp, rtn, qlora, awq, qvlm-cdm, qvlm-veo, qvlm."""
+    """One of ``RECIPE_NAMES``: fp, rtn, qlora, awq, qvlm-cdm, qvlm-veo, qvlm."""
+    preset: str = DEFAULT_PRESET
+    """The preset this config started from (:data:`qvlm.quant.presets.PRESETS`: "recommended", "paper",
+    "authors-code"). The defaults below are the "recommended" preset's values; ``from_bits`` applies
+    another preset's. Recorded so a saved run says what it started from (``preset_differences``)."""
     w_bits: int = 4
     """Weight bit-width, 2..8 (paper: W6A6 and W4A4; W8A8 in Tables 4/6)."""
     a_bits: int = 4
     """Activation bit-width, 2..8."""
+    vision_w_bits: int | None = None
+    """Weight bit-width of the vision-tower Linears, 2..8; None = ``w_bits``. Why: the vision tower's
+    activations make every image token the LLM sees (paper §3.3), so it can deserve more bits than
+    the LLM."""
+    vision_a_bits: int | None = None
+    """Activation bit-width of the vision-tower Linears, 2..8; None = ``a_bits``."""
     weight_format: str = "auto"
     """"uniform" (asymmetric round-to-nearest), "nf4" (NormalFloat levels as in QLoRA; at bits other
     than 4 the same construction with 2^b levels), or "auto": the recipe's own choice (nf4 for
@@ -42,10 +61,33 @@ class QuantConfig:
     """Input elements sharing one weight range. None = the recipe's default: NormalFloat uses QLoRA's
     block of 64, ``awq`` groups of 64, ``rtn`` (and uniform weights otherwise) one range per output channel."""
     act_granularity_language: str = "channel"
-    """LLM activation ranges: "channel" (static per input channel, RPTQ-style, paper §4.3) or "tensor"."""
-    act_granularity_vision: str = "token"
-    """Vision activation ranges: "token" (static per token position, OS-style, paper §4.3),
-    "channel" or "tensor"."""
+    """LLM activation ranges: "channel" (static per input channel, RPTQ-style, paper §4.3), "tensor", or
+    "dynamic_token": each token row's own min/max at run time, nothing calibrated, exactly the grid of
+    the integer path's dynamic mode (:func:`qvlm.quant.quantizers.fake_quant_dynamic`). Why: one row's
+    range fits that token, so no level is spent on another token's outliers; the price is a min/max
+    per row at run time. CDM then has no language ranges to search and is skipped."""
+    act_granularity_vision: str = "channel"
+    """Vision activation ranges: "channel" (static per input channel; the "recommended" preset:
+    benchmarks/results/veo_granularity.md), "token" (static per token position, OS-style, the
+    paper's choice in §4.3: the "paper" preset) or "tensor". Per-channel static ranges cannot run
+    on the integer kernels (:mod:`qvlm.quant.integer`), so those vision Linears stay simulated.
+    "dynamic_token": each token row's own min/max at run time (as ``act_granularity_language``); the
+    layer-wise lp clipping does not shrink it (the integer path's dynamic grid has no ratio), and VEO,
+    which has no bounds to train then, is skipped."""
+    vision_fold_ranges: bool = False
+    """With "channel" vision ranges: after the last stage, rewrite each per-channel range whose input is a
+    LayerNorm output (q/k/v, fc1) as one per-tensor range, folding the per-channel steps and integer
+    shifts into the LayerNorm and the consuming Linears (RepQ-ViT, arXiv 2212.08254). Why: the same codes
+    in exact arithmetic, with a grid the integer kernels can run. The folded weights are quantized
+    again from the FP weights (:mod:`qvlm.quant.vision_ranges` says why that order)."""
+    vision_rotation: str = "hadamard"
+    """"none", "hadamard" or "orthogonal": rotate the input of every vision Linear by one orthogonal Q
+    per width, y = (W Q)(Q^T x), the activation quantizer seeing Q^T x (QuaRot, arXiv 2404.00456). Why:
+    a rotation spreads a few large channels over all of them, so a per-token range wastes fewer levels.
+    "hadamard" is a Hadamard matrix where the width is 2^k or 2^k (p + 1), p a prime = 3 mod 4 (192 = 16 * 12,
+    1024, 4096), else the seeded random orthogonal one; "orthogonal" is a random orthogonal Q seeded by ``seed``.
+    Default "hadamard" (the recommended preset): chosen on held-out train questions, see README "Why the
+    defaults differ from the paper"."""
     quantize_vision: bool = True
     """Quantize the vision-tower Linears (the paper's memory argument in Table 4 needs it)."""
     quantize_language: bool = True
@@ -181,25 +223,46 @@ class QuantConfig:
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_bits(cls, bits: str, recipe: str = "qvlm", **overrides: Any) -> "QuantConfig":
-        """``QuantConfig.from_bits("W4A4", recipe="qvlm")``; accepts any case and "w6a6"-style."""
-        m = _BITS_RE.match(str(bits))
-        if not m:
-            raise ValueError(f"bit setting {bits!r} not understood; write it like W4A4, W6A6 or W8A8")
-        cfg = cls(recipe=recipe, w_bits=int(m.group(1)), a_bits=int(m.group(2)), **overrides)
-        cfg.validate()
-        return cfg
+    def from_bits(cls, bits: str, recipe: str = "qvlm", preset: str = DEFAULT_PRESET,
+                  **overrides: Any) -> "QuantConfig":
+        """``QuantConfig.from_bits("W4A4", recipe="qvlm", preset="paper", calib_size=32)``.
+
+        The preset's values are applied first, then ``overrides`` (an override wins); ``bits``
+        accepts any case and "w6a6"-style.
+        """
+        w_bits, a_bits = parse_bits(bits)
+        values = {**get_preset(preset).values, **overrides}
+        return cls(recipe=recipe, preset=preset, w_bits=w_bits, a_bits=a_bits, **values).validate()
+
+    def tower_bits(self, tower: str) -> tuple[int, int]:
+        """(weight bits, activation bits) of the Linears of ``tower`` ("vision", "language", ...)."""
+        if tower == "vision":
+            return (self.w_bits if self.vision_w_bits is None else self.vision_w_bits,
+                    self.a_bits if self.vision_a_bits is None else self.vision_a_bits)
+        return self.w_bits, self.a_bits
 
     @property
     def bits_label(self) -> str:
-        return "FP" if self.recipe == "fp" else f"W{self.w_bits}A{self.a_bits}"
+        """"W4A4", "FP", or "W4A4 (vision W4A8)" when a quantized vision tower has bits of its own."""
+        if self.recipe == "fp":
+            return "FP"
+        label = f"W{self.w_bits}A{self.a_bits}"
+        vision = self.tower_bits("vision")
+        if self.quantize_vision and vision != (self.w_bits, self.a_bits):
+            label += f" (vision W{vision[0]}A{vision[1]})"
+        return label
 
-    def resolved_weights(self) -> tuple[str, int | None]:
-        """(weight format, group size) the recipe's layer-wise init uses under this config."""
-        init = get_recipe(self.recipe).init
-        if init is None:  # "fp": nothing is quantized; report what a uniform override would use
-            return ("uniform" if self.weight_format == "auto" else self.weight_format), self.weight_group_size
-        return init.resolve_weights(self)
+    def preset_differences(self) -> dict[str, tuple[Any, Any]]:
+        """{field: (the preset's value, this config's value)} for every field where this config departs
+        from its preset (JSON values, as in ``to_dict``).
+
+        The preset's config is its values on top of the defaults, with this config's recipe and bits
+        (those are the run's choice, not the preset's).
+        """
+        mine = self.to_dict()
+        theirs = QuantConfig(recipe=self.recipe, preset=self.preset, w_bits=self.w_bits, a_bits=self.a_bits,
+                             **get_preset(self.preset).values).to_dict()
+        return {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
 
     def h0_value(self, values: list[float]) -> float:
         """The Eq. 7 threshold for these D(k,k+1) values, by ``h0_rule``."""
@@ -223,9 +286,13 @@ class QuantConfig:
 
     def validate(self) -> "QuantConfig":
         """Raise ValueError naming the field and the allowed values; return self when fine."""
-        get_recipe(self.recipe)
-        for name in ("w_bits", "a_bits"):
+        if self.recipe not in RECIPE_NAMES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPE_NAMES)}")
+        get_preset(self.preset)
+        for name in ("w_bits", "a_bits", "vision_w_bits", "vision_a_bits"):
             v = getattr(self, name)
+            if v is None and name.startswith("vision_"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
                 raise ValueError(f"{name} must be a whole number of bits from 2 to 8, got {v!r}")
         _choice("weight_format", self.weight_format, ("auto", "uniform", "nf4"))
@@ -237,8 +304,19 @@ class QuantConfig:
             check_group_size(self.weight_group_size)
         except ValueError as err:
             raise ValueError(f"weight_group_size: {err}") from None
-        _choice("act_granularity_language", self.act_granularity_language, ("channel", "tensor"))
-        _choice("act_granularity_vision", self.act_granularity_vision, ("token", "channel", "tensor"))
+        _choice("act_granularity_language", self.act_granularity_language, ("channel", "tensor", "dynamic_token"))
+        _choice("act_granularity_vision", self.act_granularity_vision, ("token", "channel", "tensor", "dynamic_token"))
+        _choice("vision_rotation", self.vision_rotation, ("none", "hadamard", "orthogonal"))
+        if not isinstance(self.vision_fold_ranges, bool):
+            raise ValueError(f"vision_fold_ranges must be true or false, got {self.vision_fold_ranges!r}")
+        if self.vision_fold_ranges and self.act_granularity_vision != "channel":
+            raise ValueError("vision_fold_ranges folds per-channel ranges: it needs act_granularity_vision='channel'")
+        if self.vision_fold_ranges and self.vision_rotation != "none":
+            raise ValueError("vision_fold_ranges and vision_rotation cannot be combined: a rotated input has no "
+                             "LayerNorm channel to fold a range into")
+        if self.recipe == "awq" and self.vision_fold_ranges:
+            raise ValueError("the awq recipe's per-channel input scales cannot be combined with vision_fold_ranges; "
+                             "choose another recipe")
         for name in ("quantize_vision", "quantize_language", "quantize_projector", "quantize_lm_head",
                      "quantize_embeddings", "keep_per_sample_stats", "pack_weights", "veo_checkpoint",
                      "veo_early_stopping"):
@@ -321,6 +399,14 @@ class QuantConfig:
         d = self.to_dict()
         d.update(changes)
         return QuantConfig.from_dict(d)
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """"W4A8" (any case, spaces allowed) -> (4, 8); ValueError for anything else."""
+    m = _BITS_RE.match(str(bits))
+    if not m:
+        raise ValueError(f"bit setting {bits!r} not understood; write it like W4A4, W6A6 or W8A8")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

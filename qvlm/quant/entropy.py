@@ -5,7 +5,7 @@ Eq. 5 (soft level assignment of element x to the M = 2^b rounding points q_m of 
     r(x)[m] = softmax_m( -((x - q_m) / Delta)^2 / tau )    ("scaled", recommended: scale-invariant)
     r(x)[m] = softmax_m( -(x - q_m)^2 / Delta )            ("literal", as printed in the paper)
 
-Eq. 4 with the design note's resolution (§4.3.2): pool elements ij of one sample,
+Eq. 4, which does not say over what the probabilities are taken, read as: pool the elements ij of one sample,
 
     P(m, m') = mean_ij r_k(x_ij)[m] * r_{k+1}(x_ij)[m'],  P(m) = sum_m' P(m, m'),
     D(k, k+1) = - sum_{m,m'} P(m, m') log( P(m, m') / P(m) ),

@@ -22,12 +22,18 @@ but not fast.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import threading
+import weakref
+
 import torch
 from torch import nn
 
+from qvlm.models import VLMHandle, build_layer_map
 from qvlm.quant.packing import PackedLinear, unpack_bits
 from qvlm.quant.qlinear import QuantLinear, replace_module
-from qvlm.quant.quantizers import qmax_of, qparams
+from qvlm.quant.quantizers import DYNAMIC_TOKEN, act_codes, dynamic_grid, qmax_of
 
 MAX_INT_MM_K = (1 << 31) // (128 * 128) - 1
 """Longest row one ``torch._int_mm`` call sums exactly in its int32 accumulator (131071)."""
@@ -35,6 +41,10 @@ MAX_INT_MM_K = (1 << 31) // (128 * 128) - 1
 ACT_MODES = ("tensor", "token", "dynamic")
 """Activation grids the integer path takes: a static range per tensor or per token position (the
 :class:`ActQuantizer` granularities), or a range from each row's min/max at run time."""
+
+ON_INTEGER_KERNELS = "integer kernels"
+SIMULATED = "simulated"
+FLOATING_POINT = "floating point"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,24 +55,6 @@ def code_offset(bits: int) -> int:
     if not 1 <= bits <= 8:
         raise ValueError(f"the integer path takes 1 to 8 bits, got {bits}")
     return 128 if bits == 8 else 0
-
-
-def act_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes of ``x`` (float32, same shape) on the grid (``scale``, ``zero``), broadcastable.
-
-    The arithmetic of ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``, which
-    :class:`ActQuantizer` calls: x * (1 / step), not x / step (the two round differently for about one
-    value in 10^4), round half to even, add the zero point, clamp. So these are exactly the codes the
-    simulated path dequantizes.
-    """
-    inv = torch.reciprocal(scale.float())
-    return torch.clamp(torch.round(x.float() * inv) + zero.float(), 0, qmax_of(bits))
-
-
-def dynamic_grid(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step [M], zero point [M] as float) from each row's min/max of ``rows`` [M, K] (per-token, at run time)."""
-    rows = rows.float()
-    return qparams(rows.amin(dim=1), rows.amax(dim=1), bits)
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -130,7 +122,9 @@ def refusal(packed: nn.Module, dynamic: bool = False, act_bits: int | None = Non
         return (f"grouped weights (group {packed.group} < row {packed.in_features}): "
                 "the step changes inside the sum over input channels")
     act = packed.act
-    if dynamic:
+    if act is not None and act.rotation is not None:
+        return "its input is rotated before it is quantized (vision_rotation), which the integer path does not do"
+    if dynamic or takes_dynamic_ranges(act):
         bits = act_bits if act_bits is not None else (act.bits if act is not None else None)
         if bits is None:
             return "weight-only layer and no activation bit-width given for the dynamic grid"
@@ -144,6 +138,11 @@ def refusal(packed: nn.Module, dynamic: bool = False, act_bits: int | None = Non
     if act.granularity == "channel":
         return "per-input-channel activation ranges: the step changes inside the sum over input channels"
     return None
+
+
+def takes_dynamic_ranges(act: nn.Module | None) -> bool:
+    """Whether ``act`` quantizes each token row on its own range, taken at run time (:data:`DYNAMIC_TOKEN`)."""
+    return act is not None and act.enabled and act.granularity == DYNAMIC_TOKEN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +195,7 @@ class IntegerLinear(nn.Module):
         shape = (packed.out_features, packed.in_features)
         codes = unpack_bits(packed.packed, packed.bits, shape[0] * shape[1]).reshape(shape)
         act = packed.act
-        if dynamic:
+        if dynamic or takes_dynamic_ranges(act):
             bits = act_bits if act_bits is not None else act.bits
             mode, a_scale, a_zero = "dynamic", None, None
         else:
@@ -276,11 +275,60 @@ def to_integer_path(model: nn.Module, dynamic: bool = False) -> dict:
 
 def execution_path(model: nn.Module) -> str:
     """"integer kernels", "simulated" or "mixed: N of M Linears on integer kernels", over the quantized
-    Linears (an FP model has none on integer kernels, so it reads "simulated")."""
+    Linears; "floating point" for a model that has none."""
     n = sum(isinstance(m, IntegerLinear) for m in model.modules())
     total = n + sum(isinstance(m, (PackedLinear, QuantLinear)) for m in model.modules())
+    if total == 0:
+        return FLOATING_POINT
     if n == 0:
-        return "simulated"
+        return SIMULATED
     if n == total:
-        return "integer kernels"
-    return f"mixed: {n} of {total} Linears on integer kernels"
+        return ON_INTEGER_KERNELS
+    return f"mixed: {n} of {total} Linears on {ON_INTEGER_KERNELS}"
+
+
+def use_integer_kernels(handle: VLMHandle) -> dict:
+    """Run ``handle``'s eligible Linears on integer kernels from now on, in place; record the path on the handle.
+
+    Returns :func:`to_integer_path`'s report plus "path" (:func:`execution_path`), which is also set as
+    ``handle.execution_path`` (the reasons as ``handle.simulated_layers``). Why after quantizing and not
+    inside it: VEO and CDM train through the fake-quant layers; a finished model only answers. The
+    exporters and :func:`~qvlm.quant.memory.weight_memory` read PackedLinears, so a model that may still
+    be saved or measured answers through :func:`integer_handle` instead. Off the CPU nothing is swapped:
+    :func:`int_matmul` runs there as a float64 matmul, exact but slower than the simulated path.
+    """
+    device = next(handle.model.parameters()).device
+    if device.type != "cpu":
+        reason = f"integer kernels run on the CPU; this model is on {device.type}"
+        report = {"integer": [], "simulated": {n: reason for n, m in handle.model.named_modules()
+                                               if isinstance(m, (PackedLinear, QuantLinear))}}
+    else:
+        report = to_integer_path(handle.model)
+        handle.layer_map = build_layer_map(handle.model)  # its entries hold the Linears just replaced
+    report["path"] = execution_path(handle.model)
+    handle.execution_path, handle.simulated_layers = report["path"], dict(report["simulated"])
+    return report
+
+
+_INTEGER_HANDLES: "weakref.WeakKeyDictionary[nn.Module, VLMHandle]" = weakref.WeakKeyDictionary()
+_INTEGER_HANDLES_LOCK = threading.Lock()
+
+
+def integer_handle(handle: VLMHandle) -> VLMHandle:
+    """A handle on a copy of ``handle``'s model that answers on integer kernels (:func:`use_integer_kernels`).
+
+    The copy shares every parameter and buffer with the original, which stays as it is (packed: the
+    exporters and weight memory read it); only the swapped layers' int8 codes are new (1 byte per
+    weight). Built once per model and kept while the model lives, so answering again costs nothing.
+    """
+    with _INTEGER_HANDLES_LOCK:
+        held = _INTEGER_HANDLES.get(handle.model)
+        if held is not None:
+            return held
+        model = handle.model
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        clone = copy.deepcopy(model, memo=shared)
+        answering = dataclasses.replace(handle, model=clone, layer_map=build_layer_map(clone))
+        use_integer_kernels(answering)
+        _INTEGER_HANDLES[model] = answering
+        return answering

@@ -1,4 +1,4 @@
-"""Layer-wise initialization, the first stage of every recipe (design note §8.3 step 2).
+"""Layer-wise initialization, the first stage of every recipe (paper §4.1, the QLoRA-style init).
 
 :class:`LayerwiseInit` wraps the Linears to quantize (vision tower, LLM decoder, optionally the
 projector and lm_head) in :class:`QuantLinear` and initializes them tower by tower, layer by
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from qvlm.models import core_model
-from qvlm.utils.progress import STAGE_INIT, check_cancel
+from qvlm.utils.progress import STAGE_INIT, StepProgress, check_cancel
 from qvlm.quant.awq import awq_scale_search
 from qvlm.quant.entropy import residual_grid
 from qvlm.quant.calibration import LayerInputs, StopForward, call_layer, observing, release_records, run_layer
 from qvlm.quant.packing import pack_model
 from qvlm.quant.qlinear import QuantLinear, replace_module
+from qvlm.quant.vision_ranges import rotate_inputs
 from qvlm.quant.quantizers import (
     ActQuantizer,
     lp_clip_search,
@@ -109,7 +109,9 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
                clip_grid: tuple[float, ...], lp_norm: float, awq: dict | None = None, cancel=None) -> dict:
     """Quantize the weights and set the activation ranges of every Linear of ``layer``.
 
-    ``awq`` (for the AWQ recipe): {"grid": int, "max_tokens": int, "generator": torch.Generator}.
+    ``awq`` (for the AWQ recipe): {"grid": int, "max_tokens": int, "generator": torch.Generator}. A group whose
+    input is rotated (``vision_rotation``) gets no AWQ smoothing: both reshape the input channels, and the
+    rotation already spreads the outlier channels that smoothing would scale down.
     Returns per-group notes (clip factor, AWQ alpha) for the result statistics.
     """
     groups = call_order_groups(layer, linears, inputs, xs[0])
@@ -120,7 +122,7 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
         records = record_group_inputs(layer, linears, group, stop_role, inputs, xs, cancel)
         q0 = linears[group[0]].act
         smooth = None
-        if awq is not None:
+        if awq is not None and (q0 is None or q0.rotation is None):  # a rotated input is already spread out
             rows = torch.cat([valid_rows(r, m) for r, m in zip(records, inputs.masks)])
             if rows.shape[0] > awq["max_tokens"]:
                 idx = torch.randperm(rows.shape[0], generator=awq["generator"])[: awq["max_tokens"]]
@@ -130,7 +132,7 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
             notes[f"{'/'.join(group)}.awq_alpha"] = alpha
         for role in group:
             linears[role].quantize_weight_(w_bits, w_format, w_group, smooth)
-        if q0 is None:
+        if q0 is None or q0.dynamic:  # a dynamic range is each row's own at run time: nothing to set or clip
             continue
         if smooth is not None:
             s = smooth.to(records[0].dtype)
@@ -174,6 +176,7 @@ class LayerwiseInit:
 
     def run(self, qrun: "QuantRun") -> None:
         with qrun.timed(STAGE_INIT), torch.no_grad():
+            qrun.report(STAGE_INIT, 0.0, "wrapping the Linears")
             projector = self._wrap(qrun)
             self._init_towers(qrun, projector)
 
@@ -186,19 +189,23 @@ class LayerwiseInit:
             towers.append(("vision", qrun.qmap.vision, cfg.act_granularity_vision))
         if cfg.quantize_language:
             towers.append(("language", qrun.qmap.language, cfg.act_granularity_language))
+        vision_linears: list[QuantLinear] = []
         for tower, entries, granularity in towers:
             for entry in entries:
                 for role, lin in entry.linears.items():
-                    q = QuantLinear.wrap(lin, ActQuantizer(cfg.a_bits, granularity), tower=tower, role=role)
+                    act = ActQuantizer(cfg.tower_bits(tower)[1], granularity)
+                    q = QuantLinear.wrap(lin, act, tower=tower, role=role)
                     replace_module(model, entry.linear_names[role], q)
+                    if tower == "vision":
+                        vision_linears.append(q)
+        if cfg.vision_rotation != "none":
+            rotate_inputs(vision_linears, cfg.vision_rotation, cfg.seed)
         projector: list[QuantLinear] = []
         if cfg.quantize_projector:
-            core = core_model(model)
-            base = "model." if core is not model else ""
-            for name, mod in core.multi_modal_projector.named_modules():
+            for name, mod in qrun.qmap.projector.named_modules():
                 if isinstance(mod, torch.nn.Linear):
                     q = QuantLinear.wrap(mod, ActQuantizer(cfg.a_bits, "channel"), tower="projector", role=name)
-                    replace_module(model, f"{base}multi_modal_projector.{name}", q)
+                    replace_module(model, f"{qrun.qmap.projector_name}.{name}", q)
                     projector.append(q)
         if cfg.quantize_embeddings:
             emb = model.get_input_embeddings()
@@ -210,19 +217,21 @@ class LayerwiseInit:
     def _init_towers(self, qrun: "QuantRun", projector: list[QuantLinear]) -> None:
         cfg = qrun.config
         w_format, w_group = self.resolve_weights(cfg)
-        settings = dict(w_bits=cfg.w_bits, w_format=w_format, w_group=w_group, act_init=self.act_init,
+        settings = dict(w_format=w_format, w_group=w_group, act_init=self.act_init,
                         clip_grid=tuple(cfg.init_clip_grid), lp_norm=cfg.init_lp_norm, cancel=qrun.cancel)
         if self.scaling == "awq":
             settings["awq"] = {"grid": cfg.awq_grid, "max_tokens": cfg.awq_max_tokens, "generator": qrun.generator}
         fp_map, qmap = qrun.fp.layer_map, qrun.qmap
-        n_total = len(qmap.vision) + len(qmap.language)
-        done = 0
+        # One step per layer, per projector Linear and for lm_head: 1.0 only once the last is done.
+        steps = StepProgress(qrun.progress, STAGE_INIT, len(qmap.vision) + len(projector) + len(qmap.language)
+                             + int(cfg.quantize_lm_head))
         towers = (("vision", qmap.vision, fp_map.vision, qrun.vision_inputs, cfg.quantize_vision),
                   ("language", qmap.language, fp_map.language, qrun.language_inputs, cfg.quantize_language))
         for tower, entries, fp_entries, inputs, quantized in towers:
             if tower == "language":
                 for q in projector:  # the projector sits between the towers: init it once vision is final
                     self._init_outside_stacks(qrun, q, w_format, w_group)
+                    steps.step(f"projector {q.role}")
                 xs = qrun.language_input()
             else:
                 xs = inputs.hidden
@@ -233,7 +242,8 @@ class LayerwiseInit:
                     qrun.residual_grids.append(residual_grid(xs, inputs.masks, cfg.a_bits))
                 yr = run_layer(fp_entries[i].module, inputs, xr, qrun.cancel)
                 if quantized:
-                    notes = init_layer(entry.module, entry.linears, inputs, xs, **settings)
+                    notes = init_layer(entry.module, entry.linears, inputs, xs, w_bits=cfg.tower_bits(tower)[0],
+                                       **settings)
                     qrun.notes.update({f"{tower}.{i}.{k}": v for k, v in notes.items()})
                 ys = run_layer(entry.module, inputs, xs, qrun.cancel)
                 qrun.record_error(tower, i, ys, yr, inputs, "init_mse")
@@ -244,13 +254,13 @@ class LayerwiseInit:
                     # Point the map at the packed layers, or it keeps the decoded QuantLinears alive.
                     entry.linears = {role: qrun.qmodel.get_submodule(name) for role, name in entry.linear_names.items()}
                 xs, xr = ys, yr
-                done += 1
-                qrun.report(STAGE_INIT, done / n_total, f"{tower} layer {i + 1}/{len(entries)}")
+                steps.step(f"{tower} layer {i + 1}/{len(entries)}")
         if cfg.quantize_lm_head:
             q = QuantLinear.wrap(qrun.qmodel.lm_head, ActQuantizer(cfg.a_bits, "channel"), tower="lm_head",
                                  role="lm_head")
             qrun.qmodel.lm_head = q
             self._init_outside_stacks(qrun, q, w_format, w_group)
+            steps.step("lm_head")
 
     def _init_outside_stacks(self, qrun: "QuantRun", q: QuantLinear, w_format: str, w_group: int | None) -> None:
         """Weights + ranges of a Linear outside the layer stacks (projector, lm_head), from one pass.

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from qvlm.models import build_layer_map
 from qvlm.quant.packing import PackedLinear, packed_weight_bytes
 from qvlm.quant.qlinear import QuantLinear
 
 FAMILIES = ("vision", "projector", "language", "embeddings", "lm_head", "other")
 
 
-def _family(name: str) -> str:
+def _family(name: str, projector_name: str) -> str:
     if "vision_tower" in name:
         return "vision"
-    if "multi_modal_projector" in name:
+    if name == projector_name or name.startswith(projector_name + "."):
         return "projector"
     if name.startswith("lm_head") or ".lm_head" in name:
         return "lm_head"
@@ -34,10 +35,11 @@ def _family(name: str) -> str:
 def weight_memory(model: nn.Module) -> dict:
     """{"fp16_bytes", "quant_bytes", "by_family": {family: {"params", "fp16_bytes", "quant_bytes"}}}."""
     fam = {f: {"params": 0, "fp16_bytes": 0, "quant_bytes": 0} for f in FAMILIES}
+    projector_name = build_layer_map(model).projector_name
     counted: set[int] = set()
     for mod_name, module in model.named_modules():
         if isinstance(module, PackedLinear):
-            f = _family(mod_name)
+            f = _family(mod_name, projector_name)
             n = module.out_features * module.in_features
             fam[f]["params"] += n
             fam[f]["fp16_bytes"] += 2 * n
@@ -46,7 +48,7 @@ def weight_memory(model: nn.Module) -> dict:
             if id(param) in counted:
                 continue
             counted.add(id(param))
-            f = _family(f"{mod_name}.{p_name}")
+            f = _family(f"{mod_name}.{p_name}", projector_name)
             n = param.numel()
             fam[f]["params"] += n
             fam[f]["fp16_bytes"] += 2 * n

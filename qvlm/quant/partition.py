@@ -1,4 +1,4 @@
-"""Block partition of the decoder layers (paper Eq. 6-7, design note §4.3.4-6).
+"""Block partition of the decoder layers (paper §3.2, Eqs. 6-7).
 
 D(k_r, k_s) = sum_{k=k_r}^{k_s-1} D(k, k+1); layers k_r..k_s form one block if
 D(k_r, k_s) > (k_s - k_r) * h0, i.e. the *average* dependency of the span's adjacent pairs

@@ -4,8 +4,8 @@
     qrun.prepare()                           stage "calibration"
     for stage in recipe.stages:              "init" (LayerwiseInit), "veo", "entropy" + "search" (CDM)
         stage.run(qrun)
-    qrun.measure()                           stage "done": every layer's error of the final model
-    pack_model(qrun.qmodel)                  real low-bit storage
+    qrun.measure()                           stage "measure": every layer's error of the final model
+    pack_model(qrun.qmodel)                  real low-bit storage (the end of "measure")
 
 Progress arrives as ``progress(stage, fraction_within_stage, message)`` with the stage names of
 :mod:`qvlm.utils.progress`; a set ``cancel`` event raises :class:`Cancelled` within a layer pass.
@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from qvlm.models import VLMHandle
-from qvlm.utils.progress import STAGE_DONE, Cancelled, ProgressCallback, report
+from qvlm.utils.progress import STAGE_MEASURE, Cancelled, ProgressCallback, report
 from qvlm.quant.config import QuantConfig
 from qvlm.quant.packing import pack_model
 from qvlm.quant.partition import singleton_blocks
 from qvlm.quant.recipes import Stage, get_recipe
 from qvlm.quant.run import QuantRun
+from qvlm.quant.vision_ranges import FoldVisionRanges
 
 
 @dataclass
@@ -51,6 +52,7 @@ class QuantResult:
     timings: dict[str, float] = field(default_factory=dict)
     entropies_per_sample: list[list[float]] = field(default_factory=list)
     search: list[dict] = field(default_factory=list)
+    """One row per CDM block (:attr:`QuantRun.search`): choice, accepted, errors, layer passes."""
     init_notes: dict[str, Any] = field(default_factory=dict)
     output_mse: float | None = None
     timing_details: dict[str, float] = field(default_factory=dict)
@@ -68,7 +70,7 @@ class QuantResult:
                    blocks=qrun.blocks, percentiles=qrun.percentiles, layer_errors=rows, veo_losses=qrun.veo_losses,
                    veo_holdout=qrun.veo_holdout,
                    timings=dict(qrun.timings), entropies_per_sample=per_sample.tolist() if keep else [],
-                   search=qrun.search_log, init_notes=qrun.notes, output_mse=qrun.output_mse,
+                   search=qrun.search, init_notes=qrun.notes, output_mse=qrun.output_mse,
                    timing_details=dict(qrun.timing_details))
 
     def to_dict(self) -> dict:
@@ -108,12 +110,14 @@ def quantize(handle: VLMHandle, config: QuantConfig, progress: ProgressCallback 
     config.validate()
     stages = get_recipe(config.recipe).stages if stages is None else tuple(stages)
     if not stages:
-        report(progress, STAGE_DONE, 1.0, "full precision: nothing to quantize")
+        report(progress, STAGE_MEASURE, 1.0, "full precision: nothing to quantize")
         blocks = singleton_blocks(len(handle.layer_map.language))
         return QuantResult(handle=handle, config=config, blocks=blocks, timings={"total": 0.0})
     start = time.perf_counter()
     qrun = QuantRun(handle, config, progress, cancel, calibration)
     qrun.prepare()
+    if config.vision_fold_ranges:  # the vision ranges are final only after every stage
+        stages = (*stages, FoldVisionRanges())
     for stage in stages:
         qrun.check_cancel()
         stage.run(qrun)
@@ -123,7 +127,7 @@ def quantize(handle: VLMHandle, config: QuantConfig, progress: ProgressCallback 
     qrun.release()
     if config.pack_weights:
         pack_model(qrun.qmodel)
-    report(progress, STAGE_DONE, 1.0, f"{config.recipe} {config.bits_label} in {qrun.timings['total']:.1f} s")
+    report(progress, STAGE_MEASURE, 1.0, f"{config.recipe} {config.bits_label} in {qrun.timings['total']:.1f} s")
     return QuantResult.from_run(qrun)
 
 

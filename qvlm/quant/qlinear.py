@@ -62,6 +62,18 @@ class QuantLinear(nn.Linear):
         self.weight.data = self.encoded.decode(w.dtype)
         self.w_bits, self.w_format, self.w_group = bits, fmt, group_size
 
+    @torch.no_grad()
+    def requantize_weight_(self, w: torch.Tensor) -> None:
+        """Replace the quantized weight by Q(``w``) in the format, bits and group it was quantized with.
+
+        For a rewrite that changes the FP weight after the init (the fold of per-channel ranges,
+        :mod:`qvlm.quant.vision_ranges`); ``w`` is the new FP weight [out, in], AWQ smoothing included.
+        """
+        if not self.weight_quantized:
+            raise RuntimeError("weight not quantized yet: use quantize_weight_")
+        self.encoded = encode_weight(w, self.w_bits, self.w_format, self.w_group)
+        self.weight.data = self.encoded.decode(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
@@ -78,7 +90,3 @@ def replace_module(root: nn.Module, qualified_name: str, new: nn.Module) -> None
     parent_name, _, attr = qualified_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
-
-
-def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]

@@ -3,8 +3,8 @@
 Everything is *simulated* quantization (quantize -> dequantize in floating point), as in the
 paper and the authors' code: the accuracy effect is exact, the speed/memory effect is not.
 
-Uniform asymmetric quantizer for b bits and a range [lo, hi] (design note §2.2, written in the
-usual unsigned form, identical to the authors' signed form):
+Uniform asymmetric quantizer for b bits and a range [lo, hi] (paper §3.1, written in the usual
+unsigned form, identical to the authors' signed form):
 
     lo' = min(lo, 0), hi' = max(hi, 0)       (0 must be exactly representable: padding, ReLU)
     Delta = (hi' - lo') / (2^b - 1)          step
@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Granularity = Literal["channel", "token", "tensor"]
+Granularity = Literal["channel", "token", "tensor", "dynamic_token"]
+DYNAMIC_TOKEN = "dynamic_token"
+"""The granularity whose range is each token row's own min/max, taken at run time (nothing calibrated)."""
 EPS = 1e-8
 
 
@@ -65,9 +67,40 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int
     return (q - zp) * scale
 
 
-def fake_quant_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    scale, zp = qparams(lo, hi, bits)
-    return fake_quant(x, scale, zp, bits)
+def act_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes of ``x`` (float32, same shape) on the grid (``scale``, ``zero``), broadcastable.
+
+    The arithmetic of ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``, which
+    :class:`ActQuantizer` calls for static ranges: x * (1 / step), not x / step (the two round
+    differently for about one value in 10^4), round half to even, add the zero point, clamp. So these
+    are exactly the codes the simulated path dequantizes, and the ones the integer path
+    (:mod:`qvlm.quant.integer`) multiplies.
+    """
+    inv = torch.reciprocal(scale.float())
+    return torch.clamp(torch.round(x.float() * inv) + zero.float(), 0, qmax_of(bits))
+
+
+def dynamic_grid(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step [M], zero point [M] as float) from each row's min/max of ``rows`` [M, K] (per-token, at run time)."""
+    rows = rows.float()
+    return qparams(rows.amin(dim=1), rows.amax(dim=1), bits)
+
+
+def fake_quant_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` [..., C] quantize-dequantized per token row on the row's own min/max grid, in ``x``'s dtype.
+
+    The codes are :func:`act_codes` on :func:`dynamic_grid`, the integer path's dynamic mode exactly,
+    so a simulated and an integer layer see the same codes. With a gradient, it passes straight
+    through (the values stay the dequantized ones bit for bit: ``x - x.detach()`` adds an exact 0):
+    VEO backpropagates through the LLM, and round() alone would stop every gradient there.
+    """
+    rows = x.detach().reshape(-1, x.shape[-1])
+    scale, zero = dynamic_grid(rows, bits)
+    scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    x_hat = ((act_codes(rows, scale, zero, bits) - zero) * scale).reshape(x.shape).to(x.dtype)
+    if x.requires_grad:
+        return x_hat + (x - x.detach())
+    return x_hat
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +112,7 @@ def fake_quant_ste(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: in
     """Differentiable fake quantization: STE through round, true gradient through clamp and Delta.
 
     Gradients reach ``lo``/``hi`` the LSQ way (through the step and the clipping), which is what
-    VEO needs to learn the vision-tower bounds (design note §5.3).
+    VEO needs to learn the vision-tower bounds (paper §3.3, Eq. 10).
     """
     qmax = qmax_of(bits)
     lo = torch.clamp(lo, max=0.0)
@@ -135,7 +168,7 @@ class EncodedWeight:
     """A quantized [out, in] weight as integer codes plus the floats that map them back (what gets stored).
 
     ``codes``: [out * in] uint8, row-major. The blocks differ by format, so that every layer width
-    works (issue 12: SigLIP-so400m's 4304-wide fc2 input is not a multiple of 64):
+    works (SigLIP-so400m's 4304-wide fc2 input is not a multiple of 64; tests/hub_configs.py):
 
     * ``"uniform"``: groups of ``group`` consecutive inputs *within each output row*, the last group of
       a row shorter when ``group`` does not divide ``in``. ``scale``/``zero``: [out, ceil(in / group)],
@@ -316,13 +349,23 @@ def quantize_weight(w: torch.Tensor, bits: int, fmt: str, group_size: int | None
 # activation quantizer
 # ----------------------------------------------------------------------------------------------
 class ActQuantizer(nn.Module):
-    """Static-range fake quantizer of a Linear's input.
+    """Fake quantizer of a Linear's input: static ranges, or dynamic ones per token row.
 
-    Ranges are per input channel ("channel", LLM), per token position ("token", vision tower:
+    Static ranges are per input channel ("channel", LLM), per token position ("token", vision tower:
     the sequence length is fixed there) or one per tensor. During calibration it can *observe*
     its inputs (kept by reference, one per batch) while still quantizing with its current ranges,
     or pass them through untouched if it has none yet. In VEO it becomes *learnable*: the
     log-magnitudes of its bounds are parameters and the forward is differentiable (STE).
+
+    "dynamic_token" (:data:`DYNAMIC_TOKEN`) has no stored range: every token row is quantized on its
+    own min/max at run time (:func:`fake_quant_dynamic`), so it is never ``calibrated`` and has no
+    bounds to learn; it quantizes from the start.
+
+    ``rotation`` (None, or an orthogonal [C, C] Q): the input is rotated first, x -> x Q (Q^T x per
+    token), and the ranges are those of the rotated input; the Linear's weight holds W Q, so
+    (W Q)(Q^T x) = W x (QuaRot, arXiv 2404.00456; :mod:`qvlm.quant.vision_ranges`). The rotation lives
+    here, with the ranges it defines, so every layer that calls the quantizer (fake-quant, packed,
+    exported) applies it, also while quantizing is disabled.
     """
 
     def __init__(self, bits: int, granularity: Granularity) -> None:
@@ -333,6 +376,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("hi", None)
         self.register_buffer("_scale", None, persistent=False)
         self.register_buffer("_zp", None, persistent=False)
+        self.register_buffer("rotation", None)
         self.enabled = True
         self.observing = False
         self.records: list[torch.Tensor] = []
@@ -342,7 +386,16 @@ class ActQuantizer(nn.Module):
     # --- ranges -------------------------------------------------------------------------------
     @property
     def calibrated(self) -> bool:
+        """Whether it holds static ranges (a dynamic quantizer never does, and needs none)."""
         return self.lo is not None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.granularity == DYNAMIC_TOKEN
+
+    def set_rotation(self, q: torch.Tensor) -> None:
+        """Rotate every input by the orthogonal ``q`` [C, C] before quantizing (x -> x Q); see the class."""
+        self.rotation = q.detach().float().clone()
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Ranges as 1-D tensors of length G (channels, token positions, or 1)."""
@@ -386,6 +439,8 @@ class ActQuantizer(nn.Module):
     # --- learnable mode (VEO) -----------------------------------------------------------------
     def make_learnable(self) -> list[nn.Parameter]:
         """Turn the current bounds into trainable log-magnitudes (lo = -exp(a), hi = exp(b))."""
+        if self.dynamic:
+            raise RuntimeError("a dynamic_token quantizer has no bounds to learn: its ranges are taken at run time")
         if not self.calibrated:
             raise RuntimeError("cannot learn the bounds of an uncalibrated quantizer")
         span = (self.hi - self.lo).clamp_min(EPS)
@@ -404,9 +459,15 @@ class ActQuantizer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = x @ self.rotation.to(x.device, x.dtype)
         if self.observing:
             self.records.append(x.detach())
-        if not self.enabled or not self.calibrated:
+        if not self.enabled:
+            return x
+        if self.dynamic:
+            return fake_quant_dynamic(x, self.bits)
+        if not self.calibrated:
             return x
         if self.log_hi is not None:
             lo, hi = self.get_range()
@@ -427,7 +488,8 @@ class ActQuantizer(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, granularity={self.granularity}, calibrated={self.calibrated}"
+        rotated = "" if self.rotation is None else ", rotated"
+        return f"bits={self.bits}, granularity={self.granularity}, calibrated={self.calibrated}{rotated}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A recipe is a fixed sequence of the paper's steps (:class:`LayerwiseInit`,
 :class:`VisualEncoderOptimization`, :class:`CrossLayerSearch`), so the app, the CLI and the bench
 all mean the same thing by "qlora" or "qvlm". Numeric knobs stay in :class:`QuantConfig`.
 
-Paper mapping (arXiv 2410.08119, Table 1/2 and §4.3; design note §7-§8):
+Paper mapping (arXiv 2410.08119, Table 1/2 and §4.3):
 
 * ``rtn``      round-to-nearest uniform weights (per output channel), min/max static activation
                ranges; the floor.
@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from qvlm.quant.cdm import CrossLayerSearch
+from qvlm.quant.config import RECIPE_NAMES
 from qvlm.quant.layerwise import LayerwiseInit
 from qvlm.quant.veo import VisualEncoderOptimization
 
 if TYPE_CHECKING:
+    from qvlm.quant.config import QuantConfig
     from qvlm.quant.run import QuantRun
 
 
@@ -85,7 +87,8 @@ _RECIPE_LIST = (
 
 RECIPE_INFO: dict[str, Recipe] = {r.name: r for r in _RECIPE_LIST}
 RECIPES: tuple[str, ...] = tuple(RECIPE_INFO)
-"""Recipe names in table order (the reference, the baselines, the ablations, the full method)."""
+"""Recipe names in table order (the reference, the baselines, the ablations, the full method);
+the same tuple as :data:`qvlm.quant.config.RECIPE_NAMES`, the names a config validates against."""
 
 MENU_ORDER: tuple[str, ...] = ("qvlm", "qvlm-cdm", "qvlm-veo", "qlora", "awq", "rtn")
 """The quantizing recipes in the order the app offers them: the method, its ablations, the baselines."""
@@ -96,3 +99,11 @@ def get_recipe(name: str) -> Recipe:
         return RECIPE_INFO[name]
     except KeyError:
         raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+def resolve_weights(config: "QuantConfig") -> tuple[str, int | None]:
+    """(weight format, group size) the layer-wise init of ``config.recipe`` uses under ``config``."""
+    init = get_recipe(config.recipe).init
+    if init is None:  # "fp": nothing is quantized; report what a uniform override would use
+        return ("uniform" if config.weight_format == "auto" else config.weight_format), config.weight_group_size
+    return init.resolve_weights(config)

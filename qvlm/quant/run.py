@@ -20,8 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from qvlm.models import VLMHandle, build_layer_map, core_model
-from qvlm.utils.progress import STAGE_CALIBRATION, STAGE_DONE, ProgressCallback, check_cancel, report
+from qvlm.models import VLMHandle, build_layer_map
+from qvlm.utils.progress import STAGE_CALIBRATION, STAGE_MEASURE, ProgressCallback, StepProgress, check_cancel, report
 from qvlm.quant.calibration import (
     CalibBatch,
     LayerInputs,
@@ -78,7 +78,8 @@ class QuantRun:
         self.h0: float | None = None
         self.blocks: list[list[int]] = singleton_blocks(len(fp.layer_map.language))
         self.percentiles: dict[int, float] = {}
-        self.search_log: list[dict] = []
+        self.search: list[dict] = []
+        """One row per CDM block: its choice, whether it was accepted, its errors and layer passes."""
         self.output_mse: float | None = None
 
     # --- plumbing the stages share ----------------------------------------------------------
@@ -159,9 +160,11 @@ class QuantRun:
         """quant_mse of every layer of the final model, and the error of the LLM's last hidden state.
 
         Each quantized layer gets the quantized path's input, each FP layer the FP input, so a
-        layer's error includes what it inherits (the propagation of Eq. 1).
+        layer's error includes what it inherits (the propagation of Eq. 1). Progress: one step per
+        layer, the last step left to :func:`~qvlm.quant.pipeline.quantize` (packing, then 1.0).
         """
-        self.report(STAGE_DONE, 0.5, "measuring layer errors")
+        steps = StepProgress(self.progress, STAGE_MEASURE, len(self.qmap.vision) + len(self.qmap.language) + 1)
+        steps.start("measuring layer errors")
         fp_map = self.fp.layer_map
         for tower, entries, inputs, xs in (
             ("vision", self.qmap.vision, self.vision_inputs, self.vision_inputs.hidden),
@@ -175,15 +178,12 @@ class QuantRun:
                 ys = run_layer(entry.module, inputs, xs, self.cancel)
                 self.record_error(tower, i, ys, yr, inputs, "quant_mse")
                 xs, xr = ys, yr
-                if tower == "language":
-                    self.report(STAGE_DONE, 0.5 + 0.5 * (i + 1) / len(entries), "measuring layer errors")
+                steps.step(f"{tower} layer {i + 1}/{len(entries)}")
         for row in self.layer_errors.values():
             row["rel_err"] = row.get("quant_mse", 0.0) / max(row.get("fp_mse", 0.0), 1e-30)
-        norm = getattr(core_model(self.qmodel).language_model, "norm", None)
-        if norm is not None:
-            fp_norm = core_model(self.fp.model).language_model.norm
-            errs = [per_sample_mse(norm(y), fp_norm(r), m) for y, r, m in zip(xs, xr, self.language_inputs.masks)]
-            self.output_mse = float(torch.cat(errs).mean())
+        norm, fp_norm = self.qmap.final_norm, self.fp.layer_map.final_norm
+        errs = [per_sample_mse(norm(y), fp_norm(r), m) for y, r, m in zip(xs, xr, self.language_inputs.masks)]
+        self.output_mse = float(torch.cat(errs).mean())
 
     def release(self) -> None:
         """Drop the cached calibration inputs (the working copy stays: it is the result)."""

@@ -1,38 +1,46 @@
-"""Visual encoder optimization (paper §3.3, Eqs. 8-10; design note §5.3).
+"""Visual encoder optimization (paper §3.3, Eqs. 8-10).
 
 Trainable: the vision tower's activation-quantizer bounds (log-magnitudes, STE through round),
 optionally the vision LayerNorm affine parameters. Frozen: every weight, the projector, and the
 whole LLM including its (already initialised) activation quantizers.
 
-    L     = L_reg + lambda1 * L_ent + lambda2 * L_err                          (Eq. 10)
-    L_reg = next-token cross-entropy on the answer tokens (teacher forcing)
-    L_ent = sum_k w_k * D_soft(k, k+1)                                         (Eq. 8, sign corrected:
-            the paper's  sum p log p  is -D; adding it would *maximise* entropy, against the text)
-    w_k   = || dE / dX^(k) ||, E = ||X_q^(n) - X_r^(n)||^2, normalised to sum 1, detached
-    L_err = MSE(X_q^v, X_r^v) + eta * MSE(X_q^(n), X_r^(n))                    (Eq. 9, norms as MSE)
+    L     = L_reg + lambda1 * L_ent + lambda2 * L_err                          (Eq. 10, veo_objective)
+    L_reg = next-token cross-entropy on the answer tokens (teacher forcing)    (answer_loss)
+    L_ent = sum_k w_k * D_soft(k, k+1)                                         (Eq. 8, weighted_entropy; sign
+            corrected: the paper's  sum p log p  is -D; adding it would *maximise* entropy, against the text)
+    w_k   = || dE / dX^(k) ||, E = ||X_q^(n) - X_r^(n)||^2, normalised to sum 1, detached  (jacobian_weights)
+    L_err = MSE(X_q^v, X_r^v) + eta * MSE(X_q^(n), X_r^(n))                    (Eq. 9, output_error; norms as MSE)
 
 X^v is the projector output (the image tokens the LLM sees) or the selected vision features;
-X^(n) is the LLM's last hidden state (after the final norm, before lm_head).
+X^(n) is the LLM's last hidden state (after the final norm, before lm_head). :class:`VEOCapture`
+holds what one forward pass showed (X^(k), the entropy sites, the projector's input and output);
+:func:`optimize_vision_bounds` is the loop around them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from qvlm.models import core_model
-from qvlm.utils.progress import STAGE_VEO, check_cancel, report
+from qvlm.models import LayerMap, core_model
+from qvlm.utils.progress import STAGE_VEO, StepProgress, check_cancel, report
 from qvlm.data import get_task
 from qvlm.quant.calibration import CalibBatch, build_batches, calibration_batches, masked_mse
 from qvlm.quant.entropy import pair_entropy
 
 if TYPE_CHECKING:
     from qvlm.quant.config import QuantConfig
+    from qvlm.quant.quantizers import ActQuantizer
     from qvlm.quant.run import QuantRun
+
+Grid = tuple[torch.Tensor, torch.Tensor]
+Target = dict[str, torch.Tensor]
+"""The FP model's X_r^v ("xv") and X_r^(n) ("xn") for one (micro-)batch."""
+LOSS_TERMS = ("total", "reg", "ent", "err")
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,13 @@ class VisualEncoderOptimization:
         cfg = qrun.config
         if not cfg.quantize_vision:
             return
+        if cfg.act_granularity_vision == "dynamic_token":
+            qrun.notes["veo.skipped"] = ("dynamic_token vision ranges are each token's min/max at run time: "
+                                         "VEO has no bounds to train")
+            qrun.report(STAGE_VEO, 1.0, "skipped: " + qrun.notes["veo.skipped"])
+            return
         with qrun.timed(STAGE_VEO):
+            qrun.report(STAGE_VEO, 0.0, "FP targets")
             batches = qrun.batches
             if cfg.veo_calib_size is not None and qrun.calibration is None:
                 batches = calibration_batches(qrun.fp, cfg.veo_calib_size, cfg.calib_seed, cfg.calib_batch)
@@ -61,12 +75,148 @@ class VisualEncoderOptimization:
                 samples = task.holdout_split(cfg.veo_holdout_images, seen, cfg.calib_seed + 1)
                 holdout = build_batches(qrun.fp.processor, samples, cfg.calib_batch, qrun.fp.device, qrun.fp.dtype)
             qrun.veo_losses, qrun.veo_holdout = optimize_vision_bounds(
-                qrun.qmodel, qrun.fp.model, qrun.qmap, batches, cfg, qrun.entropy_grids(), qrun.progress,
-                qrun.cancel, holdout)
+                qrun.qmodel, qrun.qmap, qrun.fp.model, qrun.fp.layer_map, batches, cfg, qrun.entropy_grids(),
+                qrun.progress, qrun.cancel, holdout)
+
+
+# ---------------------------------------------------------------------------------- what a pass shows
+class VEOCapture:
+    """Hooks that keep what one forward pass showed: X^(k) entering each decoder layer (``layer_in``),
+    the entropy-site activations of each layer (``site``) and the projector's input and output.
+
+    A context manager: leaving it removes the hooks. :meth:`clear` drops the kept tensors (and
+    with them the autograd graph they hold) between passes.
+    """
+
+    def __init__(self, projector: torch.nn.Module, layers: Sequence[torch.nn.Module] = (),
+                 sites: Sequence[torch.nn.Module] = ()) -> None:
+        self.layer_in: list[torch.Tensor | None] = [None] * len(layers)
+        self.site: list[torch.Tensor | None] = [None] * len(sites)
+        self.projector_io: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_pre_hook(self._keeper(self.layer_in, i), with_kwargs=True)
+                         for i, m in enumerate(layers)]
+        self._handles += [m.register_forward_pre_hook(self._keeper(self.site, i), with_kwargs=True)
+                          for i, m in enumerate(sites)]
+        self._handles.append(projector.register_forward_hook(self._keep_projector_io))
+
+    @staticmethod
+    def _keeper(slots: list, i: int) -> Callable:
+        def hook(module, args, kwargs):
+            slots[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _keep_projector_io(self, module, args, output) -> None:
+        self.projector_io["in"], self.projector_io["out"] = args[0], output
+
+    def visual(self, which: str) -> torch.Tensor:
+        """X^v of Eq. 9: the projector's output ("projector") or its input, the vision features ("vision")."""
+        return self.projector_io["out"] if which == "projector" else self.projector_io["in"]
+
+    def clear(self) -> None:
+        self.layer_in[:] = [None] * len(self.layer_in)
+        self.site[:] = [None] * len(self.site)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "VEOCapture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 @torch.no_grad()
-def holdout_error(qmodel, batches: list[CalibBatch], targets: list[dict[str, torch.Tensor]],
+def fp_targets(fp_model, fp_map: LayerMap, batches: list[CalibBatch], visual_output: str) -> list[Target]:
+    """X_r^v and X_r^(n) per batch, from the FP model.
+
+    X^v is taken with a hook on the projector (its output, or its input for "vision"), exactly
+    where the quantized path's X_q^v is taken, so both have the same layout in every family
+    (LLaVA-NeXT tiles and re-packs image features after the projector).
+    """
+    core = core_model(fp_model)
+    out = []
+    with VEOCapture(fp_map.projector) as seen:
+        for b in batches:
+            hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
+            out.append({"xv": seen.visual(visual_output).detach(), "xn": hidden.detach()})
+    return out
+
+
+# ---------------------------------------------------------------------------------- the equations
+def answer_loss(qmodel, hidden: torch.Tensor, chunk: CalibBatch) -> torch.Tensor:
+    """L_reg of Eq. 10: next-token cross-entropy on the answer tokens (teacher forcing); hidden [B, T, C]."""
+    pos = chunk.answer_mask.nonzero(as_tuple=False)
+    logits = qmodel.lm_head(hidden[pos[:, 0], pos[:, 1] - 1])
+    return F.cross_entropy(logits.float(), chunk.input_ids[pos[:, 0], pos[:, 1]])
+
+
+def output_error(xv: torch.Tensor, hidden: torch.Tensor, target: Target, mask: torch.Tensor | None,
+                 eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_err, E) of Eq. 9: L_err = MSE(X_q^v, X_r^v) + eta * E, with E = MSE(X_q^(n), X_r^(n)) on real tokens.
+
+    E is returned too: it is the error whose Jacobians give Eq. 8's weights.
+    """
+    e_n = masked_mse(hidden, target["xn"], mask)
+    return masked_mse(xv, target["xv"], None) + eta * e_n, e_n
+
+
+def jacobian_weights(e_n: torch.Tensor, layer_inputs: list[torch.Tensor | None]) -> torch.Tensor:
+    """w_k of Eq. 8, [L]: || dE / dX^(k) || per decoder layer k, normalised to sum 1, detached.
+
+    A layer whose input carries no gradient gets 0; if every norm is 0 the weights are uniform.
+    """
+    usable = [h is not None and h.requires_grad for h in layer_inputs]
+    grads = torch.autograd.grad(e_n, [h for h, u in zip(layer_inputs, usable) if u], retain_graph=True,
+                                allow_unused=True)
+    norms, gi = [], iter(grads)
+    for u in usable:
+        g = next(gi) if u else None
+        norms.append(0.0 if g is None else float(g.float().norm()))
+    w = torch.tensor(norms)
+    return w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / max(1, len(w)))
+
+
+def weighted_entropy(sites: list[torch.Tensor], grids: list[Grid], weights: torch.Tensor,
+                     mask: torch.Tensor | None, cfg: "QuantConfig", device: torch.device) -> torch.Tensor:
+    """L_ent of Eq. 8: sum_k w_k * D_soft(k, k+1), D averaged over the samples (Eqs. 4-5).
+
+    ``sites[k]``: [B, T, C] activations at layer k's entropy site; ``grids[k]``: its fixed
+    (step, zero point). Pairs with w_k = 0 are skipped.
+    """
+    l_ent = torch.zeros((), dtype=torch.float32, device=device)
+    for k in range(len(sites) - 1):
+        if weights[k] == 0:
+            continue
+        d = pair_entropy(sites[k], sites[k + 1], grids[k], grids[k + 1], cfg.a_bits, mask, cfg.soft_temperature,
+                         cfg.soft_delta_mode)
+        l_ent = l_ent + weights[k] * d.mean()
+    return l_ent
+
+
+def veo_objective(l_reg: torch.Tensor, l_ent: torch.Tensor, l_err: torch.Tensor, cfg: "QuantConfig") -> torch.Tensor:
+    """Eq. 10: L = L_reg + lambda1 * L_ent + lambda2 * L_err."""
+    return l_reg + cfg.veo_lambda1 * l_ent + cfg.veo_lambda2 * l_err
+
+
+def veo_terms(qmodel, chunk: CalibBatch, target: Target, capture: VEOCapture, grids: list[Grid],
+              cfg: "QuantConfig", weights: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Eq. 10's terms on one (micro-)batch, and the w_k used (recomputed by Eq. 8 when ``weights`` is None)."""
+    hidden = core_model(qmodel)(**chunk.model_inputs(), use_cache=False).last_hidden_state
+    l_reg = answer_loss(qmodel, hidden, chunk)
+    l_err, e_n = output_error(capture.visual(cfg.veo_visual_output), hidden, target, chunk.valid, cfg.veo_eta)
+    if weights is None:
+        weights = jacobian_weights(e_n, list(capture.layer_in))
+    l_ent = weighted_entropy(capture.site, grids, weights, chunk.valid, cfg, hidden.device)
+    capture.clear()
+    return {"total": veo_objective(l_reg, l_ent, l_err, cfg), "reg": l_reg, "ent": l_ent, "err": l_err}, weights
+
+
+# ---------------------------------------------------------------------------------- held-out check
+@torch.no_grad()
+def holdout_error(qmodel, projector: torch.nn.Module, batches: list[CalibBatch], targets: list[Target],
                   cfg: "QuantConfig") -> dict[str, float]:
     """Eq. 9's error on held-out pairs: the visual term, the LLM-output term, and L_err = visual + eta * output;
     and where it ends: the answers.
@@ -75,24 +225,17 @@ def holdout_error(qmodel, batches: list[CalibBatch], targets: list[dict[str, tor
     ``answer_agree`` is the fraction of (teacher-forced) answer tokens whose most likely token is the
     FP model's, ``answer_kl`` the mean KL(FP || quantized) in nats at those positions, over
     ``answer_tokens`` positions. Why: a lower output error is only worth having if it moves the
-    answers; these say whether it does (issue 16).
+    answers; these say whether it does (benchmarks/results/veo_lr.md chose the learning rate by them).
     """
     core = core_model(qmodel)
     head = qmodel.get_output_embeddings()
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(module, args, output):
-        seen["in"], seen["out"] = args[0], output
-
-    handle = core.multi_modal_projector.register_forward_hook(hook)
     visual = output = kl = 0.0
     agree = tokens = 0
     n = sum(b.size for b in batches)
-    try:
+    with VEOCapture(projector) as seen:
         for b, tgt in zip(batches, targets):
             hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
-            xv = seen["out"] if cfg.veo_visual_output == "projector" else seen["in"]
-            visual += float(masked_mse(xv, tgt["xv"], None)) * b.size / n
+            visual += float(masked_mse(seen.visual(cfg.veo_visual_output), tgt["xv"], None)) * b.size / n
             output += float(masked_mse(hidden, tgt["xn"], b.valid)) * b.size / n
             predicts_answer = torch.zeros_like(b.answer_mask)
             predicts_answer[:, :-1] = b.answer_mask[:, 1:]  # position t predicts token t + 1
@@ -103,38 +246,69 @@ def holdout_error(qmodel, batches: list[CalibBatch], targets: list[dict[str, tor
             agree += int((q_logp.argmax(-1) == fp_logp.argmax(-1)).sum())
             kl += float((fp_logp.exp() * (fp_logp - q_logp)).sum())
             tokens += int(predicts_answer.sum())
-    finally:
-        handle.remove()
     return {"visual": visual, "output": output, "err": visual + cfg.veo_eta * output,
             "answer_agree": agree / max(1, tokens), "answer_kl": kl / max(1, tokens), "answer_tokens": tokens}
 
 
-@torch.no_grad()
-def fp_targets(fp_model, batches: list[CalibBatch], visual_output: str) -> list[dict[str, torch.Tensor]]:
-    """X_r^v and X_r^(n) per batch, from the FP model.
+class HeldOutCheck:
+    """Eq. 9's error on held-out pairs before VEO (epoch 0: the layer-wise init) and after every epoch,
+    and the epoch with the lowest one (``QuantConfig.veo_early_stopping`` keeps its bounds).
 
-    X^v is taken with a hook on the projector (its output, or its input for "vision"), exactly
-    where the quantized path's X_q^v is taken, so both have the same layout in every family
-    (LLaVA-NeXT tiles and re-packs image features after the projector).
+    Why: VEO fits its bounds to the calibration pairs; only unseen images tell whether they generalise.
     """
-    core = core_model(fp_model)
-    captured: dict[str, torch.Tensor] = {}
 
-    def hook(_module, args, output):
-        captured["in"], captured["out"] = args[0], output
+    def __init__(self, qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, batches: list[CalibBatch],
+                 cfg: "QuantConfig") -> None:
+        self.qmodel, self.projector, self.batches, self.cfg = qmodel, qmap.projector, batches, cfg
+        self.targets = fp_targets(fp_model, fp_map, batches, cfg.veo_visual_output) if batches else []
+        self.log: list[dict] = []
+        self.best_epoch, self.best_err = 0, math.inf
+        self.best_state: list[torch.Tensor] | None = None
+        """The trained parameters after ``best_epoch``; None while the init (epoch 0) is best."""
 
-    handle = core.multi_modal_projector.register_forward_hook(hook)
-    out = []
-    try:
-        for b in batches:
-            hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
-            xv = captured["out"] if visual_output == "projector" else captured["in"]
-            out.append({"xv": xv.detach(), "xn": hidden.detach()})
-    finally:
-        handle.remove()
-    return out
+    @property
+    def early_stopping(self) -> bool:
+        return bool(self.batches) and self.cfg.veo_early_stopping
+
+    def error(self) -> dict[str, float]:
+        return holdout_error(self.qmodel, self.projector, self.batches, self.targets, self.cfg)
+
+    def measure_init(self, vision_qs: list["ActQuantizer"]) -> None:
+        """Epoch 0, and VEO's ceiling: the same pairs with the vision activations unquantized."""
+        self.log.append({"epoch": 0, **self.error()})
+        self.best_err = self.log[0]["err"]
+        for q in vision_qs:
+            q.enabled = False
+        try:
+            self.log[0]["vision_acts_fp"] = self.error()
+        finally:
+            for q in vision_qs:
+                q.enabled = True
+
+    def measure_epoch(self, epoch: int, params: list[torch.nn.Parameter]) -> None:
+        row = {"epoch": epoch, **self.error()}
+        self.log.append(row)
+        if row["err"] < self.best_err:
+            self.best_epoch, self.best_err = epoch, row["err"]
+            self.best_state = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def restore_best(self, params: list[torch.nn.Parameter], ln_params: list[torch.nn.Parameter],
+                     ln_start: list[torch.Tensor]) -> None:
+        """With early stopping, put back the parameters of the best epoch (the LayerNorms' start for epoch 0)."""
+        if self.early_stopping and self.best_epoch < self.cfg.veo_epochs:
+            if self.best_state is None:
+                for p, p0 in zip(ln_params, ln_start):
+                    p.copy_(p0)
+            else:
+                for p, p_best in zip(params + ln_params, self.best_state):
+                    p.copy_(p_best)
+        kept = self.best_epoch if self.early_stopping else self.cfg.veo_epochs
+        for row in self.log:
+            row["kept"] = row["epoch"] == kept
 
 
+# ---------------------------------------------------------------------------------- the loop
 def _checkpoint_layers(layers: list[torch.nn.Module]) -> None:
     """Run each decoder layer under non-reentrant activation checkpointing (recomputed in backward).
 
@@ -159,171 +333,118 @@ def _restore_layers(layers: list[torch.nn.Module]) -> None:
         layer.__dict__.pop("forward", None)
 
 
-def optimize_vision_bounds(qmodel, fp_model, qmap, batches: list[CalibBatch], cfg: "QuantConfig",
-                           grids: list[tuple[torch.Tensor, torch.Tensor]], progress=None,
-                           cancel=None, holdout: list[CalibBatch] | None = None) -> tuple[list[dict], list[dict]]:
+def vision_act_quantizers(qmap: LayerMap) -> list["ActQuantizer"]:
+    """The calibrated activation quantizers of the vision tower: the bounds VEO trains."""
+    return [lin.act for entry in qmap.vision for lin in entry.linears.values()
+            if getattr(lin, "act", None) is not None and lin.act.calibrated]
+
+
+def vision_layernorm_parameters(qmap: LayerMap) -> list[torch.nn.Parameter]:
+    """The vision LayerNorms' affine parameters, made trainable (``veo_params="act_bounds+layernorm"``)."""
+    params = []
+    for entry in qmap.vision:
+        for mod in entry.module.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                for p in mod.parameters():
+                    p.requires_grad_(True)
+                    params.append(p)
+    return params
+
+
+def micro_batch_targets(fp_model, fp_map: LayerMap, batches: list[CalibBatch],
+                        cfg: "QuantConfig") -> tuple[list[list[CalibBatch]], list[list[Target]]]:
+    """Each batch cut into ``cfg.veo_micro_batch``-pair pieces, and the FP targets of every piece.
+
+    The cut comes before the targets are taken, so each target has its piece's layout (LLaVA-NeXT's
+    projector output is not row-aligned with the batch).
+    """
+    chunks = [b.split(cfg.veo_micro_batch) if cfg.veo_micro_batch else [b] for b in batches]
+    flat_targets = iter(fp_targets(fp_model, fp_map, [c for cs in chunks for c in cs], cfg.veo_visual_output))
+    return chunks, [[next(flat_targets) for _ in cs] for cs in chunks]
+
+
+def train_step(qmodel, opt: torch.optim.Optimizer, batch: CalibBatch, chunks: list[CalibBatch],
+               targets: list[Target], capture: VEOCapture, grids: list[Grid], cfg: "QuantConfig",
+               weights: torch.Tensor | None, new_weights: bool, cancel=None) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimizer step on one calibration batch, gradients accumulated over its micro-batches.
+
+    Returns the batch's loss terms (each a pair-weighted mean over the micro-batches) and the w_k
+    used; with ``new_weights`` they are recomputed on the first micro-batch.
+    """
+    opt.zero_grad(set_to_none=True)
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    for ci, (chunk, tgt) in enumerate(zip(chunks, targets)):
+        check_cancel(cancel, "quantization")
+        share = chunk.size / batch.size
+        terms, weights = veo_terms(qmodel, chunk, tgt, capture, grids, cfg,
+                                   None if ci == 0 and new_weights else weights)
+        (terms["total"] * share).backward()
+        for key, value in terms.items():
+            sums[key] += value.item() * share
+    opt.step()
+    return sums, weights
+
+
+def optimize_vision_bounds(qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, batches: list[CalibBatch],
+                           cfg: "QuantConfig", grids: list[Grid], progress=None, cancel=None,
+                           holdout: list[CalibBatch] | None = None) -> tuple[list[dict], list[dict]]:
     """Optimise the vision quantizers in place by Eq. 10; returns (per-step loss log, held-out log).
 
     ``grids[k]`` is the fixed (step, zero point) of decoder layer k's entropy site. With
     ``holdout`` batches, Eq. 9's error on them is measured before training (epoch 0: the
     layer-wise init) and after every epoch; with ``cfg.veo_early_stopping`` the bounds of the
     epoch with the lowest held-out error are kept (epoch 0 restores the init's ranges exactly).
+    Progress: one step per optimizer step and per held-out check; 1.0 once the last is done.
     """
-    vision_qs = [lin.act for entry in qmap.vision for lin in entry.linears.values()
-                 if getattr(lin, "act", None) is not None and lin.act.calibrated]
+    vision_qs = vision_act_quantizers(qmap)
     if not vision_qs or cfg.veo_epochs == 0:
+        report(progress, STAGE_VEO, 1.0, "nothing to train")
         return [], []
-    holdout = holdout or []
-    holdout_targets = fp_targets(fp_model, holdout, cfg.veo_visual_output) if holdout else []
-    holdout_log = [{"epoch": 0, **holdout_error(qmodel, holdout, holdout_targets, cfg)}] if holdout else []
-    if holdout:  # VEO's ceiling: the same pairs with the vision activations unquantized
-        for q in vision_qs:
-            q.enabled = False
-        try:
-            holdout_log[0]["vision_acts_fp"] = holdout_error(qmodel, holdout, holdout_targets, cfg)
-        finally:
-            for q in vision_qs:
-                q.enabled = True
+    check = HeldOutCheck(qmodel, qmap, fp_model, fp_map, holdout or [], cfg)
+    steps = StepProgress(progress, STAGE_VEO, cfg.veo_epochs * len(batches) + (cfg.veo_epochs + 1) * bool(holdout))
+    if holdout:
+        check.measure_init(vision_qs)
+        steps.step("held-out check, epoch 0")
     init_ranges = [tuple(t.clone() for t in q.get_range()) for q in vision_qs]
-    # Micro-batches are cut before the FP targets are taken, so each target has its chunk's layout
-    # (LLaVA-NeXT's projector output is not row-aligned with the batch).
-    chunks = [b.split(cfg.veo_micro_batch) if cfg.veo_micro_batch else [b] for b in batches]
-    flat_targets = iter(fp_targets(fp_model, [c for cs in chunks for c in cs], cfg.veo_visual_output))
-    targets = [[next(flat_targets) for _ in cs] for cs in chunks]
-    params: list[torch.nn.Parameter] = []
-    for q in vision_qs:
-        params += q.make_learnable()
-    ln_params: list[torch.nn.Parameter] = []
-    best = {"epoch": 0, "err": holdout_log[0]["err"] if holdout_log else math.inf, "state": None}
-    if cfg.veo_params == "act_bounds+layernorm":
-        for entry in qmap.vision:
-            for mod in entry.module.modules():
-                if isinstance(mod, torch.nn.LayerNorm):
-                    for p in mod.parameters():
-                        p.requires_grad_(True)
-                        ln_params.append(p)
+    chunks, targets = micro_batch_targets(fp_model, fp_map, batches, cfg)
+    params = [p for q in vision_qs for p in q.make_learnable()]
+    ln_params = vision_layernorm_parameters(qmap) if cfg.veo_params == "act_bounds+layernorm" else []
     ln_start = [p.detach().clone() for p in ln_params]
     groups = [{"params": params, "lr": cfg.veo_lr}]
     if ln_params:
         groups.append({"params": ln_params, "lr": cfg.veo_lr * 0.1})
     opt = torch.optim.Adam(groups)
-
-    core = core_model(qmodel)
     decoder_layers = [e.module for e in qmap.language]
-    site_modules = [e.linears["q"] if cfg.entropy_site == "attn_input" and "q" in e.linears else e.module
-                    for e in qmap.language]
-
-    captured: dict[str, list] = {"layer_in": [None] * len(decoder_layers), "site": [None] * len(decoder_layers)}
-
-    def layer_hook(i):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            captured["layer_in"][i] = h
-        return hook
-
-    def site_hook(i):
-        def hook(module, args, kwargs):
-            captured["site"][i] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    proj_io: dict[str, torch.Tensor] = {}
-
-    def proj_hook(module, args, output):
-        proj_io["in"], proj_io["out"] = args[0], output
-
+    sites = [e.linears["q"] if cfg.entropy_site == "attn_input" and "q" in e.linears else e.module
+             for e in qmap.language]
     if cfg.veo_checkpoint:
         _checkpoint_layers(decoder_layers)
-    handles = [m.register_forward_pre_hook(layer_hook(i), with_kwargs=True) for i, m in enumerate(decoder_layers)]
-    handles += [m.register_forward_pre_hook(site_hook(i), with_kwargs=True) for i, m in enumerate(site_modules)]
-    handles.append(core.multi_modal_projector.register_forward_hook(proj_hook))
     log: list[dict] = []
     weights: torch.Tensor | None = None
-    total_steps = cfg.veo_epochs * len(batches)
-    step = 0
-
-    def loss_terms(chunk: CalibBatch, tgt: dict[str, torch.Tensor], new_weights: bool) -> dict[str, torch.Tensor]:
-        """Eq. 10's terms on one (micro-)batch; recomputes the Jacobian weights w_k when asked."""
-        nonlocal weights
-        hidden = core(**chunk.model_inputs(), use_cache=False).last_hidden_state
-        mask = chunk.valid
-        # L_reg: next-token CE on the answer tokens.
-        pos = chunk.answer_mask.nonzero(as_tuple=False)
-        logits = qmodel.lm_head(hidden[pos[:, 0], pos[:, 1] - 1])
-        l_reg = F.cross_entropy(logits.float(), chunk.input_ids[pos[:, 0], pos[:, 1]])
-        e_n = masked_mse(hidden, tgt["xn"], mask)
-        xv = proj_io["out"] if cfg.veo_visual_output == "projector" else proj_io["in"]
-        l_err = masked_mse(xv, tgt["xv"], None) + cfg.veo_eta * e_n
-        if new_weights:  # w_k (detached), from dE/dX^(k)
-            ins = list(captured["layer_in"])
-            usable = [h is not None and h.requires_grad for h in ins]
-            grads = torch.autograd.grad(e_n, [h for h, u in zip(ins, usable) if u], retain_graph=True,
-                                        allow_unused=True)
-            norms, gi = [], iter(grads)
-            for u in usable:
-                g = next(gi) if u else None
-                norms.append(0.0 if g is None else float(g.float().norm()))
-            w = torch.tensor(norms)
-            weights = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / max(1, len(w)))
-        l_ent = hidden.new_zeros((), dtype=torch.float32)
-        for k in range(len(decoder_layers) - 1):
-            if weights[k] == 0:
-                continue
-            d = pair_entropy(captured["site"][k], captured["site"][k + 1], grids[k], grids[k + 1],
-                             cfg.a_bits, mask, cfg.soft_temperature, cfg.soft_delta_mode)
-            l_ent = l_ent + weights[k] * d.mean()
-        captured["layer_in"] = [None] * len(decoder_layers)
-        captured["site"] = [None] * len(decoder_layers)
-        total = l_reg + cfg.veo_lambda1 * l_ent + cfg.veo_lambda2 * l_err
-        return {"total": total, "reg": l_reg, "ent": l_ent, "err": l_err}
-
     try:
-        with torch.enable_grad():
-            for epoch in range(cfg.veo_epochs):
+        with VEOCapture(qmap.projector, decoder_layers, sites) as capture, torch.enable_grad():
+            for epoch in range(1, cfg.veo_epochs + 1):
                 for bi, batch in enumerate(batches):
-                    opt.zero_grad(set_to_none=True)
-                    sums = dict.fromkeys(("total", "reg", "ent", "err"), 0.0)
-                    for ci, (chunk, tgt) in enumerate(zip(chunks[bi], targets[bi])):
-                        check_cancel(cancel, "quantization")
-                        share = chunk.size / batch.size
-                        new_weights = ci == 0 and (weights is None or step % cfg.veo_jacobian_every == 0)
-                        terms = loss_terms(chunk, tgt, new_weights)
-                        (terms["total"] * share).backward()
-                        for key, value in terms.items():
-                            sums[key] += value.item() * share
-                    opt.step()
-                    step += 1
-                    log.append({"step": step, "epoch": epoch + 1, **sums})
+                    new_weights = weights is None or len(log) % cfg.veo_jacobian_every == 0
+                    sums, weights = train_step(qmodel, opt, batch, chunks[bi], targets[bi], capture, grids, cfg,
+                                               weights, new_weights, cancel)
+                    log.append({"step": len(log) + 1, "epoch": epoch, **sums})
                     if not math.isfinite(sums["total"]):
                         raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr")
-                    report(progress, STAGE_VEO, step / total_steps, f"epoch {epoch + 1}/{cfg.veo_epochs}")
+                    steps.step(f"epoch {epoch}/{cfg.veo_epochs}")
                 if holdout:
-                    row = {"epoch": epoch + 1, **holdout_error(qmodel, holdout, holdout_targets, cfg)}
-                    captured["layer_in"] = [None] * len(decoder_layers)
-                    captured["site"] = [None] * len(decoder_layers)
-                    holdout_log.append(row)
-                    if row["err"] < best["err"]:
-                        best.update(epoch=epoch + 1, err=row["err"],
-                                    state=[p.detach().clone() for p in params + ln_params])
-        if holdout and cfg.veo_early_stopping and best["epoch"] < cfg.veo_epochs:
-            with torch.no_grad():
-                if best["state"] is None:  # epoch 0: the init was best on held-out images
-                    for p, p0 in zip(ln_params, ln_start):
-                        p.copy_(p0)
-                else:
-                    for p, p_best in zip(params + ln_params, best["state"]):
-                        p.copy_(p_best)
-        for row in holdout_log:
-            row["kept"] = row["epoch"] == (best["epoch"] if holdout and cfg.veo_early_stopping else cfg.veo_epochs)
+                    check.measure_epoch(epoch, params + ln_params)
+                    capture.clear()
+                    steps.step(f"held-out check, epoch {epoch}")
+        check.restore_best(params, ln_params, ln_start)
     finally:
-        for h in handles:
-            h.remove()
         if cfg.veo_checkpoint:
             _restore_layers(decoder_layers)
         for q in vision_qs:
             q.freeze()
         for p in ln_params:
             p.requires_grad_(False)
-    if holdout and cfg.veo_early_stopping and best["epoch"] == 0:
+    if check.early_stopping and check.best_epoch == 0:
         for q, (lo, hi) in zip(vision_qs, init_ranges):  # exactly the init's ranges, not their log round trip
             q.set_range(lo, hi)
-    return log, holdout_log
+    return log, check.log

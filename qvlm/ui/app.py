@@ -14,6 +14,7 @@ import gradio as gr
 from qvlm.evaluation.analysis import ded_sweep, dependency_diagnostics
 from qvlm.evaluation.compare import bit_sweep, disagreement_scan, token_comparison
 from qvlm.evaluation.modality import modality_activation_stats
+from qvlm.evaluation.vision_sites import vision_site_errors
 from qvlm.models import gpu_task
 from qvlm.quant import quantize as quantize_model
 from qvlm.ui import texts
@@ -31,8 +32,8 @@ def help_accordion(text: str) -> None:
         gr.Markdown(text)
 
 
-GPU_SECONDS = {"quantize": 900, "ded": 600, "diagnostics": 900, "modality": 120, "tokens": 60, "scan": 600,
-               "sweep": 1800}
+GPU_SECONDS = {"quantize": 900, "ded": 600, "diagnostics": 900, "modality": 120, "vision_sites": 120, "tokens": 60,
+               "scan": 600, "sweep": 1800}
 """Upper bounds a ZeroGPU Space reserves a GPU for, per heavy call (spaces.GPU(duration=...); no-op elsewhere)."""
 
 
@@ -43,7 +44,8 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
     quantize = QuantizePanel(app, quantize=on_gpu["quantize"](quantize_model))
     analysis = AnalysisPanel(app, ded_sweep=on_gpu["ded"](ded_sweep),
                              dependency_diagnostics=on_gpu["diagnostics"](dependency_diagnostics),
-                             modality_stats=on_gpu["modality"](modality_activation_stats))
+                             modality_stats=on_gpu["modality"](modality_activation_stats),
+                             vision_sites=on_gpu["vision_sites"](vision_site_errors))
     ask = AskPanel(app, token_comparison=on_gpu["tokens"](token_comparison),
                    disagreement_scan=on_gpu["scan"](disagreement_scan))
     results = ResultsPanel(app, bit_sweep=on_gpu["sweep"](bit_sweep))
@@ -71,12 +73,21 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         long_job = dict(concurrency_limit=max(2, app.settings.concurrency), concurrency_id="long-job",
                         show_progress="minimal")
         internal = dict(api_visibility="private")  # a step of the page, not an HTTP endpoint
-        overview = [analysis.info, analysis.partition, analysis.errors, analysis.veo, analysis.veo_note]
+        overview = [analysis.info, analysis.partition_lead, analysis.partition, analysis.error_lead, analysis.errors,
+                    analysis.veo_lead, analysis.veo, analysis.veo_note]
         ded_inputs = [analysis.variant, analysis.layer, analysis.n_samples]
-        ded = [analysis.ded_plot, analysis.qerr_plot, analysis.ded_note]
+        ded = [analysis.ded_lead, analysis.ded_plot, analysis.qerr_plot, analysis.ded_note]
         interaction_inputs = [analysis.variant, analysis.interaction_samples]
-        interaction = [analysis.interaction_note, analysis.verdict, analysis.interaction_table,
-                       analysis.interaction_plot]
+        interaction = [analysis.interaction_note, analysis.interaction_lead, analysis.verdict,
+                       analysis.interaction_table, analysis.interaction_plot]
+
+        # Quantize: the preset line and the expected time follow every change of the form; a run size sets
+        # the calibration pairs and VEO epochs (which the user may still edit)
+        described = [*quantize.form, quantize.run_size]
+        gr.on([c.change for c in described], quantize.describe_form, described,
+              [quantize.preset_line, quantize.estimate], **internal)
+        quantize.run_size.input(quantize.choose_run_size, [quantize.run_size],
+                                [quantize.calib_size, quantize.veo_epochs], **internal)
 
         # Quantize: run, then open the new variant in the Analysis tab
         (quantize.start.click(quantize.quantize, quantize.form, [quantize.status, quantize.held, quantize.new_variant],
@@ -85,9 +96,11 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
          .then(analysis.show_overview, [analysis.variant], overview, **internal)
          .then(analysis.show_ded, ded_inputs, ded, **internal)
          .then(analysis.show_interaction, interaction_inputs, interaction, **internal)
-         .then(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal))
-        gr.on([quantize.cancel.click, analysis.cancel.click, analysis.interaction_cancel.click, results.cancel.click,
-               ask.finder_cancel.click, results.sweep_cancel.click], app.cancel, concurrency_limit=None, api_name="cancel")
+         .then(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal)
+         .then(quantize.offer_formats, None, [quantize.export_format], **internal))
+        gr.on([quantize.cancel.click, analysis.cancel.click, analysis.interaction_cancel.click,
+               analysis.vision_cancel.click, results.cancel.click, ask.finder_cancel.click, results.sweep_cancel.click],
+              app.cancel, concurrency_limit=None, api_name="cancel")
         # Quantize: download the latest variant in a chosen format, with the run's JSON (one at a time: a
         # large model's zip is gigabytes of disk and minutes of CPU)
         quantize.download_btn.click(quantize.download, [quantize.export_format], quantize.downloads,
@@ -99,14 +112,23 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
          .then(analysis.show_interaction, interaction_inputs, interaction, **internal))
         gr.on([analysis.layer.release, analysis.n_samples.submit], analysis.show_ded, ded_inputs, ded, api_name="ded")
         analysis.compute.click(analysis.compute_ded, ded_inputs,
-                               [analysis.ded_note, analysis.ded_plot, analysis.qerr_plot], api_name="compute_ded",
+                               ded, api_name="compute_ded",
                                **long_job)
         analysis.interaction_samples.submit(analysis.show_interaction, interaction_inputs, interaction, **internal)
         analysis.interaction_btn.click(analysis.compute_interaction, interaction_inputs, interaction,
                                        api_name="interaction", **long_job)
         analysis.modality_btn.click(analysis.compute_modality, [quantize.model, analysis.modality_pairs],
-                                    [analysis.modality_note, analysis.modality_plot, analysis.modality_table],
+                                    [analysis.modality_note, analysis.modality_lead, analysis.modality_plot,
+                                     analysis.modality_table],
                                     api_name="modality", **long_job)
+        # Analysis: where the vision tower loses (a long job), then any site's |x| map (one vision pass)
+        vision_map_inputs = [analysis.variant, analysis.vision_layer, analysis.vision_site, analysis.vision_samples]
+        analysis.vision_btn.click(analysis.compute_vision_sites, [analysis.variant, analysis.vision_samples],
+                                  [analysis.vision_note, analysis.vision_lead, analysis.vision_plot, analysis.vision_layer,
+                                   analysis.vision_site, analysis.vision_map, analysis.vision_map_note],
+                                  api_name="vision_sites", **long_job)
+        gr.on([analysis.vision_layer.release, analysis.vision_site.input], analysis.show_vision_map, vision_map_inputs,
+              [analysis.vision_map, analysis.vision_map_note], **internal)
 
         # Ask: preprocess=False, so the image arrives as a file path that answer_all checks itself and a
         # file that is not an image gets a message instead of failing inside Gradio's own image decoding.
@@ -137,6 +159,11 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
 
         # The page: show this session's variants on (re)load, warm the default model up, forget a closed tab
         demo.load(quantize.show_held, None, [quantize.held], **internal)
+        demo.load(quantize.offer_formats, None, [quantize.export_format], **internal)
+        demo.load(quantize.describe_form, described, [quantize.preset_line, quantize.estimate], **internal)
+        # The server id the page last saw, kept by the browser: fixed key and secret so a restarted server reads it
+        seen_server = gr.BrowserState(None, storage_key="qvlm-server-id", secret="qvlm-server-id")
+        demo.load(app.restart_notice, [seen_server], [quantize.status, seen_server], **internal)
         demo.load(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal)
         demo.load(ask.warm_up, None, None, **internal)
         demo.unload(app.drop_session)  # also removes the session's temporary files (downloads)

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qvlm.export import export_refusal, save_quantized
+from qvlm.export import SAVE_FORMATS, export_refusal, save_quantized, shown_path
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import Variant
-from qvlm.ui.texts import EXPORT_RELOAD
+from qvlm.ui.texts import EXPORT_FORMATS, EXPORT_RELOAD
 
 RUN_SLOT = "run"
 """The slot of the run JSON (the zips' slots are named by their format)."""
@@ -36,8 +36,23 @@ def slug(text: str) -> str:
 
 def file_stem(variant: Variant) -> str:
     """"tiny-llava-easyvqa-w4a4-rtn": the model's last name part (hub id, folder, "bundled: ...") and the label."""
-    model = re.split(r"[:/\\]", variant.base_model.rstrip("/\\"))[-1]
-    return "-".join(part for part in (slug(model), slug(variant.label)) if part) or "model"
+    model, label = slug(re.split(r"[:/\\]", variant.base_model.rstrip("/\\"))[-1]), slug(variant.label)
+    if model and label.startswith(model):  # labels that already name the model (panel_quantize.variant_label)
+        model = ""
+    return "-".join(part for part in (model, label) if part) or "model"
+
+
+def format_menu(config: Any | None) -> tuple[list[tuple[str, str]], str, str | None]:
+    """The format menu for a variant quantized with ``config`` (a ``QuantConfig``; None: no variant yet):
+    (label, format) choices it can be written in, the one preselected, and why the others are missing.
+
+    The reasons are :func:`qvlm.export.export_refusal`'s, the same sentences the CLI refuses ``--format``
+    with, so the menu never offers a format whose download would then be refused.
+    """
+    formats = list(SAVE_FORMATS) if config is None else [f for f in SAVE_FORMATS if not export_refusal(config, f)]
+    reasons = [] if config is None else [export_refusal(config, f) for f in SAVE_FORMATS if f not in formats]
+    info = ("Not offered for this variant: " + " ".join(reasons)) if reasons else None
+    return [(EXPORT_FORMATS.get(f, f), f) for f in formats], formats[0], info
 
 
 def write_model_zip(variant: Variant, fmt: str, folder: Path) -> Path:
@@ -103,6 +118,12 @@ def write_run_json(variant: Variant, record: dict, folder: Path) -> Path:
         return name
 
     return replace_slot(folder / RUN_SLOT, write)
+
+
+def failure_message(err: OSError) -> str:
+    """A disk error for the user: its reason and the file's name, never the server's absolute path."""
+    where = f" ({shown_path(err.filename)})" if getattr(err, "filename", None) else ""
+    return f"Could not write the download: {err.strerror or type(err).__name__}{where}; nothing was lost."
 
 
 def download_summary(label: str, fmt: str, model_zip: Path, run_json: Path) -> str:

@@ -26,10 +26,10 @@ from qvlm.evaluation.modality import STAGE_MODALITY
 from qvlm.utils.progress import (
     STAGE_CALIBRATION,
     STAGE_DED,
-    STAGE_DONE,
     STAGE_ENTROPY,
     STAGE_EVAL,
     STAGE_INIT,
+    STAGE_MEASURE,
     STAGE_SEARCH,
     STAGE_VEO,
     Cancelled,
@@ -152,7 +152,7 @@ STAGE_TITLES = {
     STAGE_VEO: "VEO: optimize vision-encoder quantizers",
     STAGE_ENTROPY: "entropy D(k,k+1) between decoder layers",
     STAGE_SEARCH: "block-wise percentile search",
-    STAGE_DONE: "finish: measure per-layer errors",
+    STAGE_MEASURE: "finish: measure per-layer errors",
     STAGE_EVAL: "evaluation on the test split",
     STAGE_DED: "DED: layer-wise vs joint search, per sample",
     STAGE_SCAN: "answer test questions with FP and the variants",
@@ -176,6 +176,9 @@ class StageTracker:
 
     Shown as one line per stage, finished or running, with its latest message ("VEO epoch 3/10",
     "block 2 of 4") and its time, so a student can follow what Q-VLM is doing while it runs.
+    A stage counts as finished when it reports fraction 1.0 (the core's contract: 1.0 only once its work is
+    done), when its successor reports, or when the run ends with a result: a cancelled or failed run shows its
+    last stage where it stopped, never at 100%.
     """
 
     title: str
@@ -183,27 +186,33 @@ class StageTracker:
     current: str | None = None
     started: float = field(default_factory=time.monotonic)
     note: str = ""
-    spans: dict[str, list[float]] = field(default_factory=dict)  # stage -> [first event, last handover]
+    spans: dict[str, list[float]] = field(default_factory=dict)  # stage -> [start, its latest event]
+    last_event: float | None = None
 
     def update(self, events: Iterable[ProgressEvent]) -> None:
+        """Take the worker's new events. A stage starts when the one before it last reported.
+
+        Why not at its own first event: the core reports a stage after a unit of its work (a layer,
+        an epoch), so that work, and any set-up before it, belongs to the new stage, not the old one.
+        """
         for e in events:
-            if self.current is not None and e.stage != self.current and self.current in self.stages:
-                _, msg = self.stages[self.current]
-                self.stages[self.current] = (1.0, msg)  # a stage that hands over is finished
-                self.spans[self.current][1] = e.at
+            if e.stage not in self.spans:
+                self.spans[e.stage] = [e.at if self.last_event is None else self.last_event, e.at]
             self.stages[e.stage] = (e.fraction, e.message)
-            span = self.spans.setdefault(e.stage, [e.at, e.at])
-            span[1] = e.at
-            self.current = e.stage
+            self.spans[e.stage][1] = e.at
+            self.current, self.last_event = e.stage, e.at
 
-    def seconds(self, stage: str) -> float:
-        """How long a stage has taken (so far): where a student sees the time go."""
+    def seconds(self, stage: str, running: bool = False) -> float:
+        """How long a stage has taken (so far, when ``running``): where a student sees the time go."""
         first, last = self.spans.get(stage, (0.0, 0.0))
-        end = time.monotonic() if stage == self.current else last
-        return max(0.0, end - first)
+        return max(0.0, (time.monotonic() if running else last) - first)
 
-    def markdown(self, final: str | None = None) -> str:
-        """The status: title and elapsed time, an optional note, one line per stage, then ``final``."""
+    def markdown(self, final: str | None = None, completed: bool = False) -> str:
+        """The status: title and elapsed time, an optional note, one line per stage, then ``final``.
+
+        ``completed``: the run ended with a result, so its last stage is finished too; otherwise a
+        ``final`` line (cancel, error) leaves the last stage marked stopped at the fraction it reached.
+        """
         elapsed = time.monotonic() - self.started
         lines = [f"**{self.title}** · {elapsed:.1f} s"]
         if self.note:
@@ -211,13 +220,18 @@ class StageTracker:
         if not self.stages and final is None:
             lines.append("- starting…")
         for stage, (fraction, message) in self.stages.items():
-            if stage == STAGE_DONE and final is not None:
+            if stage == STAGE_MEASURE and final is not None:
                 continue
-            running = stage == self.current and final is None
-            icon = "▶" if running else "✓"
-            shown = fraction if running else 1.0
+            last = stage == self.current
+            finished = not last or completed or fraction >= 1.0  # 1.0 is the core's "this stage is done"
+            if finished:
+                icon, shown = "✓", 1.0
+            elif final is None:
+                icon, shown = "▶", fraction
+            else:
+                icon, shown, message = "■", fraction, f"{message} · stopped here".lstrip(" ·")
             lines.append(f"- {icon} **{STAGE_TITLES.get(stage, stage)}** `{bar(shown)}` {message} "
-                         f"· {self.seconds(stage):.1f} s")
+                         f"· {self.seconds(stage, running=not finished and final is None):.1f} s")
         if final:
             lines.append("")
             lines.append(final)
@@ -232,9 +246,9 @@ class LongJob(Generic[T]):
     name: str
     """What the session is busy with ("quantization"): the "already running a ..." message."""
     title: str
-    """The status heading, e.g. "Quantizing tiny-llava → W4A4 qvlm (16 calibration pairs)"."""
+    """The status heading, e.g. "Quantizing tiny-llava-easyvqa W4A4 qvlm (16 calibration pairs)"."""
     holder: str
-    """What another session is told it waits for, e.g. "a quantization (W4A4 qvlm)"."""
+    """What another session is told it waits for, e.g. "a quantization (tiny-llava-easyvqa W4A4 qvlm)"."""
     work: Callable[[ProgressCallback, threading.Event], T]
     """``work(progress, cancel)``, run in the worker thread; raises ``Cancelled`` when cancelled."""
     render: Callable[[T, float], tuple[str, Outputs]]
@@ -291,7 +305,7 @@ def stream_job(job: LongJob[T], session: SessionState, status: Component) -> Ite
     finally:
         _stop(session, worker, locked)
     line, outputs = job.render(result, worker.elapsed)
-    yield {status: tracker.markdown(line), **outputs}
+    yield {status: tracker.markdown(line, completed=True), **outputs}
 
 
 def _stop(session: SessionState, worker: BackgroundJob | None, locked: bool) -> None:

@@ -6,37 +6,45 @@ layer-wise init plus a search per sample), so :meth:`~AnalysisPanel.compute_ded`
 layer at once on request and :meth:`~AnalysisPanel.show_ded` then draws any layer from that cache.
 "Do the layers interact?" works the same way: :meth:`~AnalysisPanel.compute_interaction` runs the
 dependency diagnostics of every adjacent decoder pair and :meth:`~AnalysisPanel.show_interaction`
-draws the verdict, the table and the chart from the variant's cache.
+draws the verdict, the table and the chart from the variant's cache. "Where the vision tower loses"
+measures, on request, the image-token error each vision site's activation rounding adds alone
+(:func:`~qvlm.evaluation.vision_sites.vision_site_errors`) and draws one site's |x| with its ranges.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
 
-from qvlm.ui import plots
+from qvlm.ui import explain, plots
 from qvlm.evaluation.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, \
-    read_dependency_reports, veo_verdict
+    read_dependency_reports
 from qvlm.models import BUNDLED_MODELS
 from qvlm.evaluation.modality import modality_activation_stats
-from qvlm.utils.progress import ProgressCallback
+from qvlm.evaluation.vision_sites import SITE_ROLES, SITE_SAMPLES, site_activation_map, vision_site_errors
+from qvlm.quant import QuantConfig, get_recipe
+from qvlm.utils.progress import STAGE_INIT, STAGE_VEO, ProgressCallback
+from qvlm.utils.stats import linear_fit
 from qvlm.ui.feedback import Outputs, warn
 from qvlm.ui.jobs import LongJob, stream_job
 from qvlm.ui.render import human_bytes
-from qvlm.ui.panel_quantize import whole_number
+from qvlm.ui.inputs import parse_count
 from qvlm.ui.state import AppState, Variant, canonical_name
 
 DEDSweepFn = Callable[..., list[Any]]
 DiagnosticsFn = Callable[..., Any]
 ModalityFn = Callable[..., list[dict]]
+VisionSitesFn = Callable[..., Any]
+VISION_SAMPLES = 4
+"""Calibration pairs for the vision sites: one vision-tower pass per site, so a few keep it at a second or two."""
 MODALITY_COLUMNS = ["layer", "image p99.9 |x|", "image max |x|", "text p99.9 |x|", "text max |x|",
                     "image / text (p99.9)"]
 MODALITY_PAIRS = 8
 """Calibration pairs for the image-vs-text statistics: one forward pass, enough for stable percentiles."""
+MODALITY_MAX_PAIRS = 64
 INTERACTION_COLUMNS = ["pair", "interaction share %", "joint = greedy?", "DED = 0 share %", "DED / controllable",
                        "controllable share %", "gain", "branch response", "R² entropy→DED", "R² chance level (5%)"]
 DED_SAMPLES = (2, 64)
@@ -45,14 +53,7 @@ DED_SAMPLES = (2, 64)
 
 def _sample_count(value: Any) -> int:
     """The DED sample count as an int; ValueError with the allowed range otherwise."""
-    lo, hi = DED_SAMPLES
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        n = math.nan
-    if not n.is_integer() or not lo <= n <= hi:
-        raise ValueError(f"DED samples must be a whole number from {lo} to {hi}.")
-    return int(n)
+    return parse_count(value, *DED_SAMPLES, "DED samples")
 
 
 def measured_interaction_markdown(models: dict[str, Any] | None = None) -> str:
@@ -95,8 +96,10 @@ class AnalysisPanel:
 
     def __init__(self, app: AppState, ded_sweep: DEDSweepFn = ded_sweep,
                  dependency_diagnostics: DiagnosticsFn = dependency_diagnostics,
-                 modality_stats: ModalityFn = modality_activation_stats) -> None:
+                 modality_stats: ModalityFn = modality_activation_stats,
+                 vision_sites: VisionSitesFn = vision_site_errors) -> None:
         self.app = app
+        self._vision_sites = vision_sites
         self._ded_sweep = ded_sweep
         self._diagnostics = dependency_diagnostics
         self._modality_stats = modality_stats
@@ -105,15 +108,17 @@ class AnalysisPanel:
         """The tab's components, top to bottom; handlers read and write them by attribute."""
         self.variant = gr.Dropdown([], value=None, label="Quantized variant", elem_id="analysis-variant")
         self.info = gr.Markdown("*Quantize a model first (Quantize tab).*", elem_id="analysis-info")
+        self.partition_lead = gr.Markdown("", elem_id="partition-lead")
         self.partition = gr.Plot(plots.partition_figure([], []), label="Block partition", elem_id="partition-plot")
         with gr.Row(equal_height=True):
             self.layer = gr.Slider(0, 6, value=3, step=1, label="DED of decoder layers k, k+1: choose k",
                                    elem_id="ded-layer", scale=3)
-            self.n_samples = gr.Number(16, precision=0, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
+            self.n_samples = gr.Number(16, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
                                        label="DED samples", elem_id="ded-samples", scale=1)
             self.compute = gr.Button("Compute DED", elem_id="ded-btn", scale=1)
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="ded-cancel-btn", scale=1)
         self.ded_note = gr.Markdown("", elem_id="ded-note")
+        self.ded_lead = gr.Markdown("", elem_id="ded-lead")
         with gr.Row():
             self.ded_plot = gr.Plot(plots.ded_scatter([], 0), label="DED vs entropy", elem_id="ded-plot")
             self.qerr_plot = gr.Plot(plots.ded_scatter([], 0, "qerr"), label="DED vs quantization error",
@@ -121,25 +126,31 @@ class AnalysisPanel:
         gr.Markdown("### Do the layers interact?")
         self.measured = gr.Markdown(measured_interaction_markdown(), elem_id="interaction-measured")
         with gr.Row(equal_height=True):
-            self.interaction_samples = gr.Number(16, precision=0, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
+            self.interaction_samples = gr.Number(16, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
                                                  label="Samples", elem_id="interaction-samples", scale=1)
             self.interaction_btn = gr.Button("Do the layers interact?", variant="primary", elem_id="interaction-btn",
                                              scale=2)
             self.interaction_cancel = gr.Button("Cancel", variant="stop", elem_id="interaction-cancel-btn", scale=1)
         self.interaction_note = gr.Markdown("", elem_id="interaction-note")
+        self.interaction_lead = gr.Markdown("", elem_id="interaction-lead")
         self.verdict = gr.Markdown("", elem_id="interaction-verdict")
         self.interaction_plot = gr.Plot(plots.interaction_figure([], INTERACTION_THRESHOLD), label="Interaction share",
                                         elem_id="interaction-plot")
         self.interaction_table = gr.Dataframe(headers=INTERACTION_COLUMNS, interactive=False, wrap=True,
                                               elem_id="interaction-table")
+        gr.Markdown(explain.INTERACTION_LEGEND, elem_id="interaction-legend")
         with gr.Row():
-            self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
+            with gr.Column():
+                self.error_lead = gr.Markdown("", elem_id="error-lead")
+                self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
             with gr.Column(elem_id="veo-view"):
+                self.veo_lead = gr.Markdown("", elem_id="veo-lead")
                 self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
                 self.veo_note = gr.Markdown("", elem_id="veo-verdict")
         gr.Markdown("### Image tokens vs text tokens")
+        self.modality_lead = gr.Markdown("", elem_id="modality-lead")
         with gr.Row(equal_height=True):
-            self.modality_pairs = gr.Number(MODALITY_PAIRS, precision=0, minimum=1, maximum=64,
+            self.modality_pairs = gr.Number(MODALITY_PAIRS, minimum=1, maximum=MODALITY_MAX_PAIRS,
                                             label="Calibration pairs", elem_id="modality-pairs", scale=1)
             self.modality_btn = gr.Button("Measure image vs text tokens", elem_id="modality-btn", scale=2)
         self.modality_note = gr.Markdown("*The FP model of the Quantize tab's model: |x| at every decoder layer's "
@@ -147,6 +158,25 @@ class AnalysisPanel:
         self.modality_plot = gr.Plot(plots.modality_figure([]), label="Image vs text tokens",
                                      elem_id="modality-plot")
         self.modality_table = gr.Dataframe(headers=MODALITY_COLUMNS, interactive=False, elem_id="modality-table")
+        with gr.Column(elem_id="vision-view"):
+            gr.Markdown("### Where the vision tower loses")
+            self.vision_lead = gr.Markdown("", elem_id="vision-lead")
+            with gr.Row(equal_height=True):
+                self.vision_samples = gr.Number(VISION_SAMPLES, minimum=SITE_SAMPLES[0], maximum=SITE_SAMPLES[1],
+                                                label="Calibration pairs", elem_id="vision-samples", scale=1)
+                self.vision_btn = gr.Button("Measure the vision sites", elem_id="vision-btn", scale=2)
+                self.vision_cancel = gr.Button("Cancel", variant="stop", elem_id="vision-cancel-btn", scale=1)
+            self.vision_note = gr.Markdown("*The chosen variant with only one vision site's activation quantizers on "
+                                           "at a time (weights as quantized), against the FP model's image tokens.*",
+                                           elem_id="vision-note")
+            self.vision_plot = gr.Plot(plots.vision_sites_figure([]), label="Error per vision site",
+                                       elem_id="vision-plot")
+            with gr.Row(equal_height=True):
+                self.vision_layer = gr.Slider(0, 3, value=0, step=1, label="Vision layer", elem_id="vision-layer")
+                self.vision_site = gr.Dropdown(list(SITE_ROLES), value="fc1", label="Site (the input of)",
+                                               elem_id="vision-site")
+            self.vision_map_note = gr.Markdown("", elem_id="vision-map-note")
+            self.vision_map = gr.Plot(plots.site_map_figure(None), label="|x| at the site", elem_id="vision-map")
 
     def select_variant(self, label: str | None, request: gr.Request | None = None) -> Outputs:
         """Offer a just-made variant in the menu, chosen, with the layer slider on its most dependent pair.
@@ -167,7 +197,7 @@ class AnalysisPanel:
                 self.layer: gr.update(maximum=top, value=min(k, top))}
 
     def show_overview(self, label: str | None, request: gr.Request | None = None) -> Outputs:
-        """Draw the info, block partition, per-layer error and VEO loss of one held variant."""
+        """Draw the info, block partition, per-layer error and VEO loss of one held variant, each with its lead."""
         session = self.app.session(request)
         variant = session.variants.find_label(label)
         if variant is None:
@@ -176,7 +206,8 @@ class AnalysisPanel:
                 msg = f"The variant '{label}' is no longer held (dropped by the memory bound); pick another."
             return {self.info: f"*{msg}*", self.partition: plots.empty_figure(msg, "Block partition"),
                     self.errors: plots.empty_figure(msg, "Per-layer error"),
-                    self.veo: plots.empty_figure(msg, "VEO loss"), self.veo_note: ""}
+                    self.veo: plots.empty_figure(msg, "VEO loss"), self.veo_note: "",
+                    self.partition_lead: "", self.error_lead: "", self.veo_lead: ""}
         r = variant.result
         if r.entropies:
             partition = plots.partition_figure(list(r.entropies), [list(b) for b in (r.blocks or [])],
@@ -186,10 +217,19 @@ class AnalysisPanel:
                                            "use the qvlm or qvlm-cdm recipe.", "Block partition")
         compare = {v.label: list(v.result.layer_errors or []) for v in session.variants.variants(variant.base_model)}
         compare = {variant.label: compare.pop(variant.label), **compare}  # the chosen one first
+        if r.veo_losses:
+            outcome = explain.veo_outcome(r.veo_holdout)
+            veo_lead, veo_note = explain.veo_lead(outcome), f"*{explain.veo_sentence(outcome)}*"
+        else:
+            veo_lead, veo_note = no_veo_reason(r.config), ""
+        cfg = r.config
         return {self.info: _variant_info(variant), self.partition: partition,
+                self.partition_lead: explain.partition_lead(list(r.entropies or []), list(r.blocks or []), r.h0),
                 self.errors: plots.layer_error_figure(compare),
-                self.veo: plots.veo_loss_figure(list(r.veo_losses or []), holdout=list(r.veo_holdout or [])),
-                self.veo_note: f"*{veo_verdict(list(r.veo_holdout))}*" if r.veo_losses else ""}
+                self.error_lead: explain.layer_error_lead(compare[variant.label]),
+                self.veo: plots.veo_loss_figure(list(r.veo_losses or []), holdout=list(r.veo_holdout or []),
+                                                lambdas=(cfg.veo_lambda1, cfg.veo_lambda2), empty=veo_lead),
+                self.veo_lead: veo_lead, self.veo_note: veo_note}
 
     def show_ded(self, label: str | None, layer: Any, n_samples: Any, request: gr.Request | None = None) -> Outputs:
         """Draw DED vs entropy and vs quantization error for decoder layers (k, k+1) from a computed sweep."""
@@ -197,7 +237,8 @@ class AnalysisPanel:
         if variant is None:
             msg = "Quantize a model first to see DED plots."
             return {self.ded_plot: plots.empty_figure(msg, "DED vs entropy"),
-                    self.qerr_plot: plots.empty_figure(msg, "DED vs quantization error"), self.ded_note: ""}
+                    self.qerr_plot: plots.empty_figure(msg, "DED vs quantization error"), self.ded_note: "",
+                    self.ded_lead: ""}
         try:
             layer_i = int(layer)
         except (TypeError, ValueError):
@@ -212,20 +253,21 @@ class AnalysisPanel:
             msg = "Press **Compute DED** to measure it"
             if done:
                 msg += f" for {n} samples (computed so far for: {', '.join(map(str, done))} samples)"
-            init_s = (variant.result.timings or {}).get("init")
-            cost = f" It re-runs the layer-wise init on {n} samples (the init took {init_s:.0f} s)." if init_s else ""
             blank = "Press 'Compute DED' to measure DED for every layer."
             return {self.ded_plot: plots.empty_figure(blank, "DED vs entropy"),
                     self.qerr_plot: plots.empty_figure(blank, "DED vs quantization error"),
-                    self.ded_note: msg + "." + cost}
+                    self.ded_note: msg + ". " + rerun_cost(variant, n), self.ded_lead: ""}
         if layer_i not in sweep:
             return {self.ded_note: warn(f"DED is defined for layers {min(sweep)}..{max(sweep)} (pairs k, k+1).")}
         analysis = sweep[layer_i]
         points = list(analysis.points)
         block = analysis.block
         title = f"Decoder layers {block[0]}–{block[-1]}"
+        shown = [p for p in points if explain.finite(p.get("entropy")) and explain.finite(p.get("ded"))]
+        fit = analysis.fit or linear_fit([float(p["entropy"]) for p in shown], [float(p["ded"]) for p in shown])
         return {
-            self.ded_plot: plots.ded_scatter(points, layer_i, "entropy", analysis.fit,
+            self.ded_lead: explain.ded_lead(points, fit.get("r2"), analysis.r2_chance),
+            self.ded_plot: plots.ded_scatter(points, layer_i, "entropy", fit,
                                              title=f"{title}: DED vs entropy D({block[0]},{block[-1]})",
                                              r2_chance=analysis.r2_chance),
             self.qerr_plot: plots.ded_scatter(points, layer_i, "qerr", analysis.qerr_fit,
@@ -273,7 +315,11 @@ class AnalysisPanel:
         """|x| of image and of text tokens at every decoder layer's input of the FP model (a short long job)."""
         session = self.app.session(request)
         base = canonical_name(model_name)
-        pairs = whole_number(n_pairs)
+        try:
+            pairs = parse_count(n_pairs, 1, MODALITY_MAX_PAIRS, "Calibration pairs")
+        except ValueError as err:
+            yield {self.modality_note: warn(str(err))}
+            return
 
         def work(progress: ProgressCallback, cancel: threading.Event) -> list[dict]:
             fp = self.app.models.get(base)
@@ -281,13 +327,11 @@ class AnalysisPanel:
 
         def render(rows: list[dict], seconds: float) -> tuple[str, Outputs]:
             table = [[f"L{r['layer']}", *(round(r[k], 3) for k in ("image_p", "image_max", "text_p", "text_max")),
-                      round(r["image_p"] / r["text_p"], 2) if r["text_p"] else None] for r in rows]
-            ratios = [r["image_p"] / r["text_p"] for r in rows if r["text_p"]]
-            spread = (f" Image / text 99.9th-percentile ratio from {min(ratios):.2f} to {max(ratios):.2f} across "
-                      "layers: one clipping range per channel serves both.") if ratios else ""
+                      explain.modality_ratio(r)] for r in rows]
             line = (f"✓ {pairs} calibration pairs ({rows[0]['image_tokens']} image and {rows[0]['text_tokens']} text "
-                    f"tokens) in {seconds:.1f} s.{spread}") if rows else "✓ No decoder layers found."
-            return line, {self.modality_plot: plots.modality_figure(rows), self.modality_table: table}
+                    f"tokens) in {seconds:.1f} s.") if rows else "✓ No decoder layers found."
+            return line, {self.modality_plot: plots.modality_figure(rows), self.modality_table: table,
+                          self.modality_lead: explain.modality_lead(rows)}
 
         yield from stream_job(LongJob(
             name="modality statistics", title=f"Image vs text tokens of {base} on {pairs} calibration pairs",
@@ -298,7 +342,7 @@ class AnalysisPanel:
         """Draw the verdict, the per-pair table and the interaction chart of a variant from its cache."""
         variant = self.app.session(request).variants.find_label(label)
         if variant is None:
-            return {self.interaction_note: "", self.verdict: "", self.interaction_table: [],
+            return {self.interaction_note: "", self.verdict: "", self.interaction_table: [], self.interaction_lead: "",
                     self.interaction_plot: plots.interaction_figure([], INTERACTION_THRESHOLD)}
         try:
             n = _sample_count(n_samples)
@@ -310,11 +354,12 @@ class AnalysisPanel:
             note = f"Press **Do the layers interact?** to measure every decoder pair of `{variant.label}` on {n} samples"
             if done:
                 note += f" (measured so far for: {', '.join(map(str, done))} samples)"
-            return {self.interaction_note: note + ". It takes minutes: an exhaustive joint search per pair.",
-                    self.verdict: "", self.interaction_table: [],
+            return {self.interaction_note: f"{note}. {rerun_cost(variant, n)}",
+                    self.verdict: "", self.interaction_table: [], self.interaction_lead: "",
                     self.interaction_plot: plots.interaction_figure([], INTERACTION_THRESHOLD)}
         pairs = list(report["pairs"])
         return {self.interaction_note: f"Every adjacent decoder pair of `{variant.label}` on {n} calibration samples.",
+                self.interaction_lead: explain.interaction_lead(pairs, INTERACTION_THRESHOLD),
                 self.verdict: f"### Verdict\n\n**{report['verdict']}**",
                 self.interaction_table: [_interaction_row(p) for p in pairs],
                 self.interaction_plot: plots.interaction_figure(pairs, INTERACTION_THRESHOLD)}
@@ -353,6 +398,62 @@ class AnalysisPanel:
             cancelled="■ Cancelled. The verdict and table you had are unchanged.",
         ), session, self.interaction_note)
 
+    def compute_vision_sites(self, label: str | None, n_samples: Any,
+                             request: gr.Request | None = None) -> Iterator[Outputs]:
+        """Measure the error each vision site adds alone, then draw it and the |x| map of the worst site."""
+        session = self.app.session(request)
+        variant = session.variants.find_label(label)
+        if variant is None:
+            yield {self.vision_note: warn("Quantize a model first, then pick the variant to analyse.")}
+            return
+        try:
+            n = parse_count(n_samples, *SITE_SAMPLES, "Calibration pairs")
+        except ValueError as err:
+            yield {self.vision_note: warn(str(err))}
+            return
+
+        def work(progress: ProgressCallback, cancel: threading.Event) -> Any:
+            fp = self.app.models.get(variant.base_model)
+            found = self._vision_sites(fp, variant.result, n_samples=n, progress=progress, cancel=cancel)
+            worst = found.worst()
+            return found, site_activation_map(fp, worst["layer"], worst["site"], found.a_bits, n_samples=n)
+
+        def render(measured: Any, seconds: float) -> tuple[str, Outputs]:
+            found, site_map = measured
+            worst = found.worst()
+            n_layers = len(variant.result.handle.layer_map.vision)
+            return (f"✓ Done in {seconds:.1f} s on {found.samples} calibration pairs. Weights {found.weights}; "
+                    f"weights alone: {100 * found.weights_only:.3g}% error, every vision site on: "
+                    f"{100 * found.all_on:.3g}%."), {
+                self.vision_lead: explain.vision_sites_lead(found.rows),
+                self.vision_plot: plots.vision_sites_figure(found.rows, found.all_on),
+                self.vision_layer: gr.update(maximum=n_layers - 1, value=worst["layer"]),
+                self.vision_site: worst["site"],
+                self.vision_map: plots.site_map_figure(site_map),
+                self.vision_map_note: explain.site_map_sentence(site_map)}
+
+        yield from stream_job(LongJob(
+            name="vision-site measurement", title=f"Where does {variant.label}'s vision tower lose? ({n} pairs)",
+            holder=f"a vision-site measurement ({variant.label})", work=work, render=render,
+            cancelled="■ Cancelled. The variant answers as before.",
+        ), session, self.vision_note)
+
+    def show_vision_map(self, label: str | None, layer: Any, site: str, n_samples: Any,
+                        request: gr.Request | None = None) -> Outputs:
+        """Draw |x| at one vision site of the variant's FP model (one vision pass) with its per-token and
+        per-channel ranges at the variant's vision activation bits."""
+        variant = self.app.session(request).variants.find_label(label)
+        if variant is None:
+            return {self.vision_map_note: warn("Quantize a model first, then pick the variant to analyse.")}
+        try:
+            n = parse_count(n_samples, *SITE_SAMPLES, "Calibration pairs")
+            site_map = site_activation_map(self.app.models.get(variant.base_model), int(layer), site,
+                                           variant.result.config.tower_bits("vision")[1], n_samples=n)
+        except (TypeError, ValueError) as err:
+            return {self.vision_map_note: warn(str(err))}
+        return {self.vision_map: plots.site_map_figure(site_map),
+                self.vision_map_note: explain.site_map_sentence(site_map)}
+
 
 def _interaction_row(p: dict) -> list[str]:
     """One table row from a ``DEDAnalysis.summary()`` dict: numbers as the reader wants them."""
@@ -370,11 +471,32 @@ def _interaction_row(p: dict) -> list[str]:
             f"{float(p.get('r2_chance') or 0.0):.3f}"]
 
 
+def no_veo_reason(cfg: QuantConfig) -> str:
+    """Why a variant has no VEO loss to show, from its config: the first reason that applies."""
+    if not cfg.quantize_vision:
+        return ("No VEO in this variant: its vision tower stays in full precision, so it has no vision quantizers "
+                "for VEO to tune.")
+    if not any(stage.name == STAGE_VEO for stage in get_recipe(cfg.recipe).stages):
+        return f"No VEO in this variant: the '{cfg.recipe}' recipe has no VEO step ('qvlm' and 'qvlm-veo' have one)."
+    if not cfg.veo_epochs:
+        return "No VEO in this variant: it ran with 0 VEO epochs."
+    return "No VEO in this variant: VEO logged no optimizer step."
+
+
+def rerun_cost(v: Variant, n: int) -> str:
+    """What pressing a DED button costs, from the variant's own init time (no guessed durations)."""
+    cfg = v.result.config
+    init_s = (v.result.timings or {}).get(STAGE_INIT)
+    took = (f" (in the quantization, the init took {init_s:.1f} s on {cfg.calib_size} calibration pairs)"
+            if init_s else "")
+    return f"It re-runs the layer-wise init on {n} samples{took}, then a joint search per decoder pair."
+
+
 def _variant_info(v: Variant) -> str:
     """The Markdown above the partition: what the variant is, and how its layers were grouped."""
     r = v.result
     blocks = r.blocks or []
-    parts = [f"**{v.label}** of `{v.base_model}` · quantized in {v.seconds:.1f} s · "
+    parts = [f"**{v.label}** · quantized in {v.seconds:.1f} s · "
              f"{human_bytes(v.nbytes)} in memory"]
     if not r.entropies:
         parts.append(f"The `{r.config.recipe}` recipe has no CDM step: no D(k,k+1) was measured and every decoder "

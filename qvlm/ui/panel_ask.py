@@ -6,12 +6,14 @@ test set's. The example images and questions follow the picked model's task (eas
 Below the answers, the models are compared token by token
 (:func:`qvlm.evaluation.compare.token_comparison`), and the disagreement finder scans test questions for
 answers that differ (:func:`qvlm.evaluation.compare.disagreement_scan`, a long job); clicking a found
-question loads it here.
+question loads it here. Variants answer on integer kernels where their formats allow
+(:func:`qvlm.quant.integer.integer_handle`), and each card names the path under its latency.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +26,7 @@ from qvlm.evaluation.compare import disagreement_scan, rank_disagreements, token
 from qvlm.data import DEFAULT_TASK, get_task, normalize_answer, validate_question
 from qvlm.models.inference import answer
 from qvlm.models import ModelLoadError, VLMHandle
+from qvlm.quant.integer import execution_path, integer_handle
 from qvlm.utils.progress import ProgressCallback
 from qvlm.ui.examples import TaskExamples, examples_by_task, reference_answer, served_image_path
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
@@ -52,13 +55,17 @@ def image_path(value: Any) -> str | None:
 
 
 def answer_card(name: str, kind: str, handle: VLMHandle, image: Image.Image, question: str) -> AnswerCard:
-    """One model's answer and latency; a failure becomes an error card, so it cannot hide the other answers."""
+    """One model's answer, its latency and the path that computed it; a failure becomes an error card, so it
+    cannot hide the other answers. A variant answers on integer kernels where its formats allow
+    (:func:`~qvlm.quant.integer.integer_handle`)."""
     try:
+        if kind == "variant":
+            handle = integer_handle(handle)
         a = answer(handle.model, handle.processor, image, question, max_new_tokens=16)
     except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
         log.exception("answering with %s failed", name)
         return AnswerCard(name, "error", f"failed: {type(err).__name__}", None, str(err)[:200])
-    return AnswerCard(name, kind, a.text, a.seconds)
+    return AnswerCard(name, kind, a.text, a.seconds, f"on {execution_path(handle.model)}")
 
 
 def flag_flips(cards: list[AnswerCard]) -> list[AnswerCard]:
@@ -121,13 +128,13 @@ class AskPanel:
             with gr.Row(equal_height=True):
                 self.finder_variants = gr.Dropdown([], value=[], multiselect=True, label="Variants (none chosen: all "
                                                    "held variants of the model)", elem_id="finder-variants", scale=3)
-                self.finder_n = gr.Number(FINDER_QUESTIONS, precision=0, minimum=1, label="Test questions",
+                self.finder_n = gr.Number(FINDER_QUESTIONS, minimum=1, label="Test questions",
                                           elem_id="finder-n", scale=1)
                 self.finder_start = gr.Button("Find disagreements", variant="primary", elem_id="finder-btn", scale=1)
                 self.finder_cancel = gr.Button("Cancel", variant="stop", elem_id="finder-cancel-btn", scale=1)
             self.finder_status = gr.Markdown("", elem_id="finder-status")
             self.found = gr.Gallery([], label="Flipped answers first, then the largest drops of the right answer's "
-                                    "probability: click one to ask it", columns=6, height="auto", allow_preview=False,
+                                    "probability: click one to ask it", columns=4, height="auto", allow_preview=False,
                                     elem_id="finder-gallery")
             self.found_rows = gr.State([])  # the gallery's questions, in its order: what a click loads
 
@@ -143,7 +150,7 @@ class AskPanel:
         return [box for _, box in self._example_boxes]
 
     def offer_examples(self, model_name: str) -> Outputs:
-        """Show the example images and questions of the picked model's task, hide the other tasks' (issue 11)."""
+        """Show the example images and questions of the picked model's task, hide the other tasks' (a mosaic model cannot answer about single shapes)."""
         task = self.app.settings.model_task(model_name)
         return {box: gr.update(visible=t == task) for t, box in self._example_boxes}
 
@@ -190,22 +197,23 @@ class AskPanel:
             fp = self.app.models.get(canonical_name(model_name))
         except ValueError as err:  # the answers' own note already says what is wrong
             return {self.token_note: f"*Token comparison not run: {err}*"}
-        variants = {v.label: v.handle for v in session.variants.variants(canonical_name(model_name))}
         try:
+            variants = {v.label: integer_handle(v.handle) for v in session.variants.variants(canonical_name(model_name))}
             comparison = self._token_comparison(fp, variants, img, q)
         except Exception as err:  # noqa: BLE001 - the answers above stay
             return {self.token_note: unexpected("The token comparison", err)}
+        fp_answer = html.escape(comparison["fp_answer"])  # model text, shown as text, never as markup
         if not variants:
-            note = f"FP's answer **{comparison['fp_answer']}**, token by token. " + NO_VARIANT_NOTE
+            note = f"FP's answer **{fp_answer}**, token by token. " + NO_VARIANT_NOTE
         else:
             parts = []
             for label, v in comparison["variants"].items():
                 where = "the same top token at every step" if v["first_diff"] is None else \
                     f"first differs at step {v['first_diff']}"
                 flip = " · **flipped**" if v["flipped"] else ""
-                parts.append(f"`{label}`: answers **{v['answer']}**, {where}, KL up to {max(v['kl'], default=0):.3g} "
-                             f"nats{flip}")
-            note = (f"Every model is fed FP's answer **{comparison['fp_answer']}** token by token (teacher forcing), "
+                parts.append(f"`{label}`: answers **{html.escape(v['answer'])}**, {where}, KL up to "
+                             f"{max(v['kl'], default=0):.3g} nats{flip}")
+            note = (f"Every model is fed FP's answer **{fp_answer}** token by token (teacher forcing), "
                     "so the steps line up.\n\n" + "\n".join(f"- {p}" for p in parts))
         return {self.token_note: note, self.token_table: token_table_html(comparison),
                 self.token_plot: plots.token_kl_figure(comparison)}
@@ -235,7 +243,8 @@ class AskPanel:
         def work(progress: ProgressCallback, cancel: threading.Event) -> tuple[dict, str, list]:
             fp = self.app.models.get(base)
             samples = get_task(fp.task).evaluation_subset(n, seed=FINDER_SEED)
-            scan = self._scan(fp, {v.label: v.handle for v in variants}, samples, progress=progress, cancel=cancel)
+            scan = self._scan(fp, {v.label: integer_handle(v.handle) for v in variants}, samples, progress=progress,
+                              cancel=cancel)
             return scan, fp.task, samples
 
         def render(result: tuple[dict, str, list], seconds: float) -> tuple[str, Outputs]:
@@ -246,6 +255,8 @@ class AskPanel:
             line = f"✓ Scanned {scan['n']} test questions in {seconds:.1f} s. {counts}."
             if not found:
                 line += " No answer changed and no right answer lost probability."
+            else:
+                line += "\n\n" + found_table(found)
             paths = [served_image_path(scanned_task, samples[r["index"]]) for r in found]
             gallery = [(path, _caption(r)) for path, r in zip(paths, found, strict=True)]
             rows = [{"image_id": r["image_id"], "question": r["question"], "path": path}
@@ -304,7 +315,27 @@ def _examples_id(task: str, part: str) -> str:
 
 
 def _caption(row: dict) -> str:
-    """A thumbnail's caption: the question, the right answer, FP's and each variant's answer."""
-    answers = " · ".join(f"{label}: {a}" for label, a in row["answers"].items())
-    mark = "⚑ flipped · " if row["flipped"] else f"p(right) −{row['drop']:.2f} · "
-    return f"{mark}{row['question']} (right: {row['answer']}; FP: {row['fp_answer']} · {answers})"
+    """A thumbnail's caption, short enough for one line under it: the change, then FP's answer -> the variants'.
+
+    The question and every answer are in :func:`found_table` under the status, numbered as the gallery.
+    """
+    mark = "⚑" if row["flipped"] else f"p −{row['drop']:.2f}"
+    others = "/".join(dict.fromkeys(str(a) for a in row["answers"].values()))
+    return f"{mark} {row['fp_answer']} → {others}"
+
+
+def found_table(found: list[dict]) -> str:
+    """The finder's questions in full, one Markdown row each in the gallery's order (captions stay short)."""
+    labels = list(dict.fromkeys(label for r in found for label in r["answers"]))
+
+    def cell(text: Any) -> str:
+        return html.escape(str(text)).replace("|", "\\|")
+
+    head = ["#", "question", "right", "FP", *(cell(label) for label in labels), "p(right) drop"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(found, 1):
+        answers = [cell(r["answers"].get(label, "")) for label in labels]
+        mark = " ⚑" if r["flipped"] else ""
+        lines.append(f"| {i}{mark} | {cell(r['question'])} | {cell(r['answer'])} | {cell(r['fp_answer'])} | "
+                     + " | ".join(answers) + f" | {r['drop']:.2f} |")
+    return "\n".join(lines)

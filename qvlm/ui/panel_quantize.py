@@ -1,8 +1,9 @@
 """Quantize tab: the form that becomes a ``QuantConfig``, a run with live progress by stage, the held variants.
 
-The recipe menu, its labels, the bit settings and every default shown come from the core
+The recipe menu, its labels, the presets, the bit settings and every default shown come from the core
 (``qvlm.quant``); the form only turns text into values and shows what ``QuantConfig.validate()``
-says is wrong. A run streams its stages from a worker thread (:func:`~qvlm.ui.jobs.stream_job`) and
+says is wrong. Under the form, the preset line (where the config departs from its preset) and the
+expected time (measured costs, :mod:`qvlm.ui.run_size`) follow every change. A run streams its stages from a worker thread (:func:`~qvlm.ui.jobs.stream_job`) and
 on success adds the variant to the session's LRU store, announcing any variant the bound drops.
 Below the result, the Download group writes the latest variant as a zip in a chosen export format
 and the run as JSON (:mod:`qvlm.ui.downloads`) into the session's temporary folder.
@@ -19,18 +20,34 @@ from typing import Any
 import gradio as gr
 
 from qvlm.export import FORMAT_NAME, SAVE_FORMATS
+from qvlm.models import BUNDLED_MODELS
 from qvlm.utils.progress import ProgressCallback
-from qvlm.quant import BIT_SETTINGS, MENU_ORDER, QuantConfig, QuantResult, get_recipe, quantize
+from qvlm.quant import BIT_SETTINGS, MENU_ORDER, PRESETS, QuantConfig, QuantResult, get_recipe, quantize
+from qvlm.quant.config import parse_bits
+from qvlm.quant.presets import DEFAULT_PRESET
 from qvlm.ui import texts
-from qvlm.ui.downloads import download_summary, run_record, write_model_zip, write_run_json
+from qvlm.ui.downloads import (
+    download_summary,
+    failure_message,
+    format_menu,
+    run_record,
+    write_model_zip,
+    write_run_json,
+)
 from qvlm.ui.feedback import Outputs, warn
 from qvlm.ui.jobs import STAGE_LOAD, LongJob, stream_job
 from qvlm.ui.render import human_bytes, variants_markdown
-from qvlm.ui.state import AppState, SessionState, Variant, canonical_name, module_bytes
+from qvlm.ui.run_size import DEFAULT_RUN_SIZE, RUN_SIZES, expected_time
+from qvlm.ui.state import AppState, SessionState, Variant, canonical_name, module_bytes, session_files_root
 
-FIRST_RUN_CALIB_PAIRS = 16
-"""The form starts at 16 calibration pairs, not ``QuantConfig``'s 64 (the paper's): a first W4A4
-Q-VLM run of the bundled model then finishes in well under a minute on a 2-core CPU."""
+FIRST_RUN_CALIB_PAIRS = RUN_SIZES[DEFAULT_RUN_SIZE].calib_size
+"""The form starts at the quick run size's calibration pairs, not ``QuantConfig``'s 64 (the paper's):
+see :data:`qvlm.ui.run_size.RUN_SIZES` for the measurements behind it."""
+
+SAME_BITS = "same"
+"""The Vision bits menu's value for "the run's own bits" (``vision_w_bits``/``vision_a_bits`` None)."""
+VISION_BITS = tuple(dict.fromkeys(("W8A8", "W6A6", "W4A8", *BIT_SETTINGS)))
+"""Offered for the vision tower besides "same as the run"; any WxAy the config accepts may be typed."""
 
 MAX_PERCENTILES = 20
 """The joint search tries up to |grid|^depth combinations per block; a longer grid would tie up
@@ -76,19 +93,43 @@ def whole_number(value: Any) -> Any:
 def config_from_form(
     bits: str, recipe: str, calib_size: Any, max_block_depth: Any, h0_rule: str, percentiles: str,
     veo_epochs: Any, veo_eta: Any, veo_lambda1: Any, veo_lambda2: Any,
-    quantize_vision: Any = None, quantize_projector: Any = None,
+    quantize_vision: Any = None, quantize_projector: Any = None, preset: str | None = None,
+    vision_bits: str | None = None,
 ) -> QuantConfig:
     """The form's ``QuantConfig``; a ValueError with the config's own message for any bad field.
 
-    ``quantize_vision`` / ``quantize_projector`` left None keep the config's defaults.
+    ``quantize_vision`` / ``quantize_projector`` left None keep the preset's values; ``preset`` None is the
+    default preset; ``vision_bits`` None or "same" leaves the vision tower at the run's bits.
     """
     switches = {name: value for name, value in (("quantize_vision", quantize_vision),
                                                 ("quantize_projector", quantize_projector)) if value is not None}
+    if vision_bits and vision_bits != SAME_BITS:
+        switches["vision_w_bits"], switches["vision_a_bits"] = parse_bits(vision_bits)
     return QuantConfig.from_bits(
-        bits, recipe=recipe, calib_size=whole_number(calib_size), max_block_depth=whole_number(max_block_depth),
-        h0_rule=parse_h0_rule(h0_rule), percentiles=parse_percentiles(percentiles), veo_epochs=whole_number(veo_epochs),
+        bits, recipe=recipe, preset=preset or DEFAULT_PRESET, calib_size=whole_number(calib_size),
+        max_block_depth=whole_number(max_block_depth), h0_rule=parse_h0_rule(h0_rule),
+        percentiles=parse_percentiles(percentiles), veo_epochs=whole_number(veo_epochs),
         veo_eta=veo_eta, veo_lambda1=veo_lambda1, veo_lambda2=veo_lambda2, **switches,
     )
+
+
+def preset_line(cfg: QuantConfig) -> str:
+    """"Preset: recommended · differs in: act_granularity_vision = token (preset: channel)", from the config itself."""
+    differences = cfg.preset_differences()
+    line = f"Preset: {cfg.preset}"
+    if differences:
+        line += " · differs in: " + ", ".join(f"{name} = {_shown(mine)} (preset: {_shown(theirs)})"
+                                             for name, (theirs, mine) in differences.items())
+    return line
+
+
+def _shown(value: Any) -> str:
+    """A config value as the preset line writes it: lists as "1, 0.99", None as "the run's"."""
+    if value is None:
+        return "the run's"
+    if isinstance(value, list):
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
 
 
 def quantized_parts(cfg: QuantConfig) -> str:
@@ -98,10 +139,25 @@ def quantized_parts(cfg: QuantConfig) -> str:
     return " + ".join(parts) + (" only" if len(parts) == 1 else "") if parts else "nothing"
 
 
-def variant_label(cfg: QuantConfig) -> str:
-    """"W4A4 qvlm", with the towers named when they differ from ``QuantConfig``'s defaults ("W4A4 qvlm · vision FP")."""
+def model_short_name(model: str) -> str:
+    """"tiny-llava-mosaic" for the bundled model's display name, a folder's or hub id's last part otherwise."""
+    if model in BUNDLED_MODELS:
+        return BUNDLED_MODELS[model].name
+    return model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def variant_label(cfg: QuantConfig, model: str = "") -> str:
+    """"tiny-llava-mosaic W4A4 qvlm": the model, then the bits and recipe, with the towers named when they differ
+    from ``QuantConfig``'s defaults ("tiny-llava W4A4 qvlm · vision FP"), the preset when it is not the default
+    ("· paper preset") and the vision tower's own bits (``bits_label``: "W4A4 (vision W8A8)").
+
+    ``model``: the canonical model name; a folder or hub id is shown by its last part. Why the model: a
+    session may hold variants of two models, and "W4A4 qvlm #2" does not say which is which.
+    """
     defaults = QuantConfig()
-    label = f"{cfg.bits_label} {cfg.recipe}"
+    label = f"{model_short_name(model)} {cfg.bits_label} {cfg.recipe}".strip()
+    if cfg.preset != defaults.preset:
+        label += f" · {cfg.preset} preset"
     if cfg.quantize_vision != defaults.quantize_vision:
         label += " · vision " + (cfg.bits_label if cfg.quantize_vision else "FP")
     if cfg.quantize_projector != defaults.quantize_projector:
@@ -137,10 +193,23 @@ class QuantizePanel:
                                  label="Bit-width (weights / activations)", elem_id="bits", scale=2)
             self.recipe = gr.Dropdown([(get_recipe(name).label, name) for name in MENU_ORDER], value=defaults.recipe,
                                       label="Recipe", elem_id="recipe", scale=2)
+        with gr.Row():
+            with gr.Column(scale=3):
+                self.preset = gr.Radio([(p.label, p.name) for p in PRESETS.values()], value=defaults.preset,
+                                       label="Preset (where the settings come from)", elem_id="preset")
+                gr.Markdown("\n".join(f"- **{p.label}**: {p.description}" for p in PRESETS.values()),
+                            elem_id="preset-help")
+            self.vision_bits = gr.Dropdown([("same as the run", SAME_BITS), *VISION_BITS], value=SAME_BITS,
+                                           allow_custom_value=True, label="Vision bits (vision tower's W/A)",
+                                           elem_id="vision-bits", scale=1)
+            self.run_size = gr.Radio([(s.name, s.name) for s in RUN_SIZES.values()], value=DEFAULT_RUN_SIZE,
+                                     label="Run size", elem_id="run-size", scale=1,
+                                     info="; ".join(f"{s.name}: {s.description}" for s in RUN_SIZES.values()))
         with gr.Accordion("Advanced: QuantConfig", open=False, elem_id="advanced"):
             with gr.Row():
-                self.calib_size = gr.Number(FIRST_RUN_CALIB_PAIRS, label="Calibration pairs (the model's train split)",
-                                            precision=0, minimum=1, maximum=256, elem_id="calib-size")
+                self.calib_size = gr.Number(RUN_SIZES[DEFAULT_RUN_SIZE].calib_size,
+                                            label="Calibration pairs (the model's train split)",
+                                            minimum=1, maximum=256, elem_id="calib-size")
                 self.max_block_depth = gr.Slider(1, 6, value=defaults.max_block_depth, step=1,
                                                  label="Max block depth (layers per block)", elem_id="max-depth")
                 self.h0_rule = gr.Dropdown(list(H0_SUGGESTIONS), value=defaults.h0_rule, allow_custom_value=True,
@@ -149,7 +218,7 @@ class QuantizePanel:
             self.percentiles = gr.Textbox(", ".join(f"{p:g}" for p in defaults.percentiles),
                                           label="Percentile grid searched per layer", elem_id="percentiles")
             with gr.Row():
-                self.veo_epochs = gr.Number(defaults.veo_epochs, precision=0, minimum=0, maximum=100,
+                self.veo_epochs = gr.Number(RUN_SIZES[DEFAULT_RUN_SIZE].veo_epochs, minimum=0, maximum=100,
                                             label="VEO epochs", elem_id="veo-epochs")
                 self.veo_eta = gr.Number(defaults.veo_eta, label="η (LLM-output error weight)", elem_id="veo-eta")
                 self.veo_lambda1 = gr.Number(defaults.veo_lambda1, label="λ1 (entropy term)", elem_id="veo-l1")
@@ -161,6 +230,8 @@ class QuantizePanel:
             self.quantize_projector = gr.Checkbox(defaults.quantize_projector, label="Quantize the projector",
                                                   info="The image-to-LLM projector; kept FP by the authors' code.",
                                                   elem_id="quantize-projector")
+        self.preset_line = gr.Markdown(elem_id="preset-line")
+        self.estimate = gr.Markdown(elem_id="run-estimate")
         with gr.Row():
             self.start = gr.Button("Start quantization", variant="primary", elem_id="start-btn")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
@@ -173,7 +244,8 @@ class QuantizePanel:
             gr.Markdown(texts.DOWNLOAD_HELP, elem_id="download-help")
             with gr.Row():
                 self.export_format = gr.Dropdown([(texts.EXPORT_FORMATS.get(f, f), f) for f in SAVE_FORMATS],
-                                                 value=FORMAT_NAME, label="Format", elem_id="export-format", scale=3)
+                                                 value=FORMAT_NAME, label="Format", elem_id="export-format", scale=3,
+                                                 info=texts.DOWNLOAD_FORMAT_INFO)
                 self.download_btn = gr.Button("Prepare download", elem_id="download-btn", scale=1)
             with gr.Row():
                 self.model_file = gr.File(label="Quantized model (zip)", interactive=False, elem_id="model-file")
@@ -191,26 +263,47 @@ class QuantizePanel:
         """The inputs of :meth:`quantize`, in its argument order."""
         return [self.model, self.bits, self.recipe, self.calib_size, self.max_block_depth, self.h0_rule,
                 self.percentiles, self.veo_epochs, self.veo_eta, self.veo_lambda1, self.veo_lambda2,
-                self.quantize_vision, self.quantize_projector]
+                self.quantize_vision, self.quantize_projector, self.preset, self.vision_bits]
+
+    def describe_form(self, model_name: str, *form: Any) -> Outputs:
+        """The preset line and the expected time of the config the form would run (no model is touched).
+
+        ``form``: the rest of :attr:`form`, then the run size. A form the config refuses shows its reason.
+        """
+        *values, run_size = form
+        try:
+            cfg = config_from_form(*values)
+        except ValueError as err:
+            return {self.preset_line: warn(str(err)), self.estimate: ""}
+        return {self.preset_line: preset_line(cfg),
+                self.estimate: expected_time(model_short_name(canonical_name(model_name)), cfg.recipe, run_size,
+                                             cfg.calib_size, cfg.veo_epochs)}
+
+    def choose_run_size(self, run_size: str) -> Outputs:
+        """Set the form's calibration pairs and VEO epochs to the run size's (the user may still edit them)."""
+        size = RUN_SIZES[run_size]
+        return {self.calib_size: size.calib_size, self.veo_epochs: size.veo_epochs}
 
     def quantize(
         self, model_name: str, bits: str, recipe: str, calib_size: Any, max_block_depth: Any, h0_rule: str,
         percentiles: str, veo_epochs: Any, veo_eta: Any, veo_lambda1: Any, veo_lambda2: Any,
-        quantize_vision: Any = None, quantize_projector: Any = None, request: gr.Request | None = None,
+        quantize_vision: Any = None, quantize_projector: Any = None, preset: str | None = None,
+        vision_bits: str | None = None, request: gr.Request | None = None,
     ) -> Iterator[Outputs]:
         """Quantize the chosen model, streaming its stages to ``status``; the new variant's label goes to
         ``new_variant`` (None when the run made none), from where the Analysis tab opens it."""
         session = self.app.session(request)
         try:
-            cfg = config_from_form(bits, recipe, calib_size, max_block_depth, h0_rule, percentiles,
-                                   veo_epochs, veo_eta, veo_lambda1, veo_lambda2, quantize_vision, quantize_projector)
+            cfg = config_from_form(bits, recipe, calib_size, max_block_depth, h0_rule, percentiles, veo_epochs,
+                                   veo_eta, veo_lambda1, veo_lambda2, quantize_vision, quantize_projector, preset,
+                                   vision_bits)
         except ValueError as err:
             yield {self.status: warn(str(err)), self.new_variant: None}
             return
         base = canonical_name(model_name)
         key = config_key(base, cfg)
         existing = session.variants.get(key, touch=False)
-        label = existing.label if existing else session.variants.unique_label(variant_label(cfg))
+        label = existing.label if existing else session.variants.unique_label(variant_label(cfg, base))
 
         def work(progress: ProgressCallback, cancel: threading.Event) -> QuantResult:
             progress(STAGE_LOAD, 0.0, f"loading {base}")
@@ -221,7 +314,8 @@ class QuantizePanel:
         def render(result: QuantResult, seconds: float) -> tuple[str, Outputs]:
             evicted = session.variants.add(Variant(key=key, label=label, base_model=base, result=result,
                                                    nbytes=module_bytes(result.handle.model), seconds=seconds))
-            lines = [f"✓ **{label}** ready in {seconds:.1f} s. See the **Analysis**, **Ask** and **Results** tabs."]
+            lines = [f"✓ **{label}** ready in {seconds:.1f} s. See the **Analysis**, **Ask** and **Results** tabs.",
+                     preset_line(cfg)]
             if existing:
                 lines.append(f"(It replaced the earlier `{label}` with the same settings.)")
             for old in evicted:
@@ -232,7 +326,7 @@ class QuantizePanel:
             return "\n\n".join(lines), {self.held: self._held_markdown(session), self.new_variant: label}
 
         yield from stream_job(LongJob(
-            name="quantization", title=f"Quantizing {base} → {label} ({cfg.calib_size} calibration pairs)",
+            name="quantization", title=f"Quantizing {label} ({cfg.calib_size} calibration pairs)",
             holder=f"a quantization ({label})", work=work, render=render,
             cancelled="■ Cancelled. Nothing changed: the variants you hold are all still here.",
             stopped=lambda: {self.held: self._held_markdown(session), self.new_variant: None},
@@ -250,16 +344,23 @@ class QuantizePanel:
         if not held:
             return {self.download_note: warn(texts.NO_VARIANT_TO_DOWNLOAD)}
         variant = held[-1]  # the store's order is the order runs finished: nothing else reorders it
-        folder = session.files_dir(self.model_file.GRADIO_CACHE)
-        try:
-            model_zip = write_model_zip(variant, fmt, folder)
+        folder = session.files_dir(session_files_root())
+        try:  # the run JSON first: it can always be written, and stays downloadable when the format is refused
             run_json = write_run_json(variant, run_record(variant, session.fp_evals), folder)
-        except ValueError as err:  # the exporter's own sentence: NF4 or AWQ in compressed-tensors, unknown format
-            return {self.download_note: warn(str(err))}
+            model_zip = write_model_zip(variant, fmt, folder)
+        except ValueError as err:  # the exporter's own sentence (export_refusal): the format cannot hold this variant
+            return {self.run_file: str(run_json), self.download_note: warn(str(err))}
         except OSError as err:  # a full or read-only disk
-            return {self.download_note: warn(f"Could not write the download ({err}); nothing was lost.")}
+            return {self.download_note: warn(failure_message(err))}
         return {self.model_file: str(model_zip), self.run_file: str(run_json),
                 self.download_note: download_summary(variant.label, fmt, model_zip, run_json)}
+
+    def offer_formats(self, request: gr.Request | None = None) -> gr.Dropdown:
+        """The format menu for the session's latest variant: only the formats it can be written in, and in the
+        menu's info line why the others are missing (:func:`~qvlm.ui.downloads.format_menu`)."""
+        held = self.app.session(request).variants.variants()
+        choices, value, info = format_menu(held[-1].result.config if held else None)
+        return gr.Dropdown(choices=choices, value=value, info=info or texts.DOWNLOAD_FORMAT_INFO)
 
     def show_held(self, request: gr.Request | None = None) -> str:
         """The session's held variants, for the page load (a reload keeps them)."""

@@ -12,9 +12,11 @@ datasets.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -28,19 +30,24 @@ from qvlm.evaluation.accuracy import evaluate
 from qvlm.models import VLMHandle
 from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
+from qvlm.quant.integer import integer_handle
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.inputs import parse_question_count
 from qvlm.ui.jobs import LongJob, StageTracker, stream_job
 from qvlm.ui.panel_quantize import FIRST_RUN_CALIB_PAIRS, quantized_parts, whole_number
 from qvlm.ui.render import human_bytes
+from qvlm.ui.settings import REPO_ROOT
 from qvlm.ui.state import AppState, canonical_name
 from qvlm.ui.texts import NO_VARIANT_NOTE, PAPER_TABLE_NOTE, TASK_LABELS
 
 BitSweepFn = Callable[..., list[dict]]
-EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "per question type %", "answers/s",
+EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "per question type %", "answers/s", "kernels",
                 "FP16 weights", "packed weights", "smaller by"]
-"""One column holds every question type's accuracy: the types are the task's (3 for easy-VQA, 5 for mosaics)."""
+"""One column holds every question type's accuracy: the types are the task's (3 for easy-VQA, 5 for mosaics).
+"kernels": the path that answered (a variant answers on integer kernels where its formats allow)."""
+TABLE4_RESULT = REPO_ROOT / "benchmarks" / "results" / "table4.json"
+"""What ``python benchmarks/table4.py`` writes: the paper's Table 4 (latency, weight memory) measured here."""
 SWEEP_COLUMNS = ["recipe", "bits", "questions", "accuracy %", "weights"]
 SWEEP_RECIPES = ("qlora", "qvlm")
 """The sweep's default recipes: the paper's baseline and Q-VLM."""
@@ -61,6 +68,13 @@ class _Scored:
     key: tuple
     parts: str = "nothing (FP)"
     """Which towers are quantized, in words (:func:`~qvlm.ui.panel_quantize.quantized_parts`)."""
+    variant: bool = False
+    """A quantized variant: it answers through :func:`~qvlm.quant.integer.integer_handle` (integer kernels
+    where its formats allow), while ``handle`` stays packed for the weight memory column."""
+
+    def answering(self) -> VLMHandle:
+        """The handle that answers the questions."""
+        return integer_handle(self.handle) if self.variant else self.handle
 
     @property
     def done(self) -> bool:
@@ -109,9 +123,9 @@ class ResultsPanel:
                 self.sweep_bits = gr.CheckboxGroup(list(BIT_SETTINGS), value=list(SWEEP_BITS), label="Bit-widths",
                                                    elem_id="sweep-bits", scale=2)
             with gr.Row(equal_height=True):
-                self.sweep_n = gr.Number(SWEEP_QUESTIONS, precision=0, minimum=1, maximum=n_test,
+                self.sweep_n = gr.Number(SWEEP_QUESTIONS, minimum=1, maximum=n_test,
                                          label="Test questions", elem_id="sweep-n", scale=1)
-                self.sweep_calib = gr.Number(FIRST_RUN_CALIB_PAIRS, precision=0, minimum=1, maximum=256,
+                self.sweep_calib = gr.Number(FIRST_RUN_CALIB_PAIRS, minimum=1, maximum=256,
                                              label="Calibration pairs per run", elem_id="sweep-calib", scale=1)
                 self.sweep_start = gr.Button("Run the sweep", variant="primary", elem_id="sweep-btn", scale=1)
                 self.sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel-btn", scale=1)
@@ -119,6 +133,16 @@ class ResultsPanel:
                                             "for Q-VLM on the bundled model.*", elem_id="sweep-status")
             self.sweep_plot = gr.Plot(plots.bit_sweep_figure([]), label="Accuracy vs bit-width", elem_id="sweep-plot")
             self.sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, interactive=False, elem_id="sweep-table")
+        with gr.Group(elem_id="table4"):
+            gr.Markdown("### Latency and weight memory per storage format on this machine (the paper's Table 4)")
+            result = read_table4()
+            if result is None:
+                gr.Markdown("*Not measured yet: `python benchmarks/table4.py` (a few minutes on an idle machine) "
+                            f"writes `{TABLE4_RESULT.relative_to(REPO_ROOT)}`, which is drawn here.*",
+                            elem_id="table4-note")
+            else:
+                gr.Markdown(table4_note(result), elem_id="table4-note")
+                gr.Plot(plots.table4_figure(result), label="Table 4 on this machine", elem_id="table4-plot")
         with gr.Group(elem_id="paper-table"):
             gr.Markdown(f"### From the paper, not measured here: LLaVA-1.5-7B ({PAPER_TABLE3_SOURCE})")
             gr.Markdown(PAPER_TABLE_NOTE.format(source=PAPER_TABLE3_SOURCE), elem_id="paper-note")
@@ -142,7 +166,7 @@ class ResultsPanel:
             yield {self.status: unexpected("Loading the model", err)}
             return
         models = [_Scored("FP", fp, session.fp_evals, (base, n, SUBSET_SEED))]
-        models += [_Scored(v.label, v.handle, v.evals, (n, SUBSET_SEED), quantized_parts(v.result.config))
+        models += [_Scored(v.label, v.handle, v.evals, (n, SUBSET_SEED), quantized_parts(v.result.config), True)
                    for v in session.variants.variants(base)]
         label = TASK_LABELS[task.name]
         title = f"Evaluating on {n} {label} test questions"
@@ -162,7 +186,8 @@ class ResultsPanel:
         def work(progress: ProgressCallback, cancel: threading.Event) -> None:
             samples = task.evaluation_subset(n, seed=SUBSET_SEED)
             for m in todo:  # each score is stored as soon as it exists: a cancel keeps the finished ones
-                m.store[m.key] = evaluate(m.handle.model, m.handle.processor, samples, cancel=cancel,
+                answering = m.answering()
+                m.store[m.key] = evaluate(answering.model, answering.processor, samples, cancel=cancel,
                                           progress=lambda _stage, f, msg, label=m.label: progress(label, f, msg))
 
         yield from stream_job(LongJob(
@@ -183,7 +208,7 @@ class ResultsPanel:
             packed = mem.get("quant_bytes") if mem else None
             table.append([
                 m.label, m.parts, res.n, round(100 * res.accuracy, 1), per_type_text(res.per_type, question_types),
-                round(res.answers_per_second, 1),
+                round(res.answers_per_second, 1), res.kernels,
                 human_bytes(fp16) if fp16 else "", human_bytes(packed) if packed else "",
                 f"{fp16 / packed:.2f}x" if fp16 and packed else "",
             ])
@@ -238,6 +263,28 @@ class ResultsPanel:
 def per_type_text(per_type: dict[str, float], question_types: tuple[str, ...]) -> str:
     """"yes/no 99.8 · color 100.0 · shape 99.5": each type's accuracy in %, in the task's order."""
     return " · ".join(f"{t} {100 * per_type[t]:.1f}" for t in question_types if t in per_type)
+
+
+def read_table4(path: Path = TABLE4_RESULT) -> dict | None:
+    """The measured Table 4 (``benchmarks/table4.py``'s JSON), or None when it is missing or unreadable (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("cannot read %s", path, exc_info=True)
+        return None
+
+
+def table4_note(result: dict) -> str:
+    """One line under the Table 4 heading: the machine and the run's settings the numbers depend on."""
+    m = result.get("machine", {})
+    isa = ", ".join(m.get("isa", [])) or "no VNNI/AMX"
+    small = " Widths / 8: a smoke test, not a measurement." if result.get("small") else ""
+    return (f"*{m.get('cpu', 'unknown CPU')} ({isa}), torch {m.get('torch', '?')}, {m.get('threads', '?')} threads, "
+            f"{m.get('date', '')}; {result.get('tokens', '?')} tokens, median of {result.get('repeats', '?')} runs. "
+            f"Random weights at the paper's layer widths; integer rows: per-channel weights, dynamic per-token "
+            f"activations.{small}*")
 
 
 def _weight_memory(m: _Scored) -> dict[str, Any] | None:

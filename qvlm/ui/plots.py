@@ -9,6 +9,7 @@ instead of an exception (the UI shows figures before anything has been computed)
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from qvlm.ui.explain import SITE_NAMES, finite, veo_outcome, vision_site_name
 from qvlm.utils.stats import linear_fit
 
 # A qualitative palette with enough distinct colours for the blocks of a 40-layer model
@@ -27,6 +29,8 @@ BLOCK_COLORS = (
 )
 FP_COLOR = "#444444"
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), height=380)
+LOG_AXIS = dict(type="log", dtick=1, tickformat="~g")
+"""A log axis with one tick per power of ten (0.01, 0.1, 1, 10, ...), not plotly's "2, 5, 1, 2, 5"."""
 
 
 def empty_figure(message: str, title: str = "") -> go.Figure:
@@ -58,7 +62,7 @@ def ded_scatter(
     """
     proxy = {"entropy": "activation entropy D(k,k+1)", "qerr": "quantization error"}.get(x_key, x_key)
     title = title or f"Decoder layer {layer}: DED vs {proxy}"
-    pts = [p for p in points if _finite(p.get(x_key)) and _finite(p.get("ded"))]
+    pts = [p for p in points if finite(p.get(x_key)) and finite(p.get("ded"))]
     if not pts:
         return empty_figure("No DED samples for this layer yet.", title)
     xs = [float(p[x_key]) for p in pts]
@@ -78,7 +82,7 @@ def ded_scatter(
         mode="lines", name="least-squares fit", line=dict(color="#222", width=2, dash="dash"), hoverinfo="skip",
     ))
     r2_text = f"R² = {fit['r2']:.4f}"
-    if _finite(r2_chance):
+    if finite(r2_chance):
         r2_text += f" (chance level {float(r2_chance):.2f} for n = {len(pts)})"
     fig.add_annotation(text=r2_text, x=0.03, y=0.97, xref="paper", yref="paper",
                        xanchor="left", yanchor="top", showarrow=False, font=dict(size=16),
@@ -104,7 +108,7 @@ def interaction_figure(
     candidate grid that an additive model leaves: 0 means the two layers' errors simply add up,
     so choosing their ranges one by one is as good as choosing them together.
     """
-    rows = [p for p in pairs if _finite(p.get("interaction_share"))]
+    rows = [p for p in pairs if finite(p.get("interaction_share"))]
     if not rows:
         return empty_figure("Press 'Do the layers interact?' to measure every decoder pair.", title)
     names = [_pair_name(p) for p in rows]
@@ -190,7 +194,7 @@ def partition_figure(
             customdata=[[k, k + 1] for k in range(len(entropies))],
             hovertemplate="D(%{customdata[0]},%{customdata[1]}) = %{y:.4g}<extra></extra>",
         ), row=2, col=1)
-    if h0 is not None and _finite(h0):
+    if h0 is not None and finite(h0):
         fig.add_trace(go.Scatter(
             x=[-0.5, n_layers - 0.5], y=[h0, h0], mode="lines", name=f"h0 = {h0:.3g}",
             line=dict(color="#C00", width=2, dash="dash"), hovertemplate=f"threshold h0 = {h0:.4g}<extra></extra>",
@@ -200,9 +204,11 @@ def partition_figure(
     fig.update_yaxes(visible=False, row=1, col=1)
     fig.update_yaxes(title_text="D(k,k+1)", row=2, col=1)
     fig.update_xaxes(title_text="decoder layer k", dtick=1, range=[-0.6, n_layers - 0.4], row=2, col=1)
-    layout = {**_LAYOUT, "height": 440}
+    # The legend hangs below the x-axis title (yanchor "top"), in a bottom margin tall enough for two
+    # rows of blocks (a 16-layer model), so the two never overlap.
+    layout = {**_LAYOUT, "height": 500, "margin": dict(l=60, r=20, t=60, b=130)}
     fig.update_layout(title=f"{title} ({len(blocks)} blocks)", barmode="overlay", bargap=0.05,
-                      legend=dict(orientation="h", y=-0.18), **layout)
+                      legend=dict(orientation="h", yanchor="top", y=-0.22, x=0), **layout)
     return fig
 
 
@@ -221,14 +227,14 @@ def layer_error_figure(
     3-bit variants readable together.
     """
     all_rows = [e for errors in variants.values() for e in errors]
-    relative = bool(all_rows) and all(_finite(e.get("fp_mse")) and float(e["fp_mse"]) > 0 for e in all_rows)
+    relative = bool(all_rows) and all(finite(e.get("fp_mse")) and float(e["fp_mse"]) > 0 for e in all_rows)
 
     def value(e: Mapping[str, Any], key: str) -> float:
         return float(e[key]) / float(e["fp_mse"]) if relative else float(e[key])
 
     traces = []
     for v, (label, errors) in enumerate(variants.items()):
-        rows = [e for e in errors if (tower is None or e.get("tower") == tower) and _finite(e.get("quant_mse"))]
+        rows = [e for e in errors if (tower is None or e.get("tower") == tower) and finite(e.get("quant_mse"))]
         if not rows:
             continue
         color = _block_color(v)
@@ -236,7 +242,7 @@ def layer_error_figure(
             x=[_layer_name(e) for e in rows], y=[value(e, "quant_mse") for e in rows], name=f"{label} (final)",
             marker=dict(color=color), hovertemplate="%{x}<br>error %{y:.3g}<extra>" + label + "</extra>",
         ))
-        init = [e for e in rows if _finite(e.get("init_mse"))]
+        init = [e for e in rows if finite(e.get("init_mse"))]
         if init:
             traces.append(go.Scatter(
                 x=[_layer_name(e) for e in init], y=[value(e, "init_mse") for e in init], mode="markers",
@@ -248,40 +254,50 @@ def layer_error_figure(
         return empty_figure("Quantize a model to see its per-layer error.", title)
     fig = go.Figure(traces)
     y_title = "output MSE / FP output power (log)" if relative else "output MSE vs FP (log)"
-    fig.update_layout(title=title, barmode="group", yaxis_type="log", yaxis_title=y_title,
+    fig.update_layout(title=title, barmode="group", yaxis=dict(title=y_title, **LOG_AXIS),
                       xaxis_title="layer (V = vision, L = language)", legend=dict(orientation="h", y=-0.3),
                       **{**_LAYOUT, "height": 420})
     return fig
 
 
 def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss (Eq. 10)",
-                    holdout: Sequence[Mapping[str, Any]] | None = None) -> go.Figure:
+                    holdout: Sequence[Mapping[str, Any]] | None = None,
+                    lambdas: tuple[float, float] | None = None, empty: str | None = None) -> go.Figure:
     """The visual-encoder optimization loss and its three terms per optimizer step, and the
     held-out Eq. 9 error per epoch (dashed, right axis) with the epoch VEO kept.
 
-    L = L_reg + λ1·L_ent + λ2·L_err; plotting the terms separately shows which one the optimizer
-    actually reduces. The held-out error, measured on train images VEO never saw, shows whether
-    what it learned generalises; the title says so from the numbers.
+    L = L_reg + λ1·L_ent + λ2·L_err (Eq. 10). With ``lambdas`` = (λ1, λ2) the entropy and error terms
+    are drawn weighted, so the three terms add up to the total drawn above them; without, unweighted.
+    The held-out error, measured on train images VEO never saw, shows whether what it learned
+    generalises; the title gives its change as :func:`qvlm.ui.explain.veo_outcome` does for the text.
+    ``empty``: the placeholder's message when there is no loss (why this variant has no VEO run).
     """
-    rows = [r for r in losses if _finite(r.get("total"))]
+    rows = [r for r in losses if finite(r.get("total"))]
     if not rows:
-        return empty_figure("No VEO run in this variant (use the 'qvlm' or 'qvlm-veo' recipe).", title)
+        return empty_figure(empty or "No VEO run in this variant (use the 'qvlm' or 'qvlm-veo' recipe).", title)
     steps = [r.get("step", i) for i, r in enumerate(rows)]
+    l1, l2 = lambdas if lambdas is not None else (1.0, 1.0)
+    weighted = lambdas is not None
+    terms = {"total": ("total L", 1.0), "reg": ("L_reg (answer CE)", 1.0),
+             "ent": (f"λ1·L_ent (entropy, λ1 = {l1:g})" if weighted else "L_ent (entropy)", l1),
+             "err": (f"λ2·L_err (output error, λ2 = {l2:g})" if weighted else "L_err (output error)", l2)}
     fig = go.Figure()
-    names = {"total": "total L", "reg": "L_reg (answer CE)", "ent": "L_ent (entropy)", "err": "L_err (output error)"}
-    for key, name in names.items():
-        ys = [r.get(key) for r in rows]
-        if not any(_finite(y) for y in ys):
+    values = []
+    for key, (name, weight) in terms.items():
+        ys = [float(r[key]) * weight if finite(r.get(key)) else None for r in rows]
+        if not any(finite(y) for y in ys):
             continue
+        values += [y for y in ys if finite(y)]
         fig.add_trace(go.Scatter(
             x=steps, y=ys, mode="lines+markers" if len(rows) < 40 else "lines", name=name,
             line=dict(width=3 if key == "total" else 1.5), customdata=[r.get("epoch") for r in rows],
             hovertemplate="step %{x} (epoch %{customdata})<br>%{y:.4g}<extra>" + name + "</extra>",
         ))
-    values = [float(r[k]) for r in rows for k in names if _finite(r.get(k))]
-    log_axis = bool(values) and min(values) > 0 and max(values) / min(values) > 100
-    held = [h for h in (holdout or []) if _finite(h.get("err"))]
-    if held:
+    positive = [v for v in values if v > 0]
+    log_axis = bool(positive) and len(positive) == len(values) and max(values) / min(values) > 100
+    held = [h for h in (holdout or []) if finite(h.get("err"))]
+    outcome = veo_outcome(held)
+    if outcome is not None:
         per_epoch = max(1, len(rows) // max(1, max(int(r.get("epoch", 1)) for r in rows)))
         fig.add_trace(go.Scatter(
             x=[int(h["epoch"]) * per_epoch for h in held], y=[h["err"] for h in held], yaxis="y2",
@@ -290,13 +306,11 @@ def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss 
             customdata=[h["epoch"] for h in held],
             hovertemplate="after epoch %{customdata}<br>held-out error %{y:.4g}<extra></extra>",
         ))
-        first, kept = held[0], next((h for h in held if h.get("kept")), held[-1])
-        change = 100 * (kept["err"] - first["err"]) / first["err"] if first["err"] > 0 else 0.0
-        title = (f"{title}: held-out error {first['err']:.3g} -> {kept['err']:.3g} ({change:+.0f}%), "
-                 f"epoch {kept['epoch']} kept")
+        title = f"{title}: held-out error {outcome.error_phrase}, epoch {outcome.kept_epoch} kept"
         fig.update_layout(yaxis2=dict(title="held-out error", overlaying="y", side="right", showgrid=False))
-    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="loss" + (" (log)" if log_axis else ""),
-                      yaxis_type="log" if log_axis else "linear", legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    y_axis = dict(title="loss (log)", **LOG_AXIS) if log_axis else dict(title="loss", type="linear")
+    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis=y_axis, legend=dict(orientation="h", y=-0.25),
+                      **_LAYOUT)
     return fig
 
 
@@ -353,13 +367,6 @@ def _layer_name(e: Mapping[str, Any]) -> str:
     return f"{'V' if tower == 'vision' else 'L' if tower == 'language' else tower}{e.get('index', '?')}"
 
 
-def _finite(x: Any) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
 def token_kl_figure(comparison: Mapping[str, Any], title: str = "KL(FP‖variant) per answer token") -> go.Figure:
     """Grouped bars of KL(FP‖variant) per step of FP's answer, one colour per variant; a variant's first
     step with another top token is marked with a red ring.
@@ -371,7 +378,7 @@ def token_kl_figure(comparison: Mapping[str, Any], title: str = "KL(FP‖variant
     tokens = list(comparison.get("tokens") or [])
     if not variants or not tokens:
         return empty_figure("Quantize a model and ask a question to compare token by token.", title)
-    steps = [f"{j}: {t}" for j, t in enumerate(tokens)]
+    steps = [f"{j}: {html.escape(t)}" for j, t in enumerate(tokens)]  # plotly reads "</s>" as a tag
     fig = go.Figure()
     for i, (label, v) in enumerate(variants.items()):
         kl = list(v["kl"])
@@ -411,10 +418,24 @@ def bit_sweep_figure(rows: Sequence[Mapping[str, Any]], title: str = "easy-VQA a
         fig.add_hline(y=100 * fp["accuracy"], line=dict(color=FP_COLOR, dash="dash"),
                       annotation_text=f"FP {100 * fp['accuracy']:.1f}%", annotation_position="bottom left")
     n = points[0].get("n")
+    shown = [100 * r["accuracy"] for r in rows if finite(r.get("accuracy"))]
     fig.update_layout(title=f"{title} ({n} test questions)" if n else title, xaxis_title="bit setting",
-                      yaxis=dict(title="accuracy (%)", range=[0, 105]), legend=dict(orientation="h", y=-0.25),
-                      **_LAYOUT)
+                      yaxis=dict(title="accuracy (%)", range=accuracy_range(shown)),
+                      legend=dict(orientation="h", y=-0.25), **_LAYOUT)
     return fig
+
+
+def accuracy_range(values: Sequence[float]) -> list[float]:
+    """A y range (%) that shows the differences: from a little below the lowest value to just above 100.
+
+    Why not 0-100: at 97-100% every line would sit on the top edge. The floor is a multiple of 5,
+    at least 2 points below the lowest value, and never below 0.
+    """
+    if not values:
+        return [0.0, 101.0]
+    lo, hi = min(values), max(values)
+    pad = max(2.0, 0.1 * (hi - lo))
+    return [max(0.0, 5 * math.floor((lo - pad) / 5)), min(100.0, hi) + 1.0]
 
 
 def paper_table_figure(table: Mapping[str, Mapping[str, Mapping[str, float]]], source: str,
@@ -467,8 +488,63 @@ def modality_figure(rows: Sequence[Mapping[str, Any]], title: str = "Decoder-lay
                                  name=f"{modality} tokens, max |x|", line=dict(color=color, dash="dot"),
                                  marker=dict(symbol="triangle-up"),
                                  hovertemplate="%{x}: %{y:.3g}<extra>" + modality + " max</extra>"))
-    fig.update_layout(title=title, xaxis_title="decoder layer (its input)", yaxis=dict(title="|x|", type="log"),
+    fig.update_layout(title=title, xaxis_title="decoder layer (its input)", yaxis=dict(title="|x|", **LOG_AXIS),
                       legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    return fig
+
+
+def vision_sites_figure(rows: Sequence[Mapping[str, Any]], all_on: float | None = None,
+                        title: str = "Where the vision tower loses") -> go.Figure:
+    """Per vision layer and site, the image-token error its activation quantizers add alone (bars, one colour per site).
+
+    ``rows``: ``{"layer", "site", "error", "share"}`` as
+    :func:`qvlm.evaluation.vision_sites.vision_site_errors` returns them; ``all_on``: the error with
+    every vision site on, written in the title.
+    """
+    if not rows:
+        return empty_figure("Press 'Measure the vision sites' to see which activations cost the most.", title)
+    fig = go.Figure()
+    for i, site in enumerate(SITE_NAMES):
+        mine = [r for r in rows if r["site"] == site]
+        if mine:
+            fig.add_trace(go.Bar(
+                x=[f"V{r['layer']}" for r in mine], y=[100 * float(r["error"]) for r in mine], name=SITE_NAMES[site],
+                marker_color=BLOCK_COLORS[i], customdata=[100 * float(r["share"]) for r in mine],
+                text=[vision_site_name(r) for r in mine],
+                hovertemplate="%{text}: %{y:.3g}% of the FP output power (%{customdata:.0f}% of the sum)<extra></extra>"))
+    if finite(all_on):
+        title += f" (every vision site on: {100 * float(all_on):.3g}%)"
+    fig.update_layout(title=title, barmode="group", xaxis_title="vision layer",
+                      yaxis_title="added image-token error (% of FP power)", legend=dict(orientation="h", y=-0.25),
+                      **_LAYOUT)
+    return fig
+
+
+def site_map_figure(m: Mapping[str, Any] | None, title: str = "|x| at a vision site, token x channel") -> go.Figure:
+    """Heatmap of |x| (tokens down, channels across) with each token's and each channel's static range beside it.
+
+    ``m`` as :func:`qvlm.evaluation.vision_sites.site_activation_map` returns it. Why both ranges: a
+    per-token range must span that token's largest channel, a per-channel range only that channel.
+    """
+    if not m or not m.get("abs"):
+        return empty_figure("Pick a vision layer and site to see its activations.", title)
+    fig = make_subplots(rows=2, cols=2, column_widths=[0.85, 0.15], row_heights=[0.2, 0.8],
+                        shared_xaxes="columns", shared_yaxes="rows", horizontal_spacing=0.02, vertical_spacing=0.03)
+    tokens = list(range(len(m["abs"])))
+    channels = list(range(len(m["abs"][0])))
+    fig.add_trace(go.Heatmap(z=m["abs"], x=channels, y=tokens, colorscale="Viridis", colorbar=dict(title="|x|"),
+                             hovertemplate="token %{y}, channel %{x}: |x| = %{z:.3g}<extra></extra>"), row=2, col=1)
+    fig.add_trace(go.Bar(x=channels, y=m["channel_range"], name="per-channel range", marker_color="#F58518",
+                         hovertemplate="channel %{x}: range %{y:.3g}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(y=tokens, x=m["token_range"], orientation="h", name="per-token range",
+                         marker_color="#4C78A8", hovertemplate="token %{y}: range %{x:.3g}<extra></extra>"),
+                  row=2, col=2)
+    name = f"V{m['layer']} {SITE_NAMES.get(m['site'], m['site'])}"
+    fig.update_layout(title=f"{name}: |x| of one image, with per-token and per-channel ranges",
+                      showlegend=False, **{**_LAYOUT, "height": 480})
+    fig.update_xaxes(title_text="channel", row=2, col=1)
+    fig.update_yaxes(title_text="token", autorange="reversed", row=2, col=1)
+    fig.update_yaxes(autorange="reversed", row=2, col=2)
     return fig
 
 
@@ -476,3 +552,32 @@ def _bits_key(label: str) -> tuple[int, int]:
     """"W4A3" -> (4, 3), for ordering bit settings; unknown labels sort first."""
     digits = [int(d) for d in re.findall(r"\d+", label)]
     return (digits + [0, 0])[0], (digits + [0, 0])[1]
+
+
+def table4_figure(result: Mapping[str, Any], title: str = "Table 4 on this machine: one layer's Linears") -> go.Figure:
+    """Latency (ms) and weight memory (MiB) per storage format, one bar group per layer, ratios vs FP32 on the bars.
+
+    ``result``: what ``benchmarks/table4.py`` writes (``{"rows": [{"layer", "format", "seconds", "weight_bytes",
+    "speedup_vs_fp32", "memory_saving_vs_fp32"} or {"layer", "format", "error"}], ...}``); rows with an error
+    are left out.
+    """
+    rows = [r for r in result.get("rows", []) if "error" not in r]
+    if not rows:
+        return empty_figure("benchmarks/results/table4.json holds no measured row.", title)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("latency (ms, lower is faster)", "weight memory (MiB)"))
+    for i, layer in enumerate(dict.fromkeys(r["layer"] for r in rows)):
+        mine = [r for r in rows if r["layer"] == layer]
+        formats = [r["format"] for r in mine]
+        color = _block_color(i)
+        fig.add_trace(go.Bar(x=formats, y=[1e3 * r["seconds"] for r in mine], name=layer, marker_color=color,
+                             legendgroup=layer, text=[f"{r['speedup_vs_fp32']:.2f}x" for r in mine],
+                             textposition="outside", hovertemplate="%{x}: %{y:.2f} ms (%{text} vs FP32)<extra>"
+                             + layer + "</extra>"), row=1, col=1)
+        fig.add_trace(go.Bar(x=formats, y=[r["weight_bytes"] / 2**20 for r in mine], name=layer, marker_color=color,
+                             legendgroup=layer, showlegend=False,
+                             text=[f"{r['memory_saving_vs_fp32']:.1f}x smaller" for r in mine], textposition="outside",
+                             hovertemplate="%{x}: %{y:.1f} MiB (%{text} than FP32)<extra>" + layer + "</extra>"),
+                      row=1, col=2)
+    fig.update_layout(title=title, barmode="group", legend=dict(orientation="h", y=-0.35),
+                      **{**_LAYOUT, "height": 440})
+    return fig

@@ -131,10 +131,11 @@ def vocabulary_hint_markdown(hint: dict | None, task_note: str) -> str:
         return ""
     lines = []
     if hint["unknown"]:
-        words = ", ".join(f"'{w}'" for w in hint["unknown"])
+        words = ", ".join(f"'{html.escape(w)}'" for w in hint["unknown"])  # the user's words: never markup
         lines.append(f"ℹ The model's tokenizer does not know {words}: it reads each as its unknown token.")
     if hint["outside"]:
-        said = ", ".join(f"'{a}'" for a in hint["outside"])
+        said = ", ".join(f"'{html.escape(a)}'" for a in hint["outside"])
         lines.append(f"ℹ The answer {said} is not one of the task's answers.")
-    lines.append(task_note.format(n=len(hint["known_answers"]), answers=", ".join(hint["known_answers"])))
+    answers = ", ".join(html.escape(a) for a in hint["known_answers"])
+    lines.append(task_note.format(n=len(hint["known_answers"]), answers=answers))
     return "\n\n".join(lines)

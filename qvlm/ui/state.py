@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,37 @@ from qvlm.export import load_model
 from qvlm.models import VLMHandle
 from qvlm.ui.feedback import log
 from qvlm.ui.settings import EXAMPLES_DIR, Settings, bundled_display_name
+
+SESSION_FOLDER_PREFIX = "qvlm-session-"
+"""Every session's temporary folder is named so (:meth:`SessionState.files_dir`), which is how a new server
+finds the folders of the sessions a stopped or killed one left behind (:func:`remove_stale_session_folders`)."""
+
+RESTART_NOTICE = "⚠ The server restarted; variants from before are gone - quantize again."
+"""What the page says when it was last shown by an earlier run of the server (:meth:`AppState.restart_notice`)."""
+
+
+def session_files_root() -> Path:
+    """The folder the session folders live in: Gradio's cache folder, which Gradio serves files from as they are
+    (``GRADIO_TEMP_DIR``, else the system temporary folder's ``gradio``)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder())
+
+
+def remove_stale_session_folders(root: str | Path | None = None) -> int:
+    """Delete every session folder under ``root`` (default :func:`session_files_root`); return how many went.
+
+    Called once when the server starts, before any session exists: the folders found then belong to a
+    previous run of the server (stopped or killed, so its sessions never ended), their variants are gone,
+    and Gradio would still serve their files.
+    """
+    root = Path(root) if root is not None else session_files_root()
+    stale = [p for p in root.glob(f"{SESSION_FOLDER_PREFIX}*") if p.is_dir()] if root.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if stale:
+        log.info("removed %d session folder(s) a previous run of the server left", len(stale))
+    return len(stale)
 
 
 def module_bytes(model: Any) -> int:
@@ -144,7 +176,7 @@ class SessionState:
             if self.files is None or not self.files.is_dir():
                 if root is not None:
                     Path(root).mkdir(parents=True, exist_ok=True)
-                self.files = Path(tempfile.mkdtemp(prefix="qvlm-session-", dir=root))
+                self.files = Path(tempfile.mkdtemp(prefix=SESSION_FOLDER_PREFIX, dir=root))
             return self.files
 
     def remove_files(self) -> None:
@@ -267,6 +299,8 @@ class AppState:
     sessions: SessionRegistry
     models: ModelCache
     examples: dict[str, Any]
+    server_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """New each time the server starts; the page keeps the one it last saw (:meth:`restart_notice`)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppState:
@@ -290,6 +324,16 @@ class AppState:
         session = self.session(request)
         session.cancel.set()
         gr.Info(f"Cancelling the {session.busy}…" if session.busy else "Nothing is running in this session.")
+
+    def restart_notice(self, seen_server: str | None) -> tuple[Any, str]:
+        """On page load: :data:`RESTART_NOTICE` for the Quantize status when the browser last saw another run of
+        the server (its variants died with it), else no change; and this server's id for the browser to keep.
+
+        Why the browser keeps the id: after a restart every session is new to the server, so only the page
+        can tell "first visit" from "the server lost what I had".
+        """
+        restarted = bool(seen_server) and seen_server != self.server_id
+        return (RESTART_NOTICE if restarted else gr.skip()), self.server_id
 
     def drop_session(self, request: gr.Request | None = None) -> None:
         """Tab closed: forget the session's variants (cancelling its job, if any) and remove its temporary files."""

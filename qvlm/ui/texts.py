@@ -6,7 +6,7 @@ that builds components, and so the tests can check every panel has one.
 
 from __future__ import annotations
 
-from qvlm.export import COMPRESSED_TENSORS, FORMAT_NAME
+from qvlm.export import BITSANDBYTES, COMPRESSED_TENSORS, FORMAT_NAME, W4A16_NOTE
 
 PAPER = (
     "Wang, Wang, Xu, Tang, Zhou, Lu. *Q-VLM: Post-training Quantization for Large Vision-Language Models.* "
@@ -104,11 +104,11 @@ TASK_HINTS = {
               "its {n} answers are: {answers}. Ask how many shapes of a kind there are, what colour or shape is in "
               "a corner, whether two shapes match, or whether one is (not) there.",
 }
-"""What the model knows, said next to its answers when a question falls outside its task (issue 15, part 6)."""
+"""What the model knows, said next to its answers when a question falls outside its task (so an off-task question gets a reason, not just a wrong answer)."""
 
 PAPER_TABLE_NOTE = (
     "These are the paper's numbers for **LLaVA-v1.5-7B** on **ScienceQA (SQA), VizWiz and VQA v2**, copied from "
-    "{source} (via the design note `qvlm-algorithm.md` §7). They are **not** measured by this app and **not** the "
+    "{source}. They are **not** measured by this app and **not** the "
     "same task as the sweep above: another model (7B parameters, not the bundled tiny LLaVA) on other datasets. "
     "Read them for the shape of the curve, not for a comparison of values. The paper's Table 3 has only FP, W6A6 "
     "and W4A4 (AWQ, QLoRA and Q-VLM); it gives no W8A8, W4A3 or W3A3 numbers, so none are shown."
@@ -128,6 +128,7 @@ EXPORT_FORMATS = {
     FORMAT_NAME: "Q-VLM packed: bit-exact reload with qvlm (load_quantized, or this app's model picker)",
     COMPRESSED_TENSORS: "compressed-tensors: transformers / vLLM load it; weights only (uniform, not NF4), "
                         "activation ranges in a sidecar JSON",
+    BITSANDBYTES: "bitsandbytes: transformers loads NF4 Linear4bit layers; weights only (NF4 variants), W4A16",
 }
 """The Download group's format menu: one line per :data:`qvlm.export.SAVE_FORMATS` entry (a format not
 listed here is shown by its name)."""
@@ -138,6 +139,9 @@ EXPORT_RELOAD = {
     COMPRESSED_TENSORS: "Unzip, then `LlavaForConditionalGeneration.from_pretrained(folder)` (transformers with the "
                         "`compressed-tensors` package). The loader applies the quantized weights only; the activation "
                         "ranges are in `qvlm_activations.json`, so a W4A4 variant answers as its W4A16 counterpart.",
+    BITSANDBYTES: "Unzip, then `LlavaForConditionalGeneration.from_pretrained(folder)` (transformers with "
+                  f"`bitsandbytes` and `accelerate`, CPU or GPU). {W4A16_NOTE}; the activation ranges are in "
+                  "`qvlm_activations.json`.",
 }
 """What to do with a downloaded zip, shown under its size."""
 
@@ -145,5 +149,7 @@ DOWNLOAD_HELP = (
     "**Download** the latest quantized variant of this session as a zip in the chosen format, with the run's JSON "
     "(its config, what the run measured, and any easy-VQA evaluation from the **Results** tab)."
 )
+
+DOWNLOAD_FORMAT_INFO = "The formats the latest variant can be written in."
 
 NO_VARIANT_TO_DOWNLOAD = "There is no quantized variant to download yet: run a quantization above first."

@@ -1,6 +1,8 @@
 """Progress reporting and cancellation shared by every long-running stage.
 
-The core never knows who listens: the UI maps the callback to ``gr.Progress``, the CLI to tqdm.
+The core never knows who listens: the app queues each call and shows one Markdown bar per stage
+(``StageTracker`` in ``qvlm/ui/jobs.py``), the CLI drives a tqdm bar (``qvlm/cli.py``).
+Within a stage the fraction only grows, and it is 1.0 only once the stage's work is finished.
 """
 
 from __future__ import annotations
@@ -42,9 +44,24 @@ STAGE_ENTROPY = "entropy"
 """D(k, k+1) per decoder pair (Eqs. 4-5) and the candidate tables."""
 STAGE_SEARCH = "search"
 """Eq. 7 partition and the block search (Eq. 3)."""
-STAGE_DONE = "done"
-"""Measuring every layer's error of the final model; fraction 1.0 ends the run."""
+STAGE_MEASURE = "measure"
+"""Measuring every layer's error of the final model, then packing its weights; fraction 1.0 ends the run."""
 STAGE_EVAL = "eval"
 """Answering test questions (qvlm.evaluation.accuracy)."""
 STAGE_DED = "ded"
 """DED analysis: layer-wise vs joint search per sample (qvlm.evaluation.analysis)."""
+
+
+class StepProgress:
+    """Progress of a stage made of ``total`` steps of similar cost: 0.0 before the first
+    (:meth:`start`), ``done / total`` after each (:meth:`step`), 1.0 exactly after the last."""
+
+    def __init__(self, progress: ProgressCallback | None, stage: str, total: int) -> None:
+        self.progress, self.stage, self.total, self.done = progress, stage, max(1, total), 0
+
+    def start(self, message: str = "") -> None:
+        report(self.progress, self.stage, 0.0, message)
+
+    def step(self, message: str = "") -> None:
+        self.done += 1
+        report(self.progress, self.stage, self.done / self.total, message)

@@ -1,7 +1,8 @@
 """The real thing: start ``app.py`` on a free port, drive it with headless Chromium.
 
 Flow: W4A4 Q-VLM quantization of the bundled model with 8 calibration pairs (the status must
-show the stages while it runs), the partition and DED plots render in the Analysis tab, an
+show the stages while it runs, never a running stage at 100%, and the preset line after it), the partition,
+DED and "where the vision tower loses" views render in the Analysis tab, an
 example image is asked about and both the FP and the quantized answers appear, the easy-VQA
 accuracy is measured, and the Analysis tab answers "Do the layers interact?" with a verdict. Then the
 other views (second test) and the Download group: a zip caught as a browser download, unzipped and
@@ -138,6 +139,23 @@ def _prepare_download(page, fmt_label: str, fmt: str) -> None:
     page.wait_for_selector(f"#model-file a[download$='-{fmt}.zip']", timeout=120_000)
 
 
+def _watch_stage_rows(page, timeout_s: float) -> list[str]:
+    """Poll the quantize status until the run is ready; return every row drawn at 100% while still running.
+
+    A stage is drawn done (✓ 100%) only once its successor starts (``StageTracker`` in qvlm/ui/jobs.py), so a
+    running row (▶) at 100% means the page claimed a stage finished before the next one began.
+    """
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = page.inner_text("#quant-status")
+        seen += [line for line in text.splitlines() if "▶" in line and "100%" in line and line not in seen]
+        if "ready in" in text:
+            return seen
+        page.wait_for_timeout(200)
+    raise AssertionError(f"no result within {timeout_s} s: {page.inner_text('#quant-status')}")
+
+
 def _save_download(page, link: str, into: Path) -> Path:
     """Click a file box's link as a user does and save what the browser downloads."""
     with page.expect_download() as caught:
@@ -162,8 +180,7 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
         " return t.includes('▶') || t.includes('ready in'); }", timeout=60_000)
     status_running = page.inner_text("#quant-status")
     _shot(page, "02_quantize_progress.png")
-    page.wait_for_function(
-        "() => (document.querySelector('#quant-status')?.innerText || '').includes('ready in')", timeout=240_000)
+    early_full = _watch_stage_rows(page, timeout_s=240)
     seconds = time.monotonic() - clicked
     _record("click_to_w4a4_qvlm_result_seconds", round(seconds, 1))
     status = page.inner_text("#quant-status")
@@ -171,6 +188,9 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     assert "▶" in status_running, status_running  # a stage was shown running before the result
     assert "calibration" in status and "VEO" in status and "block-wise percentile search" in status
     assert "W4A4 qvlm" in page.inner_text("#held-variants")
+    assert not early_full, early_full  # a running stage is never drawn at 100% before its successor starts
+    assert "Preset: recommended" in status and page.inner_text("#preset-line").startswith("Preset: recommended")
+    assert "Expected time" in page.inner_text("#run-estimate")
     _shot(page, "03_quantize_done.png")
 
     # --- Analysis: partition and DED plots render ---------------------------------------------------
@@ -197,6 +217,15 @@ def test_quantize_analyse_and_ask_in_a_real_browser(page):
     assert "held-out" in page.locator("#veo-plot").text_content()
     assert "Measured on the bundled models" in page.inner_text("#interaction-measured")
     page.locator("#veo-view").screenshot(path=str(ARTIFACTS / "15_veo_held_out.png"))
+    # Where the vision tower loses: the lead sentence, the bars per site and the |x| map of the worst site
+    page.click("#vision-btn")
+    page.wait_for_function(
+        "() => (document.querySelector('#vision-note')?.innerText || '').includes('Done in')", timeout=120_000)
+    assert "loses the most" in page.inner_text("#vision-lead"), page.inner_text("#vision-lead")
+    assert "fc2 input" in page.locator("#vision-plot").text_content()
+    assert page.locator("#vision-map .main-svg").count() >= 1
+    page.wait_for_timeout(500)
+    page.locator("#vision-view").screenshot(path=str(ARTIFACTS / "16_vision_sites.png"))
 
     # --- Ask: an example image, both answers side by side -------------------------------------------
     page.click("#tab-ask-button")
