@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+from functools import lru_cache
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -133,10 +136,32 @@ def resolve_source(name_or_path: str | os.PathLike, allowed_roots: list[Path] | 
     return str(resolved), source
 
 
+@lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (asked once per process).
+
+    Why: offline, transformers retries a hub request for about 40 s before it fails; one short connection
+    attempt tells the user at once, and a model already in the local cache still loads from there.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def local_files_only(source: Source) -> bool:
+    """Read only local files: always for folders, and for a hub id when the hub does not answer (its cache)."""
+    return source != "hub" or not hub_reachable()
+
+
 def load_config(location: str, source: Source) -> PretrainedConfig:
     """The model config, checked to be a supported LLaVA family that needs no remote code."""
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=False, local_files_only=source != "hub")
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False, local_files_only=local_files_only(source))
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ModelLoadError(
@@ -147,8 +172,10 @@ def load_config(location: str, source: Source) -> PretrainedConfig:
     except OSError as err:
         if source == "hub":
             raise ModelLoadError(
-                f"Could not fetch {location} from the Hugging Face hub: the id is unknown, private, "
-                "or the hub is unreachable from this machine."
+                f"Could not fetch {location} from the Hugging Face hub: the id is unknown or private."
+                if hub_reachable() else
+                f"{location} is not in this machine's model cache and the Hugging Face hub is unreachable "
+                "from here, so it cannot be downloaded."
             ) from err
         raise ModelLoadError(f"{location}: unreadable model folder ({err}).") from err
     if getattr(config, "auto_map", None):
@@ -272,7 +299,7 @@ def load_vlm(
     if device_map is None:
         check_fits(config, dtype, memory_budget_bytes, device=device)
     cls = model_classes()[config.model_type]
-    local_only = source != "hub"
+    local_only = local_files_only(source)
     extra = {"device_map": device_map} if device_map is not None else {}
     extra |= _quantized_checkpoint_kwargs(config)
     try:
