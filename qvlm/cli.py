@@ -363,10 +363,17 @@ def _drop_bnb_cpu_kernel_notice(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command: bad input is one line on stderr and exit status 2.
+
+    Shared with ``python -m training`` so both tools answer a user the same way.
+    """
     bnb_logger = logging.getLogger(BNB_CPU_KERNEL_LOGGER)
     if _drop_bnb_cpu_kernel_notice not in bnb_logger.filters:
         bnb_logger.addFilter(_drop_bnb_cpu_kernel_notice)
-    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -10,6 +10,7 @@ from qvlm.export import ACTIVATION_SIDECAR, BITSANDBYTES, README, export_refusal
 from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
+from plain_transformers import plain_answers, plain_load
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("accelerate")
@@ -24,13 +25,6 @@ def exported(bundled, tmp_path_factory):
     return result, folder
 
 
-def _plain_load(folder):
-    """Exactly what a user types: plain ``from_pretrained(folder)`` on the CPU."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-
-
 def _set_activation_quantization(model, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, PackedLinear) and m.act is not None:
@@ -39,13 +33,21 @@ def _set_activation_quantization(model, on: bool) -> None:
 
 def test_plain_from_pretrained_makes_linear4bit_of_exactly_the_nf4_layers_with_the_runs_weights(exported):
     result, folder = exported
-    model, _ = _plain_load(folder)
+    model, _ = plain_load(folder)
     qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qconfig["quant_method"] == "bitsandbytes" and qconfig["load_in_4bit"] is True
     assert qconfig["bnb_4bit_quant_type"] == "nf4" and qconfig["bnb_4bit_use_double_quant"] is False
     ours = {n: m for n, m in result.handle.model.named_modules() if isinstance(m, PackedLinear)}
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert set(four_bit) == set(ours) and any(n.startswith("model.vision_tower") for n in ours)
+    rotated = {n for n, m in ours.items() if m.act is not None and m.act.rotation is not None}
+    assert rotated and all(n.startswith("model.vision_tower") for n in rotated)  # the recommended preset rotates
+    assert set(four_bit) == set(ours) - rotated
+    plain = dict(model.named_modules())
+    for name in rotated:  # written dense: the un-rotated weight the run computes with, Q(W R) R^T
+        m = ours[name]
+        expected = m.dequantized_weight() @ m.act.rotation.to(m.dequantized_weight().dtype).T
+        assert type(plain[name]) is torch.nn.Linear
+        torch.testing.assert_close(plain[name].weight.data, expected.to(plain[name].weight.dtype))
     for name, m in four_bit.items():
         state = m.weight.quant_state
         assert state.quant_type == "nf4" and state.blocksize == 64
@@ -57,12 +59,7 @@ def test_plain_from_pretrained_makes_linear4bit_of_exactly_the_nf4_layers_with_t
 @pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
 def test_generate_answers_after_plain_from_pretrained(exported, no_grad):
     _, folder = exported
-    model, processor = _plain_load(folder)
-    samples = evaluation_subset(2, seed=1)
-    inputs = prepare_inputs(processor, [s.load_image() for s in samples], [s.question for s in samples])
-    with no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = plain_answers(folder, no_grad)
     assert len(answers) == 2 and all(a.strip() for a in answers)
 
 
@@ -70,7 +67,7 @@ def test_answers_agree_with_our_packed_model(exported, capsys):
     """Weight-only on both sides: every answer equal. With our activations quantized (W4A4 against the file's
     W4A16) most still agree; the count is printed for the report."""
     result, folder = exported
-    model, processor = _plain_load(folder)
+    model, processor = plain_load(folder)
     samples = evaluation_subset(12, seed=7)
     images, questions = [s.load_image() for s in samples], [s.question for s in samples]
     theirs = generate_answers(model, processor, images, questions)
@@ -113,5 +110,5 @@ def test_cli_quantize_saves_bitsandbytes(tmp_path, bundled_dir, capsys):
     assert main(["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "qlora", "--calib-size", "8",
                  "--out", str(tmp_path / "run"), "--save", str(save), "--format", "bitsandbytes"]) == 0
     assert "bitsandbytes" in capsys.readouterr().out
-    model, _ = _plain_load(save)
+    model, _ = plain_load(save)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

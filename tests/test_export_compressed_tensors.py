@@ -10,6 +10,7 @@ from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, README, save_qua
 from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
+from plain_transformers import plain_answers, plain_load
 
 pytest.importorskip("compressed_tensors")
 
@@ -23,23 +24,20 @@ def exported(request, bundled, tmp_path_factory):
     return result, folder
 
 
-def _plain_load(folder):
-    """Exactly what a user types: ``from_pretrained(folder)`` with no extra argument, and no warm-up call."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-
-
 def test_plain_from_pretrained_loads_weights_that_dequantize_to_the_projects_exactly(exported):
     result, folder = exported
-    model, processor = _plain_load(folder)
+    model, processor = plain_load(folder)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     ours = {n: m for n, m in result.handle.model.named_modules() if isinstance(m, PackedLinear)}
     loaded = dict(model.named_modules())
     assert any(n.startswith("model.vision_tower") for n in ours)  # the vision tower is quantized in the file too
-    for name, m in ours.items():
-        assert torch.equal(loaded[name].weight, m.dequantized_weight()), name
+    for name, m in ours.items():  # a rotated (vision) layer is written as its un-rotated weight Q(W R) R^T
+        expected = m.dequantized_weight()
+        if m.act is not None and m.act.rotation is not None:
+            expected = expected @ m.act.rotation.to(expected.dtype).T
+        torch.testing.assert_close(loaded[name].weight, expected, rtol=0, atol=0) if m.act.rotation is None \
+            else torch.testing.assert_close(loaded[name].weight, expected)
         assert type(loaded[name]) is torch.nn.Linear
     assert config["dequantize"] is True and {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4}
     sidecar = json.loads((folder / ACTIVATION_SIDECAR).read_text())
@@ -51,19 +49,14 @@ def test_plain_from_pretrained_then_generate_answers_under_no_grad_and_inference
     """The user's two lines: plain from_pretrained, then generate (it failed with "'Linear' object has no
     attribute 'weight'" while the checkpoint left decompression to the first forward call)."""
     _, folder = exported
-    model, processor = _plain_load(folder)
-    samples = evaluation_subset(2, seed=1)
-    inputs = prepare_inputs(processor, [s.load_image() for s in samples], [s.question for s in samples])
-    with no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = plain_answers(folder, no_grad)
     assert len(answers) == 2 and all(a.strip() for a in answers)
     assert "from_pretrained(" in (folder / README).read_text()
 
 
 def test_answers_equal_with_activation_quantization_off_on_both_sides(exported):
     result, folder = exported
-    model, processor = _plain_load(folder)
+    model, processor = plain_load(folder)
     for m in result.handle.model.modules():
         if isinstance(m, PackedLinear) and m.act is not None:
             m.act.enabled = False
@@ -94,7 +87,7 @@ def test_cli_quantize_saves_compressed_tensors(tmp_path, bundled_dir, capsys):
     assert main(["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "rtn", "--calib-size", "8",
                  "--out", str(tmp_path / "run"), "--save", str(save), "--format", "compressed-tensors"]) == 0
     assert "compressed-tensors" in capsys.readouterr().out
-    model, _ = _plain_load(save)
+    model, _ = plain_load(save)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
 
 
@@ -104,7 +97,7 @@ def test_the_app_loader_reads_a_compressed_tensors_export_and_evaluates_it_under
 
     result, folder = exported
     handle = load_vlm(folder, device="cpu")
-    plain, _ = _plain_load(folder)
+    plain, _ = plain_load(folder)
     for name, module in handle.model.named_modules():
         if type(module) is torch.nn.Linear and name.startswith("model.language_model.layers.0."):
             assert torch.equal(module.weight, dict(plain.named_modules())[name].weight), name

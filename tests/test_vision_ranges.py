@@ -242,3 +242,12 @@ def test_rotated_linear_computes_the_same_function_before_quantizing(rotation):
         q = QuantLinear.wrap(lin, ActQuantizer(4, "token"))
         rotate_inputs([q], rotation, seed=0)
         assert torch.allclose(q(x), y, atol=1e-5)
+
+
+def test_awq_runs_with_the_default_rotation_and_leaves_rotated_inputs_unsmoothed(bundled):
+    """The recommended preset rotates the vision inputs; AWQ's smoothing then applies to the LLM only."""
+    res = quantize(bundled, _cfg(recipe="awq"))
+    vision = [lin for entry in res.handle.layer_map.vision for lin in entry.linears.values()]
+    language = [lin for entry in res.handle.layer_map.language for lin in entry.linears.values()]
+    assert all(lin.act.rotation is not None and lin.smooth is None for lin in vision)
+    assert any(lin.smooth is not None for lin in language)

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from qvlm.cli import run_command
+
 
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train_tiny_llava
@@ -123,15 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

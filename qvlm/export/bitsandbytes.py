@@ -61,11 +61,25 @@ def bitsandbytes_refusal(config: "QuantConfig") -> str | None:
     return None
 
 
+def effective_weight(layer: PackedLinear) -> torch.Tensor:
+    """The [out, in] weight a plain ``nn.Linear`` needs to compute what ``layer`` computes from unquantized inputs.
+
+    A rotated layer (``vision_rotation``) stores Q(W R) and rotates its input by R, so the plain weight is
+    Q(W R) R^T: a float weight, not NF4 (a rotation of NF4 levels is not NF4), hence written dense.
+    """
+    weight = layer.dequantized_weight()
+    rotation = None if layer.act is None else layer.act.rotation
+    return weight if rotation is None else weight @ rotation.to(weight.dtype).T
+
+
 def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None) -> Path:
     """Write ``handle`` (NF4 PackedLinears, or packed here) as a bitsandbytes 4-bit checkpoint; return the folder.
 
     Every Linear the run left in floating point is named in ``llm_int8_skip_modules``, so transformers
-    makes ``Linear4bit``s of exactly the run's NF4 layers. A NF4 layer whose width is not a multiple of
+    makes ``Linear4bit``s of exactly the run's NF4 layers. A layer whose input the run rotates (the vision
+    tower under the recommended preset) is written as its un-rotated float weight (:func:`effective_weight`)
+    and skipped too: the checkpoint then holds an NF4 language model and a floating-point vision tower, as the
+    authors' released code runs it. A NF4 layer whose width is not a multiple of
     its block is written as its dequantized floats (and skipped too): bitsandbytes 0.50's CPU kernel
     decodes blocks within each row, not over the flattened weight the codes were made on
     (:meth:`~qvlm.quant.packing.PackedLinear.dequantized_weight`), so it would compute another weight.
@@ -89,7 +103,8 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
                              "download it as qvlm-packed.")
         if m.group not in BNB_BLOCKS:
             raise ValueError(f"{name}: NF4 block size {m.group} is not one bitsandbytes takes ({BNB_BLOCKS}).")
-    four_bit = {n: m for n, m in layers.items() if m.in_features % m.group == 0}
+    four_bit = {n: m for n, m in layers.items()
+                if m.in_features % m.group == 0 and (m.act is None or m.act.rotation is None)}
     dense = {n: m for n, m in layers.items() if n not in four_bit}
     dtype_name = str(handle.dtype).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
@@ -100,7 +115,7 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
         tensors[f"{name}.weight.quant_state.bitsandbytes__nf4"] = pack_dict_to_tensor(
             {"quant_type": "nf4", "blocksize": m.group, "dtype": dtype_name, "shape": [m.out_features, m.in_features]})
     for name, m in dense.items():
-        tensors[f"{name}.weight"] = m.dequantized_weight().detach().cpu()
+        tensors[f"{name}.weight"] = effective_weight(m).detach().cpu()
     for name, m in layers.items():
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().contiguous().cpu()
@@ -132,7 +147,8 @@ def _write_readme(out: Path, handle: VLMHandle, config_dict: dict, n_four_bit: i
         load_snippet(out.name),
     ]
     if dense:
-        paragraphs.append(f"{len(dense)} NF4 layers whose width is not a multiple of the block are stored as their "
-                          "dequantized floats (the same weights), because bitsandbytes' CPU kernel blocks each row: "
-                          + ", ".join(f"`{n}`" for n in dense))
+        paragraphs.append(f"{len(dense)} quantized layers are stored as floats with the same effective weights: "
+                          "those whose input the run rotates (the vision tower; a rotated NF4 weight is not NF4) and "
+                          "those whose width is not a multiple of the block (bitsandbytes' CPU kernel blocks each "
+                          "row): " + ", ".join(f"`{n}`" for n in dense))
     write_readme(out, f"{handle.name}: {label}, bitsandbytes NF4", paragraphs)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qvlm.data.tasks import task_of_model_folder
-from qvlm.export.bitsandbytes import BITSANDBYTES, W4A16_NOTE, bitsandbytes_refusal, save_bitsandbytes
+from qvlm.export.bitsandbytes import BITSANDBYTES, W4A16_NOTE, bitsandbytes_refusal, effective_weight, save_bitsandbytes
 from qvlm.export.layout import (
     ACTIVATION_SIDECAR,
     WEIGHTS,
@@ -145,9 +145,6 @@ def export_refusal(config: "QuantConfig", format: str) -> str | None:
         return f"unknown save format {format!r}; expected one of {', '.join(SAVE_FORMATS)}."
     if format == FORMAT_NAME:
         return None
-    if config.vision_rotation != "none":
-        return (f"{format} has no place for the rotation of the vision Linears' inputs (vision_rotation "
-                f"{config.vision_rotation!r}): download it as {FORMAT_NAME}.")
     init = get_recipe(config.recipe).init
     if init is not None and init.scaling == "awq":
         return (f"{format} has no place for AWQ's per-channel input scales (recipe {config.recipe!r}): "
@@ -184,6 +181,8 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
     static ranges are per input channel (LLM) or per token position (vision tower), and
     compressed-tensors' static input activations are per tensor, so a loader applies the weights only
     (a W4A4 run loads as its W4A16 counterpart); the sidecar keeps the ranges for a tool that wants them.
+    A layer whose input the run rotates (``vision_rotation``) is written as its un-rotated float weight
+    (:func:`~qvlm.export.bitsandbytes.effective_weight`) and left out of every config group.
 
     Raises ValueError for what the format cannot hold: NormalFloat weights, AWQ smoothing (an input
     division the format has no place for), a group size that does not divide a layer's width.
@@ -210,6 +209,11 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[tuple[int, int | None], list[str]] = {}
     for name, m in layers.items():
+        if m.act is not None and m.act.rotation is not None:  # a rotated integer grid is no integer grid
+            tensors[f"{name}.weight"] = effective_weight(m).detach().contiguous()
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias.detach().contiguous()
+            continue
         shape = (m.out_features, m.in_features)
         half = 1 << (m.bits - 1)
         codes = unpack_bits(m.code_stream(), m.bits, shape[0] * shape[1]).reshape(shape) - half
