@@ -97,7 +97,7 @@ def test_mosaic_task_is_selectable_and_its_types_are_registered():
     assert {s.question_type for s in load_mosaic_test()} == set(MOSAIC_QUESTION_TYPES)
     assert len(get_task("easy-vqa").evaluation_subset(None)) == 9_673
     with pytest.raises(ValueError, match="unknown task"):
-        get_task("vqav2")
+        get_task("no-such-task")
 
 
 def test_held_out_mosaics_avoid_the_calibration_mosaics_and_are_fixed_per_seed():

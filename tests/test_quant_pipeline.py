@@ -103,7 +103,7 @@ def test_every_recipe_end_to_end(recipe, results, bundled, fp_print):
     assert len(qlins) == 6 * n_vis + 7 * n_lang and all(q.weight_quantized and q.act.calibrated for q in qlins)
     assert {q.w_format for q in qlins} == ({"uniform"} if recipe in ("rtn", "awq") else {"nf4"})
     assert all((q.w_group or q.in_features) == (q.in_features if recipe == "rtn" else 64) for q in qlins)
-    assert all((q.smooth is not None) == (recipe == "awq") for q in qlins)
+    assert all((q.smooth is not None) == (recipe == "awq" and q.act.rotation is None) for q in qlins)  # rotated: no AWQ
     rows = {(r["tower"], r["index"]): r for r in res.layer_errors}
     assert len(rows) == n_vis + n_lang
     assert all(r["quant_mse"] >= 0 and r["init_mse"] >= 0 and r["fp_mse"] > 0 for r in rows.values())

@@ -14,6 +14,7 @@ from qvlm.ui.render import AnswerCard, answers_html, variants_markdown
 from qvlm.ui.panel_quantize import FIRST_RUN_CALIB_PAIRS, QuantizePanel, config_from_form, parse_percentiles
 from qvlm.ui.settings import EXAMPLES_DIR, Settings
 from qvlm.ui.state import AppState
+from qvlm.ui.run_size import DEFAULT_RUN_SIZE, RUN_SIZES
 
 
 def test_no_image_message():
@@ -112,7 +113,9 @@ def test_quantize_form_offers_the_cores_recipes_bits_and_defaults(bundled_dir):
     assert (panel.bits.value, panel.recipe.value) == (defaults.bits_label, defaults.recipe)
     assert panel.percentiles.value == ", ".join(f"{p:g}" for p in defaults.percentiles)
     assert (panel.max_block_depth.value, panel.h0_rule.value) == (defaults.max_block_depth, defaults.h0_rule)
-    assert (panel.veo_epochs.value, panel.veo_eta.value) == (defaults.veo_epochs, defaults.veo_eta)
+    quick = RUN_SIZES[DEFAULT_RUN_SIZE]  # the form starts at the quick run size; the paper's is one click away
+    assert (panel.veo_epochs.value, panel.veo_eta.value) == (quick.veo_epochs, defaults.veo_eta)
+    assert RUN_SIZES["paper"].veo_epochs == defaults.veo_epochs
     assert (panel.veo_lambda1.value, panel.veo_lambda2.value) == (defaults.veo_lambda1, defaults.veo_lambda2)
     assert panel.calib_size.value == FIRST_RUN_CALIB_PAIRS < defaults.calib_size  # the UI's one deliberate change
 

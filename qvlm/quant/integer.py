@@ -321,6 +321,10 @@ def integer_handle(handle: VLMHandle) -> VLMHandle:
     exporters and weight memory read it); only the swapped layers' int8 codes are new (1 byte per
     weight). Built once per model and kept while the model lives, so answering again costs nothing.
     """
+    eligible = any(isinstance(m, PackedLinear) and refusal(m, takes_dynamic_ranges(m.act)) is None
+                   for m in handle.model.modules())
+    if not eligible:  # nothing would run on integer kernels: answer with the variant itself, no copy
+        return handle
     with _INTEGER_HANDLES_LOCK:
         held = _INTEGER_HANDLES.get(handle.model)
         if held is not None:

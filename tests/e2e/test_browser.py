@@ -287,7 +287,7 @@ def test_compare_find_sweep_and_modality_views_in_a_real_browser(page):
     page.click("#ask-btn")
     page.wait_for_function(
         "() => document.querySelectorAll('#token-table .qvlm-token-step').length >= 1", timeout=60_000)
-    assert "KL(FP‖W4A4" in page.inner_text("#token-table")
+    assert "KL(FP‖tiny-llava-easyvqa W4A4" in page.inner_text("#token-table")  # variants carry their model
     page.wait_for_timeout(300)
     page.locator("#tokens").screenshot(path=str(ARTIFACTS / "08_ask_tokens.png"))
     page.click("#finder button.label-wrap, #finder .label-wrap")
