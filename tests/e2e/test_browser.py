@@ -354,6 +354,10 @@ def test_download_a_quantized_model_and_reload_it_in_a_real_browser(page, tmp_pa
     from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, FORMAT_NAME, load_model
     from qvlm.models.inference import generate_answers
 
+    # A fresh page is a fresh session: the download is of the session's latest variant (the one used last), and
+    # the tests before this one used their qvlm variant after their rtn run.
+    page.reload(wait_until="load")
+    page.wait_for_selector("#start-btn")
     _quantize_w4a4_rtn(page)
     clicked = time.monotonic()
     _prepare_download(page, "compressed-tensors", COMPRESSED_TENSORS)
