@@ -98,20 +98,29 @@ def _only(all_acts: list[Any], on: list[Any]) -> Iterator[None]:
 @torch.no_grad()
 def projector_output(handle: VLMHandle, batch: CalibBatch) -> torch.Tensor:
     """The projector's output for one batch (the image tokens the LLM sees); the LLM is never run."""
+    return run_until(handle.model, handle.layer_map.projector, batch, take_input=False).float()
+
+
+def run_until(model: torch.nn.Module, module: torch.nn.Module, batch: CalibBatch, take_input: bool) -> torch.Tensor:
+    """``module``'s first input (``take_input``) or its output on ``batch``; the forward stops right there."""
     seen: dict[str, torch.Tensor] = {}
 
-    def keep(module, args, output):
-        seen["out"] = output
+    def keep_input(_module, args):
+        seen["x"] = args[0]
         raise StopForward
 
-    hook = handle.layer_map.projector.register_forward_hook(keep)
+    def keep_output(_module, _args, output):
+        seen["x"] = output
+        raise StopForward
+
+    hook = module.register_forward_pre_hook(keep_input) if take_input else module.register_forward_hook(keep_output)
     try:
-        handle.model(**batch.model_inputs(), use_cache=False)
+        model(**batch.model_inputs(), use_cache=False)
     except StopForward:
         pass
     finally:
         hook.remove()
-    return seen["out"].float()
+    return seen["x"]
 
 
 def _relative_mse(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -185,20 +194,7 @@ def site_activation_map(fp: VLMHandle, layer: int, site: str, bits: int, n_sampl
     n = _check_samples(n_samples)
     (batch,) = calibration_batches(fp, n, seed, batch_size=n)
     linear = entries[layer].linears[SITE_ROLES[site][0]]
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(module, args):
-        seen["x"] = args[0].detach().float()
-        raise StopForward
-
-    hook = linear.register_forward_pre_hook(keep)
-    try:
-        fp.model(**batch.model_inputs(), use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        hook.remove()
-    x = seen["x"]  # [B, T, C]
+    x = run_until(fp.model, linear, batch, take_input=True).detach().float()  # [B, T, C]
     token_lo, token_hi = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
     channel_lo, channel_hi = x.amin(dim=(0, 1)), x.amax(dim=(0, 1))
     token_step, _ = qparams(token_lo, token_hi, bits)

@@ -311,6 +311,7 @@ def use_integer_kernels(handle: VLMHandle) -> dict:
 
 
 _INTEGER_HANDLES: "weakref.WeakKeyDictionary[nn.Module, VLMHandle]" = weakref.WeakKeyDictionary()
+_NO_INTEGER_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _INTEGER_HANDLES_LOCK = threading.Lock()
 
 
@@ -321,15 +322,17 @@ def integer_handle(handle: VLMHandle) -> VLMHandle:
     exporters and weight memory read it); only the swapped layers' int8 codes are new (1 byte per
     weight). Built once per model and kept while the model lives, so answering again costs nothing.
     """
-    eligible = any(isinstance(m, PackedLinear) and refusal(m, takes_dynamic_ranges(m.act)) is None
-                   for m in handle.model.modules())
-    if not eligible:  # nothing would run on integer kernels: answer with the variant itself, no copy
-        return handle
     with _INTEGER_HANDLES_LOCK:
-        held = _INTEGER_HANDLES.get(handle.model)
+        model = handle.model
+        if model in _NO_INTEGER_LAYERS:  # asked at every answer: the scan below runs once per model
+            return handle
+        held = _INTEGER_HANDLES.get(model)
         if held is not None:
             return held
-        model = handle.model
+        if not any(isinstance(m, PackedLinear) and refusal(m, takes_dynamic_ranges(m.act)) is None
+                   for m in model.modules()):  # nothing would run on integer kernels: no copy
+            _NO_INTEGER_LAYERS.add(model)  # a weak set: it does not keep the variant alive
+            return handle
         shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
         clone = copy.deepcopy(model, memo=shared)
         answering = dataclasses.replace(handle, model=clone, layer_map=build_layer_map(clone))
