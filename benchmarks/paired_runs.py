@@ -62,10 +62,18 @@ def _ranges(overrides: dict) -> dict:
     return {k: v for k, v in overrides.items() if k != "calib_seed"}
 
 
+BASELINE_UNREAD = frozenset({"cdm_accept", "cdm_holdout_images"})
+"""Config fields only CDM reads: a row that sets them is paired with the baseline run without them (the
+baseline recipe, qlora or awq, has no CDM stage, so its run would be the same)."""
+
+
 def baseline_of(row: dict, rows: list[dict], baseline: str) -> dict | None:
-    """The baseline recipe's run with the same bits, overrides and threads as ``row``."""
+    """The baseline recipe's run with the same bits, overrides (but :data:`BASELINE_UNREAD`) and threads as ``row``."""
+    def config(r: dict) -> dict:
+        return {k: v for k, v in r["overrides"].items() if k not in BASELINE_UNREAD}
+
     return next((b for b in rows if b["recipe"] == baseline and b["bits"] == row["bits"]
-                 and b["overrides"] == row["overrides"] and b.get("threads") == row.get("threads")), None)
+                 and config(b) == config(row) and b.get("threads") == row.get("threads")), None)
 
 
 def _label(overrides: dict) -> str:

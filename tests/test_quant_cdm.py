@@ -24,3 +24,24 @@ def test_the_final_output_check_puts_rejected_blocks_back_at_their_incumbent(bun
             assert all(res.percentiles[k] is None for k in s["block"])  # None: the init's ranges
     blockwise = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="block", **FAST))
     assert all(s["accepted"] for s in blockwise.search)
+
+
+def test_the_holdout_check_keeps_only_choices_that_also_help_unseen_pairs(bundled):
+    res = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="holdout", cdm_holdout_images=8, **FAST))
+    changed = [s for s in res.search if s["accept_errors"]]
+    assert changed, "no block changed its ranges: the check was never exercised"
+    for s in changed:
+        chosen, incumbent = s["accept_errors"]["calibration"]
+        if s["accepted"]:
+            assert chosen < incumbent and s["accept_errors"]["holdout"][0] < s["accept_errors"]["holdout"][1]
+        else:
+            assert all(res.percentiles[k] is None for k in s["block"])
+            rejected_by_holdout = chosen < incumbent
+            assert not rejected_by_holdout or s["accept_errors"]["holdout"][0] >= s["accept_errors"]["holdout"][1]
+
+
+def test_without_holdout_pairs_the_check_falls_back_to_the_calibration_pairs(bundled):
+    with_check = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="holdout", cdm_holdout_images=0, **FAST))
+    calibration_only = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="final_output", **FAST))
+    assert with_check.percentiles == calibration_only.percentiles
+    assert all("holdout" not in s["accept_errors"] for s in with_check.search)

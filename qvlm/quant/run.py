@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from qvlm.data import get_task
 from qvlm.models import VLMHandle, build_layer_map
 from qvlm.utils.progress import STAGE_CALIBRATION, STAGE_MEASURE, ProgressCallback, StepProgress, check_cancel, report
 from qvlm.quant.calibration import (
@@ -81,6 +82,7 @@ class QuantRun:
         self.search: list[dict] = []
         """One row per CDM block: its choice, whether it was accepted, its errors and layer passes."""
         self.output_mse: float | None = None
+        self._holdout: dict[tuple[int, int], list[CalibBatch]] = {}
 
     # --- plumbing the stages share ----------------------------------------------------------
     def refresh_layer_map(self) -> None:
@@ -124,6 +126,25 @@ class QuantRun:
                 self.qmodel, [self.qmap.vision[0].module, self.qmap.language[0].module], self.batches,
                 [False, True], self.cancel)
             self.report(STAGE_CALIBRATION, 1.0, "done")
+
+    def holdout_batches(self, n: int, seen_size: int | None = None) -> list[CalibBatch]:
+        """``n`` train pairs on images no calibration pair of this run uses (drawn with seed
+        ``calib_seed + 1``): where VEO's early stopping and CDM's acceptance check see unseen images.
+
+        ``seen_size`` is how many calibration pairs to exclude (default ``calib_size``). Empty when
+        ``n`` is 0 or the run was given its own calibration pairs (no task split to draw from).
+        """
+        cfg = self.config
+        if not n or self.calibration is not None:
+            return []
+        key = (n, seen_size or cfg.calib_size)
+        if key not in self._holdout:
+            task = get_task(self.fp.task)
+            seen = {s.image_id for s in task.calibration_split(key[1], cfg.calib_seed)}
+            samples = task.holdout_split(n, seen, cfg.calib_seed + 1)
+            self._holdout[key] = build_batches(self.fp.processor, samples, cfg.calib_batch, self.fp.device,
+                                               self.fp.dtype)
+        return self._holdout[key]
 
     def language_input(self) -> list[torch.Tensor]:
         """Quantized-path input of decoder layer 0 (after the current quantized vision tower/projector)."""

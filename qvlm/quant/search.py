@@ -37,6 +37,8 @@ class BlockSearch:
     outputs: list[torch.Tensor] | None = field(default=None, repr=False)
     accepted: bool = True
     """False when the caller put the block back at its incumbent (CDM's final-output check)."""
+    accept_errors: dict[str, list[float]] = field(default_factory=dict)
+    """Per acceptance check ("calibration", "holdout"): the final-output error [chosen, incumbent]."""
 
     def per_sample_greedy(self, n_layers: int, n_cands: int) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """Block-output error of the greedy choice made for each sample on its own."""

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 
 from qvlm.models import LayerMap, core_model
 from qvlm.utils.progress import STAGE_VEO, StepProgress, check_cancel, report
-from qvlm.data import get_task
-from qvlm.quant.calibration import CalibBatch, build_batches, calibration_batches, masked_mse
+from qvlm.quant.calibration import CalibBatch, calibration_batches, masked_mse
 from qvlm.quant.entropy import pair_entropy
 
 if TYPE_CHECKING:
@@ -67,13 +66,7 @@ class VisualEncoderOptimization:
             batches = qrun.batches
             if cfg.veo_calib_size is not None and qrun.calibration is None:
                 batches = calibration_batches(qrun.fp, cfg.veo_calib_size, cfg.calib_seed, cfg.calib_batch)
-            holdout = []
-            if cfg.veo_holdout_images and qrun.calibration is None:
-                task = get_task(qrun.fp.task)
-                seen = {s.image_id for s in task.calibration_split(max(cfg.calib_size, cfg.veo_calib_size or 0),
-                                                                   cfg.calib_seed)}
-                samples = task.holdout_split(cfg.veo_holdout_images, seen, cfg.calib_seed + 1)
-                holdout = build_batches(qrun.fp.processor, samples, cfg.calib_batch, qrun.fp.device, qrun.fp.dtype)
+            holdout = qrun.holdout_batches(cfg.veo_holdout_images, max(cfg.calib_size, cfg.veo_calib_size or 0))
             qrun.veo_losses, qrun.veo_holdout = optimize_vision_bounds(
                 qrun.qmodel, qrun.qmap, qrun.fp.model, qrun.fp.layer_map, batches, cfg, qrun.entropy_grids(),
                 qrun.progress, qrun.cancel, holdout)
