@@ -332,7 +332,8 @@ def holdout_check(qrun: "QuantRun") -> OutputCheck | None:
     path (after the vision tower as it now is) and the FP model's final output (read, not hooked).
     None, with a note in the run, when the run has no held-out pairs."""
     cfg = qrun.config
-    batches = qrun.holdout_batches(cfg.cdm_holdout_images, max(cfg.calib_size, cfg.veo_calib_size or 0))
+    n = cfg.calib_size if cfg.cdm_holdout_images is None else cfg.cdm_holdout_images
+    batches = qrun.holdout_batches(n, max(cfg.calib_size, cfg.veo_calib_size or 0))
     if not batches:
         qrun.notes["cdm.holdout"] = "no held-out pairs: blocks checked on the calibration pairs only"
         return None

@@ -157,9 +157,11 @@ class QuantConfig:
     pairs: with the calibration check alone, qvlm-cdm on the mosaic model at W4A3 lost 1.7 pt to
     qlora on the test split (p = 2.3e-5): 64 pairs are too few to tell a better range from one that
     fits them (README "How the CDM defaults were chosen")."""
-    cdm_holdout_images: int = 64
-    """Train pairs outside the calibration set (the same selection as VEO's held-out check) on which
-    ``cdm_accept="holdout"`` checks a block's choice; 0 falls back to the calibration check alone."""
+    cdm_holdout_images: int | None = None
+    """Train pairs outside the calibration set (drawn like VEO's held-out pairs, so the same images
+    when the counts match) on which ``cdm_accept="holdout"`` checks a block's choice. None: as many as
+    the calibration pairs (the check sees as much unseen data as the search saw, and a quick run
+    stays quick); 0 falls back to the calibration check alone."""
 
     # --- VEO (Eqs. 8-10) ----------------------------------------------------------------------
     veo_epochs: int = 10
@@ -349,7 +351,8 @@ class QuantConfig:
         _choice("joint_search", self.joint_search, ("exhaustive", "coordinate"))
         _choice("block_objective", self.block_objective, ("normed_hidden", "linear_output", "residual"))
         _choice("cdm_accept", self.cdm_accept, ("block", "final_output", "holdout"))
-        _int("cdm_holdout_images", self.cdm_holdout_images, low=0)
+        if self.cdm_holdout_images is not None:
+            _int("cdm_holdout_images", self.cdm_holdout_images, low=0)
         _int("veo_epochs", self.veo_epochs, low=0)
         _number("veo_lr", self.veo_lr, low=0.0, low_open=True)
         _number("veo_lambda1", self.veo_lambda1, low=0.0)

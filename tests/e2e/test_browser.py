@@ -386,3 +386,27 @@ def test_download_a_quantized_model_and_reload_it_in_a_real_browser(page, tmp_pa
                                [s.question for s in samples])
     assert len(answers) == 8 and all(answers)
     assert sum(is_correct(a, s.answer) for a, s in zip(answers, samples)) >= 4  # still the easy-VQA model
+
+
+@pytest.mark.parametrize("model", ["bundled: tiny-llava-easyvqa", "bundled: tiny-llava-mosaic"])
+def test_default_start_on_each_bundled_model_reports_true_progress(page, model):
+    """A visitor's first click: pick a bundled model, press Start with every other setting at its default (the quick
+    run size, the recommended preset, W4A4 Q-VLM). No stage may be drawn at 100% while it still runs, and the result
+    names its model. Start→done is recorded per model (``e2e_timings.json``); it is a record, not an assertion."""
+    page.reload(wait_until="load")
+    page.wait_for_selector("#start-btn")
+    page.click("#tab-quantize-button")
+    page.locator("#model input").fill(model)
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "(m) => (document.querySelector('#model input')?.value || '') === m", arg=model, timeout=30_000)
+    short = model.removeprefix("bundled: ")
+    clicked = time.monotonic()
+    page.click("#start-btn")
+    early_full = _watch_stage_rows(page, timeout_s=600)
+    _record(f"default_start_to_done_seconds[{short}]", round(time.monotonic() - clicked, 1))
+    status = page.inner_text("#quant-status")
+    assert f"{short} W4A4 qvlm" in status, status
+    assert "Preset: recommended" in status and "calibration" in status and "VEO" in status
+    assert not early_full, early_full
+    page.locator("#quant-status").screenshot(path=str(ARTIFACTS / f"17_default_start_{short}.png"))
