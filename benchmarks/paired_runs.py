@@ -62,7 +62,7 @@ def _ranges(overrides: dict) -> dict:
     return {k: v for k, v in overrides.items() if k != "calib_seed"}
 
 
-BASELINE_UNREAD = frozenset({"cdm_accept", "cdm_holdout_images"})
+BASELINE_UNREAD = frozenset({"cdm_accept", "cdm_accept_metric", "cdm_holdout_images"})
 """Config fields only CDM reads: a row that sets them is paired with the baseline run without them (the
 baseline recipe, qlora or awq, has no CDM stage, so its run would be the same)."""
 

@@ -45,3 +45,24 @@ def test_without_holdout_pairs_the_check_falls_back_to_the_calibration_pairs(bun
     calibration_only = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="final_output", **FAST))
     assert with_check.percentiles == calibration_only.percentiles
     assert all("holdout" not in s["accept_errors"] for s in with_check.search)
+
+
+def test_the_answer_kl_score_is_zero_on_the_fp_output_and_grows_with_a_perturbation():
+    import torch
+
+    from qvlm.quant.acceptance import output_score
+    from qvlm.quant.calibration import CalibBatch
+
+    torch.manual_seed(0)
+    answer = torch.tensor([[False, False, False, True, True, False]])
+    batch = CalibBatch(torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 3, 4, 4),
+                       answer, None)
+    head = torch.nn.Linear(8, 11)
+    fp = [torch.randn(1, 6, 8)]
+    score = output_score("answer_kl", fp, [batch], [None], head)
+    assert score(fp) == pytest.approx(0.0, abs=1e-7)
+    near, far = [fp[0] + 0.01 * torch.randn(1, 6, 8)], [fp[0] + 1.0 * torch.randn(1, 6, 8)]
+    assert 0.0 < score(near) < score(far)
+    moved_elsewhere = [fp[0].clone()]
+    moved_elsewhere[0][0, 0] += 5.0  # position 0 predicts no answer token: the score does not see it
+    assert score(moved_elsewhere) == pytest.approx(0.0, abs=1e-7)

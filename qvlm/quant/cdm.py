@@ -14,13 +14,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
-from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES, core_model
+from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES
 from qvlm.utils.progress import STAGE_ENTROPY, STAGE_SEARCH, check_cancel, report
-from qvlm.quant.calibration import LayerInputs, capture_layer_inputs, mse_over, observing, release_records, run_layer
+from qvlm.quant.acceptance import OutputCheck, acceptance_checks, decide_block
+from qvlm.quant.calibration import LayerInputs, mse_over, observing, release_records, run_layer
 from qvlm.quant.entropy import pair_entropy, residual_grid
 from qvlm.quant.partition import partition_layers
 from qvlm.quant.quantizers import percentile_ranges
@@ -200,66 +201,20 @@ class BlockObjective:
         return ys, self.view(k, ys)
 
 
-class OutputCheck:
-    """The LLM's final-output error (Eq. 1) on one set of pairs, against the FP model's final output.
-
-    Why: a block's searched ranges lower its own error (Eq. 3) on the calibration pairs, yet the
-    later layers were calibrated on the incumbent's output, and the pairs are few. The check follows
-    the quantized-path input of the next block (:attr:`xs`) as blocks are decided, and answers
-    whether a choice lowers the error at the LLM's output, on these pairs.
-    """
-
-    def __init__(self, name: str, inputs: LayerInputs, xs: list[torch.Tensor], target: list[torch.Tensor],
-                 final_norm: torch.nn.Module | None, cancel=None) -> None:
-        self.name, self.inputs, self.xs, self.target = name, inputs, xs, target
-        self.final_norm, self.cancel = final_norm, cancel
-
-    def block_output(self, layers) -> list[torch.Tensor]:
-        return run_layers_to_output(layers, self.inputs, self.xs, None, self.cancel)
-
-    def final_error(self, rest, block_out: list[torch.Tensor]) -> float:
-        out = run_layers_to_output(rest, self.inputs, block_out, self.final_norm, self.cancel)
-        return float(mse_over(out, self.target, self.inputs.masks).mean())
-
-
-def decide_block(entries, block: list[int], choice: tuple[int, ...], apply, checks: list[OutputCheck]) -> dict:
-    """Keep ``choice`` for ``block`` only if it lowers every check's final-output error below the
-    block's incumbent ranges (later layers at their incumbent ranges); leaves the block at what is
-    kept and advances every check's input past it. Returns per check [chosen, incumbent] errors."""
-    layers = [entries[k].module for k in block]
-    rest = [e.module for e in entries[block[-1] + 1:]]
-    outputs, errors = {}, {}
-    for state, cands in (("chosen", choice), ("incumbent", (0,) * len(block))):
-        for j, c in enumerate(cands):
-            apply(j, c)
-        outputs[state] = [chk.block_output(layers) for chk in checks]
-    for i, chk in enumerate(checks):
-        errors[chk.name] = [chk.final_error(rest, outputs[s][i]) for s in ("chosen", "incumbent")]
-        if errors[chk.name][0] >= errors[chk.name][1]:
-            break  # rejected: the remaining checks need not be paid for
-    keep = all(chosen < incumbent for chosen, incumbent in errors.values()) and len(errors) == len(checks)
-    if keep:
-        for j, c in enumerate(choice):
-            apply(j, c)
-    for i, chk in enumerate(checks):
-        chk.xs = outputs["chosen" if keep else "incumbent"][i]
-    return {"accepted": keep, "errors": errors}
-
-
 @torch.no_grad()
 def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tensor], xr0: list[torch.Tensor],
                   tables: list[Table], blocks: list[list[int]], n_cands: int, mode: str = "exhaustive",
                   objective: str = "residual", final_norm: torch.nn.Module | None = None,
-                  cancel=None, progress=None, accept: str = "block",
-                  holdout: OutputCheck | None = None) -> list[tuple[list[int], BlockSearch]]:
+                  cancel=None, progress=None,
+                  checks: Sequence[OutputCheck] = ()) -> list[tuple[list[int], BlockSearch]]:
     """Bottom-up joint search per block; leaves every layer at its chosen candidate.
 
     Each block starts from the quantized-path output of the blocks below (Eq. 1's propagation);
-    its layers are scored by ``objective`` (:class:`BlockObjective`). With ``accept="final_output"``
-    a block's choice is kept only if, propagated through the rest of the model (later layers at
-    their incumbent ranges), it gives a lower final-output error (Eq. 1) than the block's incumbent
-    ranges on the calibration pairs; with ``accept="holdout"`` it must also do so on the
-    ``holdout`` pairs (:func:`decide_block`). Otherwise the block goes back to its incumbent.
+    its layers are scored by ``objective`` (:class:`BlockObjective`). With ``checks``
+    (:func:`~qvlm.quant.acceptance.acceptance_checks`) a block's choice is kept only if, propagated
+    through the rest of the model (later layers at their incumbent ranges), it lowers the error at
+    the LLM's output on every check's pairs (:func:`~qvlm.quant.acceptance.decide_block`); otherwise
+    the block goes back to its incumbent.
     ``search.accepted`` records which, ``search.accept_errors`` the errors compared.
     Progress: the fraction is blocks finished / blocks (a block's passes only update the message).
     """
@@ -268,12 +223,6 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
     score = BlockObjective(objective, entries, fp_entries, final_norm, inputs, cancel)
     xs, xr = xq0, xr0
     outcomes = []
-    checks: list[OutputCheck] = []
-    if accept in ("final_output", "holdout"):
-        fp_final = run_layers_to_output([e.module for e in fp_entries], inputs, xr0, final_norm, cancel)
-        checks.append(OutputCheck("calibration", inputs, xq0, fp_final, final_norm, cancel))
-    if accept == "holdout" and holdout is not None:
-        checks.append(holdout)
     for bi, block in enumerate(blocks):
         check_cancel(cancel, "quantization")
         refs = []
@@ -317,33 +266,6 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
     return outcomes
 
 
-@torch.no_grad()
-def run_layers_to_output(layers, inputs: LayerInputs, xs: list[torch.Tensor], final_norm: torch.nn.Module | None,
-                         cancel=None) -> list[torch.Tensor]:
-    """``xs`` through ``layers`` in turn, then through ``final_norm`` when given (the LLM's output)."""
-    for layer in layers:
-        xs = run_layer(layer, inputs, xs, cancel)
-    return [final_norm(x) for x in xs] if final_norm is not None else xs
-
-
-@torch.no_grad()
-def holdout_check(qrun: "QuantRun") -> OutputCheck | None:
-    """The held-out pairs' check for ``cdm_accept="holdout"``: their decoder input on the quantized
-    path (after the vision tower as it now is) and the FP model's final output (read, not hooked).
-    None, with a note in the run, when the run has no held-out pairs."""
-    cfg = qrun.config
-    n = cfg.calib_size if cfg.cdm_holdout_images is None else cfg.cdm_holdout_images
-    batches = qrun.holdout_batches(n, max(cfg.calib_size, cfg.veo_calib_size or 0))
-    if not batches:
-        qrun.notes["cdm.holdout"] = "no held-out pairs: blocks checked on the calibration pairs only"
-        return None
-    qrun.report(STAGE_SEARCH, 0.0, f"{sum(b.size for b in batches)} held-out pairs")
-    (inputs,) = capture_layer_inputs(qrun.qmodel, [qrun.qmap.language[0].module], batches, [True], qrun.cancel)
-    fp_core = core_model(qrun.fp.model)
-    target = [fp_core(**b.model_inputs(), use_cache=False).last_hidden_state for b in batches]
-    return OutputCheck("holdout", inputs, inputs.hidden, target, qrun.fp.layer_map.final_norm, qrun.cancel)
-
-
 @dataclass(frozen=True)
 class CrossLayerSearch:
     """Cross-layer dependency mining (§3.2): entropy -> Eq. 7 blocks -> Eq. 3 joint search per block.
@@ -376,11 +298,10 @@ class CrossLayerSearch:
             with qrun.timed(STAGE_SEARCH):
                 qrun.h0 = cfg.h0_value(ep.entropies)
                 qrun.blocks = partition_layers(ep.entropies, qrun.h0, cfg.max_block_depth)
-                holdout = holdout_check(qrun) if cfg.cdm_accept == "holdout" else None
                 outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
                                          len(cfg.percentiles) + 1, cfg.joint_search, cfg.block_objective,
                                          qrun.fp.layer_map.final_norm, qrun.cancel, qrun.progress,
-                                         cfg.cdm_accept, holdout)
+                                         acceptance_checks(qrun, xq0))
                 labels = candidate_labels(cfg)
                 for block, search in outcomes:
                     for j, k in enumerate(block):

@@ -157,6 +157,10 @@ class QuantConfig:
     pairs: with the calibration check alone, qvlm-cdm on the mosaic model at W4A3 lost 1.7 pt to
     qlora on the test split (p = 2.3e-5): 64 pairs are too few to tell a better range from one that
     fits them (README "How the CDM defaults were chosen")."""
+    cdm_accept_metric: str = "answer_kl"
+    """The output error the acceptance checks compare: "answer_kl" (KL(FP || quantized) of the
+    next-token distribution at the answer positions, teacher-forced: what moves the answers) or
+    "output_mse" (MSE of the LLM's final hidden state over every real token and channel)."""
     cdm_holdout_images: int | None = None
     """Train pairs outside the calibration set (drawn like VEO's held-out pairs, so the same images
     when the counts match) on which ``cdm_accept="holdout"`` checks a block's choice. None: as many as
@@ -351,6 +355,7 @@ class QuantConfig:
         _choice("joint_search", self.joint_search, ("exhaustive", "coordinate"))
         _choice("block_objective", self.block_objective, ("normed_hidden", "linear_output", "residual"))
         _choice("cdm_accept", self.cdm_accept, ("block", "final_output", "holdout"))
+        _choice("cdm_accept_metric", self.cdm_accept_metric, ("answer_kl", "output_mse"))
         if self.cdm_holdout_images is not None:
             _int("cdm_holdout_images", self.cdm_holdout_images, low=0)
         _int("veo_epochs", self.veo_epochs, low=0)

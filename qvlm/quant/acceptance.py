@@ -1,0 +1,138 @@
+"""Whether CDM keeps a block's searched ranges: the final-output check, on calibration and held-out pairs.
+
+The paper keeps whatever lowers a block's own error (Eq. 3). Measured on the bundled models, that is not
+enough: at W3A3 every block's error fell while the LLM's output got worse, and with 64 calibration pairs a
+choice can fit them and still lose answers on unseen images (mosaic model, W4A3). So a block's choice is
+kept only if it also improves the LLM's *output* (Eq. 1's end point), on the calibration pairs and, with
+``cdm_accept="holdout"``, on train pairs the calibration never saw, as the later layers stand.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from qvlm.models.layer_map import core_model
+from qvlm.quant.calibration import CalibBatch, LayerInputs, capture_layer_inputs, mse_over, run_layer
+from qvlm.utils.progress import STAGE_SEARCH
+
+if TYPE_CHECKING:
+    from qvlm.quant.run import QuantRun
+
+Score = Callable[[list[torch.Tensor]], float]
+"""The LLM's output for every batch -> one error against the FP model's (lower is better)."""
+
+
+@torch.no_grad()
+def run_layers_to_output(layers, inputs: LayerInputs, xs: list[torch.Tensor], final_norm: torch.nn.Module | None,
+                         cancel=None) -> list[torch.Tensor]:
+    """``xs`` through ``layers`` in turn, then through ``final_norm`` when given (the LLM's output)."""
+    for layer in layers:
+        xs = run_layer(layer, inputs, xs, cancel)
+    return [final_norm(x) for x in xs] if final_norm is not None else xs
+
+
+def predicts_answer(batch: CalibBatch) -> torch.Tensor:
+    """[B, T] bool: the positions whose next token is an answer token (position t predicts token t + 1)."""
+    at = torch.zeros_like(batch.answer_mask)
+    at[:, :-1] = batch.answer_mask[:, 1:]
+    return at
+
+
+def output_score(metric: str, fp_out: list[torch.Tensor], batches: Sequence[CalibBatch], masks: list,
+                 head: torch.nn.Module) -> Score:
+    """The error of an LLM output against ``fp_out`` by ``QuantConfig.cdm_accept_metric``.
+
+    * "answer_kl": mean KL(FP || quantized) in nats of the next-token distribution at the answer positions
+      (teacher forcing): what moves the answers.
+    * "output_mse": MSE of the final hidden state over the real tokens, every position and channel alike.
+    """
+    if metric == "output_mse":
+        return lambda out: float(mse_over(out, fp_out, masks).mean())
+    positions = [predicts_answer(b) for b in batches]
+    fp_logp = [F.log_softmax(head(y[p]).float(), -1) for y, p in zip(fp_out, positions)]
+    tokens = max(sum(int(p.sum()) for p in positions), 1)
+
+    def answer_kl(out: list[torch.Tensor]) -> float:
+        total = 0.0
+        for y, p, lp in zip(out, positions, fp_logp):
+            total += float((lp.exp() * (lp - F.log_softmax(head(y[p]).float(), -1))).sum())
+        return total / tokens
+
+    return answer_kl
+
+
+class OutputCheck:
+    """One set of pairs on which a block's choice must lower the error at the LLM's output.
+
+    It follows the quantized-path input of the next undecided block (:attr:`xs`) as blocks are decided.
+    """
+
+    def __init__(self, name: str, inputs: LayerInputs, xs: list[torch.Tensor], score: Score,
+                 final_norm: torch.nn.Module | None, cancel=None) -> None:
+        self.name, self.inputs, self.xs, self.score = name, inputs, xs, score
+        self.final_norm, self.cancel = final_norm, cancel
+
+    def block_output(self, layers) -> list[torch.Tensor]:
+        return run_layers_to_output(layers, self.inputs, self.xs, None, self.cancel)
+
+    def final_error(self, rest, block_out: list[torch.Tensor]) -> float:
+        return self.score(run_layers_to_output(rest, self.inputs, block_out, self.final_norm, self.cancel))
+
+
+def decide_block(entries, block: list[int], choice: tuple[int, ...], apply, checks: Sequence[OutputCheck]) -> dict:
+    """Keep ``choice`` for ``block`` only if it lowers every check's output error below the block's
+    incumbent ranges (later layers at their incumbent ranges); leaves the block at what is kept and
+    advances every check's input past it. Returns whether it was kept and, per check run, [chosen,
+    incumbent] errors (a check after a failed one is not run)."""
+    layers = [entries[k].module for k in block]
+    rest = [e.module for e in entries[block[-1] + 1:]]
+    outputs, errors = {}, {}
+    for state, cands in (("chosen", choice), ("incumbent", (0,) * len(block))):
+        for j, c in enumerate(cands):
+            apply(j, c)
+        outputs[state] = [chk.block_output(layers) for chk in checks]
+    for i, chk in enumerate(checks):
+        errors[chk.name] = [chk.final_error(rest, outputs[s][i]) for s in ("chosen", "incumbent")]
+        if errors[chk.name][0] >= errors[chk.name][1]:
+            break
+    keep = len(errors) == len(checks) and all(chosen < incumbent for chosen, incumbent in errors.values())
+    if keep:
+        for j, c in enumerate(choice):
+            apply(j, c)
+    for i, chk in enumerate(checks):
+        chk.xs = outputs["chosen" if keep else "incumbent"][i]
+    return {"accepted": keep, "errors": errors}
+
+
+@torch.no_grad()
+def acceptance_checks(qrun: "QuantRun", xq0: list[torch.Tensor]) -> list[OutputCheck]:
+    """The checks ``QuantConfig.cdm_accept`` asks for: none ("block"), the calibration pairs
+    ("final_output"), or those and the held-out pairs ("holdout"; calibration only, with a note in the
+    run, when it has none). The FP side is read, never hooked: the FP decoder layers for the
+    calibration pairs, the FP model's forward for the held-out ones."""
+    cfg = qrun.config
+    if cfg.cdm_accept == "block":
+        return []
+    fp, inputs = qrun.fp, qrun.language_inputs
+    final_norm, head = fp.layer_map.final_norm, fp.model.get_output_embeddings()
+    fp_out = run_layers_to_output([e.module for e in fp.layer_map.language], inputs, inputs.hidden, final_norm,
+                                  qrun.cancel)
+    checks = [OutputCheck("calibration", inputs, xq0,
+                          output_score(cfg.cdm_accept_metric, fp_out, qrun.batches, inputs.masks, head),
+                          final_norm, qrun.cancel)]
+    if cfg.cdm_accept != "holdout":
+        return checks
+    n = cfg.calib_size if cfg.cdm_holdout_images is None else cfg.cdm_holdout_images
+    batches = qrun.holdout_batches(n, max(cfg.calib_size, cfg.veo_calib_size or 0))
+    if not batches:
+        qrun.notes["cdm.holdout"] = "no held-out pairs: blocks checked on the calibration pairs only"
+        return checks
+    qrun.report(STAGE_SEARCH, 0.0, f"{sum(b.size for b in batches)} held-out pairs")
+    (held,) = capture_layer_inputs(qrun.qmodel, [qrun.qmap.language[0].module], batches, [True], qrun.cancel)
+    fp_core = core_model(fp.model)
+    held_fp = [fp_core(**b.model_inputs(), use_cache=False).last_hidden_state for b in batches]
+    score = output_score(cfg.cdm_accept_metric, held_fp, batches, held.masks, head)
+    return checks + [OutputCheck("holdout", held, held.hidden, score, final_norm, qrun.cancel)]
