@@ -38,7 +38,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def _build(layers: int, vision_layers: int):
+def _build(layers: int, vision_layers: int, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
+           vision_hidden: int = 1024, vision_intermediate: int = 4096, vision_heads: int = 16):
+    """A random LlavaForConditionalGeneration; the defaults are LLaVA-1.5-7B's widths (CLIP-L at 336 px)."""
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -48,10 +50,11 @@ def _build(layers: int, vision_layers: int):
     from training.tiny_llava import CHAT_TEMPLATE, IMAGE, build_tokenizer
 
     tok = build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_intermediate,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=336,
+                              patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),
                          image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -61,7 +64,7 @@ def _build(layers: int, vision_layers: int):
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
-    return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name="llava-7b-shaped",
+    return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name=f"llava-shaped-{hidden}x{layers}",
                      source="local")
 
 

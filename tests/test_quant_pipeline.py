@@ -173,3 +173,14 @@ def test_cancel_stops_quickly_and_leaves_fp_untouched(bundled, fp_print, stage):
 def test_bad_group_size_is_a_clear_error(bundled):
     with pytest.raises(ValueError, match="group size"):
         quantize(bundled, QuantConfig(recipe="rtn", weight_group_size=7, **FAST))
+
+
+def test_eq8_weights_are_uniform_when_no_layer_input_carries_a_gradient():
+    """A vision tower whose selected layer precedes every quantizer leaves nothing for Eq. 8 to differentiate."""
+    import torch
+
+    from qvlm.quant.veo import jacobian_weights
+
+    e = torch.tensor(1.0, requires_grad=True) * 2
+    weights = jacobian_weights(e, [torch.ones(2, 3), None, torch.zeros(1)])
+    assert torch.equal(weights, torch.full((3,), 1 / 3))

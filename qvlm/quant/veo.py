@@ -162,6 +162,8 @@ def jacobian_weights(e_n: torch.Tensor, layer_inputs: list[torch.Tensor | None])
     A layer whose input carries no gradient gets 0; if every norm is 0 the weights are uniform.
     """
     usable = [h is not None and h.requires_grad for h in layer_inputs]
+    if not any(usable):  # nothing trainable reaches the LLM (e.g. the selected vision layer precedes every quantizer)
+        return torch.full((len(layer_inputs),), 1.0 / max(1, len(layer_inputs)))
     grads = torch.autograd.grad(e_n, [h for h, u in zip(layer_inputs, usable) if u], retain_graph=True,
                                 allow_unused=True)
     norms, gi = [], iter(grads)
