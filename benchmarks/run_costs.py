@@ -8,8 +8,9 @@ the machine, the torch threads and the date in ``qvlm/ui/run_costs.json``, which
     python benchmarks/run_costs.py [--models bundled mosaic] [--recipes qvlm rtn ...] [--sizes quick paper]
                                    [--threads 2] [--out qvlm/ui/run_costs.json]
 
-Run it on an otherwise idle machine with the threads the app will have; a smaller selection into
-another ``--out`` file is a smoke test, not a measurement.
+Run it on an otherwise idle machine with the threads the app will have. Entries of ``--out`` that this run does
+not measure are kept (each entry carries its date), so one recipe can be re-measured after a change to it; a
+selection into another ``--out`` file is a smoke test, not a measurement.
 """
 
 from __future__ import annotations
@@ -59,9 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             for size in args.sizes:
                 runs.append(measure(model, recipe, size))
                 print(json.dumps(runs[-1]), flush=True)
+    today = datetime.date.today().isoformat()
+    for run in runs:
+        run["date"] = today
+    measured = {(r["model"], r["recipe"], r["run_size"]) for r in runs}
+    kept = []  # the file's other entries (a recipe not re-measured this time keeps its figures and its date)
+    if args.out.exists():
+        kept = [r for r in json.loads(args.out.read_text()).get("runs", [])
+                if (r["model"], r["recipe"], r["run_size"]) not in measured]
     record = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
-              "threads": args.threads, "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "runs": runs}
+              "threads": args.threads, "torch": torch.__version__, "date": today, "runs": kept + runs}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
