@@ -177,3 +177,18 @@ def test_the_vision_view_refuses_without_a_variant_and_with_bad_counts():
     (out,) = list(panel.compute_vision_sites(None, 4))
     assert "Quantize a model first" in out[panel.vision_note]
     assert "Quantize a model first" in panel.show_vision_map(None, 0, "fc1", 4)[panel.vision_map_note]
+
+
+def test_the_acceptance_sentence_says_why_blocks_went_back_to_the_init():
+    search = [
+        {"block": [0, 1], "accepted": True, "accept_errors": {"calibration": [0.1, 0.2], "holdout": [0.1, 0.2]}},
+        {"block": [2], "accepted": False, "accept_errors": {"calibration": [0.3, 0.2]}},
+        {"block": [3], "accepted": False, "accept_errors": {"calibration": [0.1, 0.2], "holdout": [0.3, 0.2]}},
+        {"block": [4], "accepted": True, "accept_errors": {}},  # the search kept the incumbent itself
+    ]
+    text = explain.acceptance_sentence(search)
+    assert text.startswith("The search proposed new ranges in 3 of 4 blocks and kept them in 1")
+    assert "1 went back to the init's ranges because they raised" in text and "not on unseen ones" in text
+    assert explain.acceptance_sentence([{"block": [0], "accepted": True, "accept_errors": {}}]).startswith(
+        "The joint search found nothing better")
+    assert explain.acceptance_sentence([]) == ""

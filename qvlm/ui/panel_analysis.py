@@ -224,7 +224,9 @@ class AnalysisPanel:
             veo_lead, veo_note = no_veo_reason(r.config), ""
         cfg = r.config
         return {self.info: _variant_info(variant), self.partition: partition,
-                self.partition_lead: explain.partition_lead(list(r.entropies or []), list(r.blocks or []), r.h0),
+                self.partition_lead: " ".join(filter(None, (
+                    explain.partition_lead(list(r.entropies or []), list(r.blocks or []), r.h0),
+                    explain.acceptance_sentence(list(r.search or []))))),
                 self.errors: plots.layer_error_figure(compare),
                 self.error_lead: explain.layer_error_lead(compare[variant.label]),
                 self.veo: plots.veo_loss_figure(list(r.veo_losses or []), holdout=list(r.veo_holdout or []),
