@@ -410,3 +410,9 @@ def test_default_start_on_each_bundled_model_reports_true_progress(page, model):
     assert "Preset: recommended" in status and "calibration" in status and "VEO" in status
     assert not early_full, early_full
     page.locator("#quant-status").screenshot(path=str(ARTIFACTS / f"17_default_start_{short}.png"))
+    page.click("#tab-analysis-button")  # the partition of this model's decoder, with its lead sentence
+    page.wait_for_function(
+        "() => /\\d+ blocks\\)/.test(document.querySelector('#partition-plot')?.textContent || '')", timeout=120_000)
+    assert "decoder layers" in page.inner_text("#partition-lead")
+    page.wait_for_timeout(500)
+    page.locator("#partition-plot").screenshot(path=str(ARTIFACTS / f"18_partition_{short}.png"))
