@@ -142,6 +142,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from qvlm.evaluation.accuracy import evaluate
     from qvlm.export import load_model
     from qvlm.quant import QuantConfig, quantize
+    from qvlm.quant.acceptance import acceptance_sentence
     from qvlm.quant.presets import DEFAULT_PRESET
 
     if args.limit is not None and args.limit < 1:
@@ -184,6 +185,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
           f"({', '.join(f'{k} {v:.1f} s' for k, v in t.items() if k != 'total')})")
     if result.blocks and result.entropies:
         print(f"blocks: {result.blocks}  h0 = {result.h0:.4f}")
+        print(acceptance_sentence(result.search))
     if args.eval:
         from qvlm.quant.integer import use_integer_kernels
 

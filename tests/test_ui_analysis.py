@@ -186,9 +186,11 @@ def test_the_acceptance_sentence_says_why_blocks_went_back_to_the_init():
         {"block": [3], "accepted": False, "accept_errors": {"calibration": [0.1, 0.2], "holdout": [0.3, 0.2]}},
         {"block": [4], "accepted": True, "accept_errors": {}},  # the search kept the incumbent itself
     ]
-    text = explain.acceptance_sentence(search)
+    from qvlm.quant.acceptance import acceptance_sentence
+
+    text = acceptance_sentence(search)
     assert text.startswith("The search proposed new ranges in 3 of 4 blocks and kept them in 1")
     assert "1 went back to the init's ranges because they raised" in text and "not on unseen ones" in text
-    assert explain.acceptance_sentence([{"block": [0], "accepted": True, "accept_errors": {}}]).startswith(
+    assert acceptance_sentence([{"block": [0], "accepted": True, "accept_errors": {}}]).startswith(
         "The joint search found nothing better")
-    assert explain.acceptance_sentence([]) == ""
+    assert acceptance_sentence([]) == ""

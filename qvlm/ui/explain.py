@@ -162,29 +162,6 @@ def partition_lead(entropies: Sequence[float], blocks: Sequence[Sequence[int]], 
             f"that hold {grouped} layers between them the clipping ranges were chosen together.")
 
 
-def acceptance_sentence(search: Sequence[Mapping[str, Any]]) -> str:
-    """What CDM kept: how many blocks changed their ranges, and why the others went back to the init's.
-
-    Why: with the held-out check most blocks may keep the init's ranges, and a partition plot that says "kept"
-    everywhere needs the reason beside it (a choice that fits the calibration pairs but not unseen ones)."""
-    changed = [s for s in search if s.get("accept_errors")]
-    if not search:
-        return ""
-    if not changed:
-        return "The joint search found nothing better than the layer-wise init's ranges in any block."
-    kept = [s for s in changed if s.get("accepted", True)]
-    unseen = [s for s in changed if not s.get("accepted", True) and "holdout" in s["accept_errors"]]
-    calib = [s for s in changed if not s.get("accepted", True) and "holdout" not in s["accept_errors"]]
-    parts = [f"The search proposed new ranges in {len(changed)} of {len(search)} blocks and kept them in {len(kept)}"]
-    if calib:
-        parts.append(f"{len(calib)} went back to the init's ranges because they raised the error at the model's "
-                     f"output on the calibration pairs")
-    if unseen:
-        parts.append(f"{len(unseen)} went back because they lowered it on the calibration pairs but not on unseen "
-                     f"ones (the held-out check)")
-    return "; ".join(parts) + "."
-
-
 def layer_error_lead(rows: Sequence[Mapping[str, Any]]) -> str:
     """One sentence on the per-layer error of the chosen variant: the worst layer and what the search bought."""
     rows = [r for r in rows if finite(r.get("quant_mse"))]

@@ -26,6 +26,7 @@ from qvlm.models import BUNDLED_MODELS
 from qvlm.evaluation.modality import modality_activation_stats
 from qvlm.evaluation.vision_sites import SITE_ROLES, SITE_SAMPLES, site_activation_map, vision_site_errors
 from qvlm.quant import QuantConfig, get_recipe
+from qvlm.quant.acceptance import acceptance_sentence
 from qvlm.utils.progress import STAGE_INIT, STAGE_VEO, ProgressCallback
 from qvlm.utils.stats import linear_fit
 from qvlm.ui.feedback import Outputs, warn
@@ -226,7 +227,7 @@ class AnalysisPanel:
         return {self.info: _variant_info(variant), self.partition: partition,
                 self.partition_lead: " ".join(filter(None, (
                     explain.partition_lead(list(r.entropies or []), list(r.blocks or []), r.h0),
-                    explain.acceptance_sentence(list(r.search or []))))),
+                    acceptance_sentence(list(r.search or []))))),
                 self.errors: plots.layer_error_figure(compare),
                 self.error_lead: explain.layer_error_lead(compare[variant.label]),
                 self.veo: plots.veo_loss_figure(list(r.veo_losses or []), holdout=list(r.veo_holdout or []),
