@@ -15,7 +15,8 @@ Every run is compared with the baseline run (``--baseline``, default qlora) of t
 calibration seed (``calib_seed``) or thread count are one recipe measured several times: the summary table gives
 their mean and spread, and a claim that one recipe beats another is marked as holding on every seed only when it
 does. Runs already in ``OUT.json`` are skipped, so an interrupted measurement resumes.
-Writes ``OUT.json`` (rows) and ``OUT.md`` (tables) after every run.
+Writes ``OUT.json`` (rows) and ``OUT.md`` (tables) after every run. ``--merge A.json B.json`` joins the rows of other
+runs' files into OUT (one table over runs made by several processes), then runs what is still missing.
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ def measure(handle, samples, bits: str, recipe: str, overrides: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", required=True, help='JSON list of [bits, recipe, {config overrides}] ("preset" allowed)')
+    p.add_argument("--runs", default="[]", help='JSON list of [bits, recipe, {config overrides}] ("preset" allowed)')
+    p.add_argument("--merge", type=Path, nargs="+", default=[],
+                   help="other OUT.json files whose rows join this table (the first of two rows with one key stays)")
     p.add_argument("--out", type=Path, required=True, help="path without extension for .json and .md")
     p.add_argument("--baseline", default="qlora")
     p.add_argument("--model", default="bundled", help="'bundled' (easy-VQA), 'mosaic', or a model folder")
@@ -156,6 +159,18 @@ def main() -> None:
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     rows = json.loads(json_path.read_text()) if json_path.exists() else []
     done = {run_key(r["bits"], r["recipe"], r["overrides"], r.get("threads", 1)) for r in rows}
+    for other in args.merge:
+        for r in json.loads(other.read_text()):
+            key = run_key(r["bits"], r["recipe"], r["overrides"], r.get("threads", 1))
+            if key not in done:
+                rows.append(r)
+                done.add(key)
+    if args.merge:
+        json_path.write_text(json.dumps(rows, default=str))
+        md_path.write_text(render(rows, args.baseline, args.title, rows[0].get("task", args.model) if rows else "",
+                                  args.split))
+    if not json.loads(args.runs):
+        return
     handle = load_vlm(args.model)
     samples = question_set(get_task(handle.task), args.split, args.limit)
     machine = f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, {handle.device}"
