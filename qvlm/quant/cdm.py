@@ -271,7 +271,8 @@ class CrossLayerSearch:
     """Cross-layer dependency mining (§3.2): entropy -> Eq. 7 blocks -> Eq. 3 joint search per block.
 
     Its settings are the run config's CDM fields (percentiles, percentile_source, entropy_site,
-    soft_temperature, soft_delta_mode, h0_rule, max_block_depth, joint_search, block_objective).
+    soft_temperature, soft_delta_mode, h0_rule, max_block_depth, joint_search, block_objective, and the
+    acceptance check's cdm_accept, cdm_accept_metric, cdm_holdout_images).
     Every layer's candidates are its incumbent ranges plus the percentile grid, so a block's
     searched error is never above the error of the ranges the search started from.
     """
