@@ -58,7 +58,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         source="arXiv 2410.08119 §4.3 (per-token vision and per-channel language activation ranges) and Table 4 "
                "(the CLIP encoder is quantized); the projector is not mentioned, nor is any rotation. "
                "Weights: the recipe's own "
-               "format (qvlm/quant/recipes.py).",
+               "format (qvlm/quant/recipes.py). CDM's block objective, search order and acceptance check keep "
+               "their measured defaults here too (README 'How the CDM defaults were chosen'); Eq. 3 read literally "
+               "is block_objective='linear_output', joint_search='exhaustive', cdm_accept='block'.",
     ),
     Preset(
         name="authors-code",
