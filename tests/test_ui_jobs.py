@@ -46,7 +46,7 @@ def fake_quantize(fp, cfg, progress=None, cancel=None, delay=0.05):
             time.sleep(delay)
     return SimpleNamespace(handle=fp, config=cfg, entropies=[0.5] * 7, h0=0.5, blocks=[[0, 1, 2], [3, 4], [5, 6, 7]],
                            percentiles={k: 1.0 for k in range(8)}, layer_errors=[], veo_losses=[], veo_holdout=[],
-                           timings={})
+                           timings={}, search=[])
 
 
 @pytest.fixture
