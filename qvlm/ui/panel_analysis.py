@@ -52,6 +52,18 @@ DED_SAMPLES = (2, 64)
 """DED samples allowed: a regression line needs two points; beyond 64 the sweep ties up the CPU for minutes."""
 
 
+def picked_variant(session: Any, label: str | None, n_samples: Any,
+                   parse: Callable[[Any], int]) -> tuple[Variant, int] | str:
+    """The variant a long analysis job runs on and its sample count, or the warning to show instead."""
+    variant = session.variants.find_label(label)
+    if variant is None:
+        return "Quantize a model first, then pick the variant to analyse."
+    try:
+        return variant, parse(n_samples)
+    except ValueError as err:
+        return str(err)
+
+
 def _sample_count(value: Any) -> int:
     """The DED sample count as an int; ValueError with the allowed range otherwise."""
     return parse_count(value, *DED_SAMPLES, "DED samples")
@@ -285,15 +297,11 @@ class AnalysisPanel:
     ) -> Iterator[Outputs]:
         """Measure DED for every layer of a variant (streaming the stages to ``ded_note``), then draw layer k."""
         session = self.app.session(request)
-        variant = session.variants.find_label(label)
-        if variant is None:
-            yield {self.ded_note: warn("Quantize a model first, then pick the variant to analyse.")}
+        picked = picked_variant(session, label, n_samples, _sample_count)
+        if isinstance(picked, str):
+            yield {self.ded_note: warn(picked)}
             return
-        try:
-            n = _sample_count(n_samples)
-        except ValueError as err:
-            yield {self.ded_note: warn(str(err))}
-            return
+        variant, n = picked
         if n in variant.analyses:
             yield self.show_ded(label, layer, n, request)
             return
@@ -371,15 +379,11 @@ class AnalysisPanel:
                             request: gr.Request | None = None) -> Iterator[Outputs]:
         """Run the dependency diagnostics of every adjacent decoder pair (a long job), then draw them."""
         session = self.app.session(request)
-        variant = session.variants.find_label(label)
-        if variant is None:
-            yield {self.interaction_note: warn("Quantize a model first, then pick the variant to analyse.")}
+        picked = picked_variant(session, label, n_samples, _sample_count)
+        if isinstance(picked, str):
+            yield {self.interaction_note: warn(picked)}
             return
-        try:
-            n = _sample_count(n_samples)
-        except ValueError as err:
-            yield {self.interaction_note: warn(str(err))}
-            return
+        variant, n = picked
         if n in variant.interactions:
             yield self.show_interaction(label, n, request)
             return
@@ -405,15 +409,12 @@ class AnalysisPanel:
                              request: gr.Request | None = None) -> Iterator[Outputs]:
         """Measure the error each vision site adds alone, then draw it and the |x| map of the worst site."""
         session = self.app.session(request)
-        variant = session.variants.find_label(label)
-        if variant is None:
-            yield {self.vision_note: warn("Quantize a model first, then pick the variant to analyse.")}
+        picked = picked_variant(session, label, n_samples,
+                                lambda v: parse_count(v, *SITE_SAMPLES, "Calibration pairs"))
+        if isinstance(picked, str):
+            yield {self.vision_note: warn(picked)}
             return
-        try:
-            n = parse_count(n_samples, *SITE_SAMPLES, "Calibration pairs")
-        except ValueError as err:
-            yield {self.vision_note: warn(str(err))}
-            return
+        variant, n = picked
 
         def work(progress: ProgressCallback, cancel: threading.Event) -> Any:
             fp = self.app.models.get(variant.base_model)
