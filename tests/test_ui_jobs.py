@@ -8,6 +8,7 @@ The stand-ins are passed in where the panels are built (``QuantizePanel(app, qua
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -37,12 +38,18 @@ def L(rest: str) -> str:
     return f"{model_short_name(canonical_name(os.environ.get('QVLM_TEST_MODEL', str(BUNDLED_MODEL_DIR))))} {rest}"
 
 
-def fake_quantize(fp, cfg, progress=None, cancel=None, delay=0.05):
-    """The core's quantize() in shape only: four stages of progress, cancellable, a result on the FP model."""
+def fake_quantize(fp, cfg, progress=None, cancel=None, delay=0.05, veo_gate=None):
+    """The core's quantize() in shape only: four stages of progress, cancellable, a result on the FP model.
+
+    ``veo_gate``: when given, the run holds halfway through VEO until the gate opens (or a cancel
+    comes), so a test can see a running stage, or cancel inside one, without racing the clock.
+    """
     for stage, steps in (("calibration", 2), ("veo", 4), ("entropy", 1), ("search", 3)):
         for i in range(steps):
             check_cancel(cancel, stage)
             progress(stage, (i + 1) / steps, f"{stage} {i + 1}/{steps}")
+            while stage == "veo" and i == 1 and veo_gate is not None and not veo_gate.wait(0.01):
+                check_cancel(cancel, stage)
             time.sleep(delay)
     return SimpleNamespace(handle=fp, config=cfg, entropies=[0.5] * 7, h0=0.5, blocks=[[0, 1, 2], [3, 4], [5, 6, 7]],
                            percentiles={k: 1.0 for k in range(8)}, layer_errors=[], veo_losses=[], veo_holdout=[],
@@ -74,7 +81,10 @@ def ui(bundled_dir: Path) -> SimpleNamespace:
 
     app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], max_variants=2,
                                           preload=False))
-    ui = SimpleNamespace(app=app, quantize=QuantizePanel(app, quantize=fake_quantize),
+    veo_gate = threading.Event()
+    veo_gate.set()  # open unless a test closes it to hold a run inside VEO
+    ui = SimpleNamespace(app=app, veo_gate=veo_gate,
+                         quantize=QuantizePanel(app, quantize=functools.partial(fake_quantize, veo_gate=veo_gate)),
                          analysis=AnalysisPanel(app, ded_sweep=fake_ded_sweep,
                                                 dependency_diagnostics=fake_dependency_diagnostics),
                          ask=AskPanel(app), results=ResultsPanel(app), sweeps=sweeps, diagnostics=diagnostics)
@@ -92,13 +102,25 @@ def _req(sid):
     return SimpleNamespace(session_hash=sid)
 
 
+def _until_veo_is_running(gen, status):
+    """Drive the handler until its status shows VEO running (the fake run holds there): the statuses seen."""
+    seen = []
+    while not any(line.startswith("- ▶ **VEO") for line in (seen[-1] if seen else "").splitlines()):
+        seen.append(next(gen)[status])
+    return seen
+
+
 def test_progress_streams_stage_by_stage_then_the_variant_appears(ui, bundled_dir):
     q, a = ui.quantize, ui.analysis
-    outs = list(q.quantize(str(bundled_dir), *_args(), request=_req("j1")))
-    statuses = [o[q.status] for o in outs]
+    ui.veo_gate.clear()
+    gen = q.quantize(str(bundled_dir), *_args(), request=_req("j1"))
+    running = _until_veo_is_running(gen, q.status)  # a running stage is shown as such, with its fraction
+    assert " 50%" in next(line for line in running[-1].splitlines() if "VEO" in line)
+    ui.veo_gate.set()
+    outs = list(gen)
+    statuses = running + [o[q.status] for o in outs]
     assert len(statuses) >= 3  # streamed, not one final update
     assert any("**calibration" in s for s in statuses[:-1])
-    assert any("▶ **" in s for s in statuses[:-1])  # a running stage is shown as such
     assert "✓ **VEO" in statuses[-1] and "✓ **block-wise percentile search" in statuses[-1]
     assert L("W4A4 qvlm") in statuses[-1] and "ready in" in statuses[-1]
     assert "(8 calibration pairs)" in statuses[0]  # the form's setting reached the config
@@ -120,8 +142,9 @@ def test_bad_config_is_reported_before_anything_runs(ui, bundled_dir):
 def test_cancel_mid_run_keeps_held_variants_and_the_analysis_selection(ui, bundled_dir):
     q = ui.quantize
     list(q.quantize(str(bundled_dir), *_args("W8A8", "rtn"), request=_req("j3")))
+    ui.veo_gate.clear()
     gen = q.quantize(str(bundled_dir), *_args(), request=_req("j3"))
-    next(gen)
+    _until_veo_is_running(gen, q.status)
     ui.app.cancel(_req("j3"))
     outs = list(gen)
     assert "Cancelled" in outs[-1][q.status] and "still here" in outs[-1][q.status]
@@ -324,12 +347,13 @@ def test_a_stage_starts_when_the_previous_one_last_reported():
 
 def test_cancel_mid_run_leaves_the_running_stage_unfinished(ui, bundled_dir):
     q = ui.quantize
+    ui.veo_gate.clear()
     gen = q.quantize(str(bundled_dir), *_args(), request=_req("j9"))
-    while "**VEO" not in (status := next(gen)[q.status]):
-        pass
+    _until_veo_is_running(gen, q.status)
     ui.app.cancel(_req("j9"))
     final = list(gen)[-1][q.status]
-    assert "Cancelled" in final and not any(line.startswith("- ✓ **VEO") for line in final.splitlines())
+    veo = next(line for line in final.splitlines() if "VEO" in line)
+    assert "Cancelled" in final and veo.startswith("- ■") and " 50%" in veo and "stopped here" in veo
 
 
 def test_ded_view_opens_with_a_sentence_that_reads_the_plotted_r2(ui, bundled_dir):
