@@ -163,7 +163,7 @@ def test_finder_without_variants_or_with_a_bad_count_says_so(ui, bundled):
 
 def test_finder_cancel_keeps_the_page_and_frees_the_lock(ui, bundled):
     _hold(ui, "c6", "W4A4 qvlm", bundled)
-    gen = ui.ask.find_disagreements(ui.model, [], 100, _req("c6"))
+    gen = ui.ask.find_disagreements(ui.model, [], 1000, _req("c6"))  # 10 s uncancelled: room for a loaded CI
     next(gen)
     ui.app.cancel(_req("c6"))
     outs = list(gen)

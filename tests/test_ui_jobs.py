@@ -253,7 +253,7 @@ def test_results_panel_rejects_a_bad_subset_size(ui, bundled_dir, n):
 
 
 def test_results_panel_cancel_keeps_finished_evaluations(ui, bundled_dir):
-    gen = ui.results.evaluate(200, str(bundled_dir), _req("i"))
+    gen = ui.results.evaluate(2000, str(bundled_dir), _req("i"))  # long enough that the cancel lands first
     next(gen)
     ui.app.cancel(_req("i"))
     outs = list(gen)

@@ -108,7 +108,8 @@ def test_heavy_work_lock_describes_its_holder():
     lock = HeavyWorkLock()
     assert lock.acquire("a quantization (W4A4 qvlm)", timeout=0.1)
     got = []
-    threading.Thread(target=lambda: got.append(lock.acquire("other", timeout=0.05))).start()
-    time.sleep(0.2)
+    other = threading.Thread(target=lambda: got.append(lock.acquire("other", timeout=0.05)))
+    other.start()
+    other.join()
     assert got == [False] and "W4A4 qvlm" in lock.describe()
     lock.release()
