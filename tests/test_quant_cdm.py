@@ -66,3 +66,33 @@ def test_the_answer_kl_score_is_zero_on_the_fp_output_and_grows_with_a_perturbat
     moved_elsewhere = [fp[0].clone()]
     moved_elsewhere[0][0, 0] += 5.0  # position 0 predicts no answer token: the score does not see it
     assert score(moved_elsewhere) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_check_remembers_the_model_s_output_error_instead_of_rerunning_the_incumbent(bundled, monkeypatch):
+    """Each decision's incumbent is the model as the previous decision left it: remembered, it gives the
+    same decisions and errors as re-running the rest of the model, with fewer rest-of-model passes."""
+    import qvlm.quant.cdm as cdm
+    from qvlm.quant.acceptance import OutputCheck
+
+    made: list[list[OutputCheck]] = []
+
+    def recording(qrun, xq0):
+        made.append(cdm_checks(qrun, xq0))
+        return made[-1]
+
+    cdm_checks = cdm.acceptance_checks
+    monkeypatch.setattr(cdm, "acceptance_checks", recording)
+    cfg = QuantConfig(recipe="qvlm-cdm", cdm_accept="holdout", cdm_holdout_images=8, **FAST)
+    remembered = quantize(bundled, cfg)
+    monkeypatch.setattr(OutputCheck, "incumbent_error", lambda self, rest, out: self.final_error(rest, out))
+    rerun = quantize(bundled, cfg)
+    assert remembered.percentiles == rerun.percentiles
+    decided = [(a, b) for a, b in zip(remembered.search, rerun.search) if a["accept_errors"]]
+    assert len(decided) >= 2, "fewer than two decisions: nothing to remember between them"
+    for a, b in decided:
+        assert a["accepted"] == b["accepted"] and a["accept_errors"].keys() == b["accept_errors"].keys()
+        for name, (chosen, incumbent) in a["accept_errors"].items():
+            assert chosen == pytest.approx(b["accept_errors"][name][0], rel=1e-5)
+            assert incumbent == pytest.approx(b["accept_errors"][name][1], rel=1e-5)
+    assert sum(c.rest_runs for c in made[0]) < sum(c.rest_runs for c in made[1])
+    assert 0 < remembered.timing_details["search_acceptance"] <= remembered.timings["search"]  # the check's share

@@ -299,10 +299,14 @@ class CrossLayerSearch:
             with qrun.timed(STAGE_SEARCH):
                 qrun.h0 = cfg.h0_value(ep.entropies)
                 qrun.blocks = partition_layers(ep.entropies, qrun.h0, cfg.max_block_depth)
+                setup = time.perf_counter()
+                checks = acceptance_checks(qrun, xq0)
+                setup = time.perf_counter() - setup
                 outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
                                          len(cfg.percentiles) + 1, cfg.joint_search, cfg.block_objective,
-                                         qrun.fp.layer_map.final_norm, qrun.cancel, qrun.progress,
-                                         acceptance_checks(qrun, xq0))
+                                         qrun.fp.layer_map.final_norm, qrun.cancel, qrun.progress, checks)
+                if checks:  # part of "search": the check's own cost, which grows with depth unlike the joint search
+                    qrun.timing_details["search_acceptance"] = round(setup + sum(c.seconds for c in checks), 4)
                 labels = candidate_labels(cfg)
                 for block, search in outcomes:
                     for j, k in enumerate(block):
