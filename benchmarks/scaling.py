@@ -13,12 +13,13 @@ widths and depths:
   with activation checkpointing, 4 held-out pairs, weights packed as layers finish (the large-model settings).
 
 Each point runs in its own process (peak resident memory does not leak between points). Per stage, the exponent
-``b`` of ``seconds ~ width^b`` (at depth 2) and of ``seconds ~ depth^b`` (at width 1024) is the least-squares slope
-in log-log space; the 7B projection multiplies the (1024, 2) point by ``(4096/1024)^b_width * (32/2)^b_depth``.
-Time grows with the calibration pairs too (linearly: every pass is over them), which is how the projection is scaled
-from 4 to 64 pairs.
+``b`` of ``seconds ~ width^b`` (at depth 2, least squares in log-log space) and of ``seconds ~ depth^b`` (at width
+1024, between the two deepest points: see :func:`fit`); the 7B projection multiplies the deepest (1024, d) point by
+``(4096/1024)^b_width * (32/d)^b_depth``. The search stage is also split into its joint search and CDM's acceptance
+check (``QuantResult.timing_details["search_acceptance"]``), which grow differently with depth. Time grows with the
+calibration pairs too (linearly: every pass is over them), which is how the projection is scaled from 4 to 64 pairs.
 
-    python benchmarks/scaling.py [--widths 512 1024 2048] [--depths 1 2 4] [--json benchmarks/results/scaling.json]
+    python benchmarks/scaling.py [--widths 512 1024 2048] [--depths 1 2 4 8] [--json benchmarks/results/scaling.json]
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_scaled import _build, _rss  # noqa: E402  (the same random LLaVA builder and RSS reader)
 
 CALIB_PAIRS = 4
+SEARCH_JOINT, SEARCH_CHECK = "search: joint (Eq. 3)", "search: acceptance check"
+"""The search stage split in two: the joint search grows with the blocks' size (capped by max_block_depth), the
+acceptance check with the layers after each decided block (quadratic in depth in the worst case)."""
 LLAVA_7B = {"width": 4096, "depth": 32, "calib_pairs": 64}
 
 
@@ -70,9 +74,13 @@ def measure(width: int, depth: int) -> dict:
     done.set()
     thread.join()
     weights = sum(p.numel() * p.element_size() for p in handle.model.parameters())
+    check = result.timing_details.get("search_acceptance", 0.0)
     return {"width": width, "depth": depth, "calib_pairs": CALIB_PAIRS, "threads": torch.get_num_threads(),
             "fp_weight_bytes": weights, "peak_extra_bytes": peak[0] - base, "seconds": round(seconds, 2),
-            "stages": {k: v for k, v in result.timings.items() if k != "total"}}
+            "stages": {k: v for k, v in result.timings.items() if k != "total"},
+            "search_parts": {SEARCH_JOINT: round(result.timings.get("search", 0.0) - check, 4), SEARCH_CHECK: check},
+            "blocks": [list(b) for b in result.blocks],
+            "decisions": sum(bool(s.get("accept_errors")) for s in result.search)}
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:
@@ -86,34 +94,45 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
-def fit(rows: list[dict], ref_width: int = 1024, ref_depth: int = 2) -> dict:
-    """Per stage (and "total", "peak_extra_bytes"): exponents in width and depth and the 7B projection."""
-    by_width = sorted((r for r in rows if r["depth"] == ref_depth), key=lambda r: r["width"])
+def fit(rows: list[dict], ref_width: int = 1024, width_depth: int = 2) -> dict:
+    """Per stage (and the search's two parts, "total", "peak_extra_bytes"): exponents in width and depth, the 7B projection.
+
+    The width exponent is fitted at depth ``width_depth``. The depth exponent used is the slope between the two
+    deepest points: at shallow depth the partition's blocks are still growing toward ``max_block_depth`` (3), so the
+    joint search's cost per layer rises with depth there and not beyond, and a fit through depth 1 overstates the
+    growth (the slope over every depth is kept beside it). The projection starts from the deepest point.
+    """
+    by_width = sorted((r for r in rows if r["depth"] == width_depth), key=lambda r: r["width"])
     by_depth = sorted((r for r in rows if r["width"] == ref_width), key=lambda r: r["depth"])
-    ref = next((r for r in rows if r["width"] == ref_width and r["depth"] == ref_depth), None)
-    quantities = sorted({k for r in rows for k in r["stages"]}) + ["total", "peak_extra_bytes"]
+    ref = by_depth[-1] if by_depth else None
+    quantities = (sorted({k for r in rows for k in r["stages"]}) + sorted({k for r in rows for k in r.get("search_parts", {})})
+                  + ["total", "peak_extra_bytes"])
 
     def value(r: dict, q: str) -> float:
         if q == "total":
             return r["seconds"]
-        return r[q] if q == "peak_extra_bytes" else r["stages"].get(q, 0.0)
+        if q == "peak_extra_bytes":
+            return r[q]
+        return r["stages"].get(q, r.get("search_parts", {}).get(q, 0.0))
 
     out = {}
     for q in quantities:
         bw = slope([r["width"] for r in by_width], [value(r, q) for r in by_width])
-        bd = slope([r["depth"] for r in by_depth], [value(r, q) for r in by_depth])
+        bd = slope([r["depth"] for r in by_depth[-2:]], [value(r, q) for r in by_depth[-2:]])
+        bd_all = slope([r["depth"] for r in by_depth], [value(r, q) for r in by_depth])
         projected = None
         if ref is not None and bw is not None and bd is not None:
             pairs = 1.0 if q == "peak_extra_bytes" else LLAVA_7B["calib_pairs"] / CALIB_PAIRS
-            projected = (value(ref, q) * (LLAVA_7B["width"] / ref_width) ** bw * (LLAVA_7B["depth"] / ref_depth) ** bd
-                         * pairs)
-        out[q] = {"width_exponent": bw, "depth_exponent": bd, "llava_7b_projection": projected}
+            projected = (value(ref, q) * (LLAVA_7B["width"] / ref_width) ** bw
+                         * (LLAVA_7B["depth"] / ref["depth"]) ** bd * pairs)
+        out[q] = {"width_exponent": bw, "depth_exponent": bd, "depth_exponent_all": bd_all,
+                  "llava_7b_projection": projected}
     return out
 
 
 def table(fitted: dict) -> str:
-    lines = ["| stage | exponent in width | exponent in depth | LLaVA-1.5-7B shape, 64 pairs (projected) |",
-             "|---|---|---|---|"]
+    lines = ["| stage | exponent in width | exponent in depth (two deepest) | (all depths) "
+             "| LLaVA-1.5-7B shape, 64 pairs (projected) |", "|---|---|---|---|---|"]
     for q, f in fitted.items():
         def num(v: float | None) -> str:
             return "–" if v is None else f"{v:.2f}"
@@ -125,14 +144,15 @@ def table(fitted: dict) -> str:
             shown = f"{proj / 2**30:.1f} GiB (4 pairs)"
         else:
             shown = f"{proj / 3600:.1f} h" if proj > 3600 else f"{proj / 60:.1f} min"
-        lines.append(f"| {q} | {num(f['width_exponent'])} | {num(f['depth_exponent'])} | {shown} |")
+        lines.append(f"| {q} | {num(f['width_exponent'])} | {num(f['depth_exponent'])} | "
+                     f"{num(f.get('depth_exponent_all'))} | {shown} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048])
-    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)  # internal: one (width, depth) point
     args = ap.parse_args()
@@ -147,7 +167,8 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"width {width} depth {depth}: {r['seconds']} s, peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB, "
-              + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()), flush=True)
+              + ", ".join(f"{k} {v:.1f}" for k, v in {**r["stages"], **r["search_parts"]}.items())
+              + f"; blocks {r['blocks']}, {r['decisions']} checked", flush=True)
     fitted = fit(rows)
     print(table(fitted))
     if args.json:
