@@ -8,7 +8,7 @@ import torch
 
 from qvlm.evaluation.analysis import ded_analysis, ded_sweep, dependency_diagnostics, dependency_verdict, interaction_share
 from qvlm.utils.stats import r2_chance_level
-from qvlm.quant import QuantConfig
+from qvlm.quant import QuantConfig, get_preset
 
 
 def test_ded_analysis_on_the_bundled_model(bundled):
@@ -32,6 +32,9 @@ def test_ded_sweep_covers_every_pair_and_rejects_bad_layers(bundled):
         ded_analysis(bundled, cfg, layer=n - 1, n_samples=4)
     with pytest.raises(ValueError, match="fp"):
         ded_analysis(bundled, QuantConfig(recipe="fp"), layer=0, n_samples=4)
+    deployable = QuantConfig(**{**get_preset("deployable").values, "recipe": "rtn"})  # per-token ranges at run time
+    with pytest.raises(ValueError, match="dynamic_token"):
+        ded_sweep(bundled, deployable, n_samples=4)
 
 
 def test_interaction_share_is_zero_for_additive_tables_and_one_for_pure_interaction():

@@ -130,6 +130,10 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
     cfg = _config_of(cfg_or_result)
     if cfg.recipe == "fp":
         raise ValueError("DED analysis needs a quantizing recipe, not 'fp'")
+    if cfg.act_granularity_language == "dynamic_token":  # e.g. the deployable preset
+        raise ValueError("DED analysis compares percentile ranges of the language layers' activations, and this "
+                         "variant has none: its ranges are each token's min/max at run time (dynamic_token). "
+                         "Quantize with static ranges (another preset) to see the entropy-vs-DED view.")
     n_layers = len(handle_fp.layer_map.language)
     if depth < 2:
         raise ValueError("a DED block needs at least 2 layers")
