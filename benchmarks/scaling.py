@@ -95,7 +95,7 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 
 
 def fit(rows: list[dict], ref_width: int = 1024, width_depth: int = 2) -> dict:
-    """Per stage (and the search's two parts, "total", "peak_extra_bytes"): exponents in width and depth, the 7B projection.
+    """Per stage, the search's two parts, "total" and "peak_extra_bytes": exponents in width and depth, 7B projection.
 
     The width exponent is fitted at depth ``width_depth``. The depth exponent used is the slope between the two
     deepest points: at shallow depth the partition's blocks are still growing toward ``max_block_depth`` (3), so the
@@ -105,8 +105,9 @@ def fit(rows: list[dict], ref_width: int = 1024, width_depth: int = 2) -> dict:
     by_width = sorted((r for r in rows if r["depth"] == width_depth), key=lambda r: r["width"])
     by_depth = sorted((r for r in rows if r["width"] == ref_width), key=lambda r: r["depth"])
     ref = by_depth[-1] if by_depth else None
-    quantities = (sorted({k for r in rows for k in r["stages"]}) + sorted({k for r in rows for k in r.get("search_parts", {})})
-                  + ["total", "peak_extra_bytes"])
+    stages = sorted({k for r in rows for k in r["stages"]})
+    parts = sorted({k for r in rows for k in r.get("search_parts", {})})
+    quantities = stages + parts + ["total", "peak_extra_bytes"]
 
     def value(r: dict, q: str) -> float:
         if q == "total":

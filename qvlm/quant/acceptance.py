@@ -72,8 +72,8 @@ class OutputCheck:
     It follows the quantized-path input of the next undecided block (:attr:`xs`) as blocks are decided,
     and remembers the output error of the model as it stands (:attr:`current_error`: blocks decided so
     far at what they kept, the rest at their incumbent ranges). That is the next block's incumbent
-    error, so each decision runs the rest of the model once per check (its choice) instead of twice:
-    the check's cost, quadratic in depth, halves.
+    error, so each decision runs the rest of the model once per check (its choice) instead of twice,
+    halving the passes that make the check's cost quadratic in depth.
     """
 
     def __init__(self, name: str, inputs: LayerInputs, xs: list[torch.Tensor], score: Score,

@@ -305,7 +305,7 @@ class CrossLayerSearch:
                 outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
                                          len(cfg.percentiles) + 1, cfg.joint_search, cfg.block_objective,
                                          qrun.fp.layer_map.final_norm, qrun.cancel, qrun.progress, checks)
-                if checks:  # part of "search": the check's own cost, which grows with depth unlike the joint search
+                if checks:  # part of "search", kept apart: it grows with the layers after each decided block
                     qrun.timing_details["search_acceptance"] = round(setup + sum(c.seconds for c in checks), 4)
                 labels = candidate_labels(cfg)
                 for block, search in outcomes:
