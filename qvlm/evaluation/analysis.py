@@ -26,7 +26,7 @@ from qvlm.models import VLMHandle
 from qvlm.utils.progress import STAGE_DED, report
 from qvlm.quant import QuantConfig, QuantRun, get_recipe
 from qvlm.quant.calibration import mse_over, run_layer
-from qvlm.quant.cdm import BlockObjective, entropy_pass
+from qvlm.quant.cdm import BlockObjective, entropy_pass, unsearchable
 from qvlm.quant.quantizers import valid_rows
 from qvlm.quant.search import exhaustive_search
 from qvlm.utils.stats import linear_fit, r2_chance_level
@@ -130,10 +130,10 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
     cfg = _config_of(cfg_or_result)
     if cfg.recipe == "fp":
         raise ValueError("DED analysis needs a quantizing recipe, not 'fp'")
-    if cfg.act_granularity_language == "dynamic_token":  # e.g. the deployable preset
-        raise ValueError("DED analysis compares percentile ranges of the language layers' activations, and this "
-                         "variant has none: its ranges are each token's min/max at run time (dynamic_token). "
-                         "Quantize with static ranges (another preset) to see the entropy-vs-DED view.")
+    if reason := unsearchable(cfg):  # e.g. the deployable preset
+        raise ValueError(f"DED analysis compares percentile ranges of the language layers' activations, and this "
+                         f"variant has none ({reason}). Quantize with static ranges (another preset) to see the "
+                         f"entropy-vs-DED view.")
     n_layers = len(handle_fp.layer_map.language)
     if depth < 2:
         raise ValueError("a DED block needs at least 2 layers")

@@ -266,6 +266,14 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
     return outcomes
 
 
+def unsearchable(cfg: "QuantConfig") -> str | None:
+    """Why the language layers have no percentile ranges to search (None when they have): what CDM skips
+    for and what the DED analysis, which scores the same candidates, refuses for."""
+    if cfg.act_granularity_language == "dynamic_token":
+        return "dynamic_token language ranges are each token's min/max at run time: no percentile ranges to search"
+    return None
+
+
 @dataclass(frozen=True)
 class CrossLayerSearch:
     """Cross-layer dependency mining (§3.2): entropy -> Eq. 7 blocks -> Eq. 3 joint search per block.
@@ -283,9 +291,8 @@ class CrossLayerSearch:
         cfg = qrun.config
         if not cfg.quantize_language:
             return
-        if cfg.act_granularity_language == "dynamic_token":
-            qrun.notes["cdm.skipped"] = ("dynamic_token language ranges are each token's min/max at run time: "
-                                         "no percentile ranges to search")
+        if reason := unsearchable(cfg):
+            qrun.notes["cdm.skipped"] = reason
             qrun.report(STAGE_SEARCH, 1.0, "skipped: " + qrun.notes["cdm.skipped"])
             return
         entries, fp_entries, inputs = qrun.qmap.language, qrun.fp.layer_map.language, qrun.language_inputs
