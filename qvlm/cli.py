@@ -52,17 +52,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from qvlm.data import get_task
     from qvlm.evaluation.accuracy import evaluate
     from qvlm.export import load_model
+    from qvlm.models import task_note
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be a positive number of questions")
     handle = load_model(args.model)
+    note = task_note(handle)
+    if note:
+        print(note)
     samples = get_task(handle.task).evaluation_subset(args.limit)
     with StageBars() as progress:
         result = evaluate(handle.model, handle.processor, samples, batch_size=args.batch_size, progress=progress)
     print(format_eval(handle.name, result, handle.simulated_layers))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": handle.name, **result.to_dict()}, indent=2))
+        args.json.write_text(json.dumps({"model": handle.name, "task": handle.task, **result.to_dict()}, indent=2))
     return 0
 
 

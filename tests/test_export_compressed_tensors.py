@@ -36,8 +36,9 @@ def test_plain_from_pretrained_loads_weights_that_dequantize_to_the_projects_exa
         expected = m.dequantized_weight()
         if m.act is not None and m.act.rotation is not None:
             expected = expected @ m.act.rotation.to(expected.dtype).T
-        torch.testing.assert_close(loaded[name].weight, expected, rtol=0, atol=0) if m.act.rotation is None \
-            else torch.testing.assert_close(loaded[name].weight, expected)
+        # in the checkpoint's float16: the loader's (codes - zero) * step rounds once more than our float32
+        assert loaded[name].weight.dtype == torch.float16
+        torch.testing.assert_close(loaded[name].weight, expected.to(torch.float16))
         assert type(loaded[name]) is torch.nn.Linear
     assert config["dequantize"] is True and {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4}
     sidecar = json.loads((folder / ACTIVATION_SIDECAR).read_text())

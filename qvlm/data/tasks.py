@@ -70,12 +70,13 @@ TASK_FILES = ("training_report.json", "qvlm_quant.json", "qvlm_activations.json"
 manifest, a compressed-tensors export's activation sidecar (all written by this project)."""
 
 
-def task_of_model_folder(folder: str | Path) -> str:
-    """The task a local model folder was trained for: the ``"task"`` of its training report or
-    export manifest, else :data:`DEFAULT_TASK` (hub models and folders that do not say).
+def recorded_task(folder: str | Path) -> str | None:
+    """The task a local model folder says it was trained for: the ``"task"`` of its training report or
+    export manifest (a bundled or a hub task); None when no file says.
 
     Why from the folder: calibration and evaluation must use the model's own task (a mosaic model
-    calibrated on single easy-VQA images would see inputs it was never trained on).
+    calibrated on single easy-VQA images would see inputs it was never trained on), and an export
+    must keep saying it (every writer of :mod:`qvlm.export` records the task).
     """
     for name in TASK_FILES:
         path = Path(folder) / name
@@ -83,6 +84,11 @@ def task_of_model_folder(folder: str | Path) -> str:
             task = json.loads(path.read_text()).get("task") if path.is_file() else None
         except (OSError, ValueError, AttributeError):
             task = None
-        if task in TASKS:
+        if task in TASKS or task in HUB_TASKS:
             return task
-    return DEFAULT_TASK
+    return None
+
+
+def task_of_model_folder(folder: str | Path) -> str:
+    """:func:`recorded_task`, or :data:`DEFAULT_TASK` for a folder that does not say."""
+    return recorded_task(folder) or DEFAULT_TASK

@@ -25,6 +25,7 @@ from qvlm.export.layout import (
     ACTIVATION_SIDECAR,
     WEIGHTS,
     load_snippet,
+    in_dtype,
     unquantized_tensors,
     unshared,
     write_activation_sidecar,
@@ -106,7 +107,8 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
     four_bit = {n: m for n, m in layers.items()
                 if m.in_features % m.group == 0 and (m.act is None or m.act.rotation is None)}
     dense = {n: m for n, m in layers.items() if n not in four_bit}
-    dtype_name = str(handle.dtype).removeprefix("torch.")
+    dtype = handle.save_dtype  # the checkpoint's own (float16 for the bundled models), not the run's float32
+    dtype_name = str(dtype).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
     for name, m in four_bit.items():
         tensors[f"{name}.weight"] = m.packed.detach().reshape(-1, 1).cpu()
@@ -115,15 +117,15 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
         tensors[f"{name}.weight.quant_state.bitsandbytes__nf4"] = pack_dict_to_tensor(
             {"quant_type": "nf4", "blocksize": m.group, "dtype": dtype_name, "shape": [m.out_features, m.in_features]})
     for name, m in dense.items():
-        tensors[f"{name}.weight"] = effective_weight(m).detach().cpu()
+        tensors[f"{name}.weight"] = in_dtype(effective_weight(m), dtype)
     for name, m in layers.items():
         if m.bias is not None:
-            tensors[f"{name}.bias"] = m.bias.detach().contiguous().cpu()
-    for key, t in unquantized_tensors(handle.model, layers).items():
+            tensors[f"{name}.bias"] = in_dtype(m.bias, dtype)
+    for key, t in unquantized_tensors(handle.model, layers, dtype).items():
         tensors.setdefault(key, t)
     skip = sorted([n for n, m in handle.model.named_modules() if isinstance(m, nn.Linear)] + list(dense))
     qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
-                                 bnb_4bit_compute_dtype=handle.dtype, llm_int8_skip_modules=skip)
+                                 bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(unshared(tensors), str(out / WEIGHTS), metadata={"format": "pt"})

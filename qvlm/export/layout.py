@@ -37,23 +37,42 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def unquantized_tensors(model: torch.nn.Module, quantized: set[str] | dict) -> dict[str, torch.Tensor]:
-    """The state-dict tensors not owned by a module named in ``quantized`` (they are written as they are)."""
+def in_dtype(t: torch.Tensor, dtype: torch.dtype, lossless_only: bool = False) -> torch.Tensor:
+    """``t`` as an export writes it: a floating-point tensor in ``dtype`` (the checkpoint's own), others as they are.
+
+    ``lossless_only``: keep ``t``'s dtype when ``dtype`` would round it. Why: the qvlm-packed format
+    promises a reloaded model that answers exactly as the saved one; the FP weights a float32 run
+    computes with came from a float16 checkpoint and round-trip, but a tensor the run changed (a norm
+    a fold rescaled) may not, and then stays float32.
+    """
+    t = t.detach().contiguous().cpu()
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    cast = t.to(dtype)
+    if lossless_only and not torch.equal(cast.to(t.dtype), t):
+        return t
+    return cast
+
+
+def unquantized_tensors(model: torch.nn.Module, quantized: set[str] | dict, dtype: torch.dtype | None = None,
+                        lossless_only: bool = False) -> dict[str, torch.Tensor]:
+    """The state-dict tensors not owned by a module named in ``quantized``, floats in ``dtype``
+    (:func:`in_dtype`; None: as they are)."""
     tensors = {}
     for key, t in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if not any(owner == n or owner.startswith(n + ".") for n in quantized):
-            tensors[key] = t.detach().contiguous().cpu()
+            tensors[key] = t.detach().contiguous().cpu() if dtype is None else in_dtype(t, dtype, lossless_only)
     return tensors
 
 
 def write_model_files(handle: VLMHandle, out: Path, quantization_config: dict | None = None) -> None:
-    """The config (with ``quantization_config`` when given, and the model's dtype), generation config and
-    processor files, so the folder loads without the base model."""
+    """The config (with ``quantization_config`` when given, and the checkpoint's dtype, which the floats are
+    written in), generation config and processor files, so the folder loads without the base model."""
     config = handle.model.config.__class__.from_dict(handle.model.config.to_dict())
     if quantization_config is not None:
         config.quantization_config = quantization_config
-        config.dtype = handle.dtype
+    config.dtype = handle.save_dtype
     config.save_pretrained(out)
     handle.model.generation_config.save_pretrained(out)
     handle.processor.save_pretrained(out)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoProcessor, PretrainedConfig
 
-from qvlm.data.tasks import DEFAULT_TASK, task_of_model_folder
+from qvlm.data.tasks import DEFAULT_TASK, recorded_task
 from qvlm.models.device import default_dtype, resolve_device
 from qvlm.models.layer_map import LayerMap, build_layer_map
 
@@ -82,6 +82,12 @@ class VLMHandle:
     name: str
     source: Source
     task: str = DEFAULT_TASK  # what it was trained on: its calibration pairs and its test split
+    task_recorded: bool = True
+    """Whether the model's folder (training report, export manifest) says ``task``; False: assumed
+    (:data:`DEFAULT_TASK`, e.g. a hub checkpoint), and evaluation says so (:func:`task_note`)."""
+    checkpoint_dtype: torch.dtype | None = None
+    """The dtype its checkpoint stores floats in (float16 for the bundled models), which may differ from
+    the dtype it computes in (:attr:`dtype`, float32 on a CPU): what an export writes its floats in."""
     execution_path: str | None = None
     """How its quantized Linears run ("integer kernels", "simulated", "mixed: ..."), set by
     :func:`qvlm.quant.integer.use_integer_kernels`; None: not asked."""
@@ -99,6 +105,34 @@ class VLMHandle:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """The dtype an export writes the model's floating-point tensors in: its checkpoint's own."""
+        return self.checkpoint_dtype or self.dtype
+
+
+def checkpoint_dtype_of(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype a (not yet loaded) config says its weights are stored in; None when it does not say."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def task_note(handle: VLMHandle, task: str | None = None) -> str | None:
+    """One line when ``handle`` is scored on a task that is not known to be its own, else None.
+
+    ``task`` None: the task evaluation picks (``handle.task``), which is only worth a word when the
+    folder did not record it.
+    """
+    task = task or handle.task
+    if task != handle.task:
+        return f"note: {handle.name} was trained for {handle.task}, and is scored here on {task}."
+    if not handle.task_recorded:
+        return (f"note: {handle.name} does not record the task it was trained for; it is scored on "
+                f"{task}, the default.")
+    return None
 
 
 class ModelLoadError(ValueError):
@@ -296,6 +330,7 @@ def load_vlm(
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     config = load_config(location, source)
+    stored_dtype = checkpoint_dtype_of(config)  # read before loading: from_pretrained rewrites config.dtype
     if device_map is None:
         check_fits(config, dtype, memory_budget_bytes, device=device)
     cls = model_classes()[config.model_type]
@@ -314,6 +349,6 @@ def load_vlm(
     model.eval()
     model.requires_grad_(False)
     name = bundled_name(location) if source == "bundled" else str(name_or_path)
-    task = DEFAULT_TASK if source == "hub" else task_of_model_folder(location)
+    recorded = None if source == "hub" else recorded_task(location)
     return VLMHandle(model=model, processor=processor, layer_map=build_layer_map(model), name=name, source=source,
-                     task=task)
+                     task=recorded or DEFAULT_TASK, task_recorded=recorded is not None, checkpoint_dtype=stored_dtype)

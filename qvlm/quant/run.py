@@ -215,4 +215,6 @@ class QuantRun:
     def quantized_handle(self) -> VLMHandle:
         cfg = self.config
         return VLMHandle(model=self.qmodel, processor=self.fp.processor, layer_map=build_layer_map(self.qmodel),
-                         name=f"{self.fp.name} [{cfg.recipe} {cfg.bits_label}]", source=self.fp.source)
+                         name=f"{self.fp.name} [{cfg.recipe} {cfg.bits_label}]", source=self.fp.source,
+                         task=self.fp.task, task_recorded=self.fp.task_recorded,
+                         checkpoint_dtype=self.fp.checkpoint_dtype)
