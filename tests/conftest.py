@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# kernel choices are timed once per test session, never read from (or written to) the user's cache
+os.environ["QVLM_KERNEL_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="qvlm-kernels-"), "kernels.json")
 
 import torch  # noqa: E402
 

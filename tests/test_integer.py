@@ -161,12 +161,14 @@ def test_formats_that_do_not_factor_are_refused_with_a_reason():
 def test_to_integer_path_swaps_eligible_layers_and_reports_the_rest():
     model = torch.nn.Sequential(_packed(16, 64, 8, 8, "tensor")[0], _packed(16, 16, 8, 8, "channel")[0])
     assert execution_path(model) == "simulated"
-    report = to_integer_path(model)
+    report = to_integer_path(model, policy="integer")
     assert report["integer"] == ["0"] and list(report["simulated"]) == ["1"]
+    assert "per-input-channel" in report["simulated"]["1"]
     assert isinstance(model[0], IntegerLinear) and isinstance(model[1], PackedLinear)
-    assert execution_path(model) == "mixed: 1 of 2 Linears on integer kernels"
-    to_integer_path(model, dynamic=True)
-    assert execution_path(model) == "integer kernels"
+    on = model[0].accumulator
+    assert execution_path(model) == f"mixed: 1 on integer kernels ({on}), 1 float (weights dequantized once), of 2 Linears"
+    to_integer_path(model, dynamic=True, policy="integer")
+    assert execution_path(model).startswith("integer kernels (")
 
 
 def test_integer_w8a8_model_answers_like_the_simulated_one(bundled):
@@ -181,9 +183,9 @@ def test_integer_w8a8_model_answers_like_the_simulated_one(bundled):
     res = quantize(bundled, cfg)
     model = res.handle.model
     integer = copy.deepcopy(model)
-    report = to_integer_path(integer)
+    report = to_integer_path(integer, policy="integer")
     assert report["simulated"] == {} and len(report["integer"]) > 0
-    assert execution_path(integer) == "integer kernels" and execution_path(model) == "simulated"
+    assert execution_path(integer).startswith("integer kernels (") and execution_path(model) == "simulated"
     samples = evaluation_subset(6, seed=3)
     images, questions = [s.load_image() for s in samples], [s.question for s in samples]
     assert generate_answers(integer, res.handle.processor, images, questions) == generate_answers(

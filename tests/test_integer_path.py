@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from qvlm.data import evaluation_subset
@@ -11,6 +13,15 @@ from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.integer import IntegerLinear, execution_path, integer_handle
 from qvlm.quant.memory import weight_memory
 from qvlm.quant.packing import PackedLinear
+
+
+@pytest.fixture(autouse=True, scope="module")
+def integer_wherever_it_factors():
+    """These tests follow the integer path itself; whether it is faster here is tests/test_kernels.py's question."""
+    saved = os.environ.get("QVLM_KERNELS")
+    os.environ["QVLM_KERNELS"] = "integer"
+    yield
+    os.environ.pop("QVLM_KERNELS") if saved is None else os.environ.__setitem__("QVLM_KERNELS", saved)
 
 
 def _export(bundled, folder, bits: str, recipe: str, preset: str = "recommended"):
@@ -35,8 +46,8 @@ def _questions(n: int = 8):
 def test_deployable_export_reloads_on_integer_kernels_and_answers_like_the_saved_model(deployable):
     result, folder = deployable
     again = load_quantized(folder)
-    assert again.execution_path == "integer kernels" and again.simulated_layers == {}
-    assert execution_path(again.model) == "integer kernels"
+    assert again.execution_path.startswith("integer kernels (") and again.simulated_layers == {}
+    assert execution_path(again.model) == again.execution_path
     assert not any(isinstance(m, PackedLinear) for m in again.model.modules())
     assert {n for n, _ in again.layer_map.linears()} == {n for n, m in again.model.named_modules()
                                                           if isinstance(m, IntegerLinear)}
@@ -46,10 +57,11 @@ def test_deployable_export_reloads_on_integer_kernels_and_answers_like_the_saved
     assert generate_answers(again.model, again.processor, images, questions) == ours and all(ours)
 
 
-def test_nf4_export_reloads_simulated_and_says_why(bundled, tmp_path):
+def test_nf4_export_reloads_off_integer_kernels_and_says_why(bundled, tmp_path):
     _export(bundled, tmp_path, "W4A4", "qlora")
     again = load_model(tmp_path)
-    assert again.execution_path == "simulated" and execution_path(again.model) == "simulated"
+    assert again.execution_path in ("float kernels (weights dequantized once)", "simulated")
+    assert execution_path(again.model) == again.execution_path
     assert again.simulated_layers and all("NormalFloat" in why for why in again.simulated_layers.values())
 
 
@@ -57,7 +69,7 @@ def test_a_held_variant_answers_on_integer_kernels_and_stays_packed(deployable):
     result, _ = deployable
     before = weight_memory(result.handle.model)
     answering = integer_handle(result.handle)
-    assert answering.execution_path == "integer kernels" and integer_handle(result.handle) is answering
+    assert answering.execution_path.startswith("integer kernels (") and integer_handle(result.handle) is answering
     assert execution_path(result.handle.model) == "simulated"  # still exportable and measurable
     assert weight_memory(result.handle.model) == before
     shared = {id(p) for p in result.handle.model.parameters()}

@@ -129,11 +129,16 @@ def test_packed_nf4_layer_decodes_like_the_fake_quantizer_through_bitsandbytes_o
     assert torch.equal(nibbles_to_codes(layer.packed, count), nibbles_to_codes(packed, count))
 
 
-def test_bitsandbytes_cpu_dequantize_is_wrong_when_the_block_does_not_divide_the_width():
-    """Why the packed layer keeps its own decoder there (bitsandbytes 0.50.2): if this starts failing,
-    bitsandbytes fixed its CPU kernel and PackedLinear may use it for every width."""
+def test_packed_nf4_decodes_right_where_the_block_does_not_divide_the_width():
+    """Why the packed layer keeps its own decoder there: bitsandbytes 0.50.2's CPU kernel walks blocks within each
+    row, so for widths the block does not divide (SigLIP's 4304 at 64) it decoded wrong floats on an AVX-512 CPU
+    (2026-12-05); on an AVX2-only EPYC (2026-12-07) it decodes them right. Either way the layer must be right."""
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from qvlm.quant.quantizers import encode_weight
 
     w = torch.randn(16, 4304, generator=torch.Generator().manual_seed(0))
     packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
-    assert not torch.equal(dequantize_4bit(packed, state), quantize_weight_nf(w, 4, 64))
+    bnb_right = torch.equal(dequantize_4bit(packed, state), quantize_weight_nf(w, 4, 64))
+    layer = PackedLinear.from_encoded(encode_weight(w, 4, "nf4", 64), None, None, None, torch.float32)
+    assert torch.equal(layer.dequantized_weight(), quantize_weight_nf(w, 4, 64)), f"bitsandbytes right here: {bnb_right}"

@@ -184,6 +184,25 @@ def test_act_quantizer_shapes_per_granularity():
         qt(torch.randn(1, 4, 7))
 
 
+@pytest.mark.parametrize("granularity", ["channel", "token"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_answering_fake_quant_equals_torchs_op_bit_for_bit_ties_included(granularity, bits):
+    """The fast no-gradient path must give exactly torch.fake_quantize_per_channel_affine's floats."""
+    torch.manual_seed(bits)
+    x = torch.randn(4, 9, 16) * 3
+    q = ActQuantizer(bits, granularity)
+    q.set_range(*minmax_ranges(q.stat_view(x)))
+    scale, zero = q.grid()
+    shape = q.broadcast_shape(3, scale.numel())
+    ties = (torch.randint(-20, 20, x.shape).float() + 0.5 - zero.view(shape)) * scale.view(shape)  # k + 1/2 steps
+    for inputs in (x, ties, x * 50):
+        expected = torch.fake_quantize_per_channel_affine(inputs, q._scale, q._zp, q.axis(inputs), 0, 2**bits - 1)
+        with torch.no_grad():
+            assert torch.equal(q(inputs), expected)
+    leaf = x.clone().requires_grad_(True)  # with a gradient the op itself runs (its mask is the backward)
+    assert torch.equal(q(leaf).detach(), q(x))
+
+
 def test_channel_view_drops_padding_tokens():
     x = torch.zeros(2, 3, 4)
     x[1, 2] = 1000.0  # a pad position with a huge value

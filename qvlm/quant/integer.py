@@ -31,18 +31,28 @@ import torch
 from torch import nn
 
 from qvlm.models import VLMHandle, build_layer_map
+from qvlm.quant.kernels import (  # noqa: F401  (MAX_INT_MM_K, int_matmul re-exported)
+    ACCUMULATORS,
+    MAX_INT_MM_K,
+    KernelChoice,
+    Timer,
+    cached_choice,
+    choose,
+    int_matmul,
+    kernel_policy,
+    layer_signature,
+    remember_choice,
+)
 from qvlm.quant.packing import PackedLinear, unpack_bits
 from qvlm.quant.qlinear import QuantLinear, replace_module
 from qvlm.quant.quantizers import DYNAMIC_TOKEN, act_codes, dynamic_grid, qmax_of
-
-MAX_INT_MM_K = (1 << 31) // (128 * 128) - 1
-"""Longest row one ``torch._int_mm`` call sums exactly in its int32 accumulator (131071)."""
 
 ACT_MODES = ("tensor", "token", "dynamic")
 """Activation grids the integer path takes: a static range per tensor or per token position (the
 :class:`ActQuantizer` granularities), or a range from each row's min/max at run time."""
 
 ON_INTEGER_KERNELS = "integer kernels"
+ON_FLOAT_KERNELS = "float kernels (weights dequantized once)"
 SIMULATED = "simulated"
 FLOATING_POINT = "floating point"
 
@@ -57,35 +67,15 @@ def code_offset(bits: int) -> int:
     return 128 if bits == 8 else 0
 
 
-def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact sum_i a[m, i] b[n, i]: [M, N] int32 (int64 when K > :data:`MAX_INT_MM_K`) from int8 a [M, K], b [N, K].
-
-    ``torch._int_mm`` on the CPU; longer rows in chunks summed in int64; other devices: float64 matmul.
-    """
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise ValueError(f"int_matmul takes int8 operands, got {a.dtype} and {b.dtype}")
-    if a.device.type != "cpu":
-        return (a.double() @ b.double().t()).to(torch.int64)
-    k = a.shape[1]
-    if k <= MAX_INT_MM_K:
-        return torch._int_mm(a, b.t())
-    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64)
-    for start in range(0, k, MAX_INT_MM_K):
-        part = slice(start, start + MAX_INT_MM_K)
-        total += torch._int_mm(a[:, part].contiguous(), b[:, part].t())
-    return total
-
-
 def correction_dtype(k: int, bits_x: int, bits_w: int) -> torch.dtype:
     """int32 when no partial sum of :func:`rescale`'s integer terms can overflow it, else int64.
 
-    With shifted codes |a| <= A and zero points |z| <= A: |acc|, |z_x sum_i aw| <= K A_x A_w and
-    |z_w sum_i (qx - z_x)| <= K A_w (2^bx - 1). W8A8 stays int32 up to K = 32832.
+    With unsigned activation codes qx, z_x <= Q_x = 2^bx - 1 and shifted weight codes and zero points
+    |aw|, |z_w| <= A_w: each of |acc|, |z_x sum_i aw|, |z_w sum_i (qx - z_x)| is at most K Q_x A_w.
+    W8A8 stays int32 up to K = 21929 (LLaMA-7B's widest row is 11008).
     """
-    def reach(bits: int) -> int:
-        return max(code_offset(bits), qmax_of(bits) - code_offset(bits))
-
-    bound = k * (2 * reach(bits_x) * reach(bits_w) + reach(bits_w) * qmax_of(bits_x))
+    reach_w = max(code_offset(bits_w), qmax_of(bits_w) - code_offset(bits_w))
+    bound = 3 * k * qmax_of(bits_x) * reach_w
     return torch.int32 if bound < 2**31 else torch.int64
 
 
@@ -94,8 +84,9 @@ def rescale(acc: torch.Tensor, sum_x: torch.Tensor, zero_x: torch.Tensor, sum_w:
             bias: torch.Tensor | None, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """y [M, N] float32 = s_x[t] s_w[o] (acc - z_x sum_i aw - z_w sum_i ax + K z_x z_w) + b[o].
 
-    acc: [M, N] sum_i ax aw of shifted codes; sum_x [M], sum_w [N]: their row sums; zero_x [M],
-    zero_w [N]: zero points minus the same shift; scale_x [M], scale_w [N] float32. The bracket is
+    acc: [M, N] sum_i ax aw of the codes (activation codes unsigned, weight codes shifted; an integer
+    tensor, or float32 holding whole numbers); sum_x [M], sum_w [N]: their row sums; zero_x [M],
+    zero_w [N]: the zero points on the same codes; scale_x [M], scale_w [N] float32. The bracket is
     computed exactly in ``dtype`` (:func:`correction_dtype`), written as
     acc - z_x sum_i aw - z_w sum_i (ax - z_x), then rounded once to float32.
     """
@@ -149,7 +140,10 @@ def takes_dynamic_ranges(act: nn.Module | None) -> bool:
 # the module
 # ----------------------------------------------------------------------------------------------
 class IntegerLinear(nn.Module):
-    """A quantized Linear that runs as :func:`int_matmul` + :func:`rescale` (inference only, no gradient).
+    """A quantized Linear that runs as one integer accumulation + :func:`rescale` (inference only, no gradient).
+
+    The accumulation runs on ``accumulator``, one of :data:`qvlm.quant.kernels.ACCUMULATORS` (fbgemm, oneDNN,
+    ``torch._int_mm``, float32 of the codes), chosen by timing on the machine (:func:`use_integer_kernels`).
 
     Build it with :meth:`from_packed`. Buffers: ``codes`` [out, in] int8 (weight codes minus
     :func:`code_offset`: 1 byte per weight, held once; at W4 that is twice the packed stream, because
@@ -165,10 +159,12 @@ class IntegerLinear(nn.Module):
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor, w_bits: int,
                  bias: torch.Tensor | None, act_bits: int, act_mode: str, act_scale: torch.Tensor | None,
                  act_zero: torch.Tensor | None, smooth: torch.Tensor | None, dtype: torch.dtype,
-                 tower: str = "", role: str = "") -> None:
+                 tower: str = "", role: str = "", accumulator: str = "int_mm") -> None:
         super().__init__()
         if act_mode not in ACT_MODES:
             raise ValueError(f"unknown activation mode {act_mode!r}; expected one of {ACT_MODES}")
+        if accumulator not in ACCUMULATORS:
+            raise ValueError(f"unknown accumulator {accumulator!r}; expected one of {', '.join(ACCUMULATORS)}")
         self.out_features, self.in_features = codes.shape
         self.w_bits, self.a_bits, self.act_mode = w_bits, act_bits, act_mode
         self.w_group = self.in_features
@@ -185,10 +181,13 @@ class IntegerLinear(nn.Module):
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.sum_dtype = correction_dtype(self.in_features, act_bits, w_bits)
+        self.accumulator = accumulator
+        self._accumulate = ACCUMULATORS[accumulator].run
+        self._state = ACCUMULATORS[accumulator].prepare(self.codes, self.w_sum, act_bits)
 
     @classmethod
-    def from_packed(cls, packed: PackedLinear, dynamic: bool = False,
-                    act_bits: int | None = None) -> "IntegerLinear | None":
+    def from_packed(cls, packed: PackedLinear, dynamic: bool = False, act_bits: int | None = None,
+                    accumulator: str = "int_mm") -> "IntegerLinear | None":
         """The integer form of ``packed``, or None when its format does not factor (:func:`refusal` says why)."""
         if refusal(packed, dynamic, act_bits) is not None:
             return None
@@ -202,7 +201,7 @@ class IntegerLinear(nn.Module):
             bits, mode = act.bits, act.granularity
             a_scale, a_zero = act.grid()
         layer = cls(codes, packed.scale, packed.zero, packed.bits, packed.bias, bits, mode, a_scale, a_zero,
-                    packed.smooth, packed.compute_dtype, packed.tower, packed.role)
+                    packed.smooth, packed.compute_dtype, packed.tower, packed.role, accumulator)
         return layer.to(packed.packed.device)
 
     def row_grid(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,11 +222,11 @@ class IntegerLinear(nn.Module):
             x = x / self.smooth.to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         scale_x, zero_x = self.row_grid(x, rows)
-        offset = code_offset(self.a_bits)
-        codes_x = act_codes(rows, scale_x.unsqueeze(1), zero_x.unsqueeze(1), self.a_bits).sub_(offset).to(torch.int8)
-        acc = int_matmul(codes_x, self.codes)
-        y = rescale(acc, codes_x.sum(dim=1, dtype=torch.int32), zero_x.to(torch.int32) - offset, self.w_sum,
-                    self.w_zero, self.in_features, scale_x, self.w_scale, self.bias, self.sum_dtype)
+        codes_x = act_codes(rows, scale_x.unsqueeze(1), zero_x.unsqueeze(1), self.a_bits)  # unsigned, float32
+        acc = self._accumulate(self._state, codes_x)
+        sum_x = codes_x.sum(dim=1, dtype=torch.float64)  # whole numbers below 2^53: exact
+        y = rescale(acc, sum_x, zero_x, self.w_sum, self.w_zero, self.in_features, scale_x, self.w_scale,
+                    self.bias, self.sum_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -246,56 +245,103 @@ class IntegerLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits} integer, "
+        return (f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits} on {self.accumulator}, "
                 f"activations {self.act_mode} ({self.storage_bytes()} bytes), tower={self.tower}, role={self.role}")
 
 
 # ----------------------------------------------------------------------------------------------
 # whole models
 # ----------------------------------------------------------------------------------------------
-def to_integer_path(model: nn.Module, dynamic: bool = False) -> dict:
-    """Swap every eligible :class:`PackedLinear` of ``model`` for an :class:`IntegerLinear`, in place.
+def choose_kernel(module: PackedLinear, dynamic: bool = False, policy: str | None = None,
+                  timer: Timer | None = None) -> KernelChoice:
+    """The measured backend of one packed layer (:func:`qvlm.quant.kernels.choose`), from the cache when this
+    machine has timed a layer like it before."""
+    policy = policy or kernel_policy()
+    why = refusal(module, dynamic)
+    signature = layer_signature(module) + ("/dynamic" if dynamic else "")
+    if timer is None:
+        held = cached_choice(signature, policy)
+        if held is not None and (held.backend not in ACCUMULATORS or why is None):
+            return held
+    choice = choose(module, lambda name: IntegerLinear.from_packed(module, dynamic, accumulator=name), why,
+                    policy, timer)
+    if timer is None:
+        remember_choice(signature, policy, choice)
+    return choice
 
-    Returns {"integer": [names], "simulated": {name: reason}} over the quantized Linears (packed or
-    fake-quant); FP Linears (e.g. the LM head) are in neither. With ``dynamic`` the swapped layers take
-    per-row ranges at run time, so their outputs differ from the simulated model's.
+
+def to_integer_path(model: nn.Module, dynamic: bool = False, policy: str | None = None,
+                    timer: Timer | None = None) -> dict:
+    """Give every quantized Linear of ``model`` its measured backend, in place (:func:`choose_kernel`).
+
+    Returns {"integer": [names], "simulated": {name: why not on integer kernels}, "backends": {name: backend},
+    "choices": {layer signature: KernelChoice as a dict}} over the quantized Linears (packed or fake-quant; FP
+    Linears such as the LM head are in none). An integer layer is swapped for an :class:`IntegerLinear`, a
+    "float" one keeps its weight dequantized (:meth:`PackedLinear.hold_dequantized`). With ``dynamic`` the
+    swapped layers take per-row ranges at run time, so their outputs differ from the simulated model's.
     """
-    integer, simulated = [], {}
+    integer, simulated, backends, choices = [], {}, {}, {}
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (PackedLinear, QuantLinear)):
+        if isinstance(module, QuantLinear):
+            backends[name] = SIMULATED
+            simulated[name] = refusal(module, dynamic) or "fake-quantized, not packed"
             continue
-        reason = refusal(module, dynamic)
-        if reason is not None:
-            simulated[name] = reason
+        if not isinstance(module, PackedLinear):
             continue
-        replace_module(model, name, IntegerLinear.from_packed(module, dynamic))
-        integer.append(name)
-    return {"integer": integer, "simulated": simulated}
+        choice = choose_kernel(module, dynamic, policy, timer)
+        choices[layer_signature(module)] = choice.to_dict()
+        backends[name] = choice.backend
+        if choice.integer:
+            replace_module(model, name, IntegerLinear.from_packed(module, dynamic, accumulator=choice.backend))
+            integer.append(name)
+            continue
+        module.hold_dequantized(choice.backend == "float")
+        simulated[name] = refusal(module, dynamic) or choice.reason
+    return {"integer": integer, "simulated": simulated, "backends": backends, "choices": choices}
 
 
 def execution_path(model: nn.Module) -> str:
-    """"integer kernels", "simulated" or "mixed: N of M Linears on integer kernels", over the quantized
-    Linears; "floating point" for a model that has none."""
-    n = sum(isinstance(m, IntegerLinear) for m in model.modules())
-    total = n + sum(isinstance(m, (PackedLinear, QuantLinear)) for m in model.modules())
+    """How ``model``'s quantized Linears run: "integer kernels (fbgemm)", "float kernels (...)", "simulated",
+    "mixed: ..." (counts per backend); "floating point" for a model that has none."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, IntegerLinear):
+            key = m.accumulator
+        elif isinstance(m, PackedLinear):
+            key = "float" if m.dequantized is not None else SIMULATED
+        elif isinstance(m, QuantLinear):
+            key = SIMULATED
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    total = sum(counts.values())
     if total == 0:
         return FLOATING_POINT
-    if n == 0:
+    n_integer = sum(c for k, c in counts.items() if k in ACCUMULATORS)
+    used = [k for k in counts if k in ACCUMULATORS]
+    on = ", ".join(f"{k} {counts[k]}" if len(used) > 1 else k for k in used)
+    if n_integer == total:
+        return f"{ON_INTEGER_KERNELS} ({on})"
+    if counts.get("float") == total:
+        return ON_FLOAT_KERNELS
+    if counts.get(SIMULATED) == total:
         return SIMULATED
-    if n == total:
-        return ON_INTEGER_KERNELS
-    return f"mixed: {n} of {total} Linears on {ON_INTEGER_KERNELS}"
+    parts = ([f"{n_integer} on {ON_INTEGER_KERNELS} ({on})"] if n_integer else []) + \
+            [f"{counts[k]} {label}" for k, label in (("float", "float (weights dequantized once)"),
+                                                     (SIMULATED, SIMULATED)) if counts.get(k)]
+    return f"mixed: {', '.join(parts)}, of {total} Linears"
 
 
 def use_integer_kernels(handle: VLMHandle) -> dict:
-    """Run ``handle``'s eligible Linears on integer kernels from now on, in place; record the path on the handle.
+    """Run ``handle``'s quantized Linears on their measured backends from now on (integer kernels where the format
+    factors and they are faster), in place; record the path on the handle.
 
     Returns :func:`to_integer_path`'s report plus "path" (:func:`execution_path`), which is also set as
     ``handle.execution_path`` (the reasons as ``handle.simulated_layers``). Why after quantizing and not
     inside it: VEO and CDM train through the fake-quant layers; a finished model only answers. The
     exporters and :func:`~qvlm.quant.memory.weight_memory` read PackedLinears, so a model that may still
     be saved or measured answers through :func:`integer_handle` instead. Off the CPU nothing is swapped:
-    :func:`int_matmul` runs there as a float64 matmul, exact but slower than the simulated path.
+    the accumulators are CPU kernels (``torch._int_mm`` on CUDA is not among the candidates yet).
     """
     device = next(handle.model.parameters()).device
     if device.type != "cpu":
@@ -316,11 +362,12 @@ _INTEGER_HANDLES_LOCK = threading.Lock()
 
 
 def integer_handle(handle: VLMHandle) -> VLMHandle:
-    """A handle on a copy of ``handle``'s model that answers on integer kernels (:func:`use_integer_kernels`).
+    """A handle on a copy of ``handle``'s model that answers on its measured kernels (:func:`use_integer_kernels`).
 
     The copy shares every parameter and buffer with the original, which stays as it is (packed: the
-    exporters and weight memory read it); only the swapped layers' int8 codes are new (1 byte per
-    weight). Built once per model and kept while the model lives, so answering again costs nothing.
+    exporters and weight memory read it); only what the chosen backends hold is new (int8 codes, 1 byte per
+    weight, or a dequantized weight). Built once per model and kept while the model lives, so answering again
+    costs nothing.
     """
     with _INTEGER_HANDLES_LOCK:
         model = handle.model
@@ -329,8 +376,7 @@ def integer_handle(handle: VLMHandle) -> VLMHandle:
         held = _INTEGER_HANDLES.get(model)
         if held is not None:
             return held
-        if not any(isinstance(m, PackedLinear) and refusal(m, takes_dynamic_ranges(m.act)) is None
-                   for m in model.modules()):  # nothing would run on integer kernels: no copy
+        if not any(isinstance(m, PackedLinear) for m in model.modules()):  # nothing packed: no copy
             _NO_INTEGER_LAYERS.add(model)  # a weak set: it does not keep the variant alive
             return handle
         shared = {id(t): t for t in (*model.parameters(), *model.buffers())}

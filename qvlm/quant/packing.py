@@ -122,6 +122,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act = act
+        self.register_buffer("dequantized", None, persistent=False)
+
+    def hold_dequantized(self, on: bool = True) -> None:
+        """Keep the dequantized weight from now on (``on``), or drop it and decode in every call again.
+
+        Why a choice: decoding costs a pass over the weight in every forward (NF4 through bitsandbytes' kernel,
+        uniform codes through shifts), which made a W4A4 model answer slower than its FP model; held, the
+        layer computes the same floats at float32 GEMM speed, for the memory of an FP weight. Which one a
+        layer runs is measured (:mod:`qvlm.quant.kernels`). Not saved: exports read the packed codes.
+        """
+        self.dequantized = self.dequantized_weight().detach() if on else None
 
     @classmethod
     def from_encoded(cls, encoded: EncodedWeight, bias: torch.Tensor | None, act: ActQuantizer | None,
@@ -174,7 +185,7 @@ class PackedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, for code that reads ``.weight`` (shape/dtype/device checks)."""
-        return self.dequantized_weight()
+        return self.dequantized if self.dequantized is not None else self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
@@ -183,7 +194,8 @@ class PackedLinear(nn.Module):
             x = self.act(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedMatmul.apply(x, self)
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        weight = self.dequantized if self.dequantized is not None else self.dequantized_weight()
+        return F.linear(x, weight, self.bias)
 
     def storage_bytes(self) -> int:
         """Bytes this layer really holds for its weight (codes + scales + zero points)."""

@@ -483,9 +483,26 @@ class ActQuantizer(nn.Module):
                 f"activation quantizer calibrated for {self._scale.numel()} "
                 f"{'token positions' if self.granularity == 'token' else 'channels'} got {x.shape[axis]}"
             )
+        if x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
+            return self._answering_fake_quant(x, axis)
         return torch.fake_quantize_per_channel_affine(
             x, self._scale.to(x.device), self._zp.to(x.device), axis, 0, qmax_of(self.bits)
         )
+
+    def _answering_fake_quant(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """``torch.fake_quantize_per_channel_affine``'s result bit for bit, in five in-place passes.
+
+        Why: that op always builds the mask its backward needs and walks the channel axis per element; on
+        a 2-core AVX2 CPU it took 30% of a W4A4 model's answering time (1.1 ms per call on [32, 80, 192],
+        this 0.13 ms). Same arithmetic: x * (1 / step) (float32), round half to even, + zero point, clamp,
+        - zero point, * step; ``tests/test_quant_quantizers.py`` checks equality, ties included.
+        """
+        shape = [1] * x.dim()
+        shape[axis] = self._scale.numel()
+        scale = self._scale.to(x.device).view(shape)
+        zero = self._zp.to(x.device, torch.float32).view(shape)
+        inverse = torch.reciprocal(scale)
+        return torch.mul(x, inverse).round_().add_(zero).clamp_(0, qmax_of(self.bits)).sub_(zero).mul_(scale)
 
     def extra_repr(self) -> str:
         rotated = "" if self.rotation is None else ", rotated"

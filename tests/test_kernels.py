@@ -1,0 +1,158 @@
+"""Kernel choice (qvlm/quant/kernels.py): checked sums, measured choice, never an integer kernel slower than float32.
+
+Timings are injected here: the logic is pinned, not this machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from qvlm.quant import kernels
+from qvlm.quant.integer import IntegerLinear, choose_kernel, execution_path, to_integer_path
+from qvlm.quant.kernels import ACCUMULATORS, Accumulator, accumulator_error, choose
+from qvlm.quant.packing import PackedLinear
+from qvlm.quant.quantizers import ActQuantizer, encode_weight
+
+
+def _layer(w_bits: int = 4, a_bits: int = 4, granularity: str = "tensor", k: int = 96, n: int = 24,
+           fmt: str = "uniform") -> PackedLinear:
+    g = torch.Generator().manual_seed(k + n)
+    x = torch.randn(3, 5, k, generator=g)
+    act = ActQuantizer(a_bits, granularity)
+    view = act.stat_view(x)
+    act.set_range(view.amin(0), view.amax(0))
+    return PackedLinear.from_encoded(encode_weight(torch.randn(n, k, generator=g), w_bits, fmt, None), torch.randn(n),
+                                     act, None, torch.float32)
+
+
+def _timer(seconds: dict[str, float]):
+    """A timer that says ``seconds[backend]`` per row for the module's backend ("fp": the FP nn.Linear)."""
+    def timer(module: nn.Module, x: torch.Tensor) -> float:
+        if isinstance(module, IntegerLinear):
+            key = module.accumulator
+        elif isinstance(module, PackedLinear):
+            key = "float" if module.dequantized is not None else "simulated"
+        else:
+            key = "fp"
+        return seconds[key] * (x.numel() // x.shape[-1])
+    return timer
+
+
+def _speeds(fp: float = 1.0, float_: float = 1.1, simulated: float = 2.0, **integer: float) -> dict[str, float]:
+    return {"fp": fp, "float": float_, "simulated": simulated, **{n: integer.get(n.replace("-", "_"), 50.0)
+                                                                   for n in ACCUMULATORS}}
+
+
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_every_accumulator_this_machine_has_sums_low_bit_codes_exactly(bits):
+    layer = IntegerLinear.from_packed(_layer(bits, bits))
+    for acc in ACCUMULATORS.values():
+        if acc.unavailable() is None:
+            assert accumulator_error(acc, layer.codes, bits) is None, acc.name
+
+
+def test_an_accumulator_that_saturates_is_rejected_by_the_check():
+    exact = ACCUMULATORS["float-codes"]
+    saturating = Accumulator("saturating", "16-bit pair sums", lambda: None, exact.prepare,
+                             lambda state, x: (x @ state.t()).clamp(-(2**15) * 8, 2**15 * 8))
+    codes = IntegerLinear.from_packed(_layer(8, 8, k=512)).codes
+    assert accumulator_error(exact, codes, 8) is None
+    assert "misses the exact sums" in accumulator_error(saturating, codes, 8)
+
+
+def test_a_slow_integer_kernel_loses_to_the_float_path():
+    layer = _layer()
+    choice = choose(layer, lambda name: IntegerLinear.from_packed(layer, accumulator=name), None,
+                    timer=_timer(_speeds(int_mm=15.0, fbgemm=1.3, onednn=1.2, float_codes=1.05)))
+    assert choice.backend == "float"
+    assert "slower than float32" in choice.rejected["int_mm"] and "slower than float32" in choice.rejected["fbgemm"]
+
+
+def test_a_fast_integer_kernel_wins_and_the_fastest_one_is_kept():
+    layer = _layer()
+    speeds = _speeds(fbgemm=0.5, onednn=0.4, int_mm=9.0, float_codes=1.05)
+    available = {n for n, a in ACCUMULATORS.items() if a.unavailable() is None}
+    choice = choose(layer, lambda name: IntegerLinear.from_packed(layer, accumulator=name), None,
+                    timer=_timer(speeds))
+    expected = min((n for n in available if speeds[n] < 1.0), key=speeds.get, default="float")
+    assert choice.backend == expected and choice.integer == (expected in ACCUMULATORS)
+    assert choice.fp_score == pytest.approx(sum(1.0 for _ in kernels.TIMING_ROWS))
+
+
+def test_an_integer_kernel_faster_than_the_float_path_but_slower_than_fp32_is_not_chosen():
+    layer = _layer()
+    choice = choose(layer, lambda name: IntegerLinear.from_packed(layer, accumulator=name), None,
+                    timer=_timer(_speeds(float_=1.6, int_mm=1.2, fbgemm=1.2, onednn=1.2, float_codes=1.2)))
+    assert choice.backend == "float"
+
+
+def test_a_layer_whose_grid_does_not_factor_only_has_float_paths():
+    layer = _layer(granularity="channel")
+    choice = choose_kernel(layer, timer=_timer(_speeds(float_=3.0, simulated=2.0, fbgemm=0.1)))
+    assert choice.backend == "simulated" and not choice.integer
+    assert all("per-input-channel" in why for why in choice.rejected.values())
+
+
+def test_policies_and_a_bad_one():
+    layer = _layer()
+    assert choose_kernel(layer, policy="float").backend == "float"
+    assert choose_kernel(layer, policy="integer", timer=_timer(_speeds(int_mm=40.0))).integer
+    with pytest.raises(ValueError, match="kernel policy"):
+        choose_kernel(layer, policy="fastest")
+
+
+def test_to_integer_path_applies_each_choice_and_the_path_names_the_backends():
+    model = nn.Sequential(_layer(), _layer(granularity="channel", k=24))
+    before = model(torch.randn(2, 3, 96))
+    report = to_integer_path(model, timer=_timer(_speeds(float_codes=0.5)))
+    assert report["backends"] == {"0": "float-codes", "1": "float"}
+    assert isinstance(model[0], IntegerLinear) and model[1].dequantized is not None
+    assert execution_path(model) == ("mixed: 1 on integer kernels (float-codes), 1 float (weights dequantized once), "
+                                     "of 2 Linears")
+    assert model(torch.randn(2, 3, 96)).shape == before.shape
+
+
+def test_the_float_path_answers_bit_for_bit_like_the_simulated_one():
+    layer = _layer(granularity="channel")
+    x = torch.randn(4, 7, 96)
+    with torch.no_grad():
+        simulated = layer(x)
+        layer.hold_dequantized()
+        assert torch.equal(layer(x), simulated)
+        assert "dequantized" not in layer.state_dict()  # exports keep reading the packed codes
+        layer.hold_dequantized(False)
+        assert layer.dequantized is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_integer_layers_on_every_accumulator_give_the_same_output(bits):
+    layer = _layer(bits, bits, granularity="tensor")
+    x = torch.randn(2, 9, 96)
+    outputs = {}
+    for name, acc in ACCUMULATORS.items():
+        built = IntegerLinear.from_packed(layer, accumulator=name)
+        if acc.unavailable() is None and accumulator_error(acc, built.codes, bits) is None:
+            outputs[name] = built(x)
+    reference = outputs.pop("int_mm")
+    for name, y in outputs.items():
+        assert torch.equal(y, reference), name
+
+
+def test_choices_are_cached_per_machine_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVLM_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    layer = _layer()
+    first = choose_kernel(layer)  # measured on this machine, then written
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    key = kernels.machine_key()
+    assert list(data) == [key] and "torch" in key and "threads" in key
+    assert f"measure:{kernels.layer_signature(layer)}" in data[key]
+
+    def must_not_time(*_):
+        raise AssertionError("a cached choice is not measured again")
+
+    monkeypatch.setattr(kernels, "time_forward", must_not_time)
+    assert choose_kernel(layer) == first
