@@ -178,12 +178,19 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from qvlm.export import save_quantized
         from qvlm.quant.memory import weight_memory
 
+        from qvlm.export.sizes import size_report
+        from qvlm.models.loader import resolve_source
+
         save_quantized(result.handle, args.save, cfg.to_dict(), result.to_dict(), format=args.format)
         mem = weight_memory(result.handle.model)
+        plain = args.format != "qvlm-packed"
         reload = (f"LlavaForConditionalGeneration.from_pretrained (transformers + {args.format})"
-                  if args.format != "qvlm-packed" else "qvlm.load_quantized")
-        print(f"saved the packed model ({args.format}) to {args.save} (weights: {mem['quant_bytes']:,} bytes packed "
-              f"vs {mem['fp16_bytes']:,} in FP16); reload with {reload}")
+                  if plain else "qvlm.load_quantized")
+        print(f"saved the packed model ({args.format}) to {args.save} (quantized Linears: {mem['quant_bytes']:,} "
+              f"bytes packed vs {mem['fp16_bytes']:,} in FP16); reload with {reload}")
+        location, source = resolve_source(args.model)
+        sizes = size_report(args.save, plain, fp_model=handle.model, fp_folder=None if source == "hub" else location)
+        print(f"measured: {sizes.sentence()}")
     t = result.timings
     print(f"{handle.name}: {cfg.recipe} {cfg.bits_label} in {t.get('total', 0.0):.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in t.items() if k != 'total')})")

@@ -96,3 +96,22 @@ def test_a_rotation_shared_by_many_layers_is_stored_once(tiny_mosaic, tmp_path):
         stored = [k for k in f.keys() if k.startswith(ROTATION_PREFIX)]
     assert len(keys) > len(stored) >= 1  # several layers, one matrix per input width
     assert set(keys) == set(stored)
+
+
+def test_size_sentences_are_what_du_and_a_plain_load_measure(saved, tiny_mosaic, tiny_mosaic_dir):
+    import subprocess
+
+    from qvlm.export.sizes import resident_bytes, size_report
+    from plain_transformers import plain_load
+
+    format, _, folder = saved
+    plain = format != FORMAT_NAME
+    report = size_report(folder, plain, fp_model=tiny_mosaic.model, fp_folder=tiny_mosaic_dir)
+    du = int(subprocess.run(["du", "-b", "-s", str(folder)], capture_output=True, text=True, check=True).stdout.split()[0])
+    assert report.files == du
+    if plain:
+        model, _ = plain_load(folder)
+        assert report.loaded == resident_bytes(model) == sum(
+            t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    sentence = report.sentence()
+    assert f"{du:,} bytes (du -b)" in sentence and f"{report.loaded:,} bytes" in sentence

@@ -190,3 +190,16 @@ def test_integer_w8a8_model_answers_like_the_simulated_one(bundled):
     images, questions = [s.load_image() for s in samples], [s.question for s in samples]
     assert generate_answers(integer, res.handle.processor, images, questions) == generate_answers(
         model, res.handle.processor, images, questions)
+
+
+def test_a_rotated_layer_runs_on_integer_kernels_with_the_rotation_online():
+    """vision_rotation: the simulated layer quantizes x R against Q(W R); the integer layer rotates x itself."""
+    from qvlm.quant.vision_ranges import hadamard_matrix
+
+    packed, x = _packed(16, 64, 4, 4, "tensor")
+    packed.act.set_rotation(hadamard_matrix(64))
+    assert refusal(packed) is None
+    layer = IntegerLinear.from_packed(packed)
+    with torch.no_grad():
+        simulated, integer = packed(x), layer(x)
+    torch.testing.assert_close(integer, simulated, rtol=1e-5, atol=1e-5)

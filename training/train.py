@@ -467,6 +467,7 @@ def _save(model, processor, out: Path, cfg: TrainConfig, report: dict) -> None:
     model.to(torch.float16).save_pretrained(out)
     model.to(torch.float32)
     processor.save_pretrained(out)
+    report = {"task": "easy-vqa", **report}  # what qvlm calibrates and scores it on (qvlm.data.tasks.recorded_task)
     (out / "training_report.json").write_text(json.dumps(report, indent=2, default=str))
 
 

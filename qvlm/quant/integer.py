@@ -113,8 +113,6 @@ def refusal(packed: nn.Module, dynamic: bool = False, act_bits: int | None = Non
         return (f"grouped weights (group {packed.group} < row {packed.in_features}): "
                 "the step changes inside the sum over input channels")
     act = packed.act
-    if act is not None and act.rotation is not None:
-        return "its input is rotated before it is quantized (vision_rotation), which the integer path does not do"
     if dynamic or takes_dynamic_ranges(act):
         bits = act_bits if act_bits is not None else (act.bits if act is not None else None)
         if bits is None:
@@ -159,7 +157,8 @@ class IntegerLinear(nn.Module):
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor, w_bits: int,
                  bias: torch.Tensor | None, act_bits: int, act_mode: str, act_scale: torch.Tensor | None,
                  act_zero: torch.Tensor | None, smooth: torch.Tensor | None, dtype: torch.dtype,
-                 tower: str = "", role: str = "", accumulator: str = "int_mm") -> None:
+                 tower: str = "", role: str = "", accumulator: str = "int_mm",
+                 rotation: torch.Tensor | None = None) -> None:
         super().__init__()
         if act_mode not in ACT_MODES:
             raise ValueError(f"unknown activation mode {act_mode!r}; expected one of {ACT_MODES}")
@@ -179,6 +178,7 @@ class IntegerLinear(nn.Module):
         self.register_buffer("act_scale", None if act_scale is None else act_scale.float().reshape(-1))
         self.register_buffer("act_zero", None if act_zero is None else act_zero.to(torch.int32).reshape(-1))
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
+        self.register_buffer("rotation", None if rotation is None else rotation.detach().float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.sum_dtype = correction_dtype(self.in_features, act_bits, w_bits)
         self.accumulator = accumulator
@@ -201,7 +201,8 @@ class IntegerLinear(nn.Module):
             bits, mode = act.bits, act.granularity
             a_scale, a_zero = act.grid()
         layer = cls(codes, packed.scale, packed.zero, packed.bits, packed.bias, bits, mode, a_scale, a_zero,
-                    packed.smooth, packed.compute_dtype, packed.tower, packed.role, accumulator)
+                    packed.smooth, packed.compute_dtype, packed.tower, packed.role, accumulator,
+                    None if act is None else act.rotation)
         return layer.to(packed.packed.device)
 
     def row_grid(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +221,8 @@ class IntegerLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
+        if self.rotation is not None:  # online, as the simulated layer's quantizer does: its codes are of x R
+            x = x @ self.rotation.to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         scale_x, zero_x = self.row_grid(x, rows)
         codes_x = act_codes(rows, scale_x.unsqueeze(1), zero_x.unsqueeze(1), self.a_bits)  # unsigned, float32

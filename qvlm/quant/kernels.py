@@ -31,9 +31,11 @@ flags, torch version and thread count (:func:`machine_key`) in ``$QVLM_KERNEL_CA
 
 ``$QVLM_KERNELS`` overrides the choice: ``measure`` (default), ``integer`` (the fastest integer candidate
 wherever a layer's grid factors, even if float32 is faster: to see the path, and in tests), ``float``,
-``simulated``. To reproduce an AVX2-only CPU on a newer one: ``ONEDNN_MAX_CPU_ISA=AVX2`` caps oneDNN, and
-``ATEN_CPU_CAPABILITY=avx2`` caps torch's own vectorised kernels; fbgemm picks its AVX2 or AVX-512 kernels from
-``cpuinfo`` and has no switch, so its VNNI figures stay VNNI (benchmarks/README.md).
+``simulated``. To reproduce an AVX2-only CPU on a newer one, set before starting Python:
+``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` (fbgemm's dispatch, ``fbgemmEnvGetIsa`` in fbgemm's Utils.cc),
+``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN's) and ``ATEN_CPU_CAPABILITY=avx2`` (torch's own vectorised kernels). They are
+part of :func:`machine_key`, so a capped run never reuses an uncapped run's choices. (Read from the libraries'
+sources and documentation; not yet run on a VNNI machine by this project.)
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ prompts. The score is the sum of the two times per row, so neither regime hides 
 
 POLICIES = ("measure", "integer", "float", "simulated")
 FLOAT_PATHS = ("float", "simulated")
+ISA_CAPS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+"""Environment variables that cap which instructions the kernels use (see the module docstring)."""
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "avx_vnni")
 
 
@@ -340,6 +344,15 @@ def cpu_flags() -> list[str]:
     return [f for f in FLAGS if f in words]
 
 
+def cpu_kind(flags: list[str] | None = None) -> str:
+    """The class of CPU a speed figure holds for: "amx", "vnni" (int8 dot products: AVX512-VNNI or AVX-VNNI) or
+    "avx2" (neither): the kinds ``benchmarks/results/table4-<kind>`` keeps apart."""
+    flags = set(cpu_flags() if flags is None else flags)
+    if "amx_int8" in flags:
+        return "amx"
+    return "vnni" if {"avx512_vnni", "avx_vnni"} & flags else "avx2"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -354,7 +367,7 @@ def cpu_model() -> str:
 
 def machine_key() -> str:
     """What a measured choice holds for: CPU model, flags, torch version, thread count, ISA caps."""
-    caps = ",".join(f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if v in os.environ)
+    caps = ",".join(f"{v}={os.environ[v]}" for v in ISA_CAPS if v in os.environ)
     return (f"{cpu_model()} | {' '.join(cpu_flags()) or 'no flags read'} | torch {torch.__version__} | "
             f"{torch.get_num_threads()} threads{' | ' + caps if caps else ''}")
 

@@ -31,6 +31,7 @@ from qvlm.models import VLMHandle
 from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
 from qvlm.quant.integer import integer_handle
+from qvlm.quant.kernels import cpu_kind
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.inputs import parse_question_count
@@ -46,8 +47,8 @@ EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "per question ty
                 "FP16 weights", "packed weights", "smaller by"]
 """One column holds every question type's accuracy: the types are the task's (3 for easy-VQA, 5 for mosaics).
 "kernels": the path that answered (a variant answers on integer kernels where its formats allow)."""
-TABLE4_RESULT = REPO_ROOT / "benchmarks" / "results" / "table4.json"
-"""What ``python benchmarks/table4.py`` writes: the paper's Table 4 (latency, weight memory) measured here."""
+TABLE4_RESULTS = REPO_ROOT / "benchmarks" / "results"
+"""Where ``python benchmarks/table4.py`` writes the paper's Table 4 (latency, weight memory), one file per CPU kind."""
 SWEEP_COLUMNS = ["recipe", "bits", "questions", "accuracy %", "weights"]
 SWEEP_RECIPES = ("qlora", "qvlm")
 """The sweep's default recipes: the paper's baseline and Q-VLM."""
@@ -265,26 +266,37 @@ def per_type_text(per_type: dict[str, float], question_types: tuple[str, ...]) -
     return " · ".join(f"{t} {100 * per_type[t]:.1f}" for t in question_types if t in per_type)
 
 
-def read_table4(path: Path = TABLE4_RESULT) -> dict | None:
-    """The measured Table 4 (``benchmarks/table4.py``'s JSON), or None when it is missing or unreadable (logged)."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("cannot read %s", path, exc_info=True)
-        return None
+def read_table4(folder: Path = TABLE4_RESULTS) -> dict | None:
+    """The measured Table 4 for this server's kind of CPU (``benchmarks/table4.py`` writes one per kind), else
+    the one of another kind (its note says so); None when none is readable (logged)."""
+    here = cpu_kind()
+    paths = sorted(folder.glob("table4-*.json"), key=lambda p: (p.stem != f"table4-{here}", p.stem.endswith("-small")))
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            log.warning("cannot read %s", path, exc_info=True)
+            continue
+        result["kind"] = path.stem.removeprefix("table4-").removesuffix("-small")
+        return result
+    return None
 
 
 def table4_note(result: dict) -> str:
-    """One line under the Table 4 heading: the machine and the run's settings the numbers depend on."""
+    """One line under the Table 4 heading: the machine and the run's settings the numbers depend on, and whether
+    they hold for this server's CPU."""
     m = result.get("machine", {})
-    isa = ", ".join(m.get("isa", [])) or "no VNNI/AMX"
+    isa = " ".join(m.get("isa", [])) or "no flags read"
     small = " Widths / 8: a smoke test, not a measurement." if result.get("small") else ""
-    return (f"*{m.get('cpu', 'unknown CPU')} ({isa}), torch {m.get('torch', '?')}, {m.get('threads', '?')} threads, "
-            f"{m.get('date', '')}; {result.get('tokens', '?')} tokens, median of {result.get('repeats', '?')} runs. "
-            f"Random weights at the paper's layer widths; integer rows: per-channel weights, dynamic per-token "
-            f"activations.{small}*")
+    here, kind = cpu_kind(), result.get("kind", "?")
+    where = ("Measured on a CPU of this server's kind" if kind == here else
+             f"Measured on a {kind} CPU; this server's is {here}, where integer kernels may rank differently")
+    tokens = result.get("tokens", "?")
+    tokens = ", ".join(map(str, tokens)) if isinstance(tokens, list) else tokens
+    return (f"*{where}: {m.get('cpu', 'unknown CPU')} (flags: {isa}), torch {m.get('torch', '?')}, "
+            f"{m.get('threads', '?')} threads, {m.get('date', '')}; {tokens} tokens, median of "
+            f"{result.get('repeats', '?')} runs. Random weights at the paper's layer widths; integer rows: per-channel "
+            f"weights, dynamic per-token activations.{small}*")
 
 
 def _weight_memory(m: _Scored) -> dict[str, Any] | None:

@@ -565,8 +565,11 @@ def table4_figure(result: Mapping[str, Any], title: str = "Table 4 on this machi
     if not rows:
         return empty_figure("benchmarks/results/table4.json holds no measured row.", title)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("latency (ms, lower is faster)", "weight memory (MiB)"))
-    for i, layer in enumerate(dict.fromkeys(r["layer"] for r in rows)):
-        mine = [r for r in rows if r["layer"] == layer]
+    def group(row: Mapping[str, Any]) -> str:  # one bar group per layer and token count
+        return f"{row['layer']}, {row['tokens']} tokens" if "tokens" in row else row["layer"]
+
+    for i, layer in enumerate(dict.fromkeys(group(r) for r in rows)):
+        mine = [r for r in rows if group(r) == layer]
         formats = [r["format"] for r in mine]
         color = _block_color(i)
         fig.add_trace(go.Bar(x=formats, y=[1e3 * r["seconds"] for r in mine], name=layer, marker_color=color,
