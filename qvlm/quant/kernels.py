@@ -61,6 +61,10 @@ TIMING_ROWS = (16, 256)
 """Rows of the two inputs a candidate is timed on: a decode step of a small batch, a prefill of a few
 prompts. The score is the sum of the two times per row, so neither regime hides the other."""
 
+SHORTLIST = 3.0
+"""A candidate more than this many times slower than the FP Linear on the small input is rejected without being
+timed on the large one (``torch._int_mm`` on AVX2 at SigLIP widths would otherwise take seconds per shape)."""
+
 POLICIES = ("measure", "integer", "float", "simulated")
 FLOAT_PATHS = ("float", "simulated")
 ISA_CAPS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
@@ -234,12 +238,12 @@ Timer = Callable[[nn.Module, torch.Tensor], float]
 """(module, input) -> seconds one forward takes; injected by tests, :func:`time_forward` otherwise."""
 
 
-def time_forward(module: nn.Module, x: torch.Tensor, min_seconds: float = 0.02) -> float:
-    """The best of three timed runs of ``module(x)`` after a warm-up, each repeated for ``min_seconds``."""
+def time_forward(module: nn.Module, x: torch.Tensor, min_seconds: float = 0.01, runs: int = 3) -> float:
+    """The best of ``runs`` timed runs of ``module(x)`` after a warm-up, each repeated for ``min_seconds``."""
     with torch.inference_mode():
         module(x)
         best = float("inf")
-        for _ in range(3):
+        for _ in range(runs):
             n, start = 0, time.perf_counter()
             while True:
                 module(x)
@@ -302,9 +306,17 @@ def choose(layer: nn.Module, build_integer: Callable[[str], nn.Module | None], i
                 candidates[name] = module
             else:
                 rejected[name] = why
-    scores = {name: score(m, inputs, timer) for name, m in candidates.items()}
     fp = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None).to(inputs[0].device)
-    fp_score = score(fp, inputs, timer)
+    fp_first = score(fp, inputs[:1], timer)
+    fp_score = fp_first + score(fp, inputs[1:], timer)
+    scores = {}
+    for name, module in candidates.items():
+        first = score(module, inputs[:1], timer)
+        if policy == "measure" and first > SHORTLIST * fp_first:  # hopeless on the small input: not worth timing on the large one
+            rejected[name] = (f"slower than float32 for this shape ({first / fp_first:.1f}x the FP Linear's time "
+                              f"on {TIMING_ROWS[0]} rows)")
+            continue
+        scores[name] = first + score(module, inputs[1:], timer)
     if policy == "integer" and scores:
         best = min(scores, key=scores.get)
         return KernelChoice(best, "$QVLM_KERNELS=integer: the fastest integer kernel", scores, fp_score, rejected)

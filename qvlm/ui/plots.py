@@ -563,7 +563,7 @@ def table4_figure(result: Mapping[str, Any], title: str = "Table 4 on this machi
     """
     rows = [r for r in result.get("rows", []) if "error" not in r]
     if not rows:
-        return empty_figure("benchmarks/results/table4.json holds no measured row.", title)
+        return empty_figure("The measured Table 4 holds no row.", title)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("latency (ms, lower is faster)", "weight memory (MiB)"))
     def group(row: Mapping[str, Any]) -> str:  # one bar group per layer and token count
         return f"{row['layer']}, {row['tokens']} tokens" if "tokens" in row else row["layer"]
