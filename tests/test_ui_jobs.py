@@ -103,9 +103,11 @@ def _req(sid):
 
 
 def _until_veo_is_running(gen, status):
-    """Drive the handler until its status shows VEO running (the fake run holds there): the statuses seen."""
+    """Drive the handler until its status shows VEO running at the point where the fake run holds (halfway): the
+    statuses seen. Why halfway and not the first VEO line: on a slow machine a poll can land on step 1 of 4 (25%)
+    before the run reaches the gate."""
     seen = []
-    while not any(line.startswith("- ▶ **VEO") for line in (seen[-1] if seen else "").splitlines()):
+    while not any(line.startswith("- ▶ **VEO") and " 50%" in line for line in (seen[-1] if seen else "").splitlines()):
         seen.append(next(gen)[status])
     return seen
 
