@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,15 +28,20 @@ def folder_bytes(folder: str | Path) -> int:
     return total
 
 
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters and buffers, each storage counted once (tied weights share one)."""
+def _per_storage(model: nn.Module, size: Callable[[torch.Tensor], int]) -> int:
+    """The sum of ``size`` over ``model``'s parameters and buffers, each storage counted once (tied weights share
+    one), the largest size seen for it."""
     seen: dict[int, int] = {}
     for t in (*model.parameters(), *model.buffers()):
-        if t.is_meta:
-            continue
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        if not t.is_meta:
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), size(t))
     return sum(seen.values())
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers as held in memory."""
+    return _per_storage(model, lambda t: t.untyped_storage().nbytes())
 
 
 def plain_load_bytes(folder: str | Path) -> int:
@@ -44,11 +50,7 @@ def plain_load_bytes(folder: str | Path) -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-    model = model_classes()[config.model_type].from_pretrained(folder, local_files_only=True)
-    try:
-        return resident_bytes(model)
-    finally:
-        del model
+    return resident_bytes(model_classes()[config.model_type].from_pretrained(folder, local_files_only=True))
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class SizeReport:
     fp16_loaded: int | None
 
     def sentence(self) -> str:
-        """"files: 9,105,920 bytes (du -b), weights 8,912,672, 44% of the FP16 model's 20,048,032; after ..."."""
+        """One line: the folder's bytes, its weight files' share of the FP16 model's, and the bytes after loading."""
         def share(a: int, b: int | None) -> str:
             return f", {100 * a / b:.0f}% of the FP16 model's {b:,}" if b else ""
 
@@ -75,11 +77,7 @@ class SizeReport:
 def fp16_bytes(model: nn.Module) -> int:
     """What ``model`` holds with every floating-point tensor in float16 (its checkpoint's dtype for the bundled
     models), measured on its tensors: the reference the sentences compare with."""
-    seen: dict[int, int] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        size = t.numel() * (2 if t.is_floating_point() else t.element_size())
-        seen[t.untyped_storage().data_ptr()] = max(seen.get(t.untyped_storage().data_ptr(), 0), size)
-    return sum(seen.values())
+    return _per_storage(model, lambda t: t.numel() * (2 if t.is_floating_point() else t.element_size()))
 
 
 def size_report(folder: str | Path, plain: bool, fp_model: nn.Module | None = None,

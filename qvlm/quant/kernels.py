@@ -40,6 +40,7 @@ sources and documentation; not yet run on a VNNI machine by this project.)
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -167,7 +168,7 @@ def _float_codes_run(state: Any, codes_x: torch.Tensor) -> torch.Tensor:
     return codes_x @ state.t()
 
 
-def _always() -> None:
+def _available() -> None:
     return None
 
 
@@ -175,15 +176,15 @@ ACCUMULATORS: dict[str, Accumulator] = {a.name: a for a in (
     Accumulator("fbgemm", "fbgemm int8 GEMM (x86)", lambda: _quantized_engine("fbgemm"), _fbgemm_prepare,
                 _fbgemm_run),
     Accumulator("onednn", "oneDNN int8 GEMM", lambda: _quantized_engine("onednn"), _onednn_prepare, _onednn_run),
-    Accumulator("int_mm", "torch._int_mm", _always, _int_mm_prepare, _int_mm_run),
-    Accumulator("float-codes", "float32 GEMM of the integer codes", _always, _float_codes_prepare,
+    Accumulator("int_mm", "torch._int_mm", _available, _int_mm_prepare, _int_mm_run),
+    Accumulator("float-codes", "float32 GEMM of the integer codes", _available, _float_codes_prepare,
                 _float_codes_run),
 )}
 """The integer accumulators, fastest first where the machine has them (the order breaks ties)."""
 
 
 def accumulator_error(acc: Accumulator, codes_w: torch.Tensor, bits_x: int, rows: int = 24,
-                      seed: int = 0) -> str | None:
+                      seed: int = 0, state: Any = None) -> str | None:
     """Why ``acc`` gets the sums of these weight codes wrong at ``bits_x``-bit activations, or None when it
     gets them right: random codes, the largest codes, and the largest against the weights' signs (where
     16-bit pair sums saturate) are compared with an exact int64 sum."""
@@ -194,7 +195,7 @@ def accumulator_error(acc: Accumulator, codes_w: torch.Tensor, bits_x: int, rows
     codes_x[1] = torch.where(codes_w[0] > 0, qmax, 0).float()  # every product of row 0 positive and large
     sums = codes_w.sum(dim=1, dtype=torch.int32)
     try:
-        got = acc.run(acc.prepare(codes_w, sums, bits_x), codes_x).to(torch.float64)
+        got = acc.run(acc.prepare(codes_w, sums, bits_x) if state is None else state, codes_x).to(torch.float64)
     except (RuntimeError, ValueError, NotImplementedError) as err:
         return f"{acc.name} failed on this machine ({str(err).splitlines()[0][:120]})"
     exact = (codes_x.to(torch.int64) @ codes_w.to(torch.int64).t()).to(torch.float64)
@@ -301,7 +302,7 @@ def choose(layer: nn.Module, build_integer: Callable[[str], nn.Module | None], i
             if why is None and module is None:
                 why = "the layer cannot be built on it"
             if why is None:
-                why = accumulator_error(acc, module.codes, module.a_bits)
+                why = accumulator_error(acc, module.codes, module.a_bits, state=module._state)
             if why is None:
                 candidates[name] = module
             else:
@@ -335,8 +336,6 @@ def choose(layer: nn.Module, build_integer: Callable[[str], nn.Module | None], i
 
 def _float_path(layer: nn.Module, path: str) -> nn.Module:
     """A shallow twin of ``layer`` that runs ``path`` (its weight dequantized once, or in every call)."""
-    import copy
-
     twin = copy.copy(layer)
     twin._buffers = dict(layer._buffers)
     twin.hold_dequantized(path == "float")
