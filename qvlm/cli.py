@@ -176,20 +176,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     (args.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     if args.save is not None:
         from qvlm.export import save_quantized
-        from qvlm.quant.memory import weight_memory
-
-        from qvlm.export.sizes import size_report
-        from qvlm.models.loader import resolve_source
+        from qvlm.export.sizes import measure_export, model_folder
 
         save_quantized(result.handle, args.save, cfg.to_dict(), result.to_dict(), format=args.format)
-        mem = weight_memory(result.handle.model)
         plain = args.format != "qvlm-packed"
         reload = (f"LlavaForConditionalGeneration.from_pretrained (transformers + {args.format})"
                   if plain else "qvlm.load_quantized")
-        print(f"saved the packed model ({args.format}) to {args.save} (quantized Linears: {mem['quant_bytes']:,} "
-              f"bytes packed vs {mem['fp16_bytes']:,} in FP16); reload with {reload}")
-        location, source = resolve_source(args.model)
-        sizes = size_report(args.save, plain, fp_model=handle.model, fp_folder=None if source == "hub" else location)
+        print(f"saved the model ({args.format}) to {args.save}; reload with {reload}")
+        sizes = measure_export(args.save, plain, fp_model=handle.model, fp_folder=model_folder(args.model))
         print(f"measured: {sizes.sentence()}")
     t = result.timings
     print(f"{handle.name}: {cfg.recipe} {cfg.bits_label} in {t.get('total', 0.0):.1f} s "

@@ -103,7 +103,7 @@ def test_cli_save_then_reload_through_the_model_loader(tmp_path, bundled_dir, ca
     save = tmp_path / "saved"
     assert main(["quantize", "--model", str(bundled_dir), "--bits", "w4a4", "--method", "rtn",
                  "--calib-size", "8", "--out", str(tmp_path / "run"), "--save", str(save)]) == 0
-    assert "saved the packed model" in capsys.readouterr().out
+    assert "saved the model (qvlm-packed)" in capsys.readouterr().out
     handle = load_model(save)  # what the app's model picker and the CLI call
     assert any(isinstance(m, PackedLinear) for m in handle.model.modules())
     assert isinstance(qvlm.load_quantized(save).model, type(handle.model))

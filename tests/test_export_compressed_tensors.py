@@ -7,6 +7,7 @@ import torch
 
 from qvlm.data import evaluation_subset
 from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, README, save_quantized
+from qvlm.export.sizes import answering_bytes, fp16_bytes, measure_export, plain_load_bytes
 from qvlm.models.inference import generate_answers, prepare_inputs
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
@@ -29,8 +30,13 @@ def test_plain_from_pretrained_loads_weights_that_dequantize_to_the_projects_exa
     model, processor = plain_load(folder)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
-    ours = {n: m for n, m in result.handle.model.named_modules() if isinstance(m, PackedLinear)}
+    # the vision tower is rotated (float in the file), so nothing compressed runs before the decompression hook:
+    # the load keeps the codes, as llm-compressor's checkpoints do, and the first forward call decompresses
+    assert "dequantize" not in config
     loaded = dict(model.named_modules())
+    assert hasattr(loaded["model.language_model.layers.0.mlp.up_proj"], "weight_packed")
+    answering_bytes(model, processor)
+    ours = {n: m for n, m in result.handle.model.named_modules() if isinstance(m, PackedLinear)}
     assert any(n.startswith("model.vision_tower") for n in ours)  # the vision tower is quantized in the file too
     for name, m in ours.items():  # a rotated (vision) layer is written as its un-rotated weight Q(W R) R^T
         expected = m.dequantized_weight()
@@ -40,7 +46,7 @@ def test_plain_from_pretrained_loads_weights_that_dequantize_to_the_projects_exa
         assert loaded[name].weight.dtype == torch.float16
         torch.testing.assert_close(loaded[name].weight, expected.to(torch.float16))
         assert type(loaded[name]) is torch.nn.Linear
-    assert config["dequantize"] is True and {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4}
+    assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4}
     sidecar = json.loads((folder / ACTIVATION_SIDECAR).read_text())
     assert sidecar["applied_by_loader"] is False and set(sidecar["modules"]) == set(ours)
 
@@ -97,10 +103,61 @@ def test_the_app_loader_reads_a_compressed_tensors_export_and_evaluates_it_under
     from qvlm.models import load_vlm
 
     result, folder = exported
-    handle = load_vlm(folder, device="cpu")
-    plain, _ = plain_load(folder)
+    handle = load_vlm(folder, device="cpu")  # decompressed while loading, whatever the config says
+    plain, processor = plain_load(folder)
+    answering_bytes(plain, processor)  # the plain load decompresses on its first call
     for name, module in handle.model.named_modules():
         if type(module) is torch.nn.Linear and name.startswith("model.language_model.layers.0."):
             assert torch.equal(module.weight, dict(plain.named_modules())[name].weight), name
     ev = evaluate(handle.model, handle.processor, evaluation_subset(8, seed=3), batch_size=8)
     assert ev.n == 8 and ev.accuracy >= 0.5
+
+
+def test_the_plain_load_holds_the_codes_under_half_the_fp16_model_and_the_readme_says_what_was_measured(
+        exported, bundled, bundled_dir):
+    result, folder = exported
+    fp16 = fp16_bytes(bundled.model)
+    loaded, answering = plain_load_bytes(folder)
+    assert loaded <= fp16 / 2 < answering  # codes after loading; every Linear decompressed by the first call
+    report = measure_export(folder, True, fp_model=bundled.model, fp_folder=bundled_dir)
+    assert (report.loaded, report.answering) == (loaded, answering)
+    section = (folder / README).read_text().split("## Size (measured)")[1]
+    assert f"{loaded:,} bytes" in section and f"{answering:,} bytes" in section and "while answering" in section
+    assert "rotated input" in (folder / README).read_text()  # what a plain loader runs in the rotated tower
+
+
+@pytest.fixture(scope="module")
+def deployable_w8a8(bundled, tmp_path_factory):
+    from qvlm.export import FORMAT_NAME
+
+    cfg = QuantConfig.from_bits("W8A8", recipe="rtn", calib_size=8, preset="deployable")
+    result = quantize(bundled, cfg)
+    root = tmp_path_factory.mktemp("w8a8")
+    return (save_quantized(result.handle, root / "ct", cfg.to_dict(), format=COMPRESSED_TENSORS),
+            save_quantized(result.handle, root / "packed", cfg.to_dict(), format=FORMAT_NAME))
+
+
+def test_deployable_w8a8_declares_dynamic_per_token_int8_inputs_that_compressed_tensors_parses(deployable_w8a8):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    ct, _ = deployable_w8a8
+    parsed = QuantizationConfig.model_validate(json.loads((ct / "config.json").read_text())["quantization_config"])
+    schemes = list(parsed.config_groups.values())
+    assert parsed.format == "int-quantized" and sum(len(s.targets) for s in schemes) == 80
+    for scheme in schemes:
+        act, w = scheme.input_activations, scheme.weights
+        assert (act.num_bits, act.type, act.strategy, act.dynamic, act.symmetric) == (8, "int", "token", True, False)
+        assert (w.num_bits, w.strategy) == (8, "channel")
+
+
+def test_deployable_w8a8_loads_plainly_and_answers_like_its_packed_self(deployable_w8a8):
+    from qvlm.evaluation.accuracy import evaluate
+    from qvlm.export import load_quantized
+
+    ct, packed = deployable_w8a8
+    samples = evaluation_subset(200, seed=5)
+    model, processor = plain_load(ct)  # vision tower compressed: the config decompresses while loading
+    plain = evaluate(model, processor, samples, batch_size=16)
+    saved = load_quantized(packed, device="cpu")
+    ours = evaluate(saved.model, saved.processor, samples, batch_size=16)
+    assert plain.accuracy >= ours.accuracy - 0.005

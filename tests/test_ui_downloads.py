@@ -274,3 +274,22 @@ def test_download_over_http_serves_the_one_copy_in_the_session_folder(bundled_di
         demo.close()
     remove_stale_session_folders(cache)  # what the next start of the server does (closing may have ended the session)
     assert not list(cache.rglob(name))
+
+
+def test_the_download_note_says_the_bytes_du_and_a_plain_load_measure_on_the_unzipped_folder(ui, tmp_path):
+    import subprocess
+
+    from plain_transformers import plain_load
+    from qvlm.export.sizes import answering_bytes, resident_bytes
+
+    pytest.importorskip("compressed_tensors")
+    out = _download(ui, COMPRESSED_TENSORS)
+    folder = _unzip(out[ui.panel.model_file], tmp_path)
+    note = out[ui.panel.download_note]
+    du = int(subprocess.run(["du", "-b", "-s", str(folder)], capture_output=True, text=True, check=True).stdout.split()[0])
+    model, processor = plain_load(folder)
+    loaded = resident_bytes(model)
+    answering = answering_bytes(model, processor)
+    assert f"files: {du:,} bytes (du -b)" in note
+    assert f"after plain from_pretrained: {loaded:,} bytes" in note and f"while answering: {answering:,} bytes" in note
+    assert "% of the FP16 model's" in note  # compared with the FP model the variant came from

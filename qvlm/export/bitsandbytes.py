@@ -25,6 +25,7 @@ from qvlm.export.layout import (
     ACTIVATION_SIDECAR,
     WEIGHTS,
     load_snippet,
+    rotated_tower_note,
     in_dtype,
     unquantized_tensors,
     unshared,
@@ -134,23 +135,28 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
     (out / "qvlm_bitsandbytes.json").write_text(json.dumps(
         {"nf4_layers": sorted(four_bit), "dequantized_layers": sorted(dense), "blocksize": sorted({m.group for m in layers.values()})},
         indent=1))
-    _write_readme(out, handle, config_dict, len(four_bit), sorted(dense))
+    rotated = sorted(n for n, m in dense.items() if m.act is not None and m.act.rotation is not None)
+    _write_readme(out, handle, config_dict, len(four_bit), sorted(set(dense) - set(rotated)),
+                  rotated_tower_note(rotated, tensors, dtype) if rotated else None)
     return out
 
 
-def _write_readme(out: Path, handle: VLMHandle, config_dict: dict, n_four_bit: int, dense: list[str]) -> None:
+def _write_readme(out: Path, handle: VLMHandle, config_dict: dict, n_four_bit: int, unblocked: list[str],
+                  rotated_note: str | None) -> None:
     label = f"W{config_dict.get('w_bits', 4)}A{config_dict.get('a_bits', 16)} {config_dict.get('recipe', '')}".strip()
     paragraphs = [
         f"{handle.name} quantized by Q-VLM Studio ({label}), written as a transformers bitsandbytes 4-bit "
         f"checkpoint: {n_four_bit} Linear layers load as `bitsandbytes.nn.Linear4bit` (NF4, blocks of 64, no "
-        "double quantization); the layers the run kept in floating point stay so (`llm_int8_skip_modules`).",
+        "double quantization), and stay 4-bit in memory; the layers the run kept in floating point stay so "
+        "(`llm_int8_skip_modules`).",
         f"**W4A16:** {W4A16_NOTE}. The run's static activation ranges are in `{ACTIVATION_SIDECAR}`.",
         "Load it with plain transformers (with `bitsandbytes` and `accelerate` installed; CPU or GPU):",
         load_snippet(out.name),
     ]
-    if dense:
-        paragraphs.append(f"{len(dense)} quantized layers are stored as floats with the same effective weights: "
-                          "those whose input the run rotates (the vision tower; a rotated NF4 weight is not NF4) and "
-                          "those whose width is not a multiple of the block (bitsandbytes' CPU kernel blocks each "
-                          "row): " + ", ".join(f"`{n}`" for n in dense))
+    if rotated_note:
+        paragraphs.append(rotated_note)
+    if unblocked:
+        paragraphs.append(f"{len(unblocked)} quantized layers are stored as floats with the same effective weights, "
+                          "since their width is not a multiple of the block (bitsandbytes' CPU kernel blocks each "
+                          "row): " + ", ".join(f"`{n}`" for n in unblocked))
     write_readme(out, f"{handle.name}: {label}, bitsandbytes NF4", paragraphs)

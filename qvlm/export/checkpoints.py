@@ -37,6 +37,7 @@ from qvlm.export.layout import (
     ACTIVATION_SIDECAR,
     WEIGHTS,
     load_snippet,
+    rotated_tower_note,
     shown_path,
     without_paths,
     in_dtype,
@@ -57,7 +58,7 @@ from qvlm.models import (
     resolve_device,
 )
 from qvlm.models.loader import resolve_source
-from qvlm.quant.integer import use_integer_kernels
+from qvlm.quant.integer import takes_dynamic_ranges, use_integer_kernels
 from qvlm.quant.packing import PackedLinear, pack_model, unpack_bits
 from qvlm.quant.qlinear import replace_module
 from qvlm.quant.quantizers import ActQuantizer
@@ -184,32 +185,34 @@ def export_refusal(config: "QuantConfig", format: str) -> str | None:
 
 def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
                             stats: dict | None = None) -> Path:
-    """Write ``handle`` as a compressed-tensors ``pack-quantized`` checkpoint; return the folder.
+    """Write ``handle`` as a compressed-tensors checkpoint (``pack-quantized``; W8A8 layers ``int-quantized``);
+    return the folder.
 
     Plain ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` loads it with transformers and the
-    ``compressed-tensors`` package, and ``generate`` answers. Why ``"dequantize": true`` in the
-    ``quantization_config``: without it transformers 5.25 leaves the weights compressed for
-    compressed-tensors 0.20 to decompress on the first forward call, which leaves each Linear without a
-    ``weight`` under ``torch.no_grad()`` or ``torch.inference_mode()`` (``'Linear' object has no attribute
-    'weight'``); with it the loader decompresses every weight while loading, to plain Linears. Each packed uniform Linear (vision tower included) becomes a
-    ``weight_packed`` (signed codes q - 2^(b-1), packed 32 / b to an int32), a float32 ``weight_scale``
-    [out, groups] and a signed ``weight_zero_point`` packed along the rows: (q - zp) * scale is the
-    project's weight bit for bit. The packed zero points are zero-padded to [out, groups] int32, the
-    shape transformers 5.24 + compressed-tensors 0.20 allocate when loading (their load path leaves the
-    zero point unpacked, then unpacks the first out / (32 / b) rows on decompression). Strategy "channel" for one range per row, "group" otherwise; one config group per
-    (bits, group size) naming its modules exactly. Everything else stays in floating point.
+    ``compressed-tensors`` package, and ``generate`` answers under ``torch.no_grad()`` and
+    ``torch.inference_mode()``. Where every compressed Linear is in the language model, the
+    ``quantization_config`` is the one llm-compressor writes (no ``"dequantize"``) and the loaded Linears hold the
+    codes: compressed-tensors 0.20 has no kernel that multiplies by them (its ``run_compressed`` argument is
+    accepted and unused) and decompresses every Linear on the model's first forward call, which
+    :func:`qvlm.export.sizes.plain_load_bytes` measures and the README says. Where the vision tower or the
+    projector holds compressed Linears, ``"dequantize": true`` decompresses them while loading: transformers 5.25's
+    ``generate`` runs ``get_image_features`` before the model's forward (and so before compressed-tensors'
+    decompression hook, a forward pre-hook on the whole model), where a compressed Linear has int8 or no
+    ``weight`` ("self and mat2 must have the same dtype", "'Linear' object has no attribute 'weight'"). Each packed uniform Linear (vision tower included) becomes its codes, scales and zero points
+    (:func:`ct_weight_tensors`). Strategy "channel" for one range per row, "group" otherwise; one config group
+    per (bits, group size, activation scheme) naming its modules exactly. Everything else stays in floating point.
 
-    Activation ranges go to :data:`ACTIVATION_SIDECAR`, not into ``input_activations``: the project's
-    static ranges are per input channel (LLM) or per token position (vision tower), and
-    compressed-tensors' static input activations are per tensor, so a loader applies the weights only
-    (a W4A4 run loads as its W4A16 counterpart); the sidecar keeps the ranges for a tool that wants them.
-    A layer whose input the run rotates (``vision_rotation``) is written as its un-rotated float weight
+    Activations: a layer that quantizes its input per token row on the row's own range at run time (the
+    ``deployable`` preset's ``dynamic_token``) is what compressed-tensors' dynamic asymmetric ``token`` input
+    scheme describes, so it is written there and a loader or serving engine applies it. Static ranges go to
+    :data:`ACTIVATION_SIDECAR` instead: the project's are per input channel (LLM) or per token position
+    (vision tower), and compressed-tensors' static input activations are per tensor. A layer whose input
+    the run rotates (``vision_rotation``) is written as its un-rotated float weight
     (:func:`~qvlm.export.bitsandbytes.effective_weight`) and left out of every config group.
 
     Raises ValueError for what the format cannot hold: NormalFloat weights, AWQ smoothing (an input
     division the format has no place for), a group size that does not divide a layer's width.
     """
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     pack_model(handle.model)
@@ -230,46 +233,99 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
     out.mkdir(parents=True, exist_ok=True)
     dtype = handle.save_dtype  # floats (scales included) in the checkpoint's own dtype, as llm-compressor writes them
     tensors: dict[str, torch.Tensor] = {}
-    groups: dict[tuple[int, int | None], list[str]] = {}
+    groups: dict[tuple[int, int | None, int | None, str], list[str]] = {}
+    rotated: list[str] = []
     for name, m in layers.items():
         if m.act is not None and m.act.rotation is not None:  # a rotated integer grid is no integer grid
             tensors[f"{name}.weight"] = in_dtype(effective_weight(m), dtype)
             if m.bias is not None:
                 tensors[f"{name}.bias"] = in_dtype(m.bias, dtype)
+            rotated.append(name)
             continue
-        shape = (m.out_features, m.in_features)
-        half = 1 << (m.bits - 1)
-        codes = unpack_bits(m.code_stream(), m.bits, shape[0] * shape[1]).reshape(shape) - half
-        tensors[f"{name}.weight_packed"] = pack_to_int32(codes.to(torch.int8), m.bits)
-        tensors[f"{name}.weight_scale"] = in_dtype(m.scale, dtype)
-        zero = pack_to_int32((m.zero.to(torch.int32) - half).to(torch.int8), m.bits, packed_dim=0)
-        tensors[f"{name}.weight_zero_point"] = F.pad(zero, (0, 0, 0, m.zero.shape[0] - zero.shape[0]))
-        tensors[f"{name}.weight_shape"] = torch.tensor(shape)
+        act_bits = m.act.bits if takes_dynamic_ranges(m.act) else None
+        layout = INT_QUANTIZED if m.bits == 8 and act_bits == 8 else PACK_QUANTIZED
+        tensors.update(ct_weight_tensors(name, m, layout, dtype))
         if m.bias is not None:
             tensors[f"{name}.bias"] = in_dtype(m.bias, dtype)
-        groups.setdefault((m.bits, None if m.group == m.in_features else m.group), []).append(name)
+        groups.setdefault((m.bits, None if m.group == m.in_features else m.group, act_bits, layout), []).append(name)
     for key, t in unquantized_tensors(handle.model, layers, dtype).items():
         tensors.setdefault(key, t)
+    layouts = {key[3] for key in groups}
     qconfig = QuantizationConfig(
         config_groups={
-            f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
-                num_bits=bits, type="int", symmetric=False, strategy="channel" if group is None else "group",
-                group_size=group))
-            for i, ((bits, group), names) in enumerate(sorted(groups.items(), key=str))},
-        format="pack-quantized", quantization_status="compressed", ignore=[])
+            f"group_{i}": QuantizationScheme(
+                targets=names, format=layout,
+                weights=QuantizationArgs(num_bits=bits, type="int", symmetric=False,
+                                         strategy="channel" if group is None else "group", group_size=group),
+                input_activations=None if act_bits is None else QuantizationArgs(
+                    num_bits=act_bits, type="int", symmetric=False, strategy="token", dynamic=True))
+            for i, ((bits, group, act_bits, layout), names) in enumerate(sorted(groups.items(), key=str))},
+        format=layouts.pop() if len(layouts) == 1 else "mixed-precision",
+        quantization_status="compressed", ignore=[])
     save_file(unshared({k: v.cpu() for k, v in tensors.items()}), str(out / WEIGHTS), metadata={"format": "pt"})
-    write_model_files(handle, out, {**qconfig.model_dump(exclude_none=True), "dequantize": True})
+    compressed = [n for names in groups.values() for n in names]
+    language = {n for n, _ in build_layer_map(handle.model).linears("language")}
+    before_forward = [n for n in compressed if n not in language]  # run by generate before the decompress hook
+    write_model_files(handle, out, {**qconfig.model_dump(exclude_none=True),
+                                    **({"dequantize": True} if before_forward else {})})
     write_activation_sidecar(out, handle, layers, config_dict, stats, loader="from_pretrained")
-    write_readme(out, f"{handle.name}: compressed-tensors", [
-        f"{handle.name} quantized by Q-VLM Studio, written as a compressed-tensors `pack-quantized` checkpoint "
-        f"({len(layers)} Linear layers with integer weights; the rest stay in floating point).",
-        "Load it with plain transformers (with the `compressed-tensors` package); the config asks the loader to "
-        "decompress the weights while loading (`\"dequantize\": true`), so `generate` works under "
+    static = any(m.act is not None and m.act.calibrated for m in layers.values())
+    dynamic = sum(len(names) for (_, _, act_bits, _), names in groups.items() if act_bits is not None)
+    paragraphs = [
+        f"{handle.name} quantized by Q-VLM Studio, written as a compressed-tensors checkpoint "
+        f"(`{qconfig.format}`: {len(layers) - len(rotated)} Linear layers with integer weights; the rest stay in "
+        "floating point).",
+        "Load it with plain transformers (with the `compressed-tensors` package); `generate` works under "
         "`torch.no_grad()` and `torch.inference_mode()`:",
         load_snippet(out.name),
-        f"The loader applies the weights only: a W4A4 variant answers as its W4A16 counterpart. The run's static "
-        f"activation ranges are in `{ACTIVATION_SIDECAR}`."])
+        (f"The config asks the loader to decompress the weights while loading (`\"dequantize\": true`): "
+         f"{len(before_forward)} of the compressed Linears are in the vision tower or the projector, which "
+         "transformers' `generate` runs before the model's first forward call, where compressed-tensors 0.20 "
+         "decompresses a compressed model, so left compressed they would run on their codes."
+         if before_forward else
+         "After loading, the Linears hold the compressed codes; compressed-tensors 0.20 has no kernel that "
+         "multiplies by them and decompresses every Linear to floating point on the model's first forward call. "
+         "`from_pretrained(..., quantization_config=CompressedTensorsConfig(dequantize=True))` decompresses while "
+         "loading instead. The weights are the same either way."),
+        (f"Activations: {dynamic} layers declare dynamic per-token "
+         f"int{'/'.join(str(b) for b in sorted({k[2] for k in groups if k[2]}))} inputs (`input_activations`: "
+         "strategy `token`, `dynamic: true`, asymmetric), the scheme serving engines run on integer kernels; "
+         "plain transformers applies the weights only (a decompressing load drops the activation scheme)."
+         if dynamic else "The loader applies the weights only: a W4A4 variant answers as its W4A16 counterpart.")
+        + (f" The run's static activation ranges are in `{ACTIVATION_SIDECAR}`." if static else "")]
+    if rotated:
+        paragraphs.append(rotated_tower_note(rotated, tensors, dtype))
+    write_readme(out, f"{handle.name}: compressed-tensors", paragraphs)
     return out
+
+
+PACK_QUANTIZED = "pack-quantized"
+INT_QUANTIZED = "int-quantized"
+"""compressed-tensors' two integer layouts: codes packed into int32 (any bits, what its weight-only loaders read),
+and one int8 per weight (the W8A8 layout llm-compressor writes and serving engines' int8 kernels read)."""
+
+
+def ct_weight_tensors(name: str, m: PackedLinear, layout: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one packed uniform Linear in ``layout``: signed codes q - 2^(b-1) and
+    signed zero points, so (q - zp) * scale is the project's weight (up to the scale's rounding to ``dtype``).
+
+    ``pack-quantized`` packs the zero points along the rows, zero-padded to [out, groups] int32: the shape
+    transformers 5.24 + compressed-tensors 0.20 allocate when loading (their load path leaves the zero point
+    unpacked, then unpacks the first out / (32 / b) rows on decompression).
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    shape = (m.out_features, m.in_features)
+    half = 1 << (m.bits - 1)
+    codes = (unpack_bits(m.code_stream(), m.bits, shape[0] * shape[1]).reshape(shape) - half).to(torch.int8)
+    zero = (m.zero.to(torch.int32) - half).to(torch.int8)
+    scale = in_dtype(m.scale, dtype)
+    if layout == INT_QUANTIZED:
+        return {f"{name}.weight": codes, f"{name}.weight_scale": scale, f"{name}.weight_zero_point": zero}
+    packed_zero = pack_to_int32(zero, m.bits, packed_dim=0)
+    return {f"{name}.weight_packed": pack_to_int32(codes, m.bits), f"{name}.weight_scale": scale,
+            f"{name}.weight_zero_point": F.pad(packed_zero, (0, 0, 0, m.zero.shape[0] - packed_zero.shape[0])),
+            f"{name}.weight_shape": torch.tensor(shape)}
 
 
 def _read_manifest(folder: Path) -> dict:

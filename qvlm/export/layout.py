@@ -105,6 +105,17 @@ def write_readme(out: Path, title: str, paragraphs: list[str]) -> None:
     (out / README).write_text(f"# {title}\n\n" + "\n\n".join(paragraphs) + "\n")
 
 
+def rotated_tower_note(rotated: list[str], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+    """The README sentence for the layers whose input the run rotates (``vision_rotation``): what a plain loader
+    runs there, and the bytes their written tensors take (measured on ``tensors``, the folder's)."""
+    held = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[0] in rotated)
+    return (f"{len(rotated)} Linears of the vision tower take a rotated input in the run (`vision_rotation`). A "
+            "quantized grid of the rotated weight is no grid of the un-rotated one, so they are written as their "
+            "effective weights Q(W R) R^T in floating point: a plain loader runs them as ordinary Linears with no "
+            f"rotation and no activation quantization, and their weights and biases take {held:,} bytes "
+            f"({str(dtype).removeprefix('torch.')}) of the file.")
+
+
 def load_snippet(folder_name: str, extra: str = "") -> str:
     """The plain-transformers load + generate lines a README shows (``extra``: arguments of from_pretrained)."""
     args = f'"{folder_name}"' + (f", {extra}" if extra else "")

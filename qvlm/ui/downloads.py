@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qvlm.export import SAVE_FORMATS, export_refusal, save_quantized, shown_path
+from qvlm.export import FORMAT_NAME, SAVE_FORMATS, export_refusal, save_quantized, shown_path
+from qvlm.export.sizes import SizeReport, measure_export, model_folder
 from qvlm.quant.memory import weight_memory
 from qvlm.ui.render import human_bytes
 from qvlm.ui.state import Variant
@@ -55,8 +56,10 @@ def format_menu(config: Any | None) -> tuple[list[tuple[str, str]], str, str | N
     return [(EXPORT_FORMATS.get(f, f), f) for f in formats], formats[0], info
 
 
-def write_model_zip(variant: Variant, fmt: str, folder: Path) -> Path:
-    """``variant`` exported in ``fmt`` (:data:`qvlm.export.SAVE_FORMATS`) and zipped under ``folder / fmt``.
+def write_model_zip(variant: Variant, fmt: str, folder: Path, fp_model: Any | None = None) -> tuple[Path, SizeReport]:
+    """``variant`` exported in ``fmt`` (:data:`qvlm.export.SAVE_FORMATS`) and zipped under ``folder / fmt``, and the
+    export's bytes measured before zipping (:func:`qvlm.export.sizes.measure_export`: files, and memory after the
+    documented load, next to ``fp_model``'s in float16).
 
     The zip holds one folder named like the zip, which is what ``load_quantized`` (packed) or
     ``from_pretrained`` (compressed-tensors) is given after unzipping. Raises ValueError with the
@@ -69,14 +72,17 @@ def write_model_zip(variant: Variant, fmt: str, folder: Path) -> Path:
     stem = f"{file_stem(variant)}-{fmt}"
     config, stats = variant.result.config.to_dict(), variant.result.to_dict()
 
+    measured: list[SizeReport] = []
+
     def write(staging: Path) -> str:
         export = save_quantized(variant.handle, staging / stem, config, stats, format=fmt)
+        measured.append(measure_export(export, fmt != FORMAT_NAME, fp_model, model_folder(variant.base_model)))
         archive = staging / f"{stem}.zip"
         zip_folder(export, archive)
         shutil.rmtree(export)
         return archive.name
 
-    return replace_slot(folder / fmt, write)
+    return replace_slot(folder / fmt, write), measured[0]
 
 
 def zip_folder(source: Path, archive: Path) -> None:
@@ -126,10 +132,12 @@ def failure_message(err: OSError) -> str:
     return f"Could not write the download: {err.strerror or type(err).__name__}{where}; nothing was lost."
 
 
-def download_summary(label: str, fmt: str, model_zip: Path, run_json: Path) -> str:
-    """The line under the file boxes: which variant in which format, each file with its size, how to reload it."""
-    sizes = " · ".join(f"`{p.name}`, {human_bytes(p.stat().st_size)}" for p in (model_zip, run_json))
-    lines = [f"✓ `{label}` as **{fmt}**: {sizes}", EXPORT_RELOAD.get(fmt, "")]
+def download_summary(label: str, fmt: str, model_zip: Path, run_json: Path, sizes: SizeReport) -> str:
+    """The lines under the file boxes: which variant in which format, each file with its size, the unzipped
+    folder's bytes measured (files and memory after its documented load), how to reload it."""
+    files = " · ".join(f"`{p.name}`, {human_bytes(p.stat().st_size)}" for p in (model_zip, run_json))
+    lines = [f"✓ `{label}` as **{fmt}**: {files}", f"Unzipped, measured here: {sizes.sentence()}.",
+             EXPORT_RELOAD.get(fmt, "")]
     return "\n\n".join(line for line in lines if line)
 
 

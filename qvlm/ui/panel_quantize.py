@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from qvlm.export import FORMAT_NAME, SAVE_FORMATS
-from qvlm.models import BUNDLED_MODELS
+from qvlm.models import BUNDLED_MODELS, ModelLoadError
 from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, PRESETS, QuantConfig, QuantResult, get_recipe, quantize
 from qvlm.quant.config import parse_bits
@@ -347,13 +347,21 @@ class QuantizePanel:
         folder = session.files_dir(session_files_root())
         try:  # the run JSON first: it can always be written, and stays downloadable when the format is refused
             run_json = write_run_json(variant, run_record(variant, session.fp_evals), folder)
-            model_zip = write_model_zip(variant, fmt, folder)
+            model_zip, sizes = write_model_zip(variant, fmt, folder, self.fp_reference(variant))
         except ValueError as err:  # the exporter's own sentence (export_refusal): the format cannot hold this variant
             return {self.run_file: str(run_json), self.download_note: warn(str(err))}
         except OSError as err:  # a full or read-only disk
             return {self.download_note: warn(failure_message(err))}
         return {self.model_file: str(model_zip), self.run_file: str(run_json),
-                self.download_note: download_summary(variant.label, fmt, model_zip, run_json)}
+                self.download_note: download_summary(variant.label, fmt, model_zip, run_json, sizes)}
+
+    def fp_reference(self, variant: Variant) -> Any | None:
+        """The variant's FP model, the reference its measured bytes are compared with; None when it cannot be loaded
+        now (the download goes on without the comparison)."""
+        try:
+            return self.app.models.get(variant.base_model).model
+        except ModelLoadError:
+            return None
 
     def offer_formats(self, request: gr.Request | None = None) -> gr.Dropdown:
         """The format menu for the session's latest variant: only the formats it can be written in, and in the

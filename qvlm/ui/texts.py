@@ -137,8 +137,10 @@ EXPORT_RELOAD = {
     FORMAT_NAME: "Unzip, then `qvlm.load_quantized(folder)` (or put the folder under an allowed model folder and "
                  "pick it in **Model**): it answers bit for bit like the variant here.",
     COMPRESSED_TENSORS: "Unzip, then `LlavaForConditionalGeneration.from_pretrained(folder)` (transformers with the "
-                        "`compressed-tensors` package). The loader applies the quantized weights only; the activation "
-                        "ranges are in `qvlm_activations.json`, so a W4A4 variant answers as its W4A16 counterpart.",
+                        "`compressed-tensors` package). It holds the packed codes after loading and decompresses every "
+                        "Linear on its first forward call (the two byte counts above). Dynamic per-token activations "
+                        "(the Deployable preset) are applied by the loader; static ranges are not (they are in "
+                        "`qvlm_activations.json`), so such a W4A4 variant answers as its W4A16 counterpart.",
     BITSANDBYTES: "Unzip, then `LlavaForConditionalGeneration.from_pretrained(folder)` (transformers with "
                   f"`bitsandbytes` and `accelerate`, CPU or GPU). {W4A16_NOTE}; the activation ranges are in "
                   "`qvlm_activations.json`.",
