@@ -220,8 +220,8 @@ def add_preset_options(parser: argparse.ArgumentParser, default: str | None) -> 
     """``--preset`` and ``--vision-bits``: the starting values of a run, and the vision tower's own bits."""
     parser.add_argument("--preset", default=default,
                         help="starting values: recommended (default; the measured best), paper (the paper's "
-                             "text), authors-code (the authors' released code) or deployable (the formats the "
-                             "integer kernels run)")
+                             "text), authors-code (the authors' released code), deployable (the formats the "
+                             "integer kernels run) or integer (deployable with the vision inputs rotated)")
     parser.add_argument("--vision-bits", default=None,
                         help="bits of the vision-tower Linears, e.g. w4a8 (default: those of --bits)")
 

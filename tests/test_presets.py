@@ -10,7 +10,7 @@ from qvlm.quant import PRESET_NAMES, PRESETS, QuantConfig, get_preset
 
 
 def test_presets_come_in_menu_order_with_the_recommended_one_first():
-    assert PRESET_NAMES == ("recommended", "paper", "authors-code", "deployable")
+    assert PRESET_NAMES == ("recommended", "paper", "authors-code", "deployable", "integer")
     assert all(PRESETS[name].name == name for name in PRESET_NAMES)
 
 

@@ -88,6 +88,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                "channel activation ranges do not). Dynamic ranges need no calibration, so the steps that train "
                "static ranges (VEO) leave them; the awq recipe keeps its groups of 64, so it stays simulated.",
     ),
+    Preset(
+        name="integer",
+        label="Integer-friendly, rotated vision",
+        description="Deployable's formats (uniform weights, one range per output channel, each token row's own "
+                    "range at run time in both towers) with the vision tower's inputs rotated (Hadamard, applied "
+                    "online by the integer layers): the most accurate variant the integer path can run.",
+        values={"weight_format": "uniform", "weight_group_size": None, "act_granularity_language": "dynamic_token",
+                "act_granularity_vision": "dynamic_token", "vision_rotation": "hadamard"},
+        source="Measured on the mosaic model, calibration 64, one thread (benchmarks/results/integer_recipe/): "
+               "held-out W4A4 83.9% vs the recommended qvlm's 82.0% (McNemar p = 0.029), W4A3 76.2% vs 77.8% "
+               "(p = 0.23); test split W4A4 83.17% vs 82.55 / 81.94 / 83.08% (calibration seeds 0-2), W4A3 "
+               "77.48% vs 75.90% (seed 0, p = 0.011). Dynamic ranges leave VEO and CDM nothing to train: qvlm "
+               "answers as qlora here.",
+    ),
 )}
 """The presets, in menu order; ``recommended`` first (the default)."""
 
