@@ -60,7 +60,7 @@ def test_deployable_export_reloads_on_integer_kernels_and_answers_like_the_saved
 def test_nf4_export_reloads_off_integer_kernels_and_says_why(bundled, tmp_path):
     _export(bundled, tmp_path, "W4A4", "qlora")
     again = load_model(tmp_path)
-    assert again.execution_path in ("float kernels (weights dequantized once)", "simulated")
+    assert "integer kernels" not in again.execution_path  # float or simulated per shape, as timed (may be mixed)
     assert execution_path(again.model) == again.execution_path
     assert again.simulated_layers and all("NormalFloat" in why for why in again.simulated_layers.values())
 
