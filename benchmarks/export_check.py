@@ -29,8 +29,7 @@ import torch
 from qvlm.data import get_task
 from qvlm.evaluation.accuracy import evaluate
 from qvlm.export import FORMAT_NAME, SAVE_FORMATS, export_refusal, load_quantized, save_quantized
-from qvlm.export.sizes import fp16_bytes, measure_export, model_folder
-from qvlm.models import model_classes
+from qvlm.export.sizes import fp16_bytes, measure_export, model_folder, plain_load
 from qvlm.models.loader import load_vlm
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.kernels import cpu_kind
@@ -49,14 +48,6 @@ def compare(a: list[dict], b: list[dict]) -> dict:
 
 def accuracy(predictions: list[dict]) -> float:
     return 100 * sum(p["correct"] for p in predictions) / len(predictions)
-
-
-def plain_load(folder: Path):
-    from transformers import AutoConfig, AutoProcessor
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    model = model_classes()[config.model_type].from_pretrained(folder, local_files_only=True).eval()
-    return model, AutoProcessor.from_pretrained(folder, local_files_only=True)
 
 
 def without_activation_quantization(model) -> None:

@@ -57,15 +57,21 @@ def answering_bytes(model: nn.Module, processor) -> int:
     return resident_bytes(model)
 
 
-def plain_load_bytes(folder: str | Path) -> tuple[int, int]:
-    """(:func:`resident_bytes` after ``<Model>.from_pretrained(folder)`` with no other argument, what an export's
-    README tells a user to type, on the CPU; :func:`answering_bytes` of that model)."""
+def plain_load(folder: str | Path):
+    """``<Model>.from_pretrained(folder)`` with no other argument (what an export's README tells a user to type), on
+    the CPU, in eval mode, and its processor."""
     from transformers import AutoConfig, AutoProcessor
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-    model = model_classes()[config.model_type].from_pretrained(folder, local_files_only=True)
+    model = model_classes()[config.model_type].from_pretrained(folder, local_files_only=True).eval()
+    return model, AutoProcessor.from_pretrained(folder, local_files_only=True)
+
+
+def plain_load_bytes(folder: str | Path) -> tuple[int, int]:
+    """(:func:`resident_bytes` after :func:`plain_load`, :func:`answering_bytes` of that model)."""
+    model, processor = plain_load(folder)
     loaded = resident_bytes(model)
-    return loaded, answering_bytes(model, AutoProcessor.from_pretrained(folder, local_files_only=True))
+    return loaded, answering_bytes(model, processor)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ class Preset:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
 
 
+INTEGER_FORMATS: Mapping[str, Any] = MappingProxyType({
+    "weight_format": "uniform", "weight_group_size": None,
+    "act_granularity_language": "dynamic_token", "act_granularity_vision": "dynamic_token"})
+"""The formats :mod:`qvlm.quant.integer` runs on int8 kernels in both towers: one weight step per output channel,
+each token row's own input range at run time. ``deployable`` and ``integer`` differ only in the vision rotation."""
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         name="recommended",
@@ -81,8 +87,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         description="The formats the integer execution path runs, so the variant answers on int8 kernels: uniform "
                     "weights with one range per output channel, activations quantized per token on each row's own "
                     "range at run time in both towers.",
-        values={"weight_format": "uniform", "weight_group_size": None, "act_granularity_language": "dynamic_token",
-                "act_granularity_vision": "dynamic_token", "vision_rotation": "none"},
+        values={**INTEGER_FORMATS, "vision_rotation": "none"},
         source="qvlm/quant/integer.py (IntegerLinear: a weight step per output channel and an input step per "
                "token row factor out of the sum over input channels; grouped or NormalFloat weights and per-input-"
                "channel activation ranges do not). Dynamic ranges need no calibration, so the steps that train "
@@ -94,8 +99,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         description="Deployable's formats (uniform weights, one range per output channel, each token row's own "
                     "range at run time in both towers) with the vision tower's inputs rotated (Hadamard, applied "
                     "online by the integer layers): the most accurate variant the integer path can run.",
-        values={"weight_format": "uniform", "weight_group_size": None, "act_granularity_language": "dynamic_token",
-                "act_granularity_vision": "dynamic_token", "vision_rotation": "hadamard"},
+        values={**INTEGER_FORMATS, "vision_rotation": "hadamard"},
         source="Measured on the mosaic model, calibration 64, one thread (benchmarks/results/integer_recipe/): "
                "held-out W4A4 83.9% vs the recommended qvlm's 82.0% (McNemar p = 0.029), W4A3 76.2% vs 77.8% "
                "(p = 0.23); test split W4A4 83.17% vs 82.55 / 81.94 / 83.08% (calibration seeds 0-2), W4A3 "
