@@ -53,6 +53,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from qvlm.evaluation.accuracy import evaluate
     from qvlm.export import load_model
     from qvlm.models import task_note
+    from qvlm.quant.memory import fp_model_bytes, resident_bytes
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be a positive number of questions")
@@ -64,9 +65,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     with StageBars() as progress:
         result = evaluate(handle.model, handle.processor, samples, batch_size=args.batch_size, progress=progress)
     print(format_eval(handle.name, result, handle.simulated_layers))
+    memory = {"resident_bytes": resident_bytes(handle.model), "fp_model_bytes": fp_model_bytes(handle.model)}
+    print(memory_line(**memory))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": handle.name, "task": handle.task, **result.to_dict()}, indent=2))
+        args.json.write_text(json.dumps({"model": handle.name, "task": handle.task, **result.to_dict(), **memory},
+                                        indent=2))
     return 0
 
 
@@ -84,6 +88,15 @@ def format_eval(name: str, result, simulated: dict[str, str] | None = None) -> s
         first, reason = next(iter(simulated.items()))
         lines.append(f"  {len(simulated)} quantized Linear(s) simulated, e.g. {first}: {reason}")
     return "\n".join(lines)
+
+
+def memory_line(resident_bytes: int, fp_model_bytes: int) -> str:
+    """What the model held while it answered (its parameters and buffers, measured), next to its FP model's."""
+    if resident_bytes == fp_model_bytes:
+        return f"memory: {resident_bytes:,} bytes of parameters and buffers while answering"
+    return (f"memory: {resident_bytes:,} bytes of parameters and buffers while answering, "
+            f"{100 * resident_bytes / fp_model_bytes:.0f}% of the {fp_model_bytes:,} its FP model holds here "
+            "(QVLM_MEMORY caps what kernels may hold: fp, packed, unlimited)")
 
 
 class StageBars:

@@ -19,6 +19,7 @@ from qvlm.export import (
     WEIGHTS,
     export_refusal,
     load_model,
+    load_quantized,
     save_quantized,
 )
 from qvlm.export.checkpoints import ROTATION_PREFIX
@@ -96,6 +97,10 @@ def test_a_rotation_shared_by_many_layers_is_stored_once(tiny_mosaic, tmp_path):
         stored = [k for k in f.keys() if k.startswith(ROTATION_PREFIX)]
     assert len(keys) > len(stored) >= 1  # several layers, one matrix per input width
     assert set(keys) == set(stored)
+    # and held once in memory, by the run's result and by the reloaded model alike
+    for model in (result.handle.model, load_quantized(folder, device="cpu").model):
+        rotations = [m.rotation for m in model.modules() if isinstance(getattr(m, "rotation", None), torch.Tensor)]
+        assert len({r.untyped_storage().data_ptr() for r in rotations}) == len(stored) < len(rotations)
 
 
 def test_size_sentences_are_what_du_and_a_plain_load_measure(saved, tiny_mosaic, tiny_mosaic_dir):

@@ -156,3 +156,51 @@ def test_choices_are_cached_per_machine_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kernels, "time_forward", must_not_time)
     assert choose_kernel(layer) == first
+
+
+def _wanting_float(*layers: PackedLinear, saved: tuple[float, ...]) -> dict:
+    """Each layer wanting the float path, its choice saying it saves ``saved[i]`` seconds per row when held."""
+    return {str(i): (m, kernels.KernelChoice("float", "test", {"float": 1.0, "simulated": 1.0 + s}))
+            for i, (m, s) in enumerate(zip(layers, saved))}
+
+
+def test_the_memory_cap_holds_the_layers_that_save_most_and_stays_under_the_fp_model():
+    from qvlm.quant.integer import hold_within_cap
+    from qvlm.quant.memory import fp_model_bytes, resident_bytes
+
+    model = nn.Sequential(*(_layer(granularity="channel", k=96, n=96) for _ in range(2)))
+    report = hold_within_cap(model, _wanting_float(*model, saved=(0.1, 0.9)), "fp")
+    # two equal weights, codes and ranges already held: one dequantized copy fits under the FP model, not two
+    assert set(report["not_held"]) == {"0"} and "QVLM_MEMORY=fp" in report["not_held"]["0"]
+    assert model[1].dequantized is not None and model[0].dequantized is None
+    assert resident_bytes(model) <= fp_model_bytes(model) and report["held_bytes"] == 96 * 96 * 4
+
+    report = hold_within_cap(model, _wanting_float(*model, saved=(0.1, 0.9)), "packed")
+    assert report["held_bytes"] == 0 and all(m.dequantized is None for m in model)
+    hold_within_cap(model, _wanting_float(*model, saved=(0.1, 0.9)), "unlimited")
+    assert all(m.dequantized is not None for m in model)
+    with pytest.raises(ValueError, match="memory cap"):
+        hold_within_cap(model, {}, "small")
+
+
+def test_to_integer_path_under_the_packed_cap_keeps_codes_only_and_says_why(monkeypatch):
+    model = nn.Sequential(_layer(granularity="channel"), _layer(granularity="channel", k=24))
+    monkeypatch.setenv("QVLM_MEMORY", "packed")
+    report = to_integer_path(model, timer=_timer(_speeds()))
+    assert report["backends"] == {"0": "simulated", "1": "simulated"} and report["memory"]["held_bytes"] == 0
+    assert all("QVLM_MEMORY=packed" in why for why in report["simulated"].values())
+    assert execution_path(model) == "simulated"
+    monkeypatch.setenv("QVLM_MEMORY", "lots")
+    with pytest.raises(ValueError, match="QVLM_MEMORY"):
+        to_integer_path(model, timer=_timer(_speeds()))
+
+
+def test_the_fp_model_bytes_of_a_packed_model_are_those_its_fp_model_holds():
+    from qvlm.quant.memory import fp_model_bytes, resident_bytes
+
+    fp = nn.Sequential(nn.Linear(96, 24), nn.LayerNorm(24))
+    act = ActQuantizer(4, "channel")
+    act.set_range(-torch.ones(96), torch.ones(96))
+    packed = PackedLinear.from_encoded(encode_weight(fp[0].weight.detach(), 4, "uniform", None), fp[0].bias, act,
+                                       None, torch.float32)
+    assert fp_model_bytes(nn.Sequential(packed, fp[1])) == resident_bytes(fp)

@@ -188,6 +188,13 @@ def test_vision_and_projector_switches_reach_the_config_label_and_results_rows(u
     assert variant.result.config.quantize_vision is False
     table = list(ui.results.evaluate(10, ui.model, _req("c7")))[-1][ui.results.table]
     assert [row[:2] for row in table] == [["FP", "nothing (FP)"], [label, "LLM only"]]
+    from qvlm.quant.integer import integer_handle
+    from qvlm.quant.memory import resident_bytes
+    from qvlm.ui.render import human_bytes
+
+    # measured on the model that answered: the FP model as loaded, the variant with what its kernels hold
+    assert table[0][-1] == human_bytes(resident_bytes(bundled.model))
+    assert table[1][-1] == human_bytes(resident_bytes(integer_handle(variant.result.handle).model))
 
 
 def test_bit_sweep_draws_accuracy_against_bits_and_checks_its_inputs(ui):

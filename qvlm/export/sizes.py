@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qvlm.models import model_classes
+from qvlm.quant.memory import fp16_bytes, resident_bytes  # noqa: F401  (re-exported: the export's callers use them)
 
 
 def folder_bytes(folder: str | Path) -> int:
@@ -27,22 +28,6 @@ def folder_bytes(folder: str | Path) -> int:
         for name in (*dirs, *files):
             total += os.lstat(os.path.join(root, name)).st_size
     return total
-
-
-def _per_storage(model: nn.Module, size: Callable[[torch.Tensor], int]) -> int:
-    """The sum of ``size`` over ``model``'s parameters and buffers, each storage counted once (tied weights share
-    one), the largest size seen for it."""
-    seen: dict[int, int] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        if not t.is_meta:
-            key = t.untyped_storage().data_ptr()
-            seen[key] = max(seen.get(key, 0), size(t))
-    return sum(seen.values())
-
-
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters and buffers as held in memory."""
-    return _per_storage(model, lambda t: t.untyped_storage().nbytes())
 
 
 def answering_bytes(model: nn.Module, processor) -> int:
@@ -106,12 +91,6 @@ class SizeReport:
 def share(a: int, b: int | None) -> str:
     """", 42% of the FP16 model's 9,041,792" (nothing when the reference is unknown)."""
     return f", {100 * a / b:.0f}% of the FP16 model's {b:,}" if b else ""
-
-
-def fp16_bytes(model: nn.Module) -> int:
-    """What ``model`` holds with every floating-point tensor in float16 (its checkpoint's dtype for the bundled
-    models), measured on its tensors: the reference the sentences compare with."""
-    return _per_storage(model, lambda t: t.numel() * (2 if t.is_floating_point() else t.element_size()))
 
 
 def size_report(folder: str | Path, plain: bool, fp_model: nn.Module | None = None,

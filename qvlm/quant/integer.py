@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 import weakref
 
@@ -43,6 +44,7 @@ from qvlm.quant.kernels import (  # noqa: F401  (MAX_INT_MM_K, int_matmul re-exp
     layer_signature,
     remember_choice,
 )
+from qvlm.quant.memory import fp_model_bytes, resident_bytes
 from qvlm.quant.packing import PackedLinear, unpack_bits
 from qvlm.quant.qlinear import QuantLinear, replace_module
 from qvlm.quant.quantizers import DYNAMIC_TOKEN, act_codes, dynamic_grid, qmax_of
@@ -55,6 +57,11 @@ ON_INTEGER_KERNELS = "integer kernels"
 ON_FLOAT_KERNELS = "float kernels (weights dequantized once)"
 SIMULATED = "simulated"
 FLOATING_POINT = "floating point"
+
+MEMORY_CAPS = ("fp", "packed", "unlimited")
+"""How much a quantized model may hold while it answers (``$QVLM_MEMORY``, :func:`hold_within_cap`): at most its FP
+model's bytes (default), its packed codes only, or whatever its fastest kernels hold."""
+CAP_WORDS = {"fp": "the bytes its FP model holds", "packed": "its packed codes", "unlimited": "no limit"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,16 +281,18 @@ def choose_kernel(module: PackedLinear, dynamic: bool = False, policy: str | Non
 
 
 def to_integer_path(model: nn.Module, dynamic: bool = False, policy: str | None = None,
-                    timer: Timer | None = None) -> dict:
+                    timer: Timer | None = None, cap: str | None = None) -> dict:
     """Give every quantized Linear of ``model`` its measured backend, in place (:func:`choose_kernel`).
 
     Returns {"integer": [names], "simulated": {name: why not on integer kernels}, "backends": {name: backend},
     "choices": {layer signature: KernelChoice as a dict}} over the quantized Linears (packed or fake-quant; FP
     Linears such as the LM head are in none). An integer layer is swapped for an :class:`IntegerLinear`, a
-    "float" one keeps its weight dequantized (:meth:`PackedLinear.hold_dequantized`). With ``dynamic`` the
+    "float" one keeps its weight dequantized (:meth:`PackedLinear.hold_dequantized`) as far as ``cap`` allows
+    (:func:`hold_within_cap`, default ``$QVLM_MEMORY``; its report is "memory"). With ``dynamic`` the
     swapped layers take per-row ranges at run time, so their outputs differ from the simulated model's.
     """
     integer, simulated, backends, choices = [], {}, {}, {}
+    wanted: dict[str, tuple[PackedLinear, KernelChoice]] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             backends[name] = SIMULATED
@@ -298,9 +307,57 @@ def to_integer_path(model: nn.Module, dynamic: bool = False, policy: str | None 
             replace_module(model, name, IntegerLinear.from_packed(module, dynamic, accumulator=choice.backend))
             integer.append(name)
             continue
-        module.hold_dequantized(choice.backend == "float")
+        module.hold_dequantized(False)
+        if choice.backend == "float":
+            wanted[name] = (module, choice)
         simulated[name] = refusal(module, dynamic) or choice.reason
-    return {"integer": integer, "simulated": simulated, "backends": backends, "choices": choices}
+    memory = hold_within_cap(model, wanted, cap or memory_cap())
+    for name in wanted:
+        if name in memory["not_held"]:
+            backends[name] = SIMULATED
+            simulated[name] = memory["not_held"][name]
+    return {"integer": integer, "simulated": simulated, "backends": backends, "choices": choices, "memory": memory}
+
+
+def memory_cap() -> str:
+    """``$QVLM_MEMORY`` (:data:`MEMORY_CAPS`; default "fp")."""
+    cap = os.environ.get("QVLM_MEMORY", "fp").strip().lower() or "fp"
+    if cap not in MEMORY_CAPS:
+        raise ValueError(f"QVLM_MEMORY={cap!r} is not one of {', '.join(MEMORY_CAPS)}")
+    return cap
+
+
+def hold_within_cap(model: nn.Module, wanted: dict[str, tuple[PackedLinear, KernelChoice]], cap: str) -> dict:
+    """Hold the dequantized weight of the ``wanted`` layers (those whose fastest path is "float") as far as ``cap``
+    allows; the others decode in every call. Returns {"cap", "budget", "held_bytes", "not_held": {name: why}}.
+
+    "fp": the model as it answers may hold at most what its FP model holds (:func:`fp_model_bytes`); the layers
+    that save the most time per byte held go first (time from the choice's scores: simulated minus float).
+    "packed": nothing held, the weights stay codes (4 bits per weight at W4). "unlimited": every wanted layer.
+    """
+    if cap not in MEMORY_CAPS:
+        raise ValueError(f"unknown memory cap {cap!r}; expected one of {', '.join(MEMORY_CAPS)}")
+    for module, _ in wanted.values():  # measured and decided from nothing held
+        module.hold_dequantized(False)
+    cost = {n: m.out_features * m.in_features * torch.empty(0, dtype=m.compute_dtype).element_size()
+            for n, (m, _) in wanted.items()}
+    budget = {"unlimited": sum(cost.values()), "packed": 0}.get(cap)
+    if budget is None:
+        budget = max(0, fp_model_bytes(model) - resident_bytes(model))
+
+    def saved_per_byte(name: str) -> float:
+        scores = wanted[name][1].scores
+        return (scores.get(SIMULATED, 0.0) - scores.get("float", 0.0)) / max(cost[name], 1)
+
+    held, not_held = 0, {}
+    for name in sorted(wanted, key=saved_per_byte, reverse=True):
+        if held + cost[name] <= budget:
+            wanted[name][0].hold_dequantized(True)
+            held += cost[name]
+        else:
+            not_held[name] = (f"decoded in every call: a dequantized copy ({cost[name]:,} bytes) would take the model "
+                              f"past {CAP_WORDS[cap]} ($QVLM_MEMORY={cap})")
+    return {"cap": cap, "budget": budget, "held_bytes": held, "not_held": not_held}
 
 
 def execution_path(model: nn.Module) -> str:

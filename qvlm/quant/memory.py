@@ -9,11 +9,59 @@ Unquantized tensors count at FP16 in both columns.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import nn
 
 from qvlm.models import build_layer_map
 from qvlm.quant.packing import PackedLinear, packed_weight_bytes
 from qvlm.quant.qlinear import QuantLinear
+from qvlm.quant.quantizers import ActQuantizer
+
+def _per_storage(model: nn.Module, size: Callable[[torch.Tensor], int]) -> int:
+    """The sum of ``size`` over ``model``'s parameters and buffers, each storage counted once (tied weights and the
+    vision rotation every layer of a width shares are one), the largest size seen for it."""
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if not t.is_meta:
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), size(t))
+    return sum(seen.values())
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers as held in memory: measured on its storages, not shapes times bits."""
+    return _per_storage(model, lambda t: t.untyped_storage().nbytes())
+
+
+def fp16_bytes(model: nn.Module) -> int:
+    """What ``model`` holds with every floating-point tensor in float16 (its checkpoint's dtype for the bundled
+    models), measured on its tensors: the reference the sentences compare with."""
+    return _per_storage(model, lambda t: t.numel() * (2 if t.is_floating_point() else t.element_size()))
+
+
+def fp_model_bytes(model: nn.Module) -> int:
+    """What the FP model ``model`` was quantized from holds as it answers here, measured on ``model``'s own tensors:
+    each quantized Linear's weight in its compute dtype (float32 on a CPU), its bias and every unquantized tensor as
+    held, the quantizers' own tensors (codes, steps, ranges, rotations, held copies) not at all.
+
+    Why: the bar a quantized model's memory must stay under (:func:`qvlm.quant.integer.to_integer_path` holds
+    dequantized weights only within it) is the model a user would otherwise run, not its FP16 file."""
+    quantized = [m for m in model.modules() if getattr(m, "weight_quantized", False) and hasattr(m, "compute_dtype")]
+    own = {t.untyped_storage().data_ptr()
+           for m in (*quantized, *(a for a in model.modules() if isinstance(a, ActQuantizer)))
+           for name, t in (*m.named_buffers(recurse=False), *m.named_parameters(recurse=False))
+           if t is not None and name != "bias"}
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if not t.is_meta and key not in own:
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+    weights = sum(m.out_features * m.in_features * torch.empty(0, dtype=m.compute_dtype).element_size()
+                  for m in quantized)
+    return sum(seen.values()) + weights
+
 
 FAMILIES = ("vision", "projector", "language", "embeddings", "lm_head", "other")
 

@@ -131,14 +131,14 @@ def rotate_inputs(linears: list[QuantLinear], kind: str, seed: int) -> None:
     the weight is quantized later as W Q. The weight tensor is replaced, not written into (the FP
     model shares its storage, :mod:`qvlm.quant.working_copy`).
     """
-    cache: dict[int, torch.Tensor] = {}
+    cache: dict[tuple[int, torch.device], torch.Tensor] = {}  # one matrix per width and device, held by every layer
     for lin in linears:
         if lin.weight_quantized:
             raise RuntimeError("rotate the inputs before the weights are quantized")
-        n = lin.in_features
-        if n not in cache:
-            cache[n] = rotation_matrix(kind, n, seed)
-        q = cache[n].to(lin.weight.device)
+        key = (lin.in_features, lin.weight.device)
+        if key not in cache:
+            cache[key] = rotation_matrix(kind, lin.in_features, seed).float().to(lin.weight.device)
+        q = cache[key]
         lin.weight.data = (lin.weight.data.float() @ q).to(lin.weight.dtype)
         lin.act.set_rotation(q)
 

@@ -32,7 +32,7 @@ from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
 from qvlm.quant.integer import integer_handle
 from qvlm.quant.kernels import cpu_kind
-from qvlm.quant.memory import weight_memory
+from qvlm.quant.memory import resident_bytes, weight_memory
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.inputs import parse_question_count
 from qvlm.ui.jobs import LongJob, StageTracker, stream_job
@@ -44,9 +44,11 @@ from qvlm.ui.texts import NO_VARIANT_NOTE, PAPER_TABLE_NOTE, TASK_LABELS
 
 BitSweepFn = Callable[..., list[dict]]
 EVAL_COLUMNS = ["model", "quantized", "questions", "overall %", "per question type %", "answers/s", "kernels",
-                "FP16 weights", "packed weights", "smaller by"]
+                "FP16 weights", "packed weights", "smaller by", "in memory while answering"]
 """One column holds every question type's accuracy: the types are the task's (3 for easy-VQA, 5 for mosaics).
-"kernels": the path that answered (a variant answers on integer kernels where its formats allow)."""
+"kernels": the path that answered (a variant answers on integer kernels where its formats allow). "in memory while
+answering": the parameters and buffers of the model that answered, measured (:func:`~qvlm.quant.memory.resident_bytes`:
+held dequantized weights and int8 codes included), where the weight columns count the stored form."""
 TABLE4_RESULTS = REPO_ROOT / "benchmarks" / "results"
 """Where ``python benchmarks/table4.py`` writes the paper's Table 4 (latency, weight memory), one file per CPU kind."""
 SWEEP_COLUMNS = ["recipe", "bits", "questions", "accuracy %", "weights"]
@@ -212,6 +214,7 @@ class ResultsPanel:
                 round(res.answers_per_second, 1), res.kernels,
                 human_bytes(fp16) if fp16 else "", human_bytes(packed) if packed else "",
                 f"{fp16 / packed:.2f}x" if fp16 and packed else "",
+                human_bytes(resident_bytes(m.answering().model)),
             ])
             acc_rows.append({"model": m.label, "accuracy": res.accuracy, "per_type": res.per_type, "n": res.n,
                              "is_fp": m.label == "FP"})
