@@ -293,3 +293,15 @@ def test_the_download_note_says_the_bytes_du_and_a_plain_load_measure_on_the_unz
     assert f"files: {du:,} bytes (du -b)" in note
     assert f"after plain from_pretrained: {loaded:,} bytes" in note and f"while answering: {answering:,} bytes" in note
     assert "% of the FP16 model's" in note  # compared with the FP model the variant came from
+
+
+def test_the_results_tab_builds_where_no_table4_was_measured(monkeypatch, bundled_dir):
+    from qvlm.ui import panel_results
+
+    monkeypatch.setattr(panel_results, "read_table4", lambda: None)
+    panel = ResultsPanel(AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir],
+                                                         preload=False)))
+    with gr.Blocks() as demo:
+        panel.layout()
+    notes = [c.value for c in demo.blocks.values() if getattr(c, "elem_id", None) == "table4-note"]
+    assert notes and "python benchmarks/table4.py" in notes[0] and "table4-" in notes[0]

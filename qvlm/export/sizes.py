@@ -11,9 +11,6 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
 from torch import nn
 
 from qvlm.models import model_classes

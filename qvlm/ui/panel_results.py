@@ -141,7 +141,7 @@ class ResultsPanel:
             result = read_table4()
             if result is None:
                 gr.Markdown("*Not measured yet: `python benchmarks/table4.py` (a few minutes on an idle machine) "
-                            f"writes `{TABLE4_RESULT.relative_to(REPO_ROOT)}`, which is drawn here.*",
+                            f"writes `{(TABLE4_RESULTS / f'table4-{cpu_kind()}.json').relative_to(REPO_ROOT)}`, which is drawn here.*",
                             elem_id="table4-note")
             else:
                 gr.Markdown(table4_note(result), elem_id="table4-note")
