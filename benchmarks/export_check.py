@@ -57,20 +57,23 @@ def without_activation_quantization(model) -> None:
             act.enabled = False
 
 
-def check_run(handle, model_name: str, samples, bits: str, recipe: str, overrides: dict, calib: int) -> dict:
+def check_run(handle, model_name: str, samples, bits: str, recipe: str, overrides: dict, calib: int,
+              rotated_tower: str = "nf4", formats: tuple[str, ...] = SAVE_FORMATS) -> dict:
     config = QuantConfig.from_bits(bits, recipe=recipe, **{"calib_size": calib, **overrides})
     result = quantize(handle, config)
     variant = answer(result.handle.model, result.handle.processor, samples)
     row = {"bits": bits, "recipe": recipe, "overrides": overrides, "calib_size": calib,
-           "variant_accuracy": accuracy(variant), "fp16_bytes": fp16_bytes(handle.model), "formats": {}}
+           "variant_accuracy": accuracy(variant), "fp16_bytes": fp16_bytes(handle.model), "formats": {},
+           "rotated_tower": rotated_tower}
     reloads: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for fmt in SAVE_FORMATS:
+        for fmt in formats:
             refusal = export_refusal(config, fmt)
             if refusal:
                 row["formats"][fmt] = {"refused": refusal}
                 continue
-            folder = save_quantized(result.handle, Path(tmp) / fmt, config.to_dict(), result.to_dict(), format=fmt)
+            folder = save_quantized(result.handle, Path(tmp) / fmt, config.to_dict(), result.to_dict(), format=fmt,
+                                    rotated_tower=rotated_tower)
             sizes = measure_export(folder, fmt != FORMAT_NAME, handle.model, model_folder(model_name))
             if fmt == FORMAT_NAME:
                 loaded = load_quantized(folder, device="cpu")
@@ -99,6 +102,8 @@ def render(rows: list[dict], title: str, n: int, machine: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         config = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "recommended"
+        if r.get("rotated_tower", "float") != "float":
+            config += f"; rotated tower {r['rotated_tower']}"
         for fmt, e in r["formats"].items():
             if "refused" in e:
                 lines.append(f"| {r['bits']} | {r['recipe']} | {config} | {fmt} | refused: {e['refused']} "
@@ -123,6 +128,9 @@ def main() -> None:
     p.add_argument("--calib-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="a fixed subset of the test split (default: all of it)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rotated-tower", default="nf4", choices=("nf4", "float"),
+                   help="how the bitsandbytes export writes a rotated vision tower (qvlm.export.bitsandbytes.ROTATED_TOWER)")
+    p.add_argument("--formats", default=",".join(SAVE_FORMATS), help="comma-separated formats to check")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="Exports checked where they land")
     args = p.parse_args()
@@ -133,7 +141,8 @@ def main() -> None:
                f"thread(s), torch {torch.__version__}")
     rows = []
     for bits, recipe, overrides in json.loads(args.runs):
-        rows.append(check_run(handle, args.model, samples, bits, recipe, overrides, args.calib_size))
+        rows.append(check_run(handle, args.model, samples, bits, recipe, overrides, args.calib_size,
+                              args.rotated_tower, tuple(args.formats.split(","))))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
         args.out.with_suffix(".md").write_text(render(rows, args.title, len(samples), machine))

@@ -77,8 +77,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def format_eval(name: str, result, simulated: dict[str, str] | None = None) -> str:
     """The eval lines: accuracy, per question type, answers/s and the path that answered (``result.kernels``).
 
-    ``simulated``: quantized Linears left on the simulated path -> why; a mixed or simulated run says how many,
-    and the first reason.
+    ``simulated``: quantized Linears off integer kernels (on the float or the simulated path) -> why; a run with
+    any says how many, and the first reason.
     """
     lines = [f"model: {name}", f"accuracy: {result.accuracy:.4f} on {result.n} test questions"]
     for qtype, acc in result.per_type.items():
@@ -86,7 +86,7 @@ def format_eval(name: str, result, simulated: dict[str, str] | None = None) -> s
     lines.append(f"answers/second: {result.answers_per_second:.1f} ({result.seconds:.1f} s) on {result.kernels}")
     if simulated:
         first, reason = next(iter(simulated.items()))
-        lines.append(f"  {len(simulated)} quantized Linear(s) simulated, e.g. {first}: {reason}")
+        lines.append(f"  {len(simulated)} quantized Linear(s) off integer kernels, e.g. {first}: {reason}")
     return "\n".join(lines)
 
 

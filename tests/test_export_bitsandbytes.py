@@ -20,9 +20,15 @@ pytest.importorskip("accelerate")
 def exported(bundled, tmp_path_factory):
     cfg = QuantConfig.from_bits("W4A4", recipe="qlora", calib_size=8)
     result = quantize(bundled, cfg)
-    folder = save_quantized(result.handle, tmp_path_factory.mktemp("bnb") / "variant", cfg.to_dict(),
-                            result.to_dict(), format=BITSANDBYTES)
+    root = tmp_path_factory.mktemp("bnb")
+    folder = save_quantized(result.handle, root / "variant", cfg.to_dict(), result.to_dict(), format=BITSANDBYTES)
+    save_quantized(result.handle, root / "float-tower", cfg.to_dict(), result.to_dict(), format=BITSANDBYTES,
+                   rotated_tower="float")
     return result, folder
+
+
+def _float_tower(folder):
+    return folder.parent / "float-tower"
 
 
 def _set_activation_quantization(model, on: bool) -> None:
@@ -31,8 +37,10 @@ def _set_activation_quantization(model, on: bool) -> None:
             m.act.enabled = on
 
 
-def test_plain_from_pretrained_makes_linear4bit_of_exactly_the_nf4_layers_with_the_runs_weights(exported):
+@pytest.mark.parametrize("tower", ["nf4", "float"])
+def test_plain_from_pretrained_makes_linear4bit_of_exactly_the_nf4_layers_with_the_runs_weights(exported, tower):
     result, folder = exported
+    folder = folder if tower == "nf4" else _float_tower(folder)
     model, _ = plain_load(folder)
     qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qconfig["quant_method"] == "bitsandbytes" and qconfig["load_in_4bit"] is True
@@ -41,14 +49,24 @@ def test_plain_from_pretrained_makes_linear4bit_of_exactly_the_nf4_layers_with_t
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     rotated = {n for n, m in ours.items() if m.act is not None and m.act.rotation is not None}
     assert rotated and all(n.startswith("model.vision_tower") for n in rotated)  # the recommended preset rotates
-    assert set(four_bit) == set(ours) - rotated
+    assert set(four_bit) == (set(ours) if tower == "nf4" else set(ours) - rotated)
     plain = dict(model.named_modules())
-    for name in rotated:  # written dense: the un-rotated weight the run computes with, Q(W R) R^T
+    for name in rotated:  # the un-rotated weight the run computes with, Q(W R) R^T: as floats, or NF4 of it
         m = ours[name]
         expected = m.dequantized_weight() @ m.act.rotation.to(m.dequantized_weight().dtype).T
-        assert type(plain[name]) is torch.nn.Linear
-        torch.testing.assert_close(plain[name].weight.data, expected.to(plain[name].weight.dtype))
+        if tower == "float":
+            assert type(plain[name]) is torch.nn.Linear
+            torch.testing.assert_close(plain[name].weight.data, expected.to(plain[name].weight.dtype))
+            continue
+        state = plain[name].weight.quant_state
+        got = bnb.functional.dequantize_4bit(plain[name].weight.data, state).float()
+        codes, again = bnb.functional.quantize_4bit(expected.float(), blocksize=64, quant_type="nf4")
+        torch.testing.assert_close(got, bnb.functional.dequantize_4bit(codes, again).float(), atol=2e-3, rtol=2e-3)
+        # one rounding more: within half an NF4 step of the block's absmax (the widest gap is ~0.3 of it)
+        assert (got - expected).abs().max() <= 0.16 * expected.abs().max()
     for name, m in four_bit.items():
+        if name in rotated:
+            continue
         state = m.weight.quant_state
         assert state.quant_type == "nf4" and state.blocksize == 64
         weight = bnb.functional.dequantize_4bit(m.weight.data, state)
@@ -65,10 +83,10 @@ def test_generate_answers_after_plain_from_pretrained(exported, no_grad):
 
 
 def test_answers_agree_with_our_packed_model(exported, capsys):
-    """Weight-only on both sides: every answer equal. With our activations quantized (W4A4 against the file's
-    W4A16) most still agree; the count is printed for the report."""
+    """Weight-only on both sides (the float tower, exactly the run's weights): every answer equal. With our
+    activations quantized (W4A4 against the file's W4A16) most still agree; the count is printed for the report."""
     result, folder = exported
-    model, processor = plain_load(folder)
+    model, processor = plain_load(_float_tower(folder))
     samples = evaluation_subset(12, seed=7)
     images, questions = [s.load_image() for s in samples], [s.question for s in samples]
     theirs = generate_answers(model, processor, images, questions)

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
     from qvlm.quant.config import QuantConfig
 
 BITSANDBYTES = "bitsandbytes"
+ROTATED_TOWER = ("nf4", "float")
+"""How :func:`save_bitsandbytes` writes a Linear whose input the run rotates (``vision_rotation``), which a plain
+loader cannot rotate: "nf4" (default), bitsandbytes' NF4 of its effective weight Q(W R) R^T (a second rounding;
+4 bits in the file and in memory, like the rest); "float", the effective weight itself in the checkpoint's dtype
+(exactly the run's W?A16 weights; the recommended preset's tower is then 46% of the easy-VQA file)."""
 W4A16_NOTE = ("bitsandbytes quantizes weights only: the activations stay in floating point, so a W4A4 variant "
               "loads as W4A16 (its NF4 weights are the run's, bit for bit)")
 
@@ -74,14 +79,16 @@ def effective_weight(layer: PackedLinear) -> torch.Tensor:
     return weight if rotation is None else weight @ rotation.to(weight.dtype).T
 
 
-def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None) -> Path:
+def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None,
+                      rotated_tower: str = "nf4") -> Path:
     """Write ``handle`` (NF4 PackedLinears, or packed here) as a bitsandbytes 4-bit checkpoint; return the folder.
 
     Every Linear the run left in floating point is named in ``llm_int8_skip_modules``, so transformers
     makes ``Linear4bit``s of exactly the run's NF4 layers. A layer whose input the run rotates (the vision
-    tower under the recommended preset) is written as its un-rotated float weight (:func:`effective_weight`)
-    and skipped too: the checkpoint then holds an NF4 language model and a floating-point vision tower, as the
-    authors' released code runs it. A NF4 layer whose width is not a multiple of
+    tower under the recommended preset) is written as ``rotated_tower`` says (:data:`ROTATED_TOWER`): NF4 codes
+    of its un-rotated weight (:func:`effective_weight`), or that weight in floating point, skipped too (an NF4
+    language model and a floating-point vision tower, as the authors' released code runs it). A NF4 layer whose
+    width is not a multiple of
     its block is written as its dequantized floats (and skipped too): bitsandbytes 0.50's CPU kernel
     decodes blocks within each row, not over the flattened weight the codes were made on
     (:meth:`~qvlm.quant.packing.PackedLinear.dequantized_weight`), so it would compute another weight.
@@ -89,8 +96,11 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
     Raises ValueError for what bitsandbytes cannot hold: uniform weights, NormalFloat at other than 4
     bits, AWQ smoothing (an input division), a block size bitsandbytes does not take.
     """
-    from bitsandbytes.functional import pack_dict_to_tensor
+    from bitsandbytes.functional import pack_dict_to_tensor, quantize_4bit
     from transformers import BitsAndBytesConfig
+
+    if rotated_tower not in ROTATED_TOWER:
+        raise ValueError(f"rotated_tower must be one of {', '.join(ROTATED_TOWER)}, got {rotated_tower!r}")
 
     pack_model(handle.model)
     layers = {n: m for n, m in handle.model.named_modules() if isinstance(m, PackedLinear)}
@@ -105,15 +115,21 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
                              "download it as qvlm-packed.")
         if m.group not in BNB_BLOCKS:
             raise ValueError(f"{name}: NF4 block size {m.group} is not one bitsandbytes takes ({BNB_BLOCKS}).")
+    rotated = {n for n, m in layers.items() if m.act is not None and m.act.rotation is not None}
     four_bit = {n: m for n, m in layers.items()
-                if m.in_features % m.group == 0 and (m.act is None or m.act.rotation is None)}
+                if m.in_features % m.group == 0 and (n not in rotated or rotated_tower == "nf4")}
     dense = {n: m for n, m in layers.items() if n not in four_bit}
     dtype = handle.save_dtype  # the checkpoint's own (float16 for the bundled models), not the run's float32
     dtype_name = str(dtype).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
     for name, m in four_bit.items():
-        tensors[f"{name}.weight"] = m.packed.detach().reshape(-1, 1).cpu()
-        tensors[f"{name}.weight.absmax"] = m.scale.detach().float().cpu()
+        if name in rotated:  # re-quantized: NF4 levels of the rotated weight are not NF4 levels of the plain one
+            codes, state = quantize_4bit(effective_weight(m).float().cpu(), blocksize=m.group, quant_type="nf4")
+            absmax = state.absmax
+        else:
+            codes, absmax = m.packed, m.scale
+        tensors[f"{name}.weight"] = codes.detach().reshape(-1, 1).cpu()
+        tensors[f"{name}.weight.absmax"] = absmax.detach().float().cpu()
         tensors[f"{name}.weight.quant_map"] = nf4_code(torch.device("cpu")).clone()
         tensors[f"{name}.weight.quant_state.bitsandbytes__nf4"] = pack_dict_to_tensor(
             {"quant_type": "nf4", "blocksize": m.group, "dtype": dtype_name, "shape": [m.out_features, m.in_features]})
@@ -133,11 +149,12 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
     write_model_files(handle, out, qconfig.to_dict())
     write_activation_sidecar(out, handle, layers, config_dict, stats, loader="bitsandbytes")
     (out / "qvlm_bitsandbytes.json").write_text(json.dumps(
-        {"nf4_layers": sorted(four_bit), "dequantized_layers": sorted(dense), "blocksize": sorted({m.group for m in layers.values()})},
-        indent=1))
-    rotated = sorted(n for n, m in dense.items() if m.act is not None and m.act.rotation is not None)
-    _write_readme(out, handle, config_dict, len(four_bit), sorted(set(dense) - set(rotated)),
-                  rotated_tower_note(rotated, tensors, dtype) if rotated else None)
+        {"nf4_layers": sorted(four_bit), "dequantized_layers": sorted(dense),
+         "requantized_layers": sorted(rotated & set(four_bit)), "rotated_tower": rotated_tower,
+         "blocksize": sorted({m.group for m in layers.values()})}, indent=1))
+    written = sorted(rotated & set(four_bit) if rotated_tower == "nf4" else rotated & set(dense))
+    _write_readme(out, handle, config_dict, len(four_bit), sorted(set(dense) - set(written)),
+                  rotated_tower_note(written, tensors, dtype, requantized=rotated_tower == "nf4") if written else None)
     return out
 
 

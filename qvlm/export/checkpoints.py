@@ -109,15 +109,16 @@ def shared_rotation_key(rotation: torch.Tensor, seen: list[tuple[str, torch.Tens
 
 
 def save_quantized(handle: VLMHandle, out_dir: str | Path, config_dict: dict, stats: dict | None = None,
-                   format: str = FORMAT_NAME) -> Path:
+                   format: str = FORMAT_NAME, rotated_tower: str = "nf4") -> Path:
     """Write ``handle`` (whose quantized Linears are packed, or get packed here) to ``out_dir`` in ``format``
-    (:data:`SAVE_FORMATS`; compressed-tensors: :func:`save_compressed_tensors`)."""
+    (:data:`SAVE_FORMATS`; compressed-tensors: :func:`save_compressed_tensors`; bitsandbytes:
+    :func:`save_bitsandbytes`, which alone reads ``rotated_tower``, :data:`~qvlm.export.bitsandbytes.ROTATED_TOWER`)."""
     if format not in SAVE_FORMATS:
         raise ValueError(f"unknown save format {format!r}; expected one of {', '.join(SAVE_FORMATS)}")
     if format == COMPRESSED_TENSORS:
         return save_compressed_tensors(handle, out_dir, config_dict, stats)
     if format == BITSANDBYTES:
-        return save_bitsandbytes(handle, out_dir, config_dict, stats)
+        return save_bitsandbytes(handle, out_dir, config_dict, stats, rotated_tower=rotated_tower)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pack_model(handle.model)

@@ -105,15 +105,26 @@ def write_readme(out: Path, title: str, paragraphs: list[str]) -> None:
     (out / README).write_text(f"# {title}\n\n" + "\n\n".join(paragraphs) + "\n")
 
 
-def rotated_tower_note(rotated: list[str], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+def rotated_tower_note(rotated: list[str], tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                       requantized: bool = False) -> str:
     """The README sentence for the layers whose input the run rotates (``vision_rotation``): what a plain loader
-    runs there, and the bytes their written tensors take (measured on ``tensors``, the folder's)."""
-    held = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[0] in rotated)
-    return (f"{len(rotated)} Linears of the vision tower take a rotated input in the run (`vision_rotation`). A "
-            "quantized grid of the rotated weight is no grid of the un-rotated one, so they are written as their "
-            "effective weights Q(W R) R^T in floating point: a plain loader runs them as ordinary Linears with no "
-            f"rotation and no activation quantization, and their weights and biases take {held:,} bytes "
-            f"({str(dtype).removeprefix('torch.')}) of the file.")
+    runs there, and the bytes their written tensors take (measured on ``tensors``, the folder's). ``requantized``:
+    written as NF4 codes of their effective weights (bitsandbytes' ``rotated_tower="nf4"``), else as floats."""
+    def layer(key: str) -> str:  # "x.weight", "x.weight.absmax", "x.bias" -> "x"
+        return key.split(".weight")[0] if ".weight" in key else key.rsplit(".", 1)[0]
+
+    held = sum(t.numel() * t.element_size() for k, t in tensors.items() if layer(k) in rotated)
+    start = (f"{len(rotated)} Linears of the vision tower take a rotated input in the run (`vision_rotation`). A "
+             "quantized grid of the rotated weight is no grid of the un-rotated one, so ")
+    if requantized:
+        return start + ("they are written as NF4 codes of their effective weights Q(W R) R^T, quantized a second "
+                        "time: a plain loader runs them as `Linear4bit` with no rotation and no activation "
+                        f"quantization, on weights one rounding further from the run's, and they take {held:,} bytes "
+                        "of the file (with `rotated_tower=\"float\"` they are written as those weights in floating "
+                        "point, exactly the run's).")
+    return start + ("they are written as their effective weights Q(W R) R^T in floating point: a plain loader runs "
+                    "them as ordinary Linears with no rotation and no activation quantization, and their weights and "
+                    f"biases take {held:,} bytes ({str(dtype).removeprefix('torch.')}) of the file.")
 
 
 def load_snippet(folder_name: str, extra: str = "") -> str:

@@ -29,6 +29,11 @@ shape (an integer kernel slower than float32 is never chosen). Choices are cache
 flags, torch version and thread count (:func:`machine_key`) in ``$QVLM_KERNEL_CACHE`` (default
 ``~/.cache/qvlm/kernels.json``), so a model loads with no timing the second time.
 
+Speed is not the only cost: the ``float`` path holds a dequantized weight in the compute dtype (float32 on a CPU,
+8x the bytes of W4 codes). :func:`qvlm.quant.integer.hold_within_cap` grants those copies only within
+``$QVLM_MEMORY`` ("fp", the default: the model as it answers holds no more than its FP model would; "packed": none,
+the weights stay codes; "unlimited"), the layers that save the most time per byte first.
+
 ``$QVLM_KERNELS`` overrides the choice: ``measure`` (default), ``integer`` (the fastest integer candidate
 wherever a layer's grid factors, even if float32 is faster: to see the path, and in tests), ``float``,
 ``simulated``. To reproduce an AVX2-only CPU on a newer one, set before starting Python:
