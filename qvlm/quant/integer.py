@@ -44,7 +44,7 @@ from qvlm.quant.kernels import (  # noqa: F401  (MAX_INT_MM_K, int_matmul re-exp
     layer_signature,
     remember_choice,
 )
-from qvlm.quant.memory import fp_model_bytes, resident_bytes
+from qvlm.quant.memory import dequantized_bytes, fp_model_bytes, resident_bytes
 from qvlm.quant.packing import PackedLinear, unpack_bits
 from qvlm.quant.qlinear import QuantLinear, replace_module
 from qvlm.quant.quantizers import DYNAMIC_TOKEN, act_codes, dynamic_grid, qmax_of
@@ -339,8 +339,7 @@ def hold_within_cap(model: nn.Module, wanted: dict[str, tuple[PackedLinear, Kern
         raise ValueError(f"unknown memory cap {cap!r}; expected one of {', '.join(MEMORY_CAPS)}")
     for module, _ in wanted.values():  # measured and decided from nothing held
         module.hold_dequantized(False)
-    cost = {n: m.out_features * m.in_features * torch.empty(0, dtype=m.compute_dtype).element_size()
-            for n, (m, _) in wanted.items()}
+    cost = {n: dequantized_bytes(m) for n, (m, _) in wanted.items()}
     budget = {"unlimited": sum(cost.values()), "packed": 0}.get(cap)
     if budget is None:
         budget = max(0, fp_model_bytes(model) - resident_bytes(model))

@@ -58,9 +58,12 @@ def fp_model_bytes(model: nn.Module) -> int:
         key = t.untyped_storage().data_ptr()
         if not t.is_meta and key not in own:
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-    weights = sum(m.out_features * m.in_features * torch.empty(0, dtype=m.compute_dtype).element_size()
-                  for m in quantized)
-    return sum(seen.values()) + weights
+    return sum(seen.values()) + sum(dequantized_bytes(m) for m in quantized)
+
+
+def dequantized_bytes(layer: nn.Module) -> int:
+    """Bytes of a quantized Linear's weight in its compute dtype: what holding it dequantized costs."""
+    return layer.out_features * layer.in_features * layer.compute_dtype.itemsize
 
 
 FAMILIES = ("vision", "projector", "language", "embeddings", "lm_head", "other")
