@@ -49,6 +49,15 @@ def test_layer_map_finds_every_linear_of_every_layer_by_role(bundled):
     assert lm.final_norm is bundled.model.model.language_model.norm
 
 
+def test_layer_map_names_each_layers_norms_and_the_linears_that_read_them(bundled):
+    lmap = build_layer_map(bundled.model)
+    for entry in lmap.language:
+        assert entry.norm_before("q") is entry.module.input_layernorm
+        assert entry.norm_before("up") is entry.module.post_attention_layernorm and entry.norm_before("o") is None
+    for entry in lmap.vision:
+        assert entry.norm_before("v") is entry.module.layer_norm1 and entry.norm_before("fc1") is entry.module.layer_norm2
+
+
 def test_layer_map_refuses_a_language_model_without_a_final_norm():
     core = nn.Module()
     core.vision_tower, core.language_model, core.multi_modal_projector = nn.Module(), nn.Module(), nn.Linear(2, 2)

@@ -27,14 +27,10 @@ from qvlm.data import DEFAULT_TASK, VQASample, get_task, normalize_answer
 from qvlm.evaluation.accuracy import evaluate
 from qvlm.evaluation.bench import quantize_and_evaluate
 from qvlm.models.inference import answer_token_ids, continuation_probs, generate_answers, generate_token_ids
-from qvlm.utils.progress import STAGE_EVAL, ProgressCallback, check_cancel, report
+from qvlm.utils.progress import STAGE_EVAL, STAGE_SCAN, STAGE_SWEEP, ProgressCallback, check_cancel, report
 from qvlm.quant import QuantConfig
 from qvlm.quant.memory import weight_memory
 
-STAGE_SCAN = "disagreement scan"
-"""Answering test questions with FP and the variants, looking for differences (:func:`disagreement_scan`)."""
-STAGE_SWEEP = "bit sweep"
-"""Quantizing and evaluating one (recipe, bit-width) point after another (:func:`bit_sweep`)."""
 
 PAPER_TABLE3_SOURCE = "Wang et al., Q-VLM, NeurIPS 2024, Table 3"
 PAPER_TABLE3_LLAVA15_7B: dict[str, dict[str, dict[str, float]]] = {

@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 
-from qvlm.utils.progress import ProgressCallback, check_cancel, report
+from qvlm.utils.progress import STAGE_MODALITY, ProgressCallback, check_cancel, report
 from qvlm.quant.calibration import calibration_batches
 
-STAGE_MODALITY = "modality"
-"""Forward passes over calibration pairs, recording |x| per modality at each decoder layer's input."""
 
 MODALITIES = ("image", "text")
 

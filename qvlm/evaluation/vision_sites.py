@@ -27,10 +27,8 @@ import torch
 from qvlm.models import VLMHandle
 from qvlm.quant.calibration import CalibBatch, StopForward, calibration_batches
 from qvlm.quant.quantizers import ActQuantizer, qparams
-from qvlm.utils.progress import ProgressCallback, check_cancel, report
+from qvlm.utils.progress import STAGE_VISION_SITES, ProgressCallback, check_cancel, report
 
-STAGE_VISION_SITES = "vision sites"
-"""One vision-tower pass per site with only that site's activation quantizers on."""
 
 SITE_ROLES: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "out_proj": ("o",), "fc1": ("fc1",),
                                           "fc2": ("fc2",)}

@@ -40,6 +40,13 @@ LANGUAGE_STYLES: dict[str, dict[str, str]] = {
     },
 }
 
+NORM_SITES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "clip": (("layer_norm1", ("q", "k", "v")), ("layer_norm2", ("fc1",))),
+    "llama": (("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("gate", "up"))),
+}
+"""Per layer style: each norm of a layer (its attribute path) and the roles of the Linears that read its output.
+Read by the RepQ-ViT fold (which folds a range into a LayerNorm) and by CDM (the norm the next layer applies first)."""
+
 
 @dataclass
 class LayerEntry:
@@ -51,9 +58,15 @@ class LayerEntry:
     module: nn.Module
     linears: dict[str, nn.Linear]
     linear_names: dict[str, str] = field(default_factory=dict)
+    norms: tuple[tuple[nn.Module, tuple[str, ...]], ...] = ()
+    """Each norm of the layer that exists (:data:`NORM_SITES`) with the roles of the Linears reading its output."""
 
     def __iter__(self) -> Iterator[tuple[str, nn.Linear]]:
         return iter(self.linears.items())
+
+    def norm_before(self, role: str) -> nn.Module | None:
+        """The norm whose output the Linear ``role`` reads (the layer's input norm for "q"), or None."""
+        return next((norm for norm, roles in self.norms if role in roles), None)
 
 
 @dataclass
@@ -117,12 +130,15 @@ def _find_layer_list(root: nn.Module, styles: dict[str, dict[str, str]]) -> tupl
     raise ValueError(f"no stack of transformer layers with known Linear roles under {type(root).__name__}")
 
 
-def _entries(tower: Tower, prefix: str, layers: nn.ModuleList, roles: dict[str, str]) -> list[LayerEntry]:
-    entries = []
+def _entries(tower: Tower, prefix: str, layers: nn.ModuleList, style: str,
+             styles: dict[str, dict[str, str]]) -> list[LayerEntry]:
+    roles, entries = styles[style], []
     for i, layer in enumerate(layers):
         linears = {role: _resolve(layer, path) for role, path in roles.items()}
         names = {role: f"{prefix}.{i}.{path}" for role, path in roles.items()}
-        entries.append(LayerEntry(tower, i, f"{prefix}.{i}", layer, linears, names))  # type: ignore[arg-type]
+        norms = tuple((norm, readers) for path, readers in NORM_SITES.get(style, ())
+                      if (norm := _resolve(layer, path)) is not None)
+        entries.append(LayerEntry(tower, i, f"{prefix}.{i}", layer, linears, names, norms))  # type: ignore[arg-type]
     return entries
 
 
@@ -153,6 +169,6 @@ def build_layer_map(model: nn.Module) -> LayerMap:
     v_name, v_layers, v_style = _find_layer_list(vision_tower, VISION_STYLES)
     l_name, l_layers, l_style = _find_layer_list(language_model, LANGUAGE_STYLES)
     base = "model." if core is not model else ""
-    vision = _entries("vision", f"{base}vision_tower.{v_name}", v_layers, VISION_STYLES[v_style])
-    language = _entries("language", f"{base}language_model.{l_name}", l_layers, LANGUAGE_STYLES[l_style])
+    vision = _entries("vision", f"{base}vision_tower.{v_name}", v_layers, v_style, VISION_STYLES)
+    language = _entries("language", f"{base}language_model.{l_name}", l_layers, l_style, LANGUAGE_STYLES)
     return LayerMap(vision, language, v_style, l_style, projector, f"{base}multi_modal_projector", final_norm)

@@ -162,7 +162,7 @@ class BlockObjective:
 
     def _norm_after(self, k: int) -> torch.nn.Module | None:
         if k + 1 < len(self.fp_entries):
-            return getattr(self.fp_entries[k + 1].module, "input_layernorm", None)
+            return self.fp_entries[k + 1].norm_before("q")  # the next layer's input norm (the layer map's)
         return self.final_norm
 
     def _run_capturing_last_linear(self, layer: torch.nn.Module, last: torch.nn.Module,

@@ -46,12 +46,6 @@ if TYPE_CHECKING:
 
 ROTATIONS = ("none", "hadamard", "orthogonal")
 
-LAYERNORM_SITES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "clip": (("layer_norm1", ("q", "k", "v")), ("layer_norm2", ("fc1",))),
-}
-"""Per vision layer style (:data:`qvlm.models.layer_map.VISION_STYLES`): each LayerNorm of a layer and
-the roles of the Linears that read its output (CLIP and SigLIP share these names)."""
-
 ATTENTION_SITES: dict[str, tuple[tuple[str, str], ...]] = {"clip": (("v", "o"),)}
 """Per vision layer style: (producer, consumer) where the consumer's input is the attention output and
 its channel c is the producer's output channel c (heads concatenated in order)."""
@@ -231,10 +225,9 @@ def fold_vision_ranges(qmap: "LayerMap", fp_map: "LayerMap") -> dict:
     style = qmap.vision_style
     for i, (entry, fp_entry) in enumerate(zip(qmap.vision, fp_map.vision)):
         folds: dict[str, LinearFold] = {}
-        for ln_name, roles in LAYERNORM_SITES.get(style, ()):
+        for ln, roles in entry.norms:  # each LayerNorm and the Linears reading it (the layer map's NORM_SITES)
             site = f"vision.{i}.{'/'.join(roles)}"
             acts = [getattr(entry.linears.get(r), "act", None) for r in roles]
-            ln = entry.module.get_submodule(ln_name)
             reason = site_refusal(acts) or (None if ln.weight is not None and ln.bias is not None
                                             else "the LayerNorm has no affine parameters")
             if reason:

@@ -21,16 +21,18 @@ from typing import Generic, TypeVar
 
 from gradio.components import Component
 
-from qvlm.evaluation.compare import STAGE_SCAN, STAGE_SWEEP
-from qvlm.evaluation.modality import STAGE_MODALITY
 from qvlm.utils.progress import (
     STAGE_CALIBRATION,
     STAGE_DED,
     STAGE_ENTROPY,
     STAGE_EVAL,
     STAGE_INIT,
+    STAGE_LOAD,
     STAGE_MEASURE,
+    STAGE_MODALITY,
+    STAGE_SCAN,
     STAGE_SEARCH,
+    STAGE_SWEEP,
     STAGE_VEO,
     Cancelled,
     ProgressCallback,
@@ -142,8 +144,6 @@ class BackgroundJob(Generic[T]):
 
 
 # ---------------------------------------------------------------------------- the stage-by-stage status
-STAGE_LOAD = "load"
-"""Loading the FP model, the first stage of a quantization job (the app's own; the core's are in qvlm.utils.progress)."""
 
 STAGE_TITLES = {
     STAGE_LOAD: "load model",

@@ -35,7 +35,8 @@ from qvlm.ui.downloads import (
     write_run_json,
 )
 from qvlm.ui.feedback import Outputs, warn
-from qvlm.ui.jobs import STAGE_LOAD, LongJob, stream_job
+from qvlm.ui.jobs import LongJob, stream_job
+from qvlm.utils.progress import STAGE_LOAD
 from qvlm.ui.render import human_bytes, variants_markdown
 from qvlm.ui.run_size import DEFAULT_RUN_SIZE, RUN_SIZES, expected_time
 from qvlm.ui.state import AppState, SessionState, Variant, canonical_name, module_bytes, session_files_root

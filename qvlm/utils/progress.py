@@ -50,6 +50,16 @@ STAGE_EVAL = "eval"
 """Answering test questions (qvlm.evaluation.accuracy)."""
 STAGE_DED = "ded"
 """DED analysis: layer-wise vs joint search per sample (qvlm.evaluation.analysis)."""
+STAGE_LOAD = "load"
+"""Loading the FP model, the first stage of an app's quantization job."""
+STAGE_SCAN = "disagreement scan"
+"""Answering test questions with FP and the variants, looking for differences (qvlm.evaluation.compare)."""
+STAGE_SWEEP = "bit sweep"
+"""Quantizing and evaluating one (recipe, bit-width) point after another (qvlm.evaluation.compare)."""
+STAGE_MODALITY = "modality"
+"""Forward passes over calibration pairs, recording |x| per modality at each decoder layer's input."""
+STAGE_VISION_SITES = "vision sites"
+"""One vision-tower pass per site with only that site's activation quantizers on."""
 
 
 class StepProgress:
