@@ -96,3 +96,40 @@ def test_the_check_remembers_the_model_s_output_error_instead_of_rerunning_the_i
             assert incumbent == pytest.approx(b["accept_errors"][name][1], rel=1e-5)
     assert sum(c.rest_runs for c in made[0]) < sum(c.rest_runs for c in made[1])
     assert 0 < remembered.timing_details["search_acceptance"] <= remembered.timings["search"]  # the check's share
+
+
+class _Check:
+    """An OutputCheck whose errors are set by the test: the block's output is the candidates applied so far."""
+
+    def __init__(self, name: str, chosen: float, incumbent: float, applied: list) -> None:
+        self.name, self.errors, self.applied = name, {"chosen": chosen, "incumbent": incumbent}, applied
+        self.xs, self.current_error = "input", None
+
+    def block_output(self, layers):
+        return tuple(self.applied[-len(layers):])
+
+    def final_error(self, rest, block_out):
+        return self.errors["incumbent" if all(c == 0 for _, c in block_out) else "chosen"]
+
+    def incumbent_error(self, rest, incumbent_out):  # remembered, as OutputCheck remembers the model as it stands
+        if self.current_error is None:
+            self.current_error = self.final_error(rest, incumbent_out)
+        return self.current_error
+
+
+@pytest.mark.parametrize("chosen, kept", [(0.5, True), (1.0, False), (2.0, False)])
+def test_decide_block_keeps_a_choice_only_if_it_lowers_the_output_error(chosen, kept):
+    """Forced both ways (the run-level tests above only see what a run happens to reject): a choice that does not
+    lower the error is put back at the incumbent (candidate 0 of every layer), and the check follows that state."""
+    from types import SimpleNamespace
+
+    from qvlm.quant.acceptance import decide_block
+
+    applied: list[tuple[int, int]] = []
+    entries = [SimpleNamespace(module=f"layer{k}") for k in range(3)]
+    check = _Check("calibration", chosen, 1.0, applied)
+    decision = decide_block(entries, [0, 1], (2, 1), lambda j, c: applied.append((j, c)), [check])
+    assert decision["accepted"] is kept and decision["errors"]["calibration"] == [chosen, 1.0]
+    assert applied[-2:] == ([(0, 2), (1, 1)] if kept else [(0, 0), (1, 0)])  # where the block is left
+    assert check.xs == (tuple(applied[-2:]))
+    assert check.current_error == (chosen if kept else 1.0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import torch
@@ -157,16 +156,18 @@ def test_weight_memory_counts_quantized_linears(results, bundled):
 @pytest.mark.parametrize("stage", ["init", "search"])
 def test_cancel_stops_quickly_and_leaves_fp_untouched(bundled, fp_print, stage):
     cancel = threading.Event()
-    when: dict[str, float] = {}
+    after: list[tuple[str, float]] = []  # progress reported once cancelled: work the run did past the request
 
     def progress(s, f, m):
-        if s == stage and not cancel.is_set():
+        if cancel.is_set():
+            after.append((s, f))
+        elif s == stage:
             cancel.set()
-            when["t"] = time.perf_counter()
 
     with pytest.raises(Cancelled):
         quantize(bundled, QuantConfig(recipe="qvlm-cdm", **FAST), progress=progress, cancel=cancel)
-    assert time.perf_counter() - when["t"] < 2.0
+    # "quickly" counted in steps, not seconds: the next cancellation check raises, before the stage reports again
+    assert cancel.is_set() and len(after) <= 1, after
     assert _fingerprint(bundled.model) == fp_print
 
 

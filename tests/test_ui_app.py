@@ -42,9 +42,11 @@ def served(bundled_dir: Path):
     demo.close()
 
 
-def test_serves_quickly_with_a_queue(served):
+def test_serves_with_a_queue(served):
     demo, _, startup, settings = served
-    assert startup < 20, f"build + launch took {startup:.1f} s"
+    # a hang guard, not a speed target (benchmarks time things): a startup that loads a model or waits on a hub
+    # shows up as minutes
+    assert startup < 120, f"build + launch took {startup:.1f} s"
     assert demo._queue is not None and demo._queue.default_concurrency_limit == settings.concurrency
 
 
