@@ -80,29 +80,20 @@ def _held_out_row(epoch, output, kl, agree=0.98, kept=False, ceiling_kl=None):
     return row
 
 
-def test_the_veo_verdict_says_when_the_vision_error_does_not_reach_the_answers():
-    from qvlm.evaluation.analysis import veo_verdict
-
-    log = [_held_out_row(0, 0.02, 0.100, ceiling_kl=0.095), _held_out_row(1, 0.01, 0.099, kept=True)]
-    text = veo_verdict(log)
-    assert "fell from 0.02 to 0.01 (-50%)" in text and "epoch 1 of 1 kept" in text
-    assert "from 0.1 to 0.099 nats" in text and "be 0.095" in text and "125/125/128 of 128" in text
-    assert "cause only 5%" in text and "hardly reaches the answers" in text
-
-
-def test_the_veo_verdict_measures_the_part_of_the_answer_divergence_veo_removes():
-    from qvlm.evaluation.analysis import veo_verdict
+def test_the_veo_outcome_is_computed_once_from_the_held_out_log():
+    """The numbers (qvlm.evaluation.analysis); the words are qvlm.ui.explain's and read only these."""
+    from qvlm.evaluation.analysis import VEO_SHARE_NEGLIGIBLE, veo_outcome
+    from qvlm.ui.explain import veo_sentence
 
     log = [_held_out_row(0, 0.02, 0.10, ceiling_kl=0.04), _held_out_row(1, 0.01, 0.07, kept=True),
            _held_out_row(2, 0.015, 0.08)]
-    text = veo_verdict(log)
-    assert "cause 60% of the answers' divergence; VEO removed 50% of that part." in text
-    assert "epoch 1 of 2 kept" in text
-    kept_init = [_held_out_row(0, 0.02, 0.10, kept=True, ceiling_kl=0.04), _held_out_row(1, 0.03, 0.12)]
-    assert "kept the layer-wise ranges" in veo_verdict(kept_init) and "removed 0% of that part" in veo_verdict(kept_init)
-    assert "no held-out images" in veo_verdict([])
-    beyond = [_held_out_row(0, 0.02, 0.10, ceiling_kl=0.04), _held_out_row(1, 0.01, 0.02, kept=True)]
-    assert "VEO removed all of that part" in veo_verdict(beyond)
+    o = veo_outcome(log)
+    assert (o.kept_epoch, o.epochs) == (1, 2) and o.error_before == pytest.approx(0.03) and o.error_after == 0.02
+    assert o.vision_share == pytest.approx(0.6) and o.kl_after == 0.07
+    assert "causes 60% of that divergence; VEO removed 50% of that part" in veo_sentence(o)
+    small = veo_outcome([_held_out_row(0, 0.02, 0.100, ceiling_kl=0.095), _held_out_row(1, 0.01, 0.099, kept=True)])
+    assert small.vision_share < VEO_SHARE_NEGLIGIBLE and "hardly change the answers" in veo_sentence(small)
+    assert veo_outcome([]) is None and veo_outcome(None) is None
 
 
 def test_the_analysis_tab_shows_each_bundled_model_s_stored_diagnostics(tmp_path):

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +31,7 @@ from qvlm.quant.calibration import mse_over, run_layer
 from qvlm.quant.cdm import BlockObjective, entropy_pass, unsearchable
 from qvlm.quant.quantizers import valid_rows
 from qvlm.quant.search import exhaustive_search
-from qvlm.utils.stats import linear_fit, r2_chance_level
+from qvlm.utils.stats import finite, linear_fit, percent_change, r2_chance_level
 
 
 @dataclass
@@ -281,47 +283,53 @@ VEO_SHARE_NEGLIGIBLE = 0.10
 quantization, their error does not reach the answers enough for VEO to matter."""
 
 
-def veo_verdict(holdout: list[dict]) -> str:
-    """A plain-words verdict on what VEO did for images it never saw, from its held-out log.
+@dataclass(frozen=True)
+class VeoOutcome:
+    """What VEO did on held-out images, from :attr:`QuantResult.veo_holdout` (epoch 0 = the layer-wise init).
 
-    ``holdout``: :attr:`QuantResult.veo_holdout` (epoch 0 = the layer-wise init, with
-    ``vision_acts_fp``: the same pairs with the vision activations unquantized, VEO's ceiling).
-    Why: a falling training loss says nothing about unseen images, and a falling held-out error
-    says nothing about answers. The answers are read through the KL divergence of the answer
-    tokens' distributions (continuous, so it resolves what 1-token agreement counts cannot):
-    how much of it the vision activations cause, and how much of that VEO removed (README.md, "How VEO's
-    defaults were chosen").
+    ``error_*`` are Eq. 9's held-out error L_err (visual + eta * LLM output), the quantity VEO keeps
+    its best epoch by; ``kl_*`` the mean KL(FP ‖ quantized) per answer token, in nats, where measured.
     """
-    rows = [r for r in holdout if r.get("err") is not None]
+
+    error_before: float
+    error_after: float
+    kept_epoch: int
+    epochs: int
+    kl_before: float | None = None
+    kl_after: float | None = None
+    kl_unquantized: float | None = None
+    """The answers' KL with the vision activations unquantized: as close to FP as VEO could bring them."""
+
+    @property
+    def error_change(self) -> float:
+        return percent_change(self.error_before, self.error_after)
+
+    @property
+    def error_phrase(self) -> str:
+        """"0.0953 → 0.0912 (-4%)": the one spelling of the held-out error change, for the title and the text."""
+        return f"{self.error_before:.3g} → {self.error_after:.3g} ({self.error_change:+.0f}%)"
+
+    @property
+    def vision_share(self) -> float | None:
+        """The share of the answers' divergence from FP that quantizing the vision activations causes."""
+        if self.kl_before is None or self.kl_unquantized is None or self.kl_before <= 0:
+            return None
+        return (self.kl_before - self.kl_unquantized) / self.kl_before
+
+
+def veo_outcome(holdout: Sequence[Mapping[str, Any]] | None) -> VeoOutcome | None:
+    """The held-out numbers of a VEO run, or None when it measured no held-out images."""
+    rows = [r for r in (holdout or []) if finite(r.get("err"))]
     if not rows:
-        return "VEO measured no held-out images in this run (veo_holdout_images = 0), so nothing can be said."
+        return None
     first, kept = rows[0], next((r for r in rows if r.get("kept")), rows[-1])
-    moved = 100 * (kept["output"] - first["output"]) / first["output"] if first["output"] > 0 else 0.0
-    error = (f"on held-out images the error of the language model's output {'fell' if moved < 0 else 'rose'} "
-             f"from {first['output']:.3g} to {kept['output']:.3g} ({moved:+.0f}%), epoch {kept['epoch']} of "
-             f"{rows[-1]['epoch']} kept" if kept["epoch"] else
-             f"no epoch lowered the held-out error, so VEO kept the layer-wise ranges (epoch 0 of {rows[-1]['epoch']})")
-    ceiling = first.get("vision_acts_fp")
-    if "answer_kl" not in first or ceiling is None:
-        return f"VEO: {error}."
-    n = first["answer_tokens"]
-    agree = "/".join(str(round(r["answer_agree"] * n)) for r in (first, kept, ceiling))
-    kl0, kl1, klc = first["answer_kl"], kept["answer_kl"], ceiling["answer_kl"]
-    answers = (f"At the answers, KL(FP ‖ quantized) per answer token went from {kl0:.3g} to {kl1:.3g} nats; with "
-               f"the vision activations unquantized it would be {klc:.3g} (most likely token as FP's: {agree} of "
-               f"{n} answer tokens before VEO / after / unquantized)")
-    share = (kl0 - klc) / kl0 if kl0 > 0 else 0.0
-    if share < VEO_SHARE_NEGLIGIBLE:
-        return (f"VEO: {error}. {answers}. The vision activations cause only {100 * max(share, 0.0):.0f}% of the "
-                f"answers' divergence, so their error hardly reaches the answers on this model: no VEO setting "
-                f"can raise accuracy much here, whatever it does to the error.")
-    removed = (kl0 - kl1) / (kl0 - klc)
-    if removed > 1:
-        outcome = "VEO removed all of that part (the answers ended closer to FP than with the vision activations unquantized)."
-    else:
-        outcome = f"VEO removed {100 * max(removed, 0.0):.0f}% of that part" + (" (it made it larger)." if removed < 0 else ".")
-    return (f"VEO: {error}. {answers}. The vision activations cause {100 * share:.0f}% of the answers' "
-            f"divergence; {outcome}")
+    ceiling = first.get("vision_acts_fp") or {}
+    kl = (first.get("answer_kl"), kept.get("answer_kl"), ceiling.get("answer_kl"))
+    if not all(finite(k) for k in kl):
+        kl = (None, None, None)
+    return VeoOutcome(float(first["err"]), float(kept["err"]), int(kept.get("epoch", 0)),
+                      int(rows[-1].get("epoch", 0)), *(None if k is None else float(k) for k in kl))
+
 
 
 @dataclass

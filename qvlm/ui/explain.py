@@ -3,16 +3,18 @@
 Each function takes the plain data a view draws (lists and dicts, as :class:`qvlm.quant.QuantResult`
 and :mod:`qvlm.evaluation.analysis` give them) and says what it shows and what the current numbers
 mean. A figure and its text that show the same quantity read it from one function here
-(:func:`veo_outcome` feeds both the VEO plot's title and the VEO text), so they cannot disagree.
+(:func:`~qvlm.evaluation.analysis.veo_outcome` feeds both the VEO plot's title and the VEO text), so they
+cannot disagree.
 No gradio and no plotting here: the plots and the panels both import it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from qvlm.evaluation.analysis import VEO_SHARE_NEGLIGIBLE, VeoOutcome, veo_outcome  # noqa: F401  (veo_outcome: re-exported)
+from qvlm.utils.stats import finite
 
 INTERACTION_LEGEND = (
     "**How to read the table.** *interaction share %*: the part of the pair's error that is not simply "
@@ -29,68 +31,7 @@ INTERACTION_LEGEND = (
 """The legend under the interaction table: every expert column in one plain clause."""
 
 
-def finite(x: Any) -> bool:
-    """A number that is not None, NaN or infinite (a plotted or quoted value must be one)."""
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def percent_change(before: float, after: float) -> float:
-    """(after - before) / before in %, 0 when ``before`` is not positive."""
-    return 100 * (after - before) / before if before > 0 else 0.0
-
-
 # ---------------------------------------------------------------------------- VEO
-@dataclass(frozen=True)
-class VeoOutcome:
-    """What VEO did on held-out images, from :attr:`QuantResult.veo_holdout` (epoch 0 = the layer-wise init).
-
-    ``error_*`` are Eq. 9's held-out error L_err (visual + eta * LLM output), the quantity VEO keeps
-    its best epoch by; ``kl_*`` the mean KL(FP ‖ quantized) per answer token, in nats, where measured.
-    """
-
-    error_before: float
-    error_after: float
-    kept_epoch: int
-    epochs: int
-    kl_before: float | None = None
-    kl_after: float | None = None
-    kl_unquantized: float | None = None
-    """The answers' KL with the vision activations unquantized: as close to FP as VEO could bring them."""
-
-    @property
-    def error_change(self) -> float:
-        return percent_change(self.error_before, self.error_after)
-
-    @property
-    def error_phrase(self) -> str:
-        """"0.0953 → 0.0912 (-4%)": the one spelling of the held-out error change, for the title and the text."""
-        return f"{self.error_before:.3g} → {self.error_after:.3g} ({self.error_change:+.0f}%)"
-
-    @property
-    def vision_share(self) -> float | None:
-        """The share of the answers' divergence from FP that quantizing the vision activations causes."""
-        if self.kl_before is None or self.kl_unquantized is None or self.kl_before <= 0:
-            return None
-        return (self.kl_before - self.kl_unquantized) / self.kl_before
-
-
-def veo_outcome(holdout: Sequence[Mapping[str, Any]] | None) -> VeoOutcome | None:
-    """The held-out numbers of a VEO run, or None when it measured no held-out images."""
-    rows = [r for r in (holdout or []) if finite(r.get("err"))]
-    if not rows:
-        return None
-    first, kept = rows[0], next((r for r in rows if r.get("kept")), rows[-1])
-    ceiling = first.get("vision_acts_fp") or {}
-    kl = (first.get("answer_kl"), kept.get("answer_kl"), ceiling.get("answer_kl"))
-    if not all(finite(k) for k in kl):
-        kl = (None, None, None)
-    return VeoOutcome(float(first["err"]), float(kept["err"]), int(kept.get("epoch", 0)),
-                      int(rows[-1].get("epoch", 0)), *(None if k is None else float(k) for k in kl))
-
-
 def veo_sentence(outcome: VeoOutcome | None) -> str:
     """VEO's result in words: what happened on unseen images, then whether the answers followed."""
     if outcome is None:
@@ -110,7 +51,7 @@ def veo_sentence(outcome: VeoOutcome | None) -> str:
           f"activations unquantized it would be {o.kl_unquantized:.3g}")
     closer = "closer to" if o.kl_after < o.kl_before else "further from" if o.kl_after > o.kl_before else "as far from"
     answers = f"The answers moved {closer} the full-precision model's ({kl})"
-    if share < 0.10:
+    if share < VEO_SHARE_NEGLIGIBLE:
         return (f"VEO: {error}. {answers}. Quantizing the vision activations causes only {100 * max(share, 0):.0f}% "
                 "of that divergence, so on this model VEO can hardly change the answers, whatever it does to the "
                 "error.")

@@ -7,7 +7,7 @@ one definition of each.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
@@ -119,3 +119,16 @@ def paired_verdict(name_a: str, name_b: str, test: dict[str, float], alpha: floa
         word = "no detectable difference from"
     return (f"{name_a} {word} {name_b} (p = {p:.3g}; {test['a_only']} questions only {name_a} got right, "
             f"{test['b_only']} only {name_b})")
+
+
+def finite(x: Any) -> bool:
+    """A number that is not None, NaN or infinite (a plotted or quoted value must be one)."""
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def percent_change(before: float, after: float) -> float:
+    """(after - before) / before in %, 0 when ``before`` is not positive."""
+    return 100 * (after - before) / before if before > 0 else 0.0
