@@ -48,7 +48,8 @@ loader cannot rotate: "nf4" (default), bitsandbytes' NF4 of its effective weight
 4 bits in the file and in memory, like the rest); "float", the effective weight itself in the checkpoint's dtype
 (exactly the run's W?A16 weights; the recommended preset's tower is then 46% of the easy-VQA file)."""
 W4A16_NOTE = ("bitsandbytes quantizes weights only: the activations stay in floating point, so a W4A4 variant "
-              "loads as W4A16 (its NF4 weights are the run's, bit for bit)")
+              "loads as W4A16 (its NF4 weights are the run's, bit for bit, except a rotated vision tower's: a plain "
+              "loader cannot rotate, so those are NF4 of the un-rotated weight, rounded once more)")
 
 
 def bitsandbytes_refusal(config: "QuantConfig") -> str | None:
@@ -85,11 +86,10 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
 
     Every Linear the run left in floating point is named in ``llm_int8_skip_modules``, so transformers
     makes ``Linear4bit``s of exactly the run's NF4 layers. A layer whose input the run rotates (the vision
-    tower under the recommended preset) is written as ``rotated_tower`` says (:data:`ROTATED_TOWER`): NF4 codes
-    of its un-rotated weight (:func:`effective_weight`), or that weight in floating point, skipped too (an NF4
-    language model and a floating-point vision tower, as the authors' released code runs it). A NF4 layer whose
-    width is not a multiple of
-    its block is written as its dequantized floats (and skipped too): bitsandbytes 0.50's CPU kernel
+    tower under the recommended preset) is written as ``rotated_tower`` says (:data:`ROTATED_TOWER`): as NF4 codes
+    of its un-rotated weight (:func:`effective_weight`), or as that weight in floating point and skipped too (an
+    NF4 language model and a floating-point vision tower, as the authors' released code runs it). A NF4 layer
+    whose width is not a multiple of its block is written as its dequantized floats (and skipped too): bitsandbytes 0.50's CPU kernel
     decodes blocks within each row, not over the flattened weight the codes were made on
     (:meth:`~qvlm.quant.packing.PackedLinear.dequantized_weight`), so it would compute another weight.
 

@@ -315,7 +315,8 @@ def to_integer_path(model: nn.Module, dynamic: bool = False, policy: str | None 
     for name in wanted:
         if name in memory["not_held"]:
             backends[name] = SIMULATED
-            simulated[name] = memory["not_held"][name]
+            why = refusal(wanted[name][0], dynamic)
+            simulated[name] = f"{why}; {memory['not_held'][name]}" if why else memory["not_held"][name]
     return {"integer": integer, "simulated": simulated, "backends": backends, "choices": choices, "memory": memory}
 
 
