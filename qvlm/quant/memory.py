@@ -1,4 +1,5 @@
-"""Weight memory: what a model takes stored as FP16 vs with its quantized weights packed.
+"""Bytes: what a model holds in memory, measured on its storages (:func:`resident_bytes`, and :func:`fp_model_bytes`,
+the FP model's, the cap on what a variant's kernels may hold), and weight memory: stored as FP16 vs packed.
 
 For a :class:`~qvlm.quant.packing.PackedLinear` (the default result of ``quantize``) the count is
 the bytes the layer really holds (codes, steps, zero points). For a fake-quant
@@ -19,14 +20,16 @@ from qvlm.quant.packing import PackedLinear, packed_weight_bytes
 from qvlm.quant.qlinear import QuantLinear
 from qvlm.quant.quantizers import ActQuantizer
 
-def _per_storage(model: nn.Module, size: Callable[[torch.Tensor], int]) -> int:
+
+def _per_storage(model: nn.Module, size: Callable[[torch.Tensor], int], skip: frozenset[int] = frozenset()) -> int:
     """The sum of ``size`` over ``model``'s parameters and buffers, each storage counted once (tied weights and the
-    vision rotation every layer of a width shares are one), the largest size seen for it."""
+    vision rotation every layer of a width shares are one), the largest size seen for it; storages in ``skip``
+    (data pointers) not at all."""
     seen: dict[int, int] = {}
     for t in (*model.parameters(), *model.buffers()):
-        if not t.is_meta:
-            key = t.untyped_storage().data_ptr()
-            seen[key] = max(seen.get(key, 0), size(t))
+        if t.is_meta or (key := t.untyped_storage().data_ptr()) in skip:
+            continue
+        seen[key] = max(seen.get(key, 0), size(t))
     return sum(seen.values())
 
 
@@ -49,16 +52,12 @@ def fp_model_bytes(model: nn.Module) -> int:
     Why: the bar a quantized model's memory must stay under (:func:`qvlm.quant.integer.to_integer_path` holds
     dequantized weights only within it) is the model a user would otherwise run, not its FP16 file."""
     quantized = [m for m in model.modules() if getattr(m, "weight_quantized", False) and hasattr(m, "compute_dtype")]
-    own = {t.untyped_storage().data_ptr()
-           for m in (*quantized, *(a for a in model.modules() if isinstance(a, ActQuantizer)))
-           for name, t in (*m.named_buffers(recurse=False), *m.named_parameters(recurse=False))
-           if t is not None and name != "bias"}
-    seen: dict[int, int] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        key = t.untyped_storage().data_ptr()
-        if not t.is_meta and key not in own:
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-    return sum(seen.values()) + sum(dequantized_bytes(m) for m in quantized)
+    own = frozenset(t.untyped_storage().data_ptr()
+                    for m in (*quantized, *(a for a in model.modules() if isinstance(a, ActQuantizer)))
+                    for name, t in (*m.named_buffers(recurse=False), *m.named_parameters(recurse=False))
+                    if t is not None and name != "bias")
+    held = _per_storage(model, lambda t: t.untyped_storage().nbytes(), skip=own)
+    return held + sum(dequantized_bytes(m) for m in quantized)
 
 
 def dequantized_bytes(layer: nn.Module) -> int:
