@@ -108,7 +108,8 @@ def test_results_show_accuracy_and_packed_memory(run):
     assert "2 model(s) evaluated" in status
     fp_row, q_row = table
     assert fp_row[0] == "FP" and q_row[0] == LABEL
-    assert q_row[-1].endswith("x") and float(q_row[-1][:-1]) > 2.5  # W4 packs weights > 2.5x smaller than FP16
+    assert q_row[-2].endswith("x") and float(q_row[-2][:-1]) > 2.5  # W4 packs weights > 2.5x smaller than FP16
+    assert q_row[-1].endswith("iB") and fp_row[-1].endswith("iB")  # held while answering, measured
     assert [t.name for t in mem.data] == ["FP16", "quantized (packed)"] and list(mem.data[0].x) == [LABEL]
 
 
