@@ -29,10 +29,11 @@ import torch
 from qvlm.data import get_task
 from qvlm.evaluation.accuracy import evaluate
 from qvlm.export import FORMAT_NAME, SAVE_FORMATS, export_refusal, load_quantized, save_quantized
-from qvlm.export.sizes import fp16_bytes, measure_export, model_folder, plain_load
+from qvlm.export.sizes import measure_export, model_folder, plain_load
 from qvlm.models.loader import load_vlm
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.kernels import cpu_kind
+from qvlm.quant.memory import fp16_bytes
 from qvlm.utils.stats import mcnemar
 
 

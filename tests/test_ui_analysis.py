@@ -12,6 +12,7 @@ import gradio as gr
 import pytest
 
 from qvlm.quant import QuantConfig
+from qvlm.evaluation.analysis import veo_outcome
 from qvlm.ui import explain, plots
 from qvlm.ui.panel_analysis import INTERACTION_COLUMNS, AnalysisPanel, no_veo_reason, rerun_cost
 
@@ -32,7 +33,7 @@ def _percent(text: str) -> list[str]:
 
 
 def test_the_veo_title_and_the_text_under_it_give_the_same_numbers():
-    outcome = explain.veo_outcome(EASY_VQA_HOLDOUT)
+    outcome = veo_outcome(EASY_VQA_HOLDOUT)
     title = plots.veo_loss_figure(LOSSES, holdout=EASY_VQA_HOLDOUT).layout.title.text
     text = explain.veo_sentence(outcome)
     assert outcome.error_phrase == "0.0953 → 0.0638 (-33%)"
@@ -47,11 +48,11 @@ def test_the_veo_title_and_the_text_under_it_give_the_same_numbers():
 
 def test_veo_that_kept_the_init_says_so_in_title_and_text():
     holdout = [dict(EASY_VQA_HOLDOUT[0], kept=True), dict(EASY_VQA_HOLDOUT[1], err=0.1, kept=False)]
-    outcome = explain.veo_outcome(holdout)
+    outcome = veo_outcome(holdout)
     assert outcome.kept_epoch == 0 and outcome.error_phrase == "0.0953 → 0.0953 (+0%)"
     assert "epoch 0 kept" in plots.veo_loss_figure(LOSSES, holdout=holdout).layout.title.text
     assert "kept the layer-wise ranges (epoch 0 of 1)" in explain.veo_sentence(outcome)
-    assert explain.veo_outcome([]) is None and "no held-out images" in explain.veo_sentence(None)
+    assert veo_outcome([]) is None and "no held-out images" in explain.veo_sentence(None)
 
 
 def test_a_variant_without_veo_is_told_why():

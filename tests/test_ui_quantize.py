@@ -19,6 +19,7 @@ import gradio as gr
 import pytest
 
 from qvlm.models import BUNDLED_MODEL_DIR
+from qvlm.evaluation.analysis import veo_outcome
 from qvlm.ui import explain
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel
@@ -79,7 +80,7 @@ def test_analysis_figures_come_from_the_real_result(run):
     assert len(errors.data) >= 1 and len(errors.data[0].x) == len(r.layer_errors)
     assert len(veo.data) >= 1 and len(veo.data[0].x) == len(r.veo_losses)
     # the VEO title and the text under it give the held-out error change in the same words
-    phrase = explain.veo_outcome(r.veo_holdout).error_phrase
+    phrase = veo_outcome(r.veo_holdout).error_phrase
     assert phrase in veo.layout.title.text and phrase in shown[a.veo_note]
     for lead in (a.partition_lead, a.error_lead, a.veo_lead):
         assert shown[lead] and shown[lead].count(". ") <= 1  # one plain sentence (two for the error view)

@@ -331,7 +331,6 @@ def veo_outcome(holdout: Sequence[Mapping[str, Any]] | None) -> VeoOutcome | Non
                       int(rows[-1].get("epoch", 0)), *(None if k is None else float(k) for k in kl))
 
 
-
 @dataclass
 class DependencyReport:
     """Per adjacent decoder pair: DED, interaction share, controllable error, gain; and the verdict."""

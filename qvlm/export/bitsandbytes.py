@@ -119,11 +119,12 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
     four_bit = {n: m for n, m in layers.items()
                 if m.in_features % m.group == 0 and (n not in rotated or rotated_tower == "nf4")}
     dense = {n: m for n, m in layers.items() if n not in four_bit}
+    requantized = rotated & set(four_bit)  # rotated layers written as NF4 of their effective weight
     dtype = handle.save_dtype  # the checkpoint's own (float16 for the bundled models), not the run's float32
     dtype_name = str(dtype).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
     for name, m in four_bit.items():
-        if name in rotated:  # re-quantized: NF4 levels of the rotated weight are not NF4 levels of the plain one
+        if name in requantized:  # NF4 levels of the rotated weight are not NF4 levels of the plain one
             codes, state = quantize_4bit(effective_weight(m).float().cpu(), blocksize=m.group, quant_type="nf4")
             absmax = state.absmax
         else:
@@ -150,9 +151,9 @@ def save_bitsandbytes(handle: VLMHandle, out_dir: str | Path, config_dict: dict,
     write_activation_sidecar(out, handle, layers, config_dict, stats, loader="bitsandbytes")
     (out / "qvlm_bitsandbytes.json").write_text(json.dumps(
         {"nf4_layers": sorted(four_bit), "dequantized_layers": sorted(dense),
-         "requantized_layers": sorted(rotated & set(four_bit)), "rotated_tower": rotated_tower,
+         "requantized_layers": sorted(requantized), "rotated_tower": rotated_tower,
          "blocksize": sorted({m.group for m in layers.values()})}, indent=1))
-    written = sorted(rotated & set(four_bit) if rotated_tower == "nf4" else rotated & set(dense))
+    written = sorted(requantized if rotated_tower == "nf4" else rotated & set(dense))
     _write_readme(out, handle, config_dict, len(four_bit), sorted(set(dense) - set(written)),
                   rotated_tower_note(written, tensors, dtype, requantized=rotated_tower == "nf4") if written else None)
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from qvlm.models import model_classes
-from qvlm.quant.memory import fp16_bytes, resident_bytes  # noqa: F401  (re-exported: the export's callers use them)
+from qvlm.quant.memory import fp16_bytes, resident_bytes
 
 
 def folder_bytes(folder: str | Path) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import threading
 import weakref
 
@@ -39,6 +38,7 @@ from qvlm.quant.kernels import (  # noqa: F401  (MAX_INT_MM_K, int_matmul re-exp
     Timer,
     cached_choice,
     choose,
+    env_choice,
     int_matmul,
     kernel_policy,
     layer_signature,
@@ -322,10 +322,7 @@ def to_integer_path(model: nn.Module, dynamic: bool = False, policy: str | None 
 
 def memory_cap() -> str:
     """``$QVLM_MEMORY`` (:data:`MEMORY_CAPS`; default "fp")."""
-    cap = os.environ.get("QVLM_MEMORY", "fp").strip().lower() or "fp"
-    if cap not in MEMORY_CAPS:
-        raise ValueError(f"QVLM_MEMORY={cap!r} is not one of {', '.join(MEMORY_CAPS)}")
-    return cap
+    return env_choice("QVLM_MEMORY", MEMORY_CAPS, "fp")
 
 
 def hold_within_cap(model: nn.Module, wanted: dict[str, tuple[PackedLinear, KernelChoice]], cap: str) -> dict:

@@ -432,8 +432,13 @@ def remember_choice(signature: str, policy: str, choice: KernelChoice) -> None:
             pass
 
 
+def env_choice(name: str, allowed: tuple[str, ...], default: str) -> str:
+    """``$name`` lower-cased (``default`` when unset or empty); ValueError naming the allowed values otherwise."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
 def kernel_policy() -> str:
-    policy = os.environ.get("QVLM_KERNELS", "measure").strip().lower() or "measure"
-    if policy not in POLICIES:
-        raise ValueError(f"QVLM_KERNELS={policy!r} is not one of {', '.join(POLICIES)}")
-    return policy
+    return env_choice("QVLM_KERNELS", POLICIES, "measure")

@@ -131,7 +131,7 @@ def rotate_inputs(linears: list[QuantLinear], kind: str, seed: int) -> None:
             raise RuntimeError("rotate the inputs before the weights are quantized")
         key = (lin.in_features, lin.weight.device)
         if key not in cache:
-            cache[key] = rotation_matrix(kind, lin.in_features, seed).float().to(lin.weight.device)
+            cache[key] = rotation_matrix(kind, lin.in_features, seed).to(lin.weight.device)
         q = cache[key]
         lin.weight.data = (lin.weight.data.float() @ q).to(lin.weight.dtype)
         lin.act.set_rotation(q)

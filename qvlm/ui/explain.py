@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qvlm.evaluation.analysis import VEO_SHARE_NEGLIGIBLE, VeoOutcome, veo_outcome  # noqa: F401  (veo_outcome: re-exported)
+from qvlm.evaluation.analysis import VEO_SHARE_NEGLIGIBLE, VeoOutcome
 from qvlm.utils.stats import finite
 
 INTERACTION_LEGEND = (

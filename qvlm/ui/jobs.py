@@ -144,7 +144,6 @@ class BackgroundJob(Generic[T]):
 
 
 # ---------------------------------------------------------------------------- the stage-by-stage status
-
 STAGE_TITLES = {
     STAGE_LOAD: "load model",
     STAGE_CALIBRATION: "calibration: record FP activations",

@@ -21,7 +21,7 @@ import gradio as gr
 
 from qvlm.ui import explain, plots
 from qvlm.evaluation.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, \
-    read_dependency_reports
+    read_dependency_reports, veo_outcome
 from qvlm.models import BUNDLED_MODELS
 from qvlm.evaluation.modality import modality_activation_stats
 from qvlm.evaluation.vision_sites import SITE_ROLES, SITE_SAMPLES, site_activation_map, vision_site_errors
@@ -231,7 +231,7 @@ class AnalysisPanel:
         compare = {v.label: list(v.result.layer_errors or []) for v in session.variants.variants(variant.base_model)}
         compare = {variant.label: compare.pop(variant.label), **compare}  # the chosen one first
         if r.veo_losses:
-            outcome = explain.veo_outcome(r.veo_holdout)
+            outcome = veo_outcome(r.veo_holdout)
             veo_lead, veo_note = explain.veo_lead(outcome), f"*{explain.veo_sentence(outcome)}*"
         else:
             veo_lead, veo_note = no_veo_reason(r.config), ""

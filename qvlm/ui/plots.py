@@ -18,7 +18,9 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qvlm.ui.explain import SITE_NAMES, finite, veo_outcome, vision_site_name
+from qvlm.evaluation.analysis import veo_outcome
+from qvlm.ui.explain import SITE_NAMES, vision_site_name
+from qvlm.utils.stats import finite
 from qvlm.utils.stats import linear_fit
 
 # A qualitative palette with enough distinct colours for the blocks of a 40-layer model
@@ -269,7 +271,7 @@ def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss 
     L = L_reg + λ1·L_ent + λ2·L_err (Eq. 10). With ``lambdas`` = (λ1, λ2) the entropy and error terms
     are drawn weighted, so the three terms add up to the total drawn above them; without, unweighted.
     The held-out error, measured on train images VEO never saw, shows whether what it learned
-    generalises; the title gives its change as :func:`qvlm.ui.explain.veo_outcome` does for the text.
+    generalises; the title gives its change as :func:`qvlm.evaluation.analysis.veo_outcome` does for the text.
     ``empty``: the placeholder's message when there is no loss (why this variant has no VEO run).
     """
     rows = [r for r in losses if finite(r.get("total"))]
