@@ -74,13 +74,13 @@ def measure(width: int, depth: int) -> dict:
     done.set()
     thread.join()
     weights = sum(p.numel() * p.element_size() for p in handle.model.parameters())
-    check = result.timing_details.get("search_acceptance", 0.0)
+    check = result.seconds("search_acceptance")
     return {"width": width, "depth": depth, "calib_pairs": CALIB_PAIRS, "threads": torch.get_num_threads(),
             "fp_weight_bytes": weights, "peak_extra_bytes": peak[0] - base, "seconds": round(seconds, 2),
             "stages": {k: v for k, v in result.timings.items() if k != "total"},
-            "search_parts": {SEARCH_JOINT: round(result.timings.get("search", 0.0) - check, 4), SEARCH_CHECK: check},
+            "search_parts": {SEARCH_JOINT: round(result.seconds("search") - check, 4), SEARCH_CHECK: check},
             "blocks": [list(b) for b in result.blocks],
-            "decisions": sum(bool(s.get("accept_errors")) for s in result.search)}
+            "decisions": sum(s.checked for s in result.search)}
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:

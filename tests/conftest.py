@@ -46,3 +46,17 @@ def tiny_mosaic_dir(tmp_path_factory) -> Path:
     args = ["mosaic", "--out", str(out), "--tiny", "--max-steps", "2", "--eval-questions", "8", "--threads", "2"]
     assert main(args) == 0
     return out
+
+
+MODEL_FIXTURES = {"bundled", "bundled_dir", "tiny_mosaic_dir"}
+"""Fixtures that load (or build) a bundled model: a test that uses one, directly or through another, is "model"."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by what it needs (pyproject.toml's markers), so that -m selects without a list to keep."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+        if e2e in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)

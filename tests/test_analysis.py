@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import torch
 
-from qvlm.evaluation.analysis import ded_analysis, ded_sweep, dependency_diagnostics, dependency_verdict, interaction_share
+from qvlm.evaluation.analysis import PairSummary, ded_analysis, ded_sweep, dependency_diagnostics, dependency_verdict, \
+    interaction_share
+from qvlm.quant.records import HeldOutError, VeoEpoch
 from qvlm.utils.stats import r2_chance_level
 from qvlm.quant import QuantConfig, get_preset
 
@@ -16,11 +20,11 @@ def test_ded_analysis_on_the_bundled_model(bundled):
     a = ded_analysis(bundled, cfg, layer=2, n_samples=8)
     assert a.layer == 2 and a.block == [2, 3] and a.n_samples == 8 and len(a.points) == 8
     for p in a.points:
-        assert {"entropy", "ded", "qerr", "sample"} <= set(p)
-        assert p["ded"] >= 0 and p["entropy"] > 0 and p["qerr"] > 0
-        assert p["ded"] == pytest.approx(max(0.0, p["greedy_error"] - p["joint_error"]), abs=1e-9)
-    assert set(a.fit) == {"slope", "intercept", "r2"} and 0.0 <= a.fit["r2"] <= 1.0
-    assert set(a.qerr_fit) == {"slope", "intercept", "r2"}
+        assert {"entropy", "ded", "qerr", "sample"} <= set(p.to_dict())
+        assert p.ded >= 0 and p.entropy > 0 and p.qerr > 0
+        assert p.ded == pytest.approx(max(0.0, p.greedy_error - p.joint_error), abs=1e-9)
+    assert set(a.fit.to_dict()) == {"slope", "intercept", "r2"} and 0.0 <= a.fit.r2 <= 1.0
+    assert set(a.qerr_fit.to_dict()) == {"slope", "intercept", "r2"}
 
 
 def test_ded_sweep_covers_every_pair_and_rejects_bad_layers(bundled):
@@ -49,35 +53,32 @@ def test_interaction_share_is_zero_for_additive_tables_and_one_for_pure_interact
 def test_dependency_diagnostics_on_the_bundled_model(bundled):
     n = len(bundled.layer_map.language)
     report = dependency_diagnostics(bundled, QuantConfig(recipe="qvlm-cdm", calib_size=4, calib_batch=4), n_samples=4)
-    rows = report.to_dict()["pairs"]
-    assert [r["layer"] for r in rows] == list(range(n - 1))
+    rows = report.summaries
+    assert [r.layer for r in rows] == list(range(n - 1))
+    assert [PairSummary.from_dict(r) for r in report.to_dict()["pairs"]] == rows  # the stored form reads back
     for r in rows:
-        assert 0.0 <= r["interaction_share"] <= 1.0 and 0.0 <= r["zero_ded_fraction"] <= 1.0
-        assert r["r2_chance"] == pytest.approx(r2_chance_level(4)) and r["gain"] > 0 and r["branch_response"] >= 0
-        assert r["mean_ded"] >= 0
+        assert 0.0 <= r.interaction_share <= 1.0 and 0.0 <= r.zero_ded_fraction <= 1.0
+        assert r.r2_chance == pytest.approx(r2_chance_level(4)) and r.gain > 0 and r.branch_response >= 0
+        assert r.mean_ded >= 0
     # the verdict is computed from the rows, never a fixed text
     assert report.verdict == dependency_verdict(rows) and "of 7 pairs" in report.verdict
-    flipped = [dict(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) for r in rows]
+    flipped = [replace(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) for r in rows]
     assert dependency_verdict(flipped).startswith("On this model the layers interact:")
-    flat = [dict(r, interaction_share=0.01, joint_equals_greedy=True) for r in rows]
+    flat = [replace(r, interaction_share=0.01, joint_equals_greedy=True) for r in rows]
     assert dependency_verdict(flat).startswith("On this model the layers' quantization errors add up")
     # "layers interact" needs at least a quarter of the pairs: 3 of 15 is not, 4 of 15 is
-    fifteen = [dict(flat[0], layer=k) for k in range(15)]
-    three = [dict(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) if k < 3 else r
+    fifteen = [replace(flat[0], layer=k) for k in range(15)]
+    three = [replace(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) if k < 3 else r
              for k, r in enumerate(fifteen)]
-    four = [dict(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) if k < 4 else r
+    four = [replace(r, interaction_share=0.5, joint_equals_greedy=False, controllable_share=0.5) if k < 4 else r
             for k, r in enumerate(fifteen)]
     assert dependency_verdict(three).startswith("On this model the layers' quantization errors add up")
     assert dependency_verdict(four).startswith("On this model the layers interact:")
 
 
 def _held_out_row(epoch, output, kl, agree=0.98, kept=False, ceiling_kl=None):
-    row = {"epoch": epoch, "visual": 0.01, "output": output, "err": 0.01 + output, "answer_agree": agree,
-           "answer_kl": kl, "answer_tokens": 128, "kept": kept}
-    if ceiling_kl is not None:
-        row["vision_acts_fp"] = {"visual": 0.0, "output": output / 4, "err": output / 4, "answer_agree": 1.0,
-                                 "answer_kl": ceiling_kl, "answer_tokens": 128}
-    return row
+    ceiling = None if ceiling_kl is None else HeldOutError(0.0, output / 4, output / 4, 1.0, ceiling_kl, 128)
+    return VeoEpoch(epoch, HeldOutError(0.01, output, 0.01 + output, agree, kl, 128), kept, ceiling)
 
 
 def test_the_veo_outcome_is_computed_once_from_the_held_out_log():
@@ -104,7 +105,8 @@ def test_the_analysis_tab_shows_each_bundled_model_s_stored_diagnostics(tmp_path
     adds_up, interacts, absent = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for folder in (adds_up, interacts, absent):
         folder.mkdir()
-    pair = {"interaction_share": 0.02, "joint_equals_greedy": True, "r2_entropy": 0.1, "r2_chance": 0.25}
+    pair = {"layer": 0, "block": [0, 1], "n": 16, "r2_entropy": 0.1, "r2_qerr": 0.0, "r2_chance": 0.25,
+            "interaction_share": 0.02, "joint_equals_greedy": True}
     (adds_up / "dependency_report.json").write_text(json.dumps({"W4A3": {
         "samples": 16, "pairs": [pair] * 3, "verdict": "On this model the layers' quantization errors add up: x"}}))
     (interacts / "dependency_report.json").write_text(json.dumps({"W4A3": {

@@ -19,6 +19,7 @@ from qvlm.data import evaluation_subset
 from qvlm.models.inference import answer_token_ids, continuation_probs, generate_token_ids
 from qvlm.evaluation.modality import modality_activation_stats
 from qvlm.utils.progress import Cancelled
+from qvlm.quant.memory import WeightBytes, WeightMemory
 
 SAMPLES = evaluation_subset(8, seed=3)
 
@@ -57,20 +58,20 @@ def test_teacher_forced_steps_predict_the_greedy_answer_in_a_padded_batch(bundle
 def test_the_fp_model_against_itself_has_zero_kl_and_no_flip(bundled, shape_question):
     image, question, _ = shape_question
     out = compare.token_comparison(bundled, {"same": bundled}, image, question)
-    v = out["variants"]["same"]
-    assert out["tokens"][-1] == "</s>" and len(out["fp_top"]) == len(out["tokens"])
-    assert len(out["fp_top"][0]) == 5 and out["fp_top"][0][0][0] == out["tokens"][0]
-    assert v["first_diff"] is None and not v["flipped"] and max(v["kl"]) < 1e-6
+    v = out.variants["same"]
+    assert out.tokens[-1] == "</s>" and len(out.fp_top) == len(out.tokens)
+    assert len(out.fp_top[0]) == 5 and out.fp_top[0][0][0] == out.tokens[0]
+    assert v.first_diff is None and not v.flipped and max(v.kl) < 1e-6
 
 
 def test_a_variant_that_answers_otherwise_is_flipped_at_step_0_with_positive_kl(bundled, shape_question, perturbed):
     image, question, _ = shape_question
     handle, first = perturbed
     out = compare.token_comparison(bundled, {"pushed": handle}, image, question)
-    v = out["variants"]["pushed"]
-    assert v["flipped"] and v["first_diff"] == 0 and v["kl"][0] > 1.0
-    assert v["answer"] != out["fp_answer"]
-    assert all(tok != bundled.processor.tokenizer.convert_ids_to_tokens(first) for tok, _ in v["top"][0][:1])
+    v = out.variants["pushed"]
+    assert v.flipped and v.first_diff == 0 and v.kl[0] > 1.0
+    assert v.answer != out.fp_answer
+    assert all(tok != bundled.processor.tokenizer.convert_ids_to_tokens(first) for tok, _ in v.top[0][:1])
 
 
 def test_the_scan_counts_flips_and_ranks_them_before_probability_drops(bundled, perturbed):
@@ -109,14 +110,14 @@ def test_bit_sweep_quantizes_and_scores_each_point_fp_first(bundled):
         return SimpleNamespace(handle=fp)
 
     rows = compare.bit_sweep(bundled, ["rtn", "qvlm"], ["W8A8", "W4A4"], SAMPLES[:4], calib_size=4,
-                             quantize=fake_quantize, measure_memory=lambda m: {"fp16_bytes": 10, "quant_bytes": 3},
+                             quantize=fake_quantize, measure_memory=lambda m: WeightMemory({"language": WeightBytes(5, 10, 3)}),
                              quantize_vision=False)
     assert made == [("rtn", "W8A8", 4, False), ("rtn", "W4A4", 4, False), ("qvlm", "W8A8", 4, False),
                     ("qvlm", "W4A4", 4, False)]
-    assert [(r["recipe"], r["bits"]) for r in rows] == [("fp", "FP"), ("rtn", "W8A8"), ("rtn", "W4A4"),
+    assert [(r.recipe, r.bits) for r in rows] == [("fp", "FP"), ("rtn", "W8A8"), ("rtn", "W4A4"),
                                                       ("qvlm", "W8A8"), ("qvlm", "W4A4")]
-    assert rows[0]["quant_bytes"] == 10 and rows[1]["quant_bytes"] == 3
-    assert len({r["accuracy"] for r in rows}) == 1 and rows[0]["n"] == 4  # the same model every time
+    assert rows[0].quant_bytes == 10 and rows[1].quant_bytes == 3
+    assert len({r.accuracy for r in rows}) == 1 and rows[0].n == 4  # the same model every time
     with pytest.raises(ValueError, match="bit setting"):
         compare.bit_sweep(bundled, ["rtn"], ["W9"], SAMPLES[:2], quantize=fake_quantize)
 
@@ -139,10 +140,10 @@ def test_paper_table3_holds_only_the_settings_the_paper_reports():
 
 def test_modality_stats_split_image_and_text_tokens_per_decoder_layer(bundled):
     rows = modality_activation_stats(bundled, n_pairs=4)
-    assert [r["layer"] for r in rows] == list(range(len(bundled.layer_map.language)))
-    n_image = rows[0]["image_tokens"]
-    assert n_image > 0 and n_image % 4 == 0 and rows[0]["text_tokens"] > 0  # the same image tokens per pair
+    assert [r.layer for r in rows] == list(range(len(bundled.layer_map.language)))
+    n_image = rows[0].image.tokens
+    assert n_image > 0 and n_image % 4 == 0 and rows[0].text.tokens > 0  # the same image tokens per pair
     for r in rows:
-        assert 0 < r["image_p"] <= r["image_max"] and 0 < r["text_p"] <= r["text_max"]
+        assert 0 < r.image.p <= r.image.max and 0 < r.text.p <= r.text.max
     with pytest.raises(ValueError, match="calibration pairs"):
         modality_activation_stats(bundled, n_pairs=0)

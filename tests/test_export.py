@@ -40,7 +40,7 @@ def test_quantized_weights_are_really_packed(exported, bundled):
     fp16 = sum(2 * m.in_features * m.out_features for m in layers)
     bits = result.config.w_bits
     assert held < fp16 * (bits + 0.75) / 16  # codes plus per-channel steps or one float32 absmax per 64
-    assert mem["quant_bytes"] < mem["fp16_bytes"]
+    assert mem.quant_bytes < mem.fp16_bytes
 
 
 def test_reload_is_bit_exact(exported):

@@ -12,39 +12,39 @@ FAST = dict(calib_size=8, calib_batch=4, max_block_depth=2)
 @pytest.mark.parametrize("objective", ["normed_hidden", "linear_output", "residual"])
 def test_every_block_objective_ends_no_worse_than_the_incumbent(bundled, objective):
     res = quantize(bundled, QuantConfig(recipe="qvlm-cdm", block_objective=objective, **FAST))
-    assert res.search and all(s["objective"] == objective for s in res.search)
-    assert all(s["error"] <= s["incumbent_error"] + 1e-12 for s in res.search)
+    assert res.search and all(s.objective == objective for s in res.search)
+    assert all(s.error <= s.incumbent_error + 1e-12 for s in res.search)
 
 
 def test_the_final_output_check_puts_rejected_blocks_back_at_their_incumbent(bundled):
     res = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="final_output", **FAST))
     for s in res.search:
-        assert isinstance(s["accepted"], bool)
-        if not s["accepted"]:
-            assert all(res.percentiles[k] is None for k in s["block"])  # None: the init's ranges
+        assert isinstance(s.accepted, bool)
+        if not s.accepted:
+            assert all(res.percentiles[k] is None for k in s.block)  # None: the init's ranges
     blockwise = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="block", **FAST))
-    assert all(s["accepted"] for s in blockwise.search)
+    assert all(s.accepted for s in blockwise.search)
 
 
 def test_the_holdout_check_keeps_only_choices_that_also_help_unseen_pairs(bundled):
     res = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="holdout", cdm_holdout_images=8, **FAST))
-    changed = [s for s in res.search if s["accept_errors"]]
+    changed = [s for s in res.search if s.accept_errors]
     assert changed, "no block changed its ranges: the check was never exercised"
     for s in changed:
-        chosen, incumbent = s["accept_errors"]["calibration"]
-        if s["accepted"]:
-            assert chosen < incumbent and s["accept_errors"]["holdout"][0] < s["accept_errors"]["holdout"][1]
+        chosen, incumbent = s.accept_errors["calibration"]
+        if s.accepted:
+            assert chosen < incumbent and s.accept_errors["holdout"][0] < s.accept_errors["holdout"][1]
         else:
-            assert all(res.percentiles[k] is None for k in s["block"])
+            assert all(res.percentiles[k] is None for k in s.block)
             rejected_by_holdout = chosen < incumbent
-            assert not rejected_by_holdout or s["accept_errors"]["holdout"][0] >= s["accept_errors"]["holdout"][1]
+            assert not rejected_by_holdout or s.accept_errors["holdout"][0] >= s.accept_errors["holdout"][1]
 
 
 def test_without_holdout_pairs_the_check_falls_back_to_the_calibration_pairs(bundled):
     with_check = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="holdout", cdm_holdout_images=0, **FAST))
     calibration_only = quantize(bundled, QuantConfig(recipe="qvlm-cdm", cdm_accept="final_output", **FAST))
     assert with_check.percentiles == calibration_only.percentiles
-    assert all("holdout" not in s["accept_errors"] for s in with_check.search)
+    assert all("holdout" not in s.accept_errors for s in with_check.search)
 
 
 def test_the_answer_kl_score_is_zero_on_the_fp_output_and_grows_with_a_perturbation():
@@ -87,13 +87,13 @@ def test_the_check_remembers_the_model_s_output_error_instead_of_rerunning_the_i
     monkeypatch.setattr(OutputCheck, "incumbent_error", lambda self, rest, out: self.final_error(rest, out))
     rerun = quantize(bundled, cfg)
     assert remembered.percentiles == rerun.percentiles
-    decided = [(a, b) for a, b in zip(remembered.search, rerun.search) if a["accept_errors"]]
+    decided = [(a, b) for a, b in zip(remembered.search, rerun.search) if a.accept_errors]
     assert len(decided) >= 2, "fewer than two decisions: nothing to remember between them"
     for a, b in decided:
-        assert a["accepted"] == b["accepted"] and a["accept_errors"].keys() == b["accept_errors"].keys()
-        for name, (chosen, incumbent) in a["accept_errors"].items():
-            assert chosen == pytest.approx(b["accept_errors"][name][0], rel=1e-5)
-            assert incumbent == pytest.approx(b["accept_errors"][name][1], rel=1e-5)
+        assert a.accepted == b.accepted and a.accept_errors.keys() == b.accept_errors.keys()
+        for name, (chosen, incumbent) in a.accept_errors.items():
+            assert chosen == pytest.approx(b.accept_errors[name][0], rel=1e-5)
+            assert incumbent == pytest.approx(b.accept_errors[name][1], rel=1e-5)
     assert sum(c.rest_runs for c in made[0]) < sum(c.rest_runs for c in made[1])
     assert 0 < remembered.timing_details["search_acceptance"] <= remembered.timings["search"]  # the check's share
 
@@ -129,7 +129,7 @@ def test_decide_block_keeps_a_choice_only_if_it_lowers_the_output_error(chosen, 
     entries = [SimpleNamespace(module=f"layer{k}") for k in range(3)]
     check = _Check("calibration", chosen, 1.0, applied)
     decision = decide_block(entries, [0, 1], (2, 1), lambda j, c: applied.append((j, c)), [check])
-    assert decision["accepted"] is kept and decision["errors"]["calibration"] == [chosen, 1.0]
+    assert decision.accepted is kept and decision.errors["calibration"] == [chosen, 1.0]
     assert applied[-2:] == ([(0, 2), (1, 1)] if kept else [(0, 0), (1, 0)])  # where the block is left
     assert check.xs == (tuple(applied[-2:]))
     assert check.current_error == (chosen if kept else 1.0)

@@ -137,4 +137,4 @@ def test_vision_bits_reach_the_vision_linears_and_the_llm_keeps_the_runs(bundled
     linears = [m for m in result.handle.model.modules() if getattr(m, "tower", None) == "vision"]
     codes = sum(m.packed.numel() * m.packed.element_size() for m in linears)
     assert codes == sum(m.out_features * m.in_features for m in linears) * 6 // 8
-    assert weight_memory(result.handle.model)["by_family"]["vision"]["quant_bytes"] > codes
+    assert weight_memory(result.handle.model).by_family["vision"].quant_bytes > codes

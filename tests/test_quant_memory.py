@@ -94,7 +94,7 @@ def test_veo_micro_batches_accumulate_to_the_whole_batch_loss(bundled):
     whole, micro = logs[None][0], logs[1][0]
     # Same data and start point; only the averaging of CE over answer tokens differs by row.
     for key in ("total", "reg", "err"):
-        assert micro[key] == pytest.approx(whole[key], rel=0.05), key
+        assert getattr(micro, key) == pytest.approx(getattr(whole, key), rel=0.05), key
     assert len(logs[1]) == len(logs[None])
 
 
@@ -113,7 +113,7 @@ def test_veo_checkpointing_gives_the_same_losses_and_bounds(bundled):
     (plain, b0), (ckpt, b1) = runs[False], runs[True]
     for a, b in zip(plain, ckpt):
         for key in ("total", "reg", "ent", "err"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-5, abs=1e-7), key
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(b0, b1))
     # the layers' forward is restored afterwards
     assert all("forward" not in layer.__dict__ for layer in res.handle.model.model.language_model.layers)
@@ -122,14 +122,15 @@ def test_veo_checkpointing_gives_the_same_losses_and_bounds(bundled):
 def test_veo_keeps_the_epoch_with_the_lowest_held_out_error(bundled):
     res = quantize(bundled, QuantConfig(recipe="qvlm-veo", veo_holdout_images=8, **(FAST | {"veo_epochs": 2})))
     rows = res.veo_holdout
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
-    kept = [r for r in rows if r["kept"]]
-    assert len(kept) == 1 and kept[0]["err"] == min(r["err"] for r in rows)
-    assert all(r["err"] == pytest.approx(r["visual"] + res.config.veo_eta * r["output"]) for r in rows)
+    assert [r.epoch for r in rows] == [0, 1, 2]
+    kept = [r for r in rows if r.kept]
+    assert len(kept) == 1 and kept[0].err == min(r.err for r in rows)
+    assert all(r.err == pytest.approx(r.held_out.visual + res.config.veo_eta * r.held_out.output) for r in rows)
     # where the error ends: the answers, and VEO's ceiling (the same images, vision activations unquantized)
-    assert all(0.0 <= r["answer_agree"] <= 1.0 and r["answer_kl"] >= 0.0 and r["answer_tokens"] >= 8 for r in rows)
-    ceiling = rows[0]["vision_acts_fp"]
-    assert ceiling["visual"] < rows[0]["visual"] and ceiling["answer_tokens"] == rows[0]["answer_tokens"]
+    held = [r.held_out for r in rows]
+    assert all(0.0 <= h.answer_agree <= 1.0 and h.answer_kl >= 0.0 and h.answer_tokens >= 8 for h in held)
+    ceiling = rows[0].vision_acts_fp
+    assert ceiling.visual < held[0].visual and ceiling.answer_tokens == held[0].answer_tokens
 
 
 def test_veo_that_only_hurts_held_out_images_leaves_the_init_ranges(bundled):
@@ -140,6 +141,6 @@ def test_veo_that_only_hurts_held_out_images_leaves_the_init_ranges(bundled):
 
     base = quantize(bundled, QuantConfig(recipe="qlora", **FAST))
     veo = quantize(bundled, QuantConfig(recipe="qvlm-veo", veo_lr=3.0, veo_holdout_images=8, **FAST))
-    assert veo.veo_holdout[0]["kept"] and veo.veo_holdout[1]["err"] > veo.veo_holdout[0]["err"]
+    assert veo.veo_holdout[0].kept and veo.veo_holdout[1].err > veo.veo_holdout[0].err
     for (lo0, hi0), (lo1, hi1) in zip(vision_ranges(base), vision_ranges(veo)):
         assert torch.equal(lo0, lo1) and torch.equal(hi0, hi1)

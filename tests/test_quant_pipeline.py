@@ -103,9 +103,9 @@ def test_every_recipe_end_to_end(recipe, results, bundled, fp_print):
     assert {q.w_format for q in qlins} == ({"uniform"} if recipe in ("rtn", "awq") else {"nf4"})
     assert all((q.w_group or q.in_features) == (q.in_features if recipe == "rtn" else 64) for q in qlins)
     assert all((q.smooth is not None) == (recipe == "awq" and q.act.rotation is None) for q in qlins)  # rotated: no AWQ
-    rows = {(r["tower"], r["index"]): r for r in res.layer_errors}
+    rows = {(r.tower, r.index): r for r in res.layer_errors}
     assert len(rows) == n_vis + n_lang
-    assert all(r["quant_mse"] >= 0 and r["init_mse"] >= 0 and r["fp_mse"] > 0 for r in rows.values())
+    assert all(r.quant_mse >= 0 and r.init_mse >= 0 and r.fp_mse > 0 for r in rows.values())
     assert {"calibration", "init", "total"} <= set(res.timings)
     names = [s for s, _, _ in stages]
     if recipe in ("qvlm-cdm", "qvlm"):
@@ -114,8 +114,8 @@ def test_every_recipe_end_to_end(recipe, results, bundled, fp_print):
         assert max(len(b) for b in res.blocks) <= 2
         assert set(res.percentiles) == set(range(n_lang))
         assert set(res.percentiles.values()) <= set(res.config.percentiles) | {None}  # None: the init's ranges kept
-        assert all(s["error"] <= s["greedy_error"] + 1e-12 for s in res.search)  # joint never worse than greedy
-        assert all(s["error"] <= s["incumbent_error"] + 1e-12 for s in res.search)  # nor than where it started
+        assert all(s.error <= s.greedy_error + 1e-12 for s in res.search)  # joint never worse than greedy
+        assert all(s.error <= s.incumbent_error + 1e-12 for s in res.search)  # nor than where it started
         assert "entropy" in names and "search" in names
         assert any(m.startswith("block ") for s, _, m in stages if s == "search")
     else:
@@ -123,7 +123,7 @@ def test_every_recipe_end_to_end(recipe, results, bundled, fp_print):
         assert res.blocks == [[k] for k in range(n_lang)]
     if recipe in ("qvlm-veo", "qvlm"):
         assert len(res.veo_losses) == 2  # 1 epoch x 2 batches
-        assert set(res.veo_losses[0]) == {"step", "epoch", "total", "reg", "ent", "err"}
+        assert set(res.veo_losses[0].to_dict()) == {"step", "epoch", "total", "reg", "ent", "err"}
         assert any(m.startswith("epoch 1/1") for s, _, m in stages if s == "veo")
         vision = [q for q in qlins if q.tower == "vision"]
         assert all(q.act.log_hi is None for q in vision)  # frozen back to static ranges
@@ -145,12 +145,12 @@ def test_veo_moves_the_vision_bounds_only(results, bundled):
 
 def test_weight_memory_counts_quantized_linears(results, bundled):
     fp = weight_memory(bundled.model)
-    assert fp["quant_bytes"] == fp["fp16_bytes"]
+    assert fp.quant_bytes == fp.fp16_bytes
     q = weight_memory(results["rtn"][0].handle.model)
-    assert q["fp16_bytes"] == fp["fp16_bytes"]
-    assert q["quant_bytes"] < 0.6 * q["fp16_bytes"]
-    assert q["by_family"]["language"]["quant_bytes"] < q["by_family"]["language"]["fp16_bytes"] / 3
-    assert q["by_family"]["lm_head"]["quant_bytes"] == q["by_family"]["lm_head"]["fp16_bytes"]
+    assert q.fp16_bytes == fp.fp16_bytes
+    assert q.quant_bytes < 0.6 * q.fp16_bytes
+    assert q.by_family["language"].quant_bytes < q.by_family["language"].fp16_bytes / 3
+    assert q.by_family["lm_head"].quant_bytes == q.by_family["lm_head"].fp16_bytes
 
 
 @pytest.mark.parametrize("stage", ["init", "search"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qvlm.evaluation.bench import render_markdown, reference_verdicts
+from qvlm.evaluation.bench import BenchRow, render_markdown, reference_verdicts
 from qvlm.data import evaluation_subset
 from qvlm.evaluation.accuracy import evaluate
 from qvlm.evaluation.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
@@ -28,7 +28,7 @@ def test_reference_row_enters_the_table_and_the_paired_verdicts():
 
     rows = [row("FP", "fp", [True] * 10, 50.0), row("W4A16", BNB_NF4, [True] * 9 + [False], 60.0),
             row("W4A4", "qlora", [True] * 5 + [False] * 5, 30.0)]
-    lines = reference_verdicts(rows)
+    lines = reference_verdicts([BenchRow.from_dict(r) for r in rows])
     assert len(lines) == 2 and all(BNB_NF4 in x for x in lines)
     out = {"model": "m", "eval_questions": 10, "limit": 10, "calib_size": 8, "rows": rows, "started": "now",
            "machine": {"cpus": 2, "torch": "x", "torch_threads": 2, "device": "cpu"}}

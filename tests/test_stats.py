@@ -12,16 +12,16 @@ from qvlm.utils.stats import linear_fit, mcnemar, paired_verdict, r2_chance_leve
 
 def test_linear_fit_exact_line_and_noise():
     fit = linear_fit([0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 5.0, 7.0])
-    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
-    assert fit["r2"] == pytest.approx(1.0)
+    assert fit.slope == pytest.approx(2.0) and fit.intercept == pytest.approx(1.0)
+    assert fit.r2 == pytest.approx(1.0)
     noisy = linear_fit([0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 1.0, 3.0])
-    assert 0.0 < noisy["r2"] < 1.0
+    assert 0.0 < noisy.r2 < 1.0
 
 
 def test_linear_fit_degenerate_inputs_are_finite_and_zero():
     for xs, ys in (([], []), ([1.0], [2.0]), ([1, 1, 1], [1, 2, 3]), ([0, 1, 2], [5, 5, 5])):
         fit = linear_fit(xs, ys)
-        assert all(math.isfinite(v) for v in fit.values()) and fit["r2"] == 0.0
+        assert all(math.isfinite(v) for v in fit.to_dict().values()) and fit.r2 == 0.0
 
 
 def test_regularized_beta_matches_closed_forms():
@@ -38,7 +38,7 @@ def test_r2_chance_level_is_about_four_over_n_and_holds_under_no_correlation():
     rng = random.Random(0)
     n, trials = 32, 2000
     level = r2_chance_level(n)
-    exceed = sum(linear_fit([rng.gauss(0, 1) for _ in range(n)], [rng.gauss(0, 1) for _ in range(n)])["r2"] > level
+    exceed = sum(linear_fit([rng.gauss(0, 1) for _ in range(n)], [rng.gauss(0, 1) for _ in range(n)]).r2 > level
                  for _ in range(trials))
     assert 0.03 < exceed / trials < 0.07  # 5% by construction
 

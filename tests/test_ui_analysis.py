@@ -6,6 +6,7 @@ Plain data only: no model is loaded.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import gradio as gr
@@ -15,17 +16,16 @@ from qvlm.quant import QuantConfig
 from qvlm.evaluation.analysis import veo_outcome
 from qvlm.ui import explain, plots
 from qvlm.ui.panel_analysis import INTERACTION_COLUMNS, AnalysisPanel, no_veo_reason, rerun_cost
+from qvlm.utils.stats import LinearFit
+from qvlm.evaluation.vision_sites import SiteError, SiteMap
+from run_records import ded_point, layer_error, modality_row, pair, search_row, veo_epoch, veo_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # The easy-VQA case found by a user: the held-out error fell 33%, but the answers moved away from FP.
-EASY_VQA_HOLDOUT = [
-    {"epoch": 0, "err": 0.0953, "output": 0.0896, "answer_kl": 0.010, "answer_agree": 1.0, "answer_tokens": 64,
-     "kept": False, "vision_acts_fp": {"err": 0.0, "output": 0.0, "answer_kl": 0.004, "answer_agree": 1.0}},
-    {"epoch": 1, "err": 0.0700, "output": 0.0870, "answer_kl": 0.011, "answer_agree": 1.0, "kept": False},
-    {"epoch": 2, "err": 0.0638, "output": 0.0857, "answer_kl": 0.012, "answer_agree": 1.0, "kept": True},
-]
-LOSSES = [{"step": i + 1, "epoch": i // 2 + 1, "total": 1.0, "reg": 0.5, "ent": 10.0, "err": 0.4} for i in range(4)]
+EASY_VQA_HOLDOUT = [veo_epoch(0, 0.0953, answer_kl=0.010, ceiling_kl=0.004), veo_epoch(1, 0.0700, answer_kl=0.011),
+                    veo_epoch(2, 0.0638, kept=True, answer_kl=0.012)]
+LOSSES = [veo_step(i + 1, i // 2 + 1, 1.0, 0.5, 10.0, 0.4) for i in range(4)]
 
 
 def _percent(text: str) -> list[str]:
@@ -47,7 +47,7 @@ def test_the_veo_title_and_the_text_under_it_give_the_same_numbers():
 
 
 def test_veo_that_kept_the_init_says_so_in_title_and_text():
-    holdout = [dict(EASY_VQA_HOLDOUT[0], kept=True), dict(EASY_VQA_HOLDOUT[1], err=0.1, kept=False)]
+    holdout = [replace(EASY_VQA_HOLDOUT[0], kept=True), veo_epoch(1, 0.1, answer_kl=0.011)]
     outcome = veo_outcome(holdout)
     assert outcome.kept_epoch == 0 and outcome.error_phrase == "0.0953 → 0.0953 (+0%)"
     assert "epoch 0 kept" in plots.veo_loss_figure(LOSSES, holdout=holdout).layout.title.text
@@ -71,22 +71,21 @@ def test_the_cost_of_a_ded_run_quotes_the_measured_init_time_and_no_guess():
 
 
 def test_interaction_lead_says_in_words_whether_the_errors_add_up():
-    additive = [{"layer": k, "block": [k, k + 1], "interaction_share": 0.01 * k, "joint_equals_greedy": True}
-                for k in range(4)]
-    lead = explain.interaction_lead(additive, 0.10)
+    additive = [pair(k, 0.01 * k) for k in range(4)]
+    lead = explain.interaction_lead(additive)
     assert "add up" in lead and "cannot help" in lead and "L3–L4" in lead
-    coupled = [dict(additive[0]), dict(additive[1], interaction_share=0.4, joint_equals_greedy=False)]
-    lead = explain.interaction_lead(coupled, 0.10)
+    coupled = [additive[0], replace(additive[1], interaction_share=0.4, joint_equals_greedy=False)]
+    lead = explain.interaction_lead(coupled)
     assert lead.startswith("1 of 2 neighbouring layer pairs interact") and "L1–L2" in lead and "40.0%" in lead
 
 
 def test_ded_lead_reads_r2_against_chance_in_plain_words():
-    points = [{"entropy": 0.1 * i, "ded": 0.01 * (i % 3)} for i in range(16)]
+    points = [ded_point(0.1 * i, 0.01 * (i % 3)) for i in range(16)]
     below = explain.ded_lead(points, 0.069, 0.25)
     assert "0.0690" in below and "0.25" in below and "no better than a guess" in below
     above = explain.ded_lead(points, 0.62, 0.25)
     assert "0.6200" in above and "above the 0.25" in above
-    zero = explain.ded_lead([{"entropy": 1.0, "ded": 0.0}] * 3, 0.0, 0.9)
+    zero = explain.ded_lead([ded_point(1.0, 0.0)] * 3, 0.0, 0.9)
     assert "exactly the same" in zero
 
 
@@ -95,11 +94,10 @@ def test_partition_error_and_modality_leads_follow_the_numbers():
     assert lead.startswith("3 of 5 neighbouring layer pairs") and "the 6 decoder layers form 3 blocks" in lead
     assert "alone" in explain.partition_lead([0.1, 0.2], [[0], [1], [2]], 0.5)
     assert "no CDM step" in explain.partition_lead([], [], None)
-    rows = [{"tower": "language", "index": 0, "quant_mse": 0.02, "init_mse": 0.03, "fp_mse": 1.0},
-            {"tower": "language", "index": 1, "quant_mse": 0.05, "init_mse": 0.05, "fp_mse": 1.0}]
+    rows = [layer_error("language", 0, 0.02, 0.03, fp_mse=1.0), layer_error("language", 1, 0.05, 0.05, fp_mse=1.0)]
     lead = explain.layer_error_lead(rows)
     assert "the worst is L1, at 5% of" in lead and "1 of 2 layers" in lead and lead.count(". ") == 0
-    wide = [{"layer": 0, "image_p": 6.0, "text_p": 2.0}, {"layer": 1, "image_p": 2.0, "text_p": 2.0}]
+    wide = [modality_row(0, 6.0, 2.0), modality_row(1, 2.0, 2.0)]
     assert "up to 3.00 times larger than text tokens (at L0)" in explain.modality_lead(wide)
     assert "one clipping range serves both" in explain.modality_lead(wide[1:])
 
@@ -136,37 +134,36 @@ def test_partition_title_and_lead_count_the_same_blocks():
 
 
 def test_interaction_bars_and_lead_give_the_same_share():
-    pairs = [{"layer": k, "block": [k, k + 1], "interaction_share": s, "joint_equals_greedy": True}
-             for k, s in enumerate((0.0123, 0.0456, 0.031))]
+    pairs = [pair(k, s) for k, s in enumerate((0.0123, 0.0456, 0.031))]
     (bars,) = plots.interaction_figure(pairs, 0.10).data
     top = max(zip(bars.y, bars.text, bars.x))
-    lead = explain.interaction_lead(pairs, 0.10)
+    lead = explain.interaction_lead(pairs)
     assert f"at most {top[1]}" in lead and top[2] in lead
 
 
 def test_ded_plot_annotation_and_lead_give_the_same_r2_and_chance_level():
-    points = [{"entropy": 0.1 * i, "ded": 0.01 * ((7 * i) % 5)} for i in range(16)]
-    fit = {"slope": 0.01, "intercept": 0.0, "r2": 0.069}
+    points = [ded_point(0.1 * i, 0.01 * ((7 * i) % 5)) for i in range(16)]
+    fit = LinearFit(0.01, 0.0, 0.069)
     fig = plots.ded_scatter(points, 2, "entropy", fit, r2_chance=0.25)
     r2, chance = re.search(r"R² = ([\d.]+) \(chance level ([\d.]+)", fig.layout.annotations[0].text).groups()
-    lead = explain.ded_lead(points, fit["r2"], 0.25)
+    lead = explain.ded_lead(points, fit.r2, 0.25)
     assert f"R² of {r2} is below {chance}" in lead
 
 
 def test_modality_table_ratio_and_lead_agree():
-    rows = [{"layer": 0, "image_p": 6.1, "text_p": 2.0}, {"layer": 1, "image_p": 2.0, "text_p": 2.0}]
-    top = max(explain.modality_ratio(r) for r in rows)
+    rows = [modality_row(0, 6.1, 2.0), modality_row(1, 2.0, 2.0)]
+    top = max(r.ratio for r in rows)
     assert f"up to {top:.2f} times larger" in explain.modality_lead(rows)
 
 
 def test_the_vision_lead_names_the_worst_site_and_its_share():
-    rows = [{"layer": 0, "site": "qkv", "error": 0.001, "share": 0.2},
-            {"layer": 2, "site": "fc2", "error": 0.004, "share": 0.8}]
+    rows = [SiteError(0, "qkv", 0.001, 0.2), SiteError(2, "fc2", 0.004, 0.8)]
     lead = explain.vision_sites_lead(rows)
     assert lead.startswith("Layer 2's fc2 input loses the most: 80%") and lead.count(". ") == 0
-    assert "weights" in explain.vision_sites_lead([dict(rows[0], error=0.0)])
+    assert "weights" in explain.vision_sites_lead([replace(rows[0], error=0.0)])
     assert explain.vision_sites_lead([]) == ""
-    m = {"layer": 1, "site": "fc1", "bits": 4, "levels_token": 0.35, "levels_channel": 2.8}
+    m = SiteMap(layer=1, site="fc1", bits=4, samples=2, abs=[[1.0]], token_range=[1.0], channel_range=[1.0],
+                levels_token=0.35, levels_channel=2.8)
     assert "0.35 of the 16 levels" in explain.site_map_sentence(m) and "large in every token" in explain.site_map_sentence(m)
 
 
@@ -182,16 +179,16 @@ def test_the_vision_view_refuses_without_a_variant_and_with_bad_counts():
 
 def test_the_acceptance_sentence_says_why_blocks_went_back_to_the_init():
     search = [
-        {"block": [0, 1], "accepted": True, "accept_errors": {"calibration": [0.1, 0.2], "holdout": [0.1, 0.2]}},
-        {"block": [2], "accepted": False, "accept_errors": {"calibration": [0.3, 0.2]}},
-        {"block": [3], "accepted": False, "accept_errors": {"calibration": [0.1, 0.2], "holdout": [0.3, 0.2]}},
-        {"block": [4], "accepted": True, "accept_errors": {}},  # the search kept the incumbent itself
+        search_row([0, 1], True, {"calibration": [0.1, 0.2], "holdout": [0.1, 0.2]}),
+        search_row([2], False, {"calibration": [0.3, 0.2]}),
+        search_row([3], False, {"calibration": [0.1, 0.2], "holdout": [0.3, 0.2]}),
+        search_row([4], True),  # the search kept the incumbent itself
     ]
     from qvlm.quant.acceptance import acceptance_sentence
 
     text = acceptance_sentence(search)
     assert text.startswith("The search proposed new ranges in 3 of 4 blocks and kept them in 1")
     assert "1 went back to the init's ranges because they raised" in text and "not on unseen ones" in text
-    assert acceptance_sentence([{"block": [0], "accepted": True, "accept_errors": {}}]).startswith(
+    assert acceptance_sentence([search_row([0], True)]).startswith(
         "The joint search found nothing better")
     assert acceptance_sentence([]) == ""

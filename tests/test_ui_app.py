@@ -98,6 +98,7 @@ def test_on_a_space_every_heavy_call_asks_spaces_for_a_gpu(bundled_dir, monkeypa
     import types
 
     from qvlm.ui.app import GPU_SECONDS
+    from qvlm.ui.panel_analysis import GPU_SECONDS as ANALYSIS_GPU_SECONDS
 
     asked: list[int] = []
 
@@ -109,4 +110,35 @@ def test_on_a_space_every_heavy_call_asks_spaces_for_a_gpu(bundled_dir, monkeypa
     monkeypatch.setenv("SPACE_ID", "someone/q-vlm-studio")
     settings = Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], hub_models=(), preload=False)
     build_app(settings)
-    assert sorted(asked) == sorted(GPU_SECONDS.values())
+    assert sorted(asked) == sorted([*GPU_SECONDS.values(), *ANALYSIS_GPU_SECONDS.values()])
+
+
+def test_a_new_analysis_view_is_wired_from_the_panel_alone(bundled_dir, monkeypatch):
+    """The registry (AnalysisPanel.events): a view added there gets its endpoint and its redraw after a variant
+    is picked, with no line of build_app changed; every handler's outputs are the ones its event lists."""
+    import gradio as gr
+
+    import qvlm.ui.app as app_module
+    from qvlm.ui.panel_analysis import AnalysisEvent, AnalysisPanel
+
+    class WithOneMoreView(AnalysisPanel):
+        def layout(self) -> None:
+            super().layout()
+            self.extra_btn, self.extra_note = gr.Button("Extra"), gr.Markdown("")
+
+        def extra(self, label, request=None):
+            return {self.extra_note: f"extra view of {label}"}
+
+        def events(self, model):
+            return [*super().events(model),
+                    AnalysisEvent((self.extra_btn.click,), self.extra, (self.variant,), (self.extra_note,),
+                                  "extra_view", redraw=True)]
+
+    monkeypatch.setattr(app_module, "AnalysisPanel", WithOneMoreView)
+    settings = Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], hub_models=(), preload=False)
+    demo = build_app(settings)
+    fns = list(demo.fns.values())
+    named = {f.api_name: f for f in fns if f.api_name}
+    assert named["extra_view"].fn.__name__ == "extra" and named["overview"].fn.__name__ == "show_overview"
+    redraws = [f for f in fns if f.fn is not None and f.fn.__name__ == "extra"]
+    assert len(redraws) == 3  # its button, the variant menu's redraw, and the redraw after a run made a variant

@@ -15,6 +15,8 @@ import gradio as gr
 import pytest
 import torch
 
+from qvlm.evaluation.compare import SweepPoint, TokenComparison, VariantTokens
+from qvlm.evaluation.modality import ModalityRow, TokenRange
 from qvlm.utils.progress import check_cancel
 from qvlm.quant import QuantConfig
 from qvlm.ui.jobs import HEAVY_WORK
@@ -36,11 +38,10 @@ def _req(sid):
 
 
 def fake_token_comparison(fp, variants, image, question, top_k=5, max_new_tokens=16):
-    return {"question": question, "fp_answer": "circle", "tokens": ["circle", "</s>"],
-            "fp_top": [[("circle", 0.9), ("triangle", 0.1)], [("</s>", 1.0)]],
-            "variants": {label: {"answer": "triangle", "flipped": True, "first_diff": 0, "kl": [1.5, 0.0],
-                                 "top": [[("triangle", 0.7), ("circle", 0.3)], [("</s>", 1.0)]]}
-                         for label in variants}}
+    return TokenComparison(question, "circle", ["circle", "</s>"], [[("circle", 0.9), ("triangle", 0.1)], [("</s>", 1.0)]],
+                           {label: VariantTokens("triangle", True, 0, [1.5, 0.0],
+                                                 [[("triangle", 0.7), ("circle", 0.3)], [("</s>", 1.0)]])
+                            for label in variants})
 
 
 def fake_scan(fp, variants, samples, batch_size=32, progress=None, cancel=None):
@@ -60,15 +61,13 @@ def fake_scan(fp, variants, samples, batch_size=32, progress=None, cancel=None):
 
 def fake_sweep(fp, recipes, bits, samples, calib_size=16, progress=None, cancel=None):
     progress("bit sweep", 1.0, "done")
-    rows = [{"recipe": "fp", "bits": "FP", "accuracy": 0.9, "n": len(samples), "quant_bytes": 1000}]
-    return rows + [{"recipe": r, "bits": b, "accuracy": 0.5, "n": len(samples), "quant_bytes": 300}
-                   for r in recipes for b in bits]
+    rows = [SweepPoint("fp", "FP", 0.9, len(samples), 1000)]
+    return rows + [SweepPoint(r, b, 0.5, len(samples), 300) for r in recipes for b in bits]
 
 
 def fake_modality(handle, n_pairs=8, progress=None, cancel=None):
     progress("modality", 1.0, "layer 7")
-    return [{"layer": k, "percentile": 99.9, "image_p": 2.0, "image_max": 3.0, "text_p": 1.0, "text_max": 4.0,
-             "image_tokens": 16 * n_pairs, "text_tokens": 14 * n_pairs} for k in range(8)]
+    return [ModalityRow(k, 99.9, TokenRange(2.0, 3.0, 16 * n_pairs), TokenRange(1.0, 4.0, 14 * n_pairs)) for k in range(8)]
 
 
 @pytest.fixture

@@ -19,6 +19,9 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
+from qvlm.evaluation.analysis import DEDAnalysis, PairSummary
+from qvlm.utils.stats import linear_fit
+from run_records import ded_point
 from qvlm.utils.progress import Cancelled, check_cancel
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel
@@ -65,9 +68,11 @@ def ui(bundled_dir: Path) -> SimpleNamespace:
     def fake_ded_sweep(fp, result, layers=None, n_samples=None, depth=2, progress=None, cancel=None):
         sweeps.append(n_samples)
         progress("ded", 1.0, "layer 6")
-        pts = [{"sample": i, "entropy": 0.1 * i, "ded": 0.2 * i + 0.01, "qerr": 0.05 * i * i} for i in range(n_samples)]
-        return [SimpleNamespace(layer=k, block=[k, k + 1], points=pts, fit=None, qerr_fit=None, r2_chance=0.9)
-                for k in range(7)]
+        pts = [ded_point(0.1 * i, 0.2 * i + 0.01, 0.05 * i * i, i) for i in range(n_samples)]
+        fit = linear_fit([p.entropy for p in pts], [p.ded for p in pts])
+        qerr_fit = linear_fit([p.qerr for p in pts], [p.ded for p in pts])
+        return [DEDAnalysis(layer=k, block=[k, k + 1], points=pts, fit=fit, qerr_fit=qerr_fit, n_samples=n_samples,
+                            r2_chance=0.9) for k in range(7)]
 
     def fake_dependency_diagnostics(fp, result, n_samples=None, progress=None, cancel=None):
         diagnostics.append(n_samples)
@@ -77,7 +82,8 @@ def ui(bundled_dir: Path) -> SimpleNamespace:
                  "controllable_share": 0.25, "zero_ded_fraction": 0.75, "joint_equals_greedy": p.layer != 6,
                  "gain": 1.25, "branch_response": 0.5} for p in pairs]
         verdict = f"Made-up verdict for {n_samples} samples: pair L6–L7 interacts."
-        return SimpleNamespace(pairs=pairs, verdict=verdict, to_dict=lambda: {"pairs": rows, "verdict": verdict})
+        return SimpleNamespace(pairs=pairs, verdict=verdict, summaries=[PairSummary.from_dict(r) for r in rows],
+                               to_dict=lambda: {"pairs": rows, "verdict": verdict})
 
     app = AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], max_variants=2,
                                           preload=False))

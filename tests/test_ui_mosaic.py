@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qvlm.evaluation.compare import disagreement_scan
+from qvlm.evaluation.compare import SweepPoint, disagreement_scan
 from qvlm.data import MosaicSample, get_task
 from qvlm.data.mosaic import mosaic_answers
 from qvlm.models import BUNDLED_MODEL_NAME, BUNDLED_MODELS, MOSAIC_MODEL_NAME, load_vlm
@@ -53,9 +53,8 @@ def fake_sweep(fp, recipes, bits, samples, calib_size=16, progress=None, cancel=
     """Stands in for :func:`qvlm.evaluation.compare.bit_sweep` (quantizing is not what is tested); FP's row says its task."""
     fake_sweep.samples = list(samples)
     progress("bit sweep", 1.0, "done")
-    return [{"recipe": "fp", "bits": "FP", "accuracy": 0.5, "n": len(samples), "quant_bytes": 1000},
-            *({"recipe": r, "bits": b, "accuracy": 0.4, "n": len(samples), "quant_bytes": 300}
-              for r in recipes for b in bits)]
+    return [SweepPoint("fp", "FP", 0.5, len(samples), 1000),
+            *(SweepPoint(r, b, 0.4, len(samples), 300) for r in recipes for b in bits)]
 
 
 @pytest.fixture(scope="module")

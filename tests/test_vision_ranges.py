@@ -103,8 +103,8 @@ def dynamic_run(bundled):
 
 def test_dynamic_token_runs_answers_and_skips_veo_and_cdm(dynamic_run, questions):
     notes = dynamic_run.init_notes
-    assert "no bounds to train" in notes["veo.skipped"] and dynamic_run.veo_losses == []
-    assert "percentile" in notes["cdm.skipped"]
+    assert "no bounds to train" in notes.veo_skipped and dynamic_run.veo_losses == []
+    assert "percentile" in notes.cdm_skipped
     acts = [m.act for m in dynamic_run.handle.model.modules() if isinstance(m, PackedLinear)
             and m.tower in ("vision", "language")]
     assert acts and all(a.dynamic and not a.calibrated for a in acts)
@@ -169,7 +169,7 @@ def channel_runs(bundled):
 
 def test_fold_runs_on_the_bundled_model_and_lists_its_sites(channel_runs, bundled, questions):
     res = channel_runs[True]
-    fold = res.init_notes["vision.fold"]
+    fold = res.init_notes.vision_fold
     n = len(bundled.layer_map.vision)
     assert sorted(fold["folded"]) == sorted([f"vision.{i}.q/k/v" for i in range(n)]
                                             + [f"vision.{i}.fc1" for i in range(n)]
@@ -189,7 +189,7 @@ def test_fold_leaves_the_final_output_error_nearly_unchanged(channel_runs, bundl
 
 def test_fold_after_veo_leaves_diverged_qkv_ranges_unfolded(bundled):
     res = quantize(bundled, _cfg(recipe="qvlm-veo", vision_fold_ranges=True, vision_rotation="none"))
-    fold = res.init_notes["vision.fold"]
+    fold = res.init_notes.vision_fold
     assert all(f"vision.{i}.fc1" in fold["folded"] for i in range(len(bundled.layer_map.vision)))
     assert all("different ranges" in why for site, why in fold["unfolded"].items() if site.endswith("q/k/v"))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,81 @@ from qvlm.quant.calibration import mse_over, run_layer
 from qvlm.quant.cdm import BlockObjective, entropy_pass, unsearchable
 from qvlm.quant.quantizers import valid_rows
 from qvlm.quant.search import exhaustive_search
-from qvlm.utils.stats import finite, linear_fit, percent_change, r2_chance_level
+from qvlm.quant.records import VeoEpoch
+from qvlm.utils.stats import LinearFit, finite, linear_fit, percent_change, r2_chance_level
+
+
+@dataclass(frozen=True)
+class DedPoint:
+    """One calibration sample of a block: its entropy D, its DED, and the errors DED is the difference of."""
+
+    sample: int
+    entropy: float
+    ded: float
+    qerr: float
+    greedy_error: float
+    joint_error: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairSummary:
+    """A block's numbers without its per-sample points: what the bench, the stored report and the UI show.
+
+    The fields are :class:`DEDAnalysis`'s (see there); a stored report written before a field existed reads
+    it as not measured (None), never as a made-up zero.
+    """
+
+    layer: int
+    block: list[int]
+    n: int
+    r2_entropy: float
+    r2_qerr: float
+    r2_chance: float
+    interaction_share: float | None = None
+    mean_ded: float | None = None
+    ded_relative: float | None = None
+    controllable_share: float | None = None
+    zero_ded_fraction: float | None = None
+    joint_equals_greedy: bool = True
+    gain: float | None = None
+    branch_response: float | None = None
+
+    @property
+    def interacts(self) -> bool:
+        return (self.interaction_share or 0.0) >= INTERACTION_THRESHOLD
+
+    @property
+    def above_chance(self) -> bool:
+        """Whether entropy's R² against DED beats what noise reaches one time in twenty."""
+        return self.r2_entropy > self.r2_chance
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PairSummary":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class InteractionCounts:
+    """How many adjacent pairs interact, pick a joint choice other than greedy, and fit DED above chance.
+
+    Why one place: the verdict, the lead sentence and the measured table all state these counts.
+    """
+
+    pairs: int
+    interacting: int
+    differs: int
+    above_chance: int
+
+    @classmethod
+    def of(cls, pairs: Sequence[PairSummary]) -> "InteractionCounts":
+        return cls(len(pairs), sum(p.interacts for p in pairs), sum(not p.joint_equals_greedy for p in pairs),
+                   sum(p.above_chance for p in pairs))
 
 
 @dataclass
@@ -49,9 +123,9 @@ class DEDAnalysis:
 
     layer: int
     block: list[int]
-    points: list[dict] = field(default_factory=list)
-    fit: dict = field(default_factory=dict)
-    qerr_fit: dict = field(default_factory=dict)
+    points: list[DedPoint] = field(default_factory=list)
+    fit: LinearFit = field(default_factory=LinearFit)
+    qerr_fit: LinearFit = field(default_factory=LinearFit)
     n_samples: int = 0
     r2_chance: float = 1.0
     interaction_share: float | None = None
@@ -66,7 +140,7 @@ class DEDAnalysis:
 
     @property
     def mean_ded(self) -> float:
-        return sum(p["ded"] for p in self.points) / max(1, len(self.points))
+        return sum(p.ded for p in self.points) / max(1, len(self.points))
 
     @property
     def ded_relative(self) -> float | None:
@@ -77,19 +151,20 @@ class DEDAnalysis:
     def controllable_share(self) -> float | None:
         return self.controllable_error / self.greedy_error if self.greedy_error > 0 else None
 
-    def summary(self) -> dict:
+    def summary(self) -> PairSummary:
         """The numbers without the per-sample points (what the bench and the UI tables show)."""
-        return {"layer": self.layer, "block": self.block, "n": self.n_samples, "r2_entropy": self.fit.get("r2", 0.0),
-                "r2_qerr": self.qerr_fit.get("r2", 0.0), "r2_chance": self.r2_chance,
-                "interaction_share": self.interaction_share, "mean_ded": self.mean_ded,
-                "ded_relative": self.ded_relative, "controllable_share": self.controllable_share,
-                "zero_ded_fraction": self.zero_ded_fraction, "joint_equals_greedy": self.joint_equals_greedy,
-                "gain": self.gain, "branch_response": self.branch_response}
+        return PairSummary(
+            layer=self.layer, block=self.block, n=self.n_samples, r2_entropy=self.fit.r2, r2_qerr=self.qerr_fit.r2,
+            r2_chance=self.r2_chance, interaction_share=self.interaction_share, mean_ded=self.mean_ded,
+            ded_relative=self.ded_relative, controllable_share=self.controllable_share,
+            zero_ded_fraction=self.zero_ded_fraction, joint_equals_greedy=self.joint_equals_greedy, gain=self.gain,
+            branch_response=self.branch_response)
 
     def to_dict(self) -> dict:
-        return self.summary() | {"points": self.points, "fit": self.fit, "qerr_fit": self.qerr_fit,
-                                 "n_samples": self.n_samples, "greedy_error": self.greedy_error,
-                                 "joint_error": self.joint_error, "controllable_error": self.controllable_error}
+        return self.summary().to_dict() | {
+            "points": [p.to_dict() for p in self.points], "fit": self.fit.to_dict(),
+            "qerr_fit": self.qerr_fit.to_dict(), "n_samples": self.n_samples, "greedy_error": self.greedy_error,
+            "joint_error": self.joint_error, "controllable_error": self.controllable_error}
 
 
 def interaction_share(table: torch.Tensor) -> float:
@@ -217,17 +292,17 @@ def _analyse_block(entries, fp_entries, inputs, xq, xr, k: int, depth: int, cfg:
         table = torch.tensor([[float(search.prefix_errors[(i, j)].mean()) for j in range(n_cands)]
                               for i in range(n_cands)])
         share = interaction_share(table)
-    points = [{"sample": i, "entropy": float(entropy[i]), "ded": float(ded[i]), "qerr": float(qerr[i]),
-               "greedy_error": float(greedy[i]), "joint_error": float(joint[i])} for i in range(len(ded))]
-    xs_e = [p["entropy"] for p in points]
-    xs_q = [p["qerr"] for p in points]
-    ys_d = [p["ded"] for p in points]
+    points = [DedPoint(i, float(entropy[i]), float(ded[i]), float(qerr[i]), float(greedy[i]), float(joint[i]))
+              for i in range(len(ded))]
+    xs_e = [p.entropy for p in points]
+    xs_q = [p.qerr for p in points]
+    ys_d = [p.ded for p in points]
     return DEDAnalysis(layer=k, block=block, points=points, fit=linear_fit(xs_e, ys_d),
                        qerr_fit=linear_fit(xs_q, ys_d), n_samples=len(points), r2_chance=r2_chance_level(len(points)),
                        interaction_share=share, greedy_error=search.greedy_error, joint_error=search.error,
                        controllable_error=max(0.0, search.greedy_error - unquantized_acts),
                        block_error_unquantized_acts=unquantized_acts,
-                       zero_ded_fraction=sum(p["ded"] <= 0.0 for p in points) / max(1, len(points)),
+                       zero_ded_fraction=sum(p.ded <= 0.0 for p in points) / max(1, len(points)),
                        joint_equals_greedy=tuple(search.choice) == tuple(search.greedy_choice))
 
 
@@ -243,38 +318,38 @@ block error's variance over the candidate grid (the gate of benchmarks/results/m
 "Interaction gate")."""
 
 
-def dependency_verdict(pairs: list[dict]) -> str:
+def dependency_verdict(pairs: Sequence[PairSummary]) -> str:
     """A plain-words verdict on whether the layers interact, derived from ``DEDAnalysis.summary()`` rows."""
     if not pairs:
         return "No decoder pairs were measured."
-    shares = [p["interaction_share"] for p in pairs if p.get("interaction_share") is not None]
-    interacting = [p for p in pairs if (p.get("interaction_share") or 0.0) >= INTERACTION_THRESHOLD]
-    differs = [p for p in pairs if not p["joint_equals_greedy"]]
-    above = [p for p in pairs if p["r2_entropy"] > p["r2_chance"]]
-    zero = sum(p["zero_ded_fraction"] for p in pairs) / len(pairs)
+    shares = [p.interaction_share for p in pairs if p.interaction_share is not None]
+    interacting = [p for p in pairs if p.interacts]
+    counts = InteractionCounts.of(pairs)
+    differs = counts.differs
+    zero = sum(p.zero_ded_fraction or 0.0 for p in pairs) / len(pairs)
     n = len(pairs)
     share_text = (f"the interaction term explains {100 * min(shares):.1f}-{100 * max(shares):.1f}% of the block "
                   f"error's variance over the candidate grid" if shares else "no interaction share was measured")
-    chance = (f"R² of entropy vs DED is above its 5% chance level in {len(above)} of {n} pairs "
+    chance = (f"R² of entropy vs DED is above its 5% chance level in {counts.above_chance} of {n} pairs "
               f"(chance alone does that in about 1 pair in 20)")
-    controllable = [p["controllable_share"] for p in interacting if p.get("controllable_share") is not None]
+    controllable = [p.controllable_share for p in interacting if p.controllable_share is not None]
     small = bool(controllable) and max(controllable) < 0.05
     widespread = len(interacting) >= max(1, math.ceil(n / 4))  # at least a quarter of the pairs
     if widespread and differs and not small:
         return (f"On this model the layers interact: {share_text} (at least {100 * INTERACTION_THRESHOLD:.0f}% in "
-                f"{len(interacting)} of {n} pairs), and the joint block search picks a different choice than "
-                f"layer-by-layer search in {len(differs)} of {n} pairs, so block search has something to find. "
+                f"{counts.interacting} of {n} pairs), and the joint block search picks a different choice than "
+                f"layer-by-layer search in {differs} of {n} pairs, so block search has something to find. "
                 f"{100 * zero:.0f}% of samples have DED = 0; {chance}.")
     if widespread and small:
         return (f"On this model the layers interact only where little can be gained: {share_text} (at least "
-                f"{100 * INTERACTION_THRESHOLD:.0f}% in {len(interacting)} of {n} pairs), but in those pairs the "
+                f"{100 * INTERACTION_THRESHOLD:.0f}% in {counts.interacting} of {n} pairs), but in those pairs the "
                 f"activation ranges control at most {100 * max(controllable):.1f}% of the block error (the rest "
                 f"comes with the block's input and weights), and joint search differs from layer-by-layer search in "
-                f"{len(differs)} of {n} pairs. {100 * zero:.0f}% of samples have DED = 0; {chance}.")
+                f"{differs} of {n} pairs. {100 * zero:.0f}% of samples have DED = 0; {chance}.")
     return (f"On this model the layers' quantization errors add up: {share_text} (at least "
-            f"{100 * INTERACTION_THRESHOLD:.0f}% in only {len(interacting)} of {n} pairs), so the best range of one "
+            f"{100 * INTERACTION_THRESHOLD:.0f}% in only {counts.interacting} of {n} pairs), so the best range of one "
             f"layer hardly depends on its neighbour's and joint block search picks the layer-by-layer choice in "
-            f"{n - len(differs)} of {n} pairs: it cannot beat layer-by-layer search here. {100 * zero:.0f}% of "
+            f"{n - differs} of {n} pairs: it cannot beat layer-by-layer search here. {100 * zero:.0f}% of "
             f"samples have DED = 0; {chance}, so entropy has little DED to explain.")
 
 
@@ -317,18 +392,17 @@ class VeoOutcome:
         return (self.kl_before - self.kl_unquantized) / self.kl_before
 
 
-def veo_outcome(holdout: Sequence[Mapping[str, Any]] | None) -> VeoOutcome | None:
+def veo_outcome(holdout: Sequence[VeoEpoch] | None) -> VeoOutcome | None:
     """The held-out numbers of a VEO run, or None when it measured no held-out images."""
-    rows = [r for r in (holdout or []) if finite(r.get("err"))]
+    rows = [r for r in (holdout or []) if finite(r.err)]
     if not rows:
         return None
-    first, kept = rows[0], next((r for r in rows if r.get("kept")), rows[-1])
-    ceiling = first.get("vision_acts_fp") or {}
-    kl = (first.get("answer_kl"), kept.get("answer_kl"), ceiling.get("answer_kl"))
+    first, kept = rows[0], next((r for r in rows if r.kept), rows[-1])
+    ceiling = first.vision_acts_fp
+    kl = (first.answer_kl, kept.answer_kl, ceiling.answer_kl if ceiling else None)
     if not all(finite(k) for k in kl):
         kl = (None, None, None)
-    return VeoOutcome(float(first["err"]), float(kept["err"]), int(kept.get("epoch", 0)),
-                      int(rows[-1].get("epoch", 0)), *(None if k is None else float(k) for k in kl))
+    return VeoOutcome(first.err, kept.err, kept.epoch, rows[-1].epoch, *kl)
 
 
 @dataclass
@@ -338,8 +412,28 @@ class DependencyReport:
     pairs: list[DEDAnalysis]
     verdict: str
 
+    @property
+    def summaries(self) -> list[PairSummary]:
+        return [p.summary() for p in self.pairs]
+
     def to_dict(self) -> dict:
-        return {"pairs": [p.summary() for p in self.pairs], "verdict": self.verdict}
+        return {"pairs": [p.to_dict() for p in self.summaries], "verdict": self.verdict}
+
+
+@dataclass(frozen=True)
+class StoredDependencyReport:
+    """One bit setting's report as a model folder stores it: the pairs, the verdict, how it was measured."""
+
+    pairs: list[PairSummary]
+    verdict: str
+    samples: int | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    """The rest of what was stored with it (model, task, recipe, seconds)."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StoredDependencyReport":
+        facts = {k: v for k, v in d.items() if k not in ("pairs", "verdict", "samples")}
+        return cls([PairSummary.from_dict(p) for p in d["pairs"]], str(d["verdict"]), d.get("samples"), facts)
 
 
 DEPENDENCY_REPORT = "dependency_report.json"
@@ -353,19 +447,30 @@ def store_dependency_report(path: str | Path, bits: str, report: DependencyRepor
     verdict of every bundled model side by side before anyone runs them again.
     """
     path = Path(path)
-    stored = read_dependency_reports(path)
+    stored = _stored_reports(path)
     stored[bits] = {**facts, **report.to_dict()}
     path.write_text(json.dumps(stored, indent=1, default=str))
     return stored
 
 
-def read_dependency_reports(path: str | Path) -> dict[str, dict]:
-    """The stored reports of ``path`` by bit setting; {} when absent or unreadable."""
+def _stored_reports(path: Path) -> dict[str, dict]:
+    """The raw JSON of ``path`` by bit setting; {} when absent or unreadable."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_dependency_reports(path: str | Path) -> dict[str, StoredDependencyReport]:
+    """The stored reports of ``path`` by bit setting; {} when absent or unreadable, a malformed entry left out."""
+    reports = {}
+    for bits, d in _stored_reports(Path(path)).items():
+        try:
+            reports[bits] = StoredDependencyReport.from_dict(d)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return reports
 
 
 def dependency_diagnostics(handle_fp: VLMHandle, cfg_or_result, n_samples: int | None = None,

@@ -25,7 +25,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import torch
 
 from qvlm.data import QUESTION_TYPES, get_task
 from qvlm.evaluation.accuracy import EvalResult, evaluate
+from qvlm.evaluation.analysis import PairSummary
 from qvlm.evaluation.reference import BNB_NF4, BNB_NF4_LABEL, load_bnb_nf4
 from qvlm.quant import RECIPES, QuantConfig
 from qvlm.quant import quantize as core_quantize
@@ -87,19 +88,18 @@ def evaluation_fields(ev: EvalResult) -> dict:
 
 def quantization_fields(result) -> dict:
     """What a bench row keeps of a :class:`~qvlm.quant.QuantResult`: stage seconds, errors, CDM's choices."""
-    t = result.timings
     return {
-        "calibration_s": round(t.get("calibration", 0.0), 3),
-        "search_s": round(sum(t.get(s, 0.0) for s in SEARCH_STAGES), 3),
-        "timings": t,
+        "calibration_s": round(result.seconds("calibration"), 3),
+        "search_s": round(result.seconds(*SEARCH_STAGES), 3),
+        "timings": result.timings,
         "output_mse": result.output_mse,
         "blocks": result.blocks,
         "entropies": result.entropies,
         "h0": result.h0,
         "percentiles": {str(k): v for k, v in result.percentiles.items()},
-        "veo_final_loss": result.veo_losses[-1] if result.veo_losses else None,
-        "search": result.search,
-        "veo_holdout": result.veo_holdout,
+        "veo_final_loss": result.veo_losses[-1].to_dict() if result.veo_losses else None,
+        "search": [r.to_dict() for r in result.search],
+        "veo_holdout": [r.to_dict() for r in result.veo_holdout],
     }
 
 
@@ -265,7 +265,7 @@ class _Bench:
         def best_of(**kw):
             runs = [core_quantize(handle, QuantConfig.from_bits("W4A4", calib_size=opts.calib_size, **kw))
                     for _ in range(max(1, opts.timing_repeats))]
-            return min(runs, key=lambda r: r.timings.get("total", 0.0))
+            return min(runs, key=lambda r: r.seconds("total"))
 
         greedy = best_of(recipe="qvlm-cdm", max_block_depth=1)
         cdm = best_of(recipe="qvlm-cdm", joint_search="exhaustive")
@@ -274,28 +274,28 @@ class _Bench:
         qlora = best_of(recipe="qlora")
 
         def tables_s(r) -> float:  # the quantized pass + percentile tables, without Eqs. 4-5
-            return r.timings.get("entropy", 0.0) - r.timing_details.get("entropy_eq45", 0.0)
+            return r.seconds("entropy") - r.seconds("entropy_eq45")
 
         self.out["timing"] = {
             "repeats": opts.timing_repeats,
-            "layerwise_search_s": greedy.timings.get("search", 0.0),
+            "layerwise_search_s": greedy.seconds("search"),
             "layerwise_tables_s": tables_s(greedy),
-            "cdm_search_s": cdm.timings.get("search", 0.0),
-            "cdm_entropy_s": cdm.timings.get("entropy", 0.0),
-            "cdm_entropy_eq45_s": cdm.timing_details.get("entropy_eq45", 0.0),
+            "cdm_search_s": cdm.seconds("search"),
+            "cdm_entropy_s": cdm.seconds("entropy"),
+            "cdm_entropy_eq45_s": cdm.seconds("entropy_eq45"),
             "cdm_blocks": cdm.blocks,
-            "cdm_layer_passes": sum(s["layer_passes"] for s in cdm.search),
-            "layerwise_layer_passes": sum(s["layer_passes"] for s in greedy.search),
-            "cdm_coordinate_search_s": coord.timings.get("search", 0.0),
-            "cdm_coordinate_entropy_s": coord.timings.get("entropy", 0.0),
-            "cdm_coordinate_layer_passes": sum(s["layer_passes"] for s in coord.search),
+            "cdm_layer_passes": sum(s.layer_passes for s in cdm.search),
+            "layerwise_layer_passes": sum(s.layer_passes for s in greedy.search),
+            "cdm_coordinate_search_s": coord.seconds("search"),
+            "cdm_coordinate_entropy_s": coord.seconds("entropy"),
+            "cdm_coordinate_layer_passes": sum(s.layer_passes for s in coord.search),
             "cdm_coordinate_output_mse": coord.output_mse,
             "cdm_exhaustive_output_mse": cdm.output_mse,
             "layerwise_output_mse": greedy.output_mse,
-            "qvlm_total_s": full.timings.get("total", 0.0),
+            "qvlm_total_s": full.seconds("total"),
             "qvlm_timings": full.timings,
-            "qlora_total_s": qlora.timings.get("total", 0.0),
-            "qvlm_cdm_total_s": cdm.timings.get("total", 0.0),
+            "qlora_total_s": qlora.seconds("total"),
+            "qvlm_cdm_total_s": cdm.seconds("total"),
         }
         del greedy, cdm, full, qlora, coord
         gc.collect()
@@ -331,77 +331,134 @@ def _num(x: float | None) -> str:
     return "–" if x is None else f"{x:.3g}"
 
 
-def _overrides(row: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (row.get("overrides") or {}).items())
+@dataclass(frozen=True)
+class BenchRow:
+    """One stored bench row, as :func:`render_markdown` and the verdicts read it.
+
+    Written as a plain dict (the saved form, which an interrupted bench resumes from); a field that an
+    older file or a reference row lacks reads as not measured (None), never as a made-up number.
+    """
+
+    bits: str
+    recipe: str
+    accuracy: float
+    per_type: dict[str, float] = field(default_factory=dict)
+    n: int | None = None
+    correct: list[bool] | None = None
+    calib_size: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    calibration_s: float | None = None
+    search_s: float | None = None
+    quantize_s: float | None = None
+    answers_per_second: float | None = None
+    kernels: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BenchRow":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None})
+
+    @property
+    def label(self) -> str:
+        """The recipe as the table names it, with its overrides."""
+        if self.recipe == BNB_NF4:
+            return BNB_NF4_LABEL
+        return self.recipe + (f" ({_overrides(self)})" if self.overrides else "")
 
 
-def _find(rows: list[dict], bits: str, recipe: str) -> dict | None:
-    return next((r for r in rows if r["bits"] == bits and r["recipe"] == recipe), None)
+@dataclass(frozen=True)
+class BenchReport:
+    """A stored bench run (``bench.json``) as the markdown reads it: the rows and what the run also measured."""
+
+    model: str
+    eval_questions: int
+    calib_size: int
+    machine: dict[str, Any]
+    started: str
+    rows: list[BenchRow]
+    task: str = "easy-vqa"  # runs stored before the task was recorded were all easy-VQA
+    limit: int | None = None
+    finished: str | None = None
+    timing: dict[str, Any] = field(default_factory=dict)
+    ded: list[dict[str, Any]] = field(default_factory=list)
+    verdicts_dependency: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BenchReport":
+        known = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
+        return cls(**known | {"rows": [BenchRow.from_dict(r) for r in d["rows"]]})
 
 
-def paired_verdicts(rows: list[dict], bits: str, baselines: tuple[str, ...] = ("qlora", "rtn")) -> list[str]:
+def _overrides(row: BenchRow) -> str:
+    return ", ".join(f"{k}={v}" for k, v in row.overrides.items())
+
+
+def _find(rows: list[BenchRow], bits: str, recipe: str) -> BenchRow | None:
+    return next((r for r in rows if r.bits == bits and r.recipe == recipe), None)
+
+
+def paired_verdicts(rows: list[BenchRow], bits: str, baselines: tuple[str, ...] = ("qlora", "rtn")) -> list[str]:
     """Every recipe at ``bits`` against each baseline by McNemar's test on the same questions."""
     lines = []
     for base in baselines:
         b = _find(rows, bits, base)
-        if b is None or "correct" not in b:
+        if b is None or b.correct is None:
             continue
         for r in rows:
-            if r["bits"] != bits or r["recipe"] == base or "correct" not in r or len(r["correct"]) != len(b["correct"]):
+            if r.bits != bits or r.recipe == base or r.correct is None or len(r.correct) != len(b.correct):
                 continue
-            test = mcnemar(r["correct"], b["correct"])
-            lines.append(f"{bits}: {paired_verdict(r['recipe'], base, test)}; "
-                         f"{_pct(r['accuracy'])} vs {_pct(b['accuracy'])}.")
+            test = mcnemar(r.correct, b.correct)
+            lines.append(f"{bits}: {paired_verdict(r.recipe, base, test)}; {_pct(r.accuracy)} vs {_pct(b.accuracy)}.")
     return lines
 
 
-def reference_verdicts(rows: list[dict], reference: str = BNB_NF4) -> list[str]:
+def _dash(x: Any) -> str:
+    return "–" if x is None else str(x)
+
+
+def reference_verdicts(rows: list[BenchRow], reference: str = BNB_NF4) -> list[str]:
     """The reference row against FP, and every W4A4 recipe against the reference (McNemar, same questions)."""
-    ref = next((r for r in rows if r["recipe"] == reference and "correct" in r), None)
+    ref = next((r for r in rows if r.recipe == reference and r.correct is not None), None)
     if ref is None:
         return []
     lines = []
-    others = [r for r in rows if (r["bits"] == "W4A4" or r["recipe"] == "fp") and "correct" in r
-              and len(r["correct"]) == len(ref["correct"])]
+    others = [r for r in rows if (r.bits == "W4A4" or r.recipe == "fp") and r.correct is not None
+              and len(r.correct) == len(ref.correct)]
     for r in others:
-        test = mcnemar(r["correct"], ref["correct"])
-        lines.append(f"{r['bits']} vs {reference} ({ref['bits']}): {paired_verdict(r['recipe'], reference, test)}; "
-                     f"{_pct(r['accuracy'])} vs {_pct(ref['accuracy'])}, {r.get('answers_per_second', '–')} vs "
-                     f"{ref.get('answers_per_second', '–')} answers/s.")
+        test = mcnemar(r.correct, ref.correct)
+        lines.append(f"{r.bits} vs {reference} ({ref.bits}): {paired_verdict(r.recipe, reference, test)}; "
+                     f"{_pct(r.accuracy)} vs {_pct(ref.accuracy)}, {_dash(r.answers_per_second)} vs "
+                     f"{_dash(ref.answers_per_second)} answers/s.")
     return lines
 
 
-def verdicts(out: dict) -> list[str]:
+def verdicts(report: BenchReport) -> list[str]:
     """The accuracy and timing targets, each judged from the measured rows."""
-    rows = [r for r in out["rows"] if r.get("calib_size") in (None, out["calib_size"]) and not r.get("overrides")]
+    rows = [r for r in report.rows if r.calib_size in (None, report.calib_size) and not r.overrides]
     fp = _find(rows, "FP", "fp")
     if fp is None:
         return []
-    acc = fp["accuracy"]
+    acc = fp.accuracy
     lines = []
-
-    def gap(bits: str, recipe: str) -> float | None:
-        r = _find(rows, bits, recipe)
-        return None if r is None else acc - r["accuracy"]
-
     for bits, tol in (("W8A8", 0.002), ("W6A6", 0.005)):
-        gaps = {r["recipe"]: acc - r["accuracy"] for r in rows if r["bits"] == bits}
+        gaps = {r.recipe: acc - r.accuracy for r in rows if r.bits == bits}
         if gaps:
             worst = max(gaps.values())
             ok = [k for k, g in gaps.items() if g <= tol]
+            qvlm = f"{100 * gaps['qvlm']:.2f}" if "qvlm" in gaps else "nan"
             lines.append(f"{bits} within {100 * tol:.1f} pt of FP: {len(ok)}/{len(gaps)} recipes "
                          f"(largest drop {100 * worst:.2f} pt, {max(gaps, key=gaps.get)}); "
-                         f"qvlm drop {100 * gaps.get('qvlm', float('nan')):.2f} pt.")
+                         f"qvlm drop {qvlm} pt.")
     for bits in ("W4A4", "W4A3", "W3A3"):
         lines += paired_verdicts(rows, bits)
     lines += reference_verdicts(rows)
-    for r in out["rows"]:
-        if r.get("overrides"):
-            lines.append(f"{r['bits']} {r['recipe']} with {_overrides(r)}: {100 * (r['accuracy'] - acc):+.2f} pt vs FP.")
-        elif r.get("calib_size") not in (None, out["calib_size"]):
-            lines.append(f"{r['bits']} {r['recipe']} with {r['calib_size']} calibration pairs: "
-                         f"{100 * (r['accuracy'] - acc):+.2f} pt vs FP.")
-    t = out.get("timing") or {}
+    for r in report.rows:
+        if r.overrides:
+            lines.append(f"{r.bits} {r.recipe} with {_overrides(r)}: {100 * (r.accuracy - acc):+.2f} pt vs FP.")
+        elif r.calib_size not in (None, report.calib_size):
+            lines.append(f"{r.bits} {r.recipe} with {r.calib_size} calibration pairs: "
+                         f"{100 * (r.accuracy - acc):+.2f} pt vs FP.")
+    t = report.timing
     if t:
         total = t["qvlm_total_s"]
         lines.append(f"Full qvlm recipe W4A4 (calibration + init + VEO + CDM, best of {t['repeats']}): {total:.1f} s "
@@ -421,19 +478,22 @@ def verdicts(out: dict) -> list[str]:
 
 
 def render_markdown(out: dict) -> str:
-    rows = out["rows"]
+    """``bench.md`` from a bench run's stored form (``bench.json``)."""
+    report = BenchReport.from_dict(out)
+    rows = report.rows
     fp = _find(rows, "FP", "fp")
-    limit = out.get("limit")
-    types_present = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in rows)]  # the model's task only
-    task = out.get("task", "easy-vqa")  # runs stored before the task was recorded were all easy-VQA
+    limit = report.limit
+    types_present = [t for t in QUESTION_TYPES if any(t in r.per_type for r in rows)]  # the model's task only
+    task = report.task
+    machine = report.machine
     lines = [
-        f"# Q-VLM bench: {out['model']}",
+        f"# Q-VLM bench: {report.model}",
         "",
-        f"- Evaluation: {out['eval_questions']} {get_task(task).title or task} test questions "
+        f"- Evaluation: {report.eval_questions} {get_task(task).title or task} test questions "
         f"({'full test split' if limit is None else f'fixed random subset, --limit {limit}'}), greedy decoding.",
-        f"- Calibration: {out['calib_size']} train-split pairs (batch 8). Machine: {out['machine']['cpus']} CPUs, "
-        f"torch {out['machine']['torch']}, {out['machine']['torch_threads']} threads, device {out['machine']['device']}.",
-        f"- Started {out['started']}" + (f", finished {out['finished']}." if out.get("finished") else " (running)."),
+        f"- Calibration: {report.calib_size} train-split pairs (batch 8). Machine: {machine['cpus']} CPUs, "
+        f"torch {machine['torch']}, {machine['torch_threads']} threads, device {machine['device']}.",
+        f"- Started {report.started}" + (f", finished {report.finished}." if report.finished else " (running)."),
         "- Search s = layer-wise init + VEO + entropy + block search; calibration s = batches, model copy, "
         "first-layer capture.",
         "",
@@ -442,21 +502,19 @@ def render_markdown(out: dict) -> str:
         "|---|---|---|---|---|" + "---|" * len(types_present) + "---|---|---|---|---|",
     ]
     for r in rows:
-        delta = "" if fp is None or r is fp else f"{100 * (r['accuracy'] - fp['accuracy']):+.2f}"
-        types = " | ".join(_pct(r["per_type"].get(t)) for t in types_present)
-        name = BNB_NF4_LABEL if r["recipe"] == BNB_NF4 else r["recipe"] + (f" ({_overrides(r)})" if r.get("overrides") else "")
-        lines.append(f"| {r['bits']} | {name} | {r.get('calib_size') or '–'} | {_pct(r['accuracy'])} | {delta} | {types} | "
-                     f"{r.get('calibration_s', '–')} | {r.get('search_s', '–')} | {r.get('quantize_s', '–')} | "
-                     f"{r.get('answers_per_second', '–')} | {r.get('kernels', '–')} |")
-    v = verdicts(out)
+        delta = "" if fp is None or r is fp else f"{100 * (r.accuracy - fp.accuracy):+.2f}"
+        types = " | ".join(_pct(r.per_type.get(t)) for t in types_present)
+        lines.append(f"| {r.bits} | {r.label} | {r.calib_size or '–'} | {_pct(r.accuracy)} | {delta} | {types} | "
+                     f"{_dash(r.calibration_s)} | {_dash(r.search_s)} | {_dash(r.quantize_s)} | "
+                     f"{_dash(r.answers_per_second)} | {_dash(r.kernels)} |")
+    v = verdicts(report)
     if v:
         lines += ["", "## Targets (computed from the table)", ""] + [f"- {x}" for x in v]
-    if out.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {x}" for x in out["notes"]]
-    t = out.get("timing") or {}
-    if t:
-        lines += ["", "## Timing detail (W4A4)", "", "```", json.dumps(t, indent=1, default=str), "```"]
-    if out.get("ded"):
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {x}" for x in report.notes]
+    if report.timing:
+        lines += ["", "## Timing detail (W4A4)", "", "```", json.dumps(report.timing, indent=1, default=str), "```"]
+    if report.ded:
         lines += ["", "## Do the decoder layers interact? (layer-wise init, per calibration sample)", "",
                   "Interaction share: the part of a pair's block-error variance over the candidate grid that an "
                   "additive model leaves (0 = the errors add up). R² chance: what R² exceeds one time in twenty "
@@ -464,13 +522,14 @@ def render_markdown(out: dict) -> str:
                   "| Bits | Pair | interaction share | joint = greedy | DED = 0 | DED / controllable | controllable "
                   "share | gain | branch | R² entropy→DED | R² chance (5%) | R² qerr→DED | n |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for d in out["ded"]:
+        for row in report.ded:
+            d = PairSummary.from_dict(row)
             lines.append(
-                f"| {d.get('bits', 'W4A4')} | {d['layer']}–{d['layer'] + 1} | {_share(d.get('interaction_share'))} | "
-                f"{'yes' if d.get('joint_equals_greedy', True) else 'no'} | {_share(d.get('zero_ded_fraction'))} | "
-                f"{_num(d.get('ded_relative'))} | {_share(d.get('controllable_share'))} | {_num(d.get('gain'))} | "
-                f"{_num(d.get('branch_response'))} | {d['r2_entropy']:.3f} | {_num(d.get('r2_chance'))} | "
-                f"{d['r2_qerr']:.3f} | {d['n']} |")
-        for bits, verdict in (out.get("verdicts_dependency") or {}).items():
+                f"| {row['bits']} | {d.layer}–{d.layer + 1} | {_share(d.interaction_share)} | "
+                f"{'yes' if d.joint_equals_greedy else 'no'} | {_share(d.zero_ded_fraction)} | "
+                f"{_num(d.ded_relative)} | {_share(d.controllable_share)} | {_num(d.gain)} | "
+                f"{_num(d.branch_response)} | {d.r2_entropy:.3f} | {_num(d.r2_chance)} | "
+                f"{d.r2_qerr:.3f} | {d.n} |")
+        for bits, verdict in report.verdicts_dependency.items():
             lines += ["", f"- {bits}: {verdict}"]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from qvlm.evaluation.bench import quantize_and_evaluate
 from qvlm.models.inference import answer_token_ids, continuation_probs, generate_answers, generate_token_ids
 from qvlm.utils.progress import STAGE_EVAL, STAGE_SCAN, STAGE_SWEEP, ProgressCallback, check_cancel, report
 from qvlm.quant import QuantConfig
-from qvlm.quant.memory import weight_memory
+from qvlm.quant.memory import WeightMemory, weight_memory
 
 
 PAPER_TABLE3_SOURCE = "Wang et al., Q-VLM, NeurIPS 2024, Table 3"
@@ -74,35 +75,57 @@ def _fp_answer_ids(handle: Any, image: Image.Image, question: str, max_new_token
     return out
 
 
+TopTokens = list[tuple[str, float]]
+"""One step's most likely next tokens and their probabilities, most likely first."""
+
+
+@dataclass(frozen=True)
+class VariantTokens:
+    """One variant fed FP's answer token by token: its top tokens and KL(FP‖variant) per step.
+
+    ``answer``: its own greedy answer; ``flipped``: whether that differs from FP's (normalized as the task
+    scores); ``first_diff``: the first step whose top token is not FP's (None: none is).
+    """
+
+    answer: str
+    flipped: bool
+    first_diff: int | None
+    kl: list[float]
+    top: list[TopTokens]
+
+
+@dataclass(frozen=True)
+class TokenComparison:
+    """FP's greedy answer to one question, step by step, and every variant teacher-forced on it."""
+
+    question: str
+    fp_answer: str
+    tokens: list[str]
+    fp_top: list[TopTokens]
+    variants: dict[str, VariantTokens] = field(default_factory=dict)
+
+
 def token_comparison(
     fp: Any, variants: Mapping[str, Any], image: Image.Image, question: str, top_k: int = 5, max_new_tokens: int = 16
-) -> dict[str, Any]:
+) -> TokenComparison:
     """Per generated step of FP's greedy answer: each model's top-k next tokens, KL(FP‖variant) and flips.
 
     ``fp`` and each value of ``variants`` (label -> handle) carry ``.model`` and ``.processor``.
-    Returns ``{"fp_answer", "tokens": [str], "fp_top": [[(token, p)]] per step, "variants": {label:
-    {"answer", "flipped", "first_diff" (step or None), "kl": [float], "top": [[(token, p)]]}}}``;
-    ``flipped`` compares the variant's own greedy answer with FP's (normalized as easy-VQA scores),
-    ``first_diff`` is the first step where, fed the same tokens, its top token is not FP's.
     """
     tokenizer = fp.processor.tokenizer
     ids = _fp_answer_ids(fp, image, question, max_new_tokens)
     fp_answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
     fp_probs = continuation_probs(fp.model, fp.processor, [image], [question], [ids])[0]
-    out: dict[str, Any] = {
-        "question": question, "fp_answer": fp_answer, "tokens": tokenizer.convert_ids_to_tokens(ids),
-        "fp_top": [_top_k(p, tokenizer, top_k) for p in fp_probs], "variants": {},
-    }
+    out = TokenComparison(question, fp_answer, tokenizer.convert_ids_to_tokens(ids),
+                          [_top_k(p, tokenizer, top_k) for p in fp_probs])
     for label, handle in variants.items():
         probs = continuation_probs(handle.model, handle.processor, [image], [question], [ids])[0]
         own = generate_answers(handle.model, handle.processor, [image], [question], max_new_tokens)[0]
         diff = [j for j, t in enumerate(ids) if int(probs[j].argmax()) != t]
-        out["variants"][label] = {
-            "answer": own, "flipped": normalize_answer(own) != normalize_answer(fp_answer),
-            "first_diff": diff[0] if diff else None,
-            "kl": [float(v) for v in kl_divergence(fp_probs, probs)],
-            "top": [_top_k(p, tokenizer, top_k) for p in probs],
-        }
+        out.variants[label] = VariantTokens(
+            answer=own, flipped=normalize_answer(own) != normalize_answer(fp_answer),
+            first_diff=diff[0] if diff else None, kl=[float(v) for v in kl_divergence(fp_probs, probs)],
+            top=[_top_k(p, tokenizer, top_k) for p in probs])
     return out
 
 
@@ -166,6 +189,18 @@ def rank_disagreements(scan: Mapping[str, Any], limit: int = 24, min_drop: float
 
 
 # ---------------------------------------------------------------------------- bit by bit
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of the bit-width sweep: a recipe at a bit setting (FP: "fp" / "FP"), scored on the sweep's
+    questions; ``quant_bytes``: its weights' bytes as stored (FP: in FP16)."""
+
+    recipe: str
+    bits: str
+    accuracy: float
+    n: int
+    quant_bytes: int
+
+
 def bit_sweep(
     fp: Any,
     recipes: Sequence[str],
@@ -173,19 +208,18 @@ def bit_sweep(
     samples: Sequence[VQASample],
     calib_size: int = 16,
     quantize: Callable[..., Any] | None = None,
-    measure_memory: Callable[[Any], Mapping[str, Any]] | None = None,
+    measure_memory: Callable[[Any], WeightMemory] | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     **config: Any,
-) -> list[dict[str, Any]]:
+) -> list[SweepPoint]:
     """Accuracy on ``samples`` for FP and every (recipe, bit setting), each quantized with ``calib_size`` pairs.
 
     Each point is one :func:`qvlm.evaluation.bench.quantize_and_evaluate`, which drops the quantized
     copy after its evaluation, so the sweep holds one at a time. ``quantize`` defaults to
     :func:`qvlm.quant.quantize` and ``measure_memory`` to :func:`qvlm.quant.memory.weight_memory`
     (a test passes stand-ins); ``config`` goes to every
-    :class:`~qvlm.quant.QuantConfig`. Returns one row per point, FP first: ``{"recipe", "bits",
-    "accuracy", "n", "quant_bytes"}`` (FP's recipe and bits are "fp" / "FP").
+    :class:`~qvlm.quant.QuantConfig`. Returns one :class:`SweepPoint` per point, FP first.
     """
     measure_memory = measure_memory or weight_memory
     configs = [QuantConfig.from_bits(b, recipe=r, calib_size=calib_size, **config) for r in recipes for b in bits]
@@ -207,16 +241,15 @@ def bit_sweep(
         return forward
 
     fp_eval = evaluate(fp.model, fp.processor, samples, cancel=cancel, progress=point_progress("FP", 0))
-    rows = [{"recipe": "fp", "bits": "FP", "accuracy": fp_eval.accuracy, "n": fp_eval.n,
-             "quant_bytes": measure_memory(fp.model).get("fp16_bytes")}]
+    points = [SweepPoint("fp", "FP", fp_eval.accuracy, fp_eval.n, measure_memory(fp.model).fp16_bytes)]
     for i, cfg in enumerate(configs, start=1):
         what = f"{cfg.bits_label} {cfg.recipe}"
         report(progress, STAGE_SWEEP, i / total, f"{what}: quantizing")
         row = quantize_and_evaluate(
             fp, cfg, samples, batch_size=32, quantize=quantize, progress=point_progress(what, i), cancel=cancel,
-            describe=lambda result: {"quant_bytes": measure_memory(result.handle.model).get("quant_bytes")})
-        rows.append({k: row[k] for k in ("recipe", "bits", "accuracy", "n", "quant_bytes")})
-    return rows
+            describe=lambda result: {"quant_bytes": measure_memory(result.handle.model).quant_bytes})
+        points.append(SweepPoint(row["recipe"], row["bits"], row["accuracy"], row["n"], row["quant_bytes"]))
+    return points
 
 
 # ---------------------------------------------------------------------------- outside the task

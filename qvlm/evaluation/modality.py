@@ -9,15 +9,43 @@ calibration pairs: per decoder layer and modality, the 99.9th percentile and the
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from qvlm.utils.progress import STAGE_MODALITY, ProgressCallback, check_cancel, report
 from qvlm.quant.calibration import calibration_batches
+from qvlm.utils.stats import finite
 
 
 MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """|x| of one modality's tokens at a decoder layer's input: a high percentile, the maximum, and the count."""
+
+    p: float
+    max: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ModalityRow:
+    """One decoder layer's input: the image tokens' and the text tokens' ranges (``percentile``: of |x|)."""
+
+    layer: int
+    percentile: float
+    image: TokenRange
+    text: TokenRange
+
+    @property
+    def ratio(self) -> float | None:
+        """Image / text |x| percentile, rounded as the table shows it; None where text has no range."""
+        if not (finite(self.image.p) and finite(self.text.p)) or self.text.p <= 0:
+            return None
+        return round(self.image.p / self.text.p, 2)
 
 
 def image_token_id(config: Any) -> int:
@@ -47,12 +75,11 @@ def modality_activation_stats(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
-) -> list[dict[str, Any]]:
+) -> list[ModalityRow]:
     """Per decoder layer: |x| percentile and max of image tokens and of text tokens at the layer's input.
 
     ``n_pairs`` calibration pairs (easy-VQA train, prompt + answer) go through the model in one
-    batch; padding is excluded. Returns ``[{"layer", "image_p", "image_max", "text_p", "text_max",
-    "image_tokens", "text_tokens", "percentile"}]``, one row per decoder layer.
+    batch; padding is excluded. One row per decoder layer.
     """
     if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or not 1 <= n_pairs <= 64:
         raise ValueError("Use 1 to 64 calibration pairs for the modality statistics.")
@@ -64,17 +91,18 @@ def modality_activation_stats(
     (batch,) = calibration_batches(handle, n_pairs, seed, batch_size=n_pairs)  # one batch: exact percentiles
     is_image = batch.input_ids == image_id
     masks = {"image": is_image & batch.valid, "text": ~is_image & batch.valid}
-    rows: list[dict[str, Any]] = [{"layer": i, "percentile": percentile} for i in range(len(layers))]
+    rows: list[ModalityRow | None] = [None] * len(layers)
 
     def make_hook(i: int):
         def hook(module, args, kwargs):
             check_cancel(cancel, "modality statistics")
             hidden = args[0] if args else kwargs["hidden_states"]
+            ranges = {}
             for m in MODALITIES:
                 x = hidden[masks[m]]  # reduced at once: no layer's activations are kept
-                rows[i][f"{m}_p"] = _abs_quantile(x, percentile / 100)
-                rows[i][f"{m}_max"] = float(x.abs().max()) if x.numel() else float("nan")
-                rows[i][f"{m}_tokens"] = int(x.shape[0])
+                ranges[m] = TokenRange(_abs_quantile(x, percentile / 100),
+                                       float(x.abs().max()) if x.numel() else float("nan"), int(x.shape[0]))
+            rows[i] = ModalityRow(i, percentile, **ranges)
             report(progress, STAGE_MODALITY, (i + 1) / len(layers), f"decoder layer {i}")
 
         return hook

@@ -38,16 +38,28 @@ SITE_SAMPLES = (1, 32)
 """Calibration pairs allowed: one vision pass per site and pair, so more only slows the view."""
 
 
+@dataclass(frozen=True)
+class SiteError:
+    """What one vision site's activation quantizers add alone to the projector output's error.
+
+    ``error``: the relative MSE (MSE / mean square of the FP output) with only that site on, minus the
+    weights-only error; ``share``: its part of the sum over sites.
+    """
+
+    layer: int
+    site: str
+    error: float
+    share: float
+
+
 @dataclass
 class VisionSiteReport:
     """Per vision site, the projector-output error its activation quantizers add alone.
 
-    ``rows``: ``{"layer", "site", "error", "share"}``; ``error`` is the relative MSE
-    (MSE / mean square of the FP output) with only that site on, minus ``weights_only``; ``share`` its
-    part of the sum over sites. ``all_on``: the relative error with every vision activation quantizer on.
+    ``all_on``: the relative error with every vision activation quantizer on.
     """
 
-    rows: list[dict[str, Any]]
+    rows: list[SiteError]
     weights_only: float
     all_on: float
     samples: int
@@ -55,8 +67,8 @@ class VisionSiteReport:
     weights: str = "as quantized"
     output: str = "projector"
 
-    def worst(self) -> dict[str, Any]:
-        return max(self.rows, key=lambda r: r["error"])
+    def worst(self) -> SiteError:
+        return max(self.rows, key=lambda r: r.error)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,23 +171,41 @@ def vision_site_errors(fp: VLMHandle, quantized: Any, n_samples: int = 4, seed: 
             return _relative_mse(projector_output(handle, batch), reference)
 
     weights_only = error_with([])
-    rows = []
+    errors = {}
     for i, ((layer, site), acts) in enumerate(sites.items()):
-        rows.append({"layer": layer, "site": site, "error": max(0.0, error_with(acts) - weights_only)})
+        errors[layer, site] = max(0.0, error_with(acts) - weights_only)
         report(progress, STAGE_VISION_SITES, (i + 1) / (len(sites) + 1), f"vision layer {layer}, {site} input")
     all_on = error_with(vision_acts)
     report(progress, STAGE_VISION_SITES, 1.0, "every vision site on")
-    total = sum(r["error"] for r in rows)
-    for r in rows:
-        r["share"] = r["error"] / total if total > 0 else 0.0
+    total = sum(errors.values())
+    rows = [SiteError(layer, site, e, e / total if total > 0 else 0.0) for (layer, site), e in errors.items()]
     cfg = quantized.config
     return VisionSiteReport(rows=rows, weights_only=weights_only, all_on=all_on, samples=n,
                             a_bits=cfg.tower_bits("vision")[1])
 
 
+@dataclass(frozen=True)
+class SiteMap:
+    """|x| at one vision site, token x channel (``abs``: [T][C] of the first image), and its static ranges.
+
+    ``token_range`` / ``channel_range``: max - min per token position / per channel over the images;
+    ``levels_token`` / ``levels_channel``: how many of the ``bits``-bit levels a typical value spans with each.
+    """
+
+    layer: int
+    site: str
+    bits: int
+    samples: int
+    abs: list[list[float]]
+    token_range: list[float]
+    channel_range: list[float]
+    levels_token: float
+    levels_channel: float
+
+
 @torch.no_grad()
 def site_activation_map(fp: VLMHandle, layer: int, site: str, bits: int, n_samples: int = 4,
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0) -> SiteMap:
     """|x| at one vision site of the FP model, token x channel, with static per-token and per-channel ranges.
 
     Ranges are min/max over ``n_samples`` calibration images (per token position over every channel,
@@ -198,11 +228,7 @@ def site_activation_map(fp: VLMHandle, layer: int, site: str, bits: int, n_sampl
     token_step, _ = qparams(token_lo, token_hi, bits)
     channel_step, _ = qparams(channel_lo, channel_hi, bits)
     magnitude = x.abs()
-    return {
-        "layer": layer, "site": site, "bits": bits, "samples": n,
-        "abs": magnitude[0].tolist(),
-        "token_range": (token_hi - token_lo).tolist(),
-        "channel_range": (channel_hi - channel_lo).tolist(),
-        "levels_token": float((magnitude / token_step.view(1, -1, 1)).median()),
-        "levels_channel": float((magnitude / channel_step.view(1, 1, -1)).median()),
-    }
+    return SiteMap(layer=layer, site=site, bits=bits, samples=n, abs=magnitude[0].tolist(),
+                   token_range=(token_hi - token_lo).tolist(), channel_range=(channel_hi - channel_lo).tolist(),
+                   levels_token=float((magnitude / token_step.view(1, -1, 1)).median()),
+                   levels_channel=float((magnitude / channel_step.view(1, 1, -1)).median()))

@@ -10,12 +10,13 @@ kept only if it also improves the LLM's *output* (Eq. 1's end point), on the cal
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from qvlm.models.layer_map import core_model
+from qvlm.quant.records import BlockSearchRow
 from qvlm.quant.calibration import CalibBatch, LayerInputs, capture_layer_inputs, mse_over, run_layer
 from qvlm.utils.progress import STAGE_SEARCH
 
@@ -106,11 +107,19 @@ class OutputCheck:
         return self.current_error
 
 
-def decide_block(entries, block: list[int], choice: tuple[int, ...], apply, checks: Sequence[OutputCheck]) -> dict:
+class BlockDecision(NamedTuple):
+    """Whether a block keeps its searched choice, and per check run [error with it, with the incumbent ranges]
+    (a check after a failed one is not run)."""
+
+    accepted: bool
+    errors: dict[str, list[float]]
+
+
+def decide_block(entries, block: list[int], choice: tuple[int, ...], apply,
+                 checks: Sequence[OutputCheck]) -> BlockDecision:
     """Keep ``choice`` for ``block`` only if it lowers every check's output error below the block's
     incumbent ranges (later layers at their incumbent ranges); leaves the block at what is kept and
-    advances every check's input past it. Returns whether it was kept and, per check run, [chosen,
-    incumbent] errors (a check after a failed one is not run)."""
+    advances every check's input past it."""
     layers = [entries[k].module for k in block]
     rest = [e.module for e in entries[block[-1] + 1:]]
     outputs, errors = {}, {}
@@ -131,7 +140,7 @@ def decide_block(entries, block: list[int], choice: tuple[int, ...], apply, chec
         chk.xs = outputs["chosen" if keep else "incumbent"][i]
         if keep:  # the model now stands at the choice; if not kept, it stands where it stood
             chk.current_error = errors[chk.name][0]
-    return {"accepted": keep, "errors": errors}
+    return BlockDecision(keep, errors)
 
 
 @torch.no_grad()
@@ -155,7 +164,7 @@ def acceptance_checks(qrun: "QuantRun", xq0: list[torch.Tensor]) -> list[OutputC
     n = cfg.calib_size if cfg.cdm_holdout_images is None else cfg.cdm_holdout_images
     batches = qrun.holdout_batches(n, max(cfg.calib_size, cfg.veo_calib_size or 0))
     if not batches:
-        qrun.notes["cdm.holdout"] = "no held-out pairs: blocks checked on the calibration pairs only"
+        qrun.notes.cdm_holdout = "no held-out pairs: blocks checked on the calibration pairs only"
         return checks
     qrun.report(STAGE_SEARCH, 0.0, f"{sum(b.size for b in batches)} held-out pairs")
     (held,) = capture_layer_inputs(qrun.qmodel, [qrun.qmap.language[0].module], batches, [True], qrun.cancel)
@@ -165,19 +174,19 @@ def acceptance_checks(qrun: "QuantRun", xq0: list[torch.Tensor]) -> list[OutputC
     return checks + [OutputCheck("holdout", held, held.hidden, score, final_norm, qrun.cancel)]
 
 
-def acceptance_sentence(search: Sequence[Mapping[str, Any]]) -> str:
+def acceptance_sentence(search: Sequence[BlockSearchRow]) -> str:
     """What CDM kept: how many blocks changed their ranges, and why the others went back to the init's.
 
     Why: with the held-out check most blocks may keep the init's ranges, and a partition plot that says "kept"
     everywhere needs the reason beside it (a choice that fits the calibration pairs but not unseen ones)."""
-    changed = [s for s in search if s.get("accept_errors")]
+    changed = [s for s in search if s.checked]
     if not search:
         return ""
     if not changed:
         return "The joint search found nothing better than the layer-wise init's ranges in any block."
-    kept = [s for s in changed if s.get("accepted", True)]
-    unseen = [s for s in changed if not s.get("accepted", True) and "holdout" in s["accept_errors"]]
-    calib = [s for s in changed if not s.get("accepted", True) and "holdout" not in s["accept_errors"]]
+    kept = [s for s in changed if s.accepted]
+    unseen = [s for s in changed if s.refused_on_unseen]
+    calib = [s for s in changed if not s.accepted and not s.refused_on_unseen]
     parts = [f"The search proposed new ranges in {len(changed)} of {len(search)} blocks and kept them in {len(kept)}"]
     if calib:
         parts.append(f"{len(calib)} went back to the init's ranges because they raised the error at the model's "

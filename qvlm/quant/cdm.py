@@ -25,6 +25,7 @@ from qvlm.quant.calibration import LayerInputs, mse_over, observing, release_rec
 from qvlm.quant.entropy import pair_entropy, residual_grid
 from qvlm.quant.partition import partition_layers
 from qvlm.quant.quantizers import percentile_ranges
+from qvlm.quant.records import BlockSearchRow
 from qvlm.quant.search import BlockSearch, coordinate_search, exhaustive_search
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def search_blocks(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tens
         search.outputs = None  # the next block's input is all that is needed of them
         if checks and any(c != 0 for c in search.choice):
             decision = decide_block(entries, block, tuple(search.choice), apply, checks)
-            search.accepted, search.accept_errors = decision["accepted"], decision["errors"]
+            search.accepted, search.accept_errors = decision
             xs = checks[0].xs
         else:
             for chk in checks:  # the block is at its incumbent: follow it
@@ -292,8 +293,8 @@ class CrossLayerSearch:
         if not cfg.quantize_language:
             return
         if reason := unsearchable(cfg):
-            qrun.notes["cdm.skipped"] = reason
-            qrun.report(STAGE_SEARCH, 1.0, "skipped: " + qrun.notes["cdm.skipped"])
+            qrun.notes.cdm_skipped = reason
+            qrun.report(STAGE_SEARCH, 1.0, "skipped: " + reason)
             return
         entries, fp_entries, inputs = qrun.qmap.language, qrun.fp.layer_map.language, qrun.language_inputs
         with torch.no_grad():
@@ -323,10 +324,10 @@ class CrossLayerSearch:
                     if not accepted:
                         for k in block:
                             qrun.percentiles[k] = labels[0]
-                    qrun.search.append({
-                        "block": block, "choice": [labels[c] for c in search.choice], "accepted": accepted,
-                        "greedy": [labels[c] for c in search.greedy_choice],
-                        "error": search.error, "greedy_error": search.greedy_error,
-                        "incumbent_error": None if incumbent is None else float(incumbent.mean()),
-                        "objective": cfg.block_objective, "layer_passes": search.layer_passes,
-                        "accept_errors": search.accept_errors})
+                    qrun.search.append(BlockSearchRow(
+                        block=block, choice=[labels[c] for c in search.choice], accepted=accepted,
+                        greedy=[labels[c] for c in search.greedy_choice],
+                        error=search.error, greedy_error=search.greedy_error,
+                        incumbent_error=None if incumbent is None else float(incumbent.mean()),
+                        objective=cfg.block_objective, layer_passes=search.layer_passes,
+                        accept_errors=search.accept_errors))

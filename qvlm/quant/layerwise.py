@@ -244,7 +244,7 @@ class LayerwiseInit:
                 if quantized:
                     notes = init_layer(entry.module, entry.linears, inputs, xs, w_bits=cfg.tower_bits(tower)[0],
                                        **settings)
-                    qrun.notes.update({f"{tower}.{i}.{k}": v for k, v in notes.items()})
+                    qrun.notes.init.update({f"{tower}.{i}.{k}": v for k, v in notes.items()})
                 ys = run_layer(entry.module, inputs, xs, qrun.cancel)
                 qrun.record_error(tower, i, ys, yr, inputs, "init_mse")
                 if tower == "language" and cfg.pack_weights:

@@ -10,7 +10,8 @@ Unquantized tensors count at FP16 in both columns.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -82,26 +83,55 @@ def _family(name: str, projector_name: str) -> str:
     return "other"
 
 
-def weight_memory(model: nn.Module) -> dict:
-    """{"fp16_bytes", "quant_bytes", "by_family": {family: {"params", "fp16_bytes", "quant_bytes"}}}."""
-    fam = {f: {"params": 0, "fp16_bytes": 0, "quant_bytes": 0} for f in FAMILIES}
+@dataclass(frozen=True)
+class WeightBytes:
+    """Parameters of one part of the model, and their bytes in FP16 and as the variant stores them."""
+
+    params: int = 0
+    fp16_bytes: int = 0
+    quant_bytes: int = 0
+
+    def __add__(self, other: "WeightBytes") -> "WeightBytes":
+        return WeightBytes(self.params + other.params, self.fp16_bytes + other.fp16_bytes,
+                           self.quant_bytes + other.quant_bytes)
+
+
+@dataclass(frozen=True)
+class WeightMemory:
+    """The weights' bytes by part of the model (:data:`FAMILIES`, the parts that hold any), computed from shapes
+    and formats: what the packed codes take, not what a process holds (that is :func:`resident_bytes`)."""
+
+    by_family: dict[str, WeightBytes]
+
+    @property
+    def fp16_bytes(self) -> int:
+        return sum(v.fp16_bytes for v in self.by_family.values())
+
+    @property
+    def quant_bytes(self) -> int:
+        return sum(v.quant_bytes for v in self.by_family.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fp16_bytes": self.fp16_bytes, "quant_bytes": self.quant_bytes,
+                "by_family": {k: asdict(v) for k, v in self.by_family.items()}}
+
+
+def weight_memory(model: nn.Module) -> WeightMemory:
+    """Every parameter and packed Linear of ``model`` counted once, by family."""
+    fam = {f: WeightBytes() for f in FAMILIES}
     projector_name = build_layer_map(model).projector_name
     counted: set[int] = set()
     for mod_name, module in model.named_modules():
         if isinstance(module, PackedLinear):
             f = _family(mod_name, projector_name)
             n = module.out_features * module.in_features
-            fam[f]["params"] += n
-            fam[f]["fp16_bytes"] += 2 * n
-            fam[f]["quant_bytes"] += module.storage_bytes()
+            fam[f] += WeightBytes(n, 2 * n, module.storage_bytes())
         for p_name, param in module.named_parameters(recurse=False):
             if id(param) in counted:
                 continue
             counted.add(id(param))
             f = _family(f"{mod_name}.{p_name}", projector_name)
             n = param.numel()
-            fam[f]["params"] += n
-            fam[f]["fp16_bytes"] += 2 * n
             if isinstance(module, QuantLinear) and p_name == "weight" and module.weight_quantized:
                 q = packed_weight_bytes((module.out_features, module.in_features), module.w_bits,
                                         module.w_format, module.w_group)
@@ -109,9 +139,5 @@ def weight_memory(model: nn.Module) -> dict:
                 q = packed_weight_bytes(tuple(param.shape), module._qvlm_w_bits, "uniform", None)
             else:
                 q = 2 * n
-            fam[f]["quant_bytes"] += q
-    return {
-        "fp16_bytes": sum(v["fp16_bytes"] for v in fam.values()),
-        "quant_bytes": sum(v["quant_bytes"] for v in fam.values()),
-        "by_family": {k: v for k, v in fam.items() if v["params"]},
-    }
+            fam[f] += WeightBytes(n, 2 * n, q)
+    return WeightMemory({k: v for k, v in fam.items() if v.params})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 from qvlm.models import VLMHandle
 from qvlm.utils.progress import STAGE_MEASURE, Cancelled, ProgressCallback, report
@@ -24,19 +24,17 @@ from qvlm.quant.config import QuantConfig
 from qvlm.quant.packing import pack_model
 from qvlm.quant.partition import singleton_blocks
 from qvlm.quant.recipes import Stage, get_recipe
+from qvlm.quant.records import BlockSearchRow, LayerError, RunNotes, VeoEpoch, VeoStep
 from qvlm.quant.run import QuantRun
 from qvlm.quant.vision_ranges import FoldVisionRanges
 
 
 @dataclass
 class QuantResult:
-    """A quantized copy of the model and the statistics of how it was made.
+    """A quantized copy of the model and the statistics of how it was made (typed: :mod:`qvlm.quant.records`).
 
-    ``layer_errors`` rows: {"tower", "index", "fp_mse" (mean square of the FP layer output: the
-    signal power, to normalise by), "init_mse" (output MSE vs FP after the layer-wise init),
-    "quant_mse" (after the whole recipe), "rel_err" (quant_mse / fp_mse)}; the MSEs are measured on
-    the calibration set with the quantized path propagated (each layer gets the quantized
-    model's input) against the FP model's output.
+    ``layer_errors``: one :class:`LayerError` per layer, vision tower first, measured on the calibration set
+    with the quantized path propagated (each layer gets the quantized model's input) against FP's output.
     """
 
     handle: VLMHandle
@@ -45,15 +43,15 @@ class QuantResult:
     h0: float | None = None
     blocks: list[list[int]] = field(default_factory=list)
     percentiles: dict[int, float] = field(default_factory=dict)
-    layer_errors: list[dict] = field(default_factory=list)
-    veo_losses: list[dict] = field(default_factory=list)
-    veo_holdout: list[dict] = field(default_factory=list)
+    layer_errors: list[LayerError] = field(default_factory=list)
+    veo_losses: list[VeoStep] = field(default_factory=list)
+    veo_holdout: list[VeoEpoch] = field(default_factory=list)
     """Per VEO epoch (0 = the init): Eq. 9's error on held-out train images, and which epoch was kept."""
     timings: dict[str, float] = field(default_factory=dict)
     entropies_per_sample: list[list[float]] = field(default_factory=list)
-    search: list[dict] = field(default_factory=list)
+    search: list[BlockSearchRow] = field(default_factory=list)
     """One row per CDM block (:attr:`QuantRun.search`): choice, accepted, errors, layer passes."""
-    init_notes: dict[str, Any] = field(default_factory=dict)
+    init_notes: RunNotes = field(default_factory=RunNotes)
     output_mse: float | None = None
     timing_details: dict[str, float] = field(default_factory=dict)
     """Sub-stage seconds, e.g. "entropy_eq45": the part of "entropy" spent on Eqs. 4-5 (the rest of
@@ -73,6 +71,11 @@ class QuantResult:
                    search=qrun.search, init_notes=qrun.notes, output_mse=qrun.output_mse,
                    timing_details=dict(qrun.timing_details))
 
+    def seconds(self, *stages: str) -> float:
+        """Seconds spent in ``stages`` (:attr:`timings`' stages or :attr:`timing_details`' sub-stages); a stage the
+        recipe does not run took 0."""
+        return sum(self.timings[s] if s in self.timings else self.timing_details.get(s, 0.0) for s in stages)
+
     def to_dict(self) -> dict:
         """JSON-serialisable statistics (no tensors, no model)."""
         return {
@@ -84,12 +87,12 @@ class QuantResult:
             "h0": self.h0,
             "blocks": [list(b) for b in self.blocks],
             "percentiles": {str(k): v for k, v in self.percentiles.items()},
-            "layer_errors": list(self.layer_errors),
-            "veo_losses": list(self.veo_losses),
-            "veo_holdout": list(self.veo_holdout),
+            "layer_errors": [r.to_dict() for r in self.layer_errors],
+            "veo_losses": [r.to_dict() for r in self.veo_losses],
+            "veo_holdout": [r.to_dict() for r in self.veo_holdout],
             "timings": dict(self.timings),
-            "search": list(self.search),
-            "init_notes": dict(self.init_notes),
+            "search": [r.to_dict() for r in self.search],
+            "init_notes": self.init_notes.to_dict(),
             "output_mse": self.output_mse,
             "timing_details": dict(self.timing_details),
             "entropies_per_sample": [list(r) for r in self.entropies_per_sample],

@@ -16,7 +16,8 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from dataclasses import replace
+from typing import Iterator, Sequence
 
 import torch
 
@@ -35,6 +36,7 @@ from qvlm.quant.calibration import (
 )
 from qvlm.quant.config import QuantConfig
 from qvlm.quant.partition import singleton_blocks
+from qvlm.quant.records import BlockSearchRow, LayerError, RunNotes, VeoEpoch, VeoStep
 from qvlm.quant.working_copy import working_copy
 
 Grid = tuple[torch.Tensor, torch.Tensor]
@@ -59,9 +61,9 @@ class QuantRun:
         self.timings: dict[str, float] = {}
         self.timing_details: dict[str, float] = {}
         """Sub-stage seconds, not added to the stage totals (e.g. "entropy_eq45")."""
-        self.notes: dict[str, Any] = {}
+        self.notes = RunNotes()
         """Per-group choices of the init (clip factor, AWQ alpha), keyed "tower.layer.group.what"."""
-        self.layer_errors: dict[tuple[str, int], dict] = {}
+        self.layer_errors: dict[tuple[str, int], LayerError] = {}
         # Set by prepare():
         self.batches: list[CalibBatch] = []
         self.qmodel: torch.nn.Module | None = None
@@ -72,14 +74,14 @@ class QuantRun:
         # Set by the stages:
         self.residual_grids: list[Grid] = []
         """Per decoder layer, the min/max grid of its quantized-path input (the "residual" entropy site)."""
-        self.veo_losses: list[dict] = []
-        self.veo_holdout: list[dict] = []
+        self.veo_losses: list[VeoStep] = []
+        self.veo_holdout: list[VeoEpoch] = []
         """Eq. 9's error on held-out images per VEO epoch (0: before VEO), "kept" on the epoch kept."""
         self.entropies_per_sample: torch.Tensor | None = None
         self.h0: float | None = None
         self.blocks: list[list[int]] = singleton_blocks(len(fp.layer_map.language))
         self.percentiles: dict[int, float] = {}
-        self.search: list[dict] = []
+        self.search: list[BlockSearchRow] = []
         """One row per CDM block: its choice, whether it was accepted, its errors and layer passes."""
         self.output_mse: float | None = None
         self._holdout: dict[tuple[int, int], list[CalibBatch]] = {}
@@ -171,10 +173,11 @@ class QuantRun:
                      inputs: LayerInputs, key: str) -> None:
         """Store the calibration-set MSE of one layer's output against FP under ``key``."""
         err = torch.cat([per_sample_mse(y, r, m) for y, r, m in zip(ys, yr, inputs.masks)]).mean().item()
-        row = self.layer_errors.setdefault((tower, i), {"tower": tower, "index": i})
-        if "fp_mse" not in row:
-            row["fp_mse"] = torch.cat([per_sample_power(r, m) for r, m in zip(yr, inputs.masks)]).mean().item()
-        row[key] = err
+        row = self.layer_errors.get((tower, i))
+        if row is None:
+            fp_mse = torch.cat([per_sample_power(r, m) for r, m in zip(yr, inputs.masks)]).mean().item()
+            row = LayerError(tower, i, fp_mse)
+        self.layer_errors[(tower, i)] = replace(row, **{key: err})
 
     @torch.no_grad()
     def measure(self) -> None:
@@ -200,8 +203,6 @@ class QuantRun:
                 self.record_error(tower, i, ys, yr, inputs, "quant_mse")
                 xs, xr = ys, yr
                 steps.step(f"{tower} layer {i + 1}/{len(entries)}")
-        for row in self.layer_errors.values():
-            row["rel_err"] = row.get("quant_mse", 0.0) / max(row.get("fp_mse", 0.0), 1e-30)
         norm, fp_norm = self.qmap.final_norm, self.fp.layer_map.final_norm
         errs = [per_sample_mse(norm(y), fp_norm(r), m) for y, r, m in zip(xs, xr, self.language_inputs.masks)]
         self.output_mse = float(torch.cat(errs).mean())

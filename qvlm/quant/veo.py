@@ -20,7 +20,7 @@ holds what one forward pass showed (X^(k), the entropy sites, the projector's in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import torch
@@ -30,6 +30,7 @@ from qvlm.models import LayerMap, core_model
 from qvlm.utils.progress import STAGE_VEO, StepProgress, check_cancel, report
 from qvlm.quant.calibration import CalibBatch, calibration_batches, masked_mse
 from qvlm.quant.entropy import pair_entropy
+from qvlm.quant.records import HeldOutError, VeoEpoch, VeoStep
 
 if TYPE_CHECKING:
     from qvlm.quant.config import QuantConfig
@@ -57,9 +58,9 @@ class VisualEncoderOptimization:
         if not cfg.quantize_vision:
             return
         if cfg.act_granularity_vision == "dynamic_token":
-            qrun.notes["veo.skipped"] = ("dynamic_token vision ranges are each token's min/max at run time: "
+            qrun.notes.veo_skipped = ("dynamic_token vision ranges are each token's min/max at run time: "
                                          "VEO has no bounds to train")
-            qrun.report(STAGE_VEO, 1.0, "skipped: " + qrun.notes["veo.skipped"])
+            qrun.report(STAGE_VEO, 1.0, "skipped: " + qrun.notes.veo_skipped)
             return
         with qrun.timed(STAGE_VEO):
             qrun.report(STAGE_VEO, 0.0, "FP targets")
@@ -212,7 +213,7 @@ def veo_terms(qmodel, chunk: CalibBatch, target: Target, capture: VEOCapture, gr
 # ---------------------------------------------------------------------------------- held-out check
 @torch.no_grad()
 def holdout_error(qmodel, projector: torch.nn.Module, batches: list[CalibBatch], targets: list[Target],
-                  cfg: "QuantConfig") -> dict[str, float]:
+                  cfg: "QuantConfig") -> HeldOutError:
     """Eq. 9's error on held-out pairs: the visual term, the LLM-output term, and L_err = visual + eta * output;
     and where it ends: the answers.
 
@@ -241,8 +242,8 @@ def holdout_error(qmodel, projector: torch.nn.Module, batches: list[CalibBatch],
             agree += int((q_logp.argmax(-1) == fp_logp.argmax(-1)).sum())
             kl += float((fp_logp.exp() * (fp_logp - q_logp)).sum())
             tokens += int(predicts_answer.sum())
-    return {"visual": visual, "output": output, "err": visual + cfg.veo_eta * output,
-            "answer_agree": agree / max(1, tokens), "answer_kl": kl / max(1, tokens), "answer_tokens": tokens}
+    return HeldOutError(visual=visual, output=output, err=visual + cfg.veo_eta * output,
+                        answer_agree=agree / max(1, tokens), answer_kl=kl / max(1, tokens), answer_tokens=tokens)
 
 
 class HeldOutCheck:
@@ -256,7 +257,7 @@ class HeldOutCheck:
                  cfg: "QuantConfig") -> None:
         self.qmodel, self.projector, self.batches, self.cfg = qmodel, qmap.projector, batches, cfg
         self.targets = fp_targets(fp_model, fp_map, batches, cfg.veo_visual_output) if batches else []
-        self.log: list[dict] = []
+        self.log: list[VeoEpoch] = []
         self.best_epoch, self.best_err = 0, math.inf
         self.best_state: list[torch.Tensor] | None = None
         """The trained parameters after ``best_epoch``; None while the init (epoch 0) is best."""
@@ -265,26 +266,26 @@ class HeldOutCheck:
     def early_stopping(self) -> bool:
         return bool(self.batches) and self.cfg.veo_early_stopping
 
-    def error(self) -> dict[str, float]:
+    def error(self) -> HeldOutError:
         return holdout_error(self.qmodel, self.projector, self.batches, self.targets, self.cfg)
 
     def measure_init(self, vision_qs: list["ActQuantizer"]) -> None:
         """Epoch 0, and VEO's ceiling: the same pairs with the vision activations unquantized."""
-        self.log.append({"epoch": 0, **self.error()})
-        self.best_err = self.log[0]["err"]
+        init = self.error()
+        self.best_err = init.err
         for q in vision_qs:
             q.enabled = False
         try:
-            self.log[0]["vision_acts_fp"] = self.error()
+            self.log.append(VeoEpoch(0, init, vision_acts_fp=self.error()))
         finally:
             for q in vision_qs:
                 q.enabled = True
 
     def measure_epoch(self, epoch: int, params: list[torch.nn.Parameter]) -> None:
-        row = {"epoch": epoch, **self.error()}
+        row = VeoEpoch(epoch, self.error())
         self.log.append(row)
-        if row["err"] < self.best_err:
-            self.best_epoch, self.best_err = epoch, row["err"]
+        if row.err < self.best_err:
+            self.best_epoch, self.best_err = epoch, row.err
             self.best_state = [p.detach().clone() for p in params]
 
     @torch.no_grad()
@@ -299,8 +300,7 @@ class HeldOutCheck:
                 for p, p_best in zip(params + ln_params, self.best_state):
                     p.copy_(p_best)
         kept = self.best_epoch if self.early_stopping else self.cfg.veo_epochs
-        for row in self.log:
-            row["kept"] = row["epoch"] == kept
+        self.log = [replace(row, kept=row.epoch == kept) for row in self.log]
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -414,7 +414,7 @@ def optimize_vision_bounds(qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, b
              for e in qmap.language]
     if cfg.veo_checkpoint:
         _checkpoint_layers(decoder_layers)
-    log: list[dict] = []
+    log: list[VeoStep] = []
     weights: torch.Tensor | None = None
     try:
         with VEOCapture(qmap.projector, decoder_layers, sites) as capture, torch.enable_grad():
@@ -423,7 +423,7 @@ def optimize_vision_bounds(qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, b
                     new_weights = weights is None or len(log) % cfg.veo_jacobian_every == 0
                     sums, weights = train_step(qmodel, opt, batch, chunks[bi], targets[bi], capture, grids, cfg,
                                                weights, new_weights, cancel)
-                    log.append({"step": len(log) + 1, "epoch": epoch, **sums})
+                    log.append(VeoStep(step=len(log) + 1, epoch=epoch, **sums))
                     if not math.isfinite(sums["total"]):
                         raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr")
                     steps.step(f"epoch {epoch}/{cfg.veo_epochs}")

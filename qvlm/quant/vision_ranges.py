@@ -277,4 +277,4 @@ class FoldVisionRanges:
         if not qrun.config.quantize_vision:
             return
         with qrun.timed(self.name):
-            qrun.notes["vision.fold"] = fold_vision_ranges(qrun.qmap, qrun.fp.layer_map)
+            qrun.notes.vision_fold = fold_vision_ranges(qrun.qmap, qrun.fp.layer_map)

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from qvlm.evaluation.analysis import ded_sweep, dependency_diagnostics
 from qvlm.evaluation.compare import bit_sweep, disagreement_scan, token_comparison
-from qvlm.evaluation.modality import modality_activation_stats
-from qvlm.evaluation.vision_sites import vision_site_errors
 from qvlm.models import gpu_task
 from qvlm.quant import quantize as quantize_model
 from qvlm.ui import texts
@@ -32,9 +29,9 @@ def help_accordion(text: str) -> None:
         gr.Markdown(text)
 
 
-GPU_SECONDS = {"quantize": 900, "ded": 600, "diagnostics": 900, "modality": 120, "vision_sites": 120, "tokens": 60,
-               "scan": 600, "sweep": 1800}
-"""Upper bounds a ZeroGPU Space reserves a GPU for, per heavy call (spaces.GPU(duration=...); no-op elsewhere)."""
+GPU_SECONDS = {"quantize": 900, "tokens": 60, "scan": 600, "sweep": 1800}
+"""Upper bounds a ZeroGPU Space reserves a GPU for, per heavy call (spaces.GPU(duration=...); no-op elsewhere);
+the Analysis tab's measurements carry theirs (``qvlm.ui.panel_analysis.GPU_SECONDS``)."""
 
 
 def build_app(settings: Settings | None = None, default_model: str | None = None) -> gr.Blocks:
@@ -42,10 +39,7 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
     app = AppState.from_settings(settings or Settings.from_env(default_model=default_model))
     on_gpu = {name: gpu_task(seconds) for name, seconds in GPU_SECONDS.items()}  # identity outside Spaces
     quantize = QuantizePanel(app, quantize=on_gpu["quantize"](quantize_model))
-    analysis = AnalysisPanel(app, ded_sweep=on_gpu["ded"](ded_sweep),
-                             dependency_diagnostics=on_gpu["diagnostics"](dependency_diagnostics),
-                             modality_stats=on_gpu["modality"](modality_activation_stats),
-                             vision_sites=on_gpu["vision_sites"](vision_site_errors))
+    analysis = AnalysisPanel(app, gpu=gpu_task)
     ask = AskPanel(app, token_comparison=on_gpu["tokens"](token_comparison),
                    disagreement_scan=on_gpu["scan"](disagreement_scan))
     results = ResultsPanel(app, bit_sweep=on_gpu["sweep"](bit_sweep))
@@ -73,13 +67,17 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
         long_job = dict(concurrency_limit=max(2, app.settings.concurrency), concurrency_id="long-job",
                         show_progress="minimal")
         internal = dict(api_visibility="private")  # a step of the page, not an HTTP endpoint
-        overview = [analysis.info, analysis.partition_lead, analysis.partition, analysis.error_lead, analysis.errors,
-                    analysis.veo_lead, analysis.veo, analysis.veo_note]
-        ded_inputs = [analysis.variant, analysis.layer, analysis.n_samples]
-        ded = [analysis.ded_lead, analysis.ded_plot, analysis.qerr_plot, analysis.ded_note]
-        interaction_inputs = [analysis.variant, analysis.interaction_samples]
-        interaction = [analysis.interaction_note, analysis.interaction_lead, analysis.verdict,
-                       analysis.interaction_table, analysis.interaction_plot]
+        views = analysis.events(model=quantize.model)
+        redraws = [e for e in views if e.redraw]
+
+        def redraw_analysis(listen, named: bool):
+            """Draw every cached Analysis view of the chosen variant again, in order, after ``listen``'s event;
+            ``named``: the views that only redraw carry their API name (the user picked the variant)."""
+            dep = None
+            for e in redraws:
+                name = dict(api_name=e.api_name) if named and not e.triggers and e.api_name else internal
+                dep = (listen if dep is None else dep.then)(e.handler, list(e.inputs), list(e.outputs), **name)
+            return dep
 
         # Quantize: the preset line and the expected time follow every change of the form; a run size sets
         # the calibration pairs and VEO epochs (which the user may still edit)
@@ -90,45 +88,28 @@ def build_app(settings: Settings | None = None, default_model: str | None = None
                                 [quantize.calib_size, quantize.veo_epochs], **internal)
 
         # Quantize: run, then open the new variant in the Analysis tab
-        (quantize.start.click(quantize.quantize, quantize.form, [quantize.status, quantize.held, quantize.new_variant],
-                              api_name="quantize", **long_job)
-         .then(analysis.select_variant, [quantize.new_variant], [analysis.variant, analysis.layer], **internal)
-         .then(analysis.show_overview, [analysis.variant], overview, **internal)
-         .then(analysis.show_ded, ded_inputs, ded, **internal)
-         .then(analysis.show_interaction, interaction_inputs, interaction, **internal)
+        made = (quantize.start.click(quantize.quantize, quantize.form,
+                                     [quantize.status, quantize.held, quantize.new_variant], api_name="quantize",
+                                     **long_job)
+                .then(analysis.select_variant, [quantize.new_variant], [analysis.variant, analysis.layer], **internal))
+        (redraw_analysis(made.then, named=False)
          .then(ask.offer_variants, [quantize.model], [ask.finder_variants], **internal)
          .then(quantize.offer_formats, None, [quantize.export_format], **internal))
-        gr.on([quantize.cancel.click, analysis.cancel.click, analysis.interaction_cancel.click,
-               analysis.vision_cancel.click, results.cancel.click, ask.finder_cancel.click, results.sweep_cancel.click],
+        gr.on([b.click for b in (quantize.cancel, *analysis.cancel_buttons, results.cancel, ask.finder_cancel,
+                                 results.sweep_cancel)],
               app.cancel, concurrency_limit=None, api_name="cancel")
         # Quantize: download the latest variant in a chosen format, with the run's JSON (one at a time: a
         # large model's zip is gigabytes of disk and minutes of CPU)
         quantize.download_btn.click(quantize.download, [quantize.export_format], quantize.downloads,
                                     api_name="download", concurrency_limit=1, concurrency_id="download")
 
-        # Analysis: pick a variant, browse DED by layer, measure DED, ask whether the layers interact
-        (analysis.variant.input(analysis.show_overview, [analysis.variant], overview, api_name="overview")
-         .then(analysis.show_ded, ded_inputs, ded, **internal)
-         .then(analysis.show_interaction, interaction_inputs, interaction, **internal))
-        gr.on([analysis.layer.release, analysis.n_samples.submit], analysis.show_ded, ded_inputs, ded, api_name="ded")
-        analysis.compute.click(analysis.compute_ded, ded_inputs,
-                               ded, api_name="compute_ded",
-                               **long_job)
-        analysis.interaction_samples.submit(analysis.show_interaction, interaction_inputs, interaction, **internal)
-        analysis.interaction_btn.click(analysis.compute_interaction, interaction_inputs, interaction,
-                                       api_name="interaction", **long_job)
-        analysis.modality_btn.click(analysis.compute_modality, [quantize.model, analysis.modality_pairs],
-                                    [analysis.modality_note, analysis.modality_lead, analysis.modality_plot,
-                                     analysis.modality_table],
-                                    api_name="modality", **long_job)
-        # Analysis: where the vision tower loses (a long job), then any site's |x| map (one vision pass)
-        vision_map_inputs = [analysis.variant, analysis.vision_layer, analysis.vision_site, analysis.vision_samples]
-        analysis.vision_btn.click(analysis.compute_vision_sites, [analysis.variant, analysis.vision_samples],
-                                  [analysis.vision_note, analysis.vision_lead, analysis.vision_plot, analysis.vision_layer,
-                                   analysis.vision_site, analysis.vision_map, analysis.vision_map_note],
-                                  api_name="vision_sites", **long_job)
-        gr.on([analysis.vision_layer.release, analysis.vision_site.input], analysis.show_vision_map, vision_map_inputs,
-              [analysis.vision_map, analysis.vision_map_note], **internal)
+        # Analysis: every view as the panel describes it (AnalysisPanel.events); picking a variant redraws them
+        redraw_analysis(analysis.variant.input, named=True)
+        for e in views:
+            if e.triggers:
+                name = dict(api_name=e.api_name) if e.api_name else internal
+                gr.on(list(e.triggers), e.handler, list(e.inputs), list(e.outputs), **name,
+                      **(long_job if e.long_job else {}))
 
         # Ask: preprocess=False, so the image arrives as a file path that answer_all checks itself and a
         # file that is not an image gets a message instead of failing inside Gradio's own image decoding.

@@ -107,7 +107,7 @@ def run_record(variant: Variant, fp_evals: dict[tuple[str, int, int], Any]) -> d
         "base_model": variant.base_model,
         "quant_config": result.config.to_dict(),
         "quantize_seconds": round(variant.seconds, 3),
-        "weight_memory": weight_memory(variant.handle.model),
+        "weight_memory": weight_memory(variant.handle.model).to_dict(),
         "statistics": result.to_dict(),
         "evaluation": [{"questions": n, "seed": seed, **ev.to_dict()} for (n, seed), ev in variant.evals.items()],
         "fp_evaluation": [{"questions": n, "seed": seed, **ev.to_dict()}

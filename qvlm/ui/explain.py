@@ -10,10 +10,12 @@ No gradio and no plotting here: the plots and the panels both import it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from qvlm.evaluation.analysis import VEO_SHARE_NEGLIGIBLE, VeoOutcome
+from qvlm.evaluation.analysis import VEO_SHARE_NEGLIGIBLE, DedPoint, InteractionCounts, PairSummary, VeoOutcome
+from qvlm.evaluation.modality import ModalityRow
+from qvlm.evaluation.vision_sites import SiteError, SiteMap
+from qvlm.quant.records import LayerError
 from qvlm.utils.stats import finite
 
 INTERACTION_LEGEND = (
@@ -103,31 +105,31 @@ def partition_lead(entropies: Sequence[float], blocks: Sequence[Sequence[int]], 
             f"that hold {grouped} layers between them the clipping ranges were chosen together.")
 
 
-def layer_error_lead(rows: Sequence[Mapping[str, Any]]) -> str:
+def layer_error_lead(rows: Sequence[LayerError]) -> str:
     """One sentence on the per-layer error of the chosen variant: the worst layer and what the search bought."""
-    rows = [r for r in rows if finite(r.get("quant_mse"))]
+    rows = [r for r in rows if finite(r.quant_mse)]
     if not rows:
         return ""
-    relative = all(finite(r.get("fp_mse")) and float(r["fp_mse"]) > 0 for r in rows)
+    relative = all(r.fp_mse > 0 for r in rows)
 
-    def size(r: Mapping[str, Any], key: str = "quant_mse") -> float:
-        return float(r[key]) / float(r["fp_mse"]) if relative else float(r[key])
+    def size(r: LayerError, key: str = "quant_mse") -> float:
+        return getattr(r, key) / r.fp_mse if relative else getattr(r, key)
 
     worst = max(rows, key=size)
-    name = f"{'V' if worst.get('tower') == 'vision' else 'L'}{worst.get('index', '?')}"
+    name = f"{'V' if worst.tower == 'vision' else 'L'}{worst.index}"
     where = (f"{100 * size(worst):.2g}% of that layer's own output" if relative
              else f"an output MSE of {size(worst):.3g}")
     lead = f"Each bar is how far a layer's output drifts from the full-precision model; the worst is {name}, at {where}"
-    inits = [r for r in rows if finite(r.get("init_mse"))]
-    better = sum(float(r["quant_mse"]) < float(r["init_mse"]) for r in inits)
+    inits = [r for r in rows if finite(r.init_mse)]
+    better = sum(r.quant_mse < r.init_mse for r in inits)
     if better:
         lead += f", and VEO and the search brought {better} of {len(inits)} layers below their error after the init"
     return lead + "."
 
 
-def ded_lead(points: Sequence[Mapping[str, Any]], r2: float | None, r2_chance: float | None) -> str:
+def ded_lead(points: Sequence[DedPoint], r2: float | None, r2_chance: float | None) -> str:
     """One sentence on DED vs entropy: does the cheap entropy predict how much the joint search helps?"""
-    deds = [float(p["ded"]) for p in points if finite(p.get("ded"))]
+    deds = [p.ded for p in points if finite(p.ded)]
     if not deds:
         return ""
     if max(abs(d) for d in deds) == 0:
@@ -144,36 +146,28 @@ def ded_lead(points: Sequence[Mapping[str, Any]], r2: float | None, r2_chance: f
             "the cheap entropy is a fair guide to where the expensive joint search pays, as in the paper's Fig. 2.")
 
 
-def interaction_lead(pairs: Sequence[Mapping[str, Any]], threshold: float) -> str:
+def interaction_lead(pairs: Sequence[PairSummary]) -> str:
     """One sentence on "Do the layers interact?": do neighbouring layers' errors add up or not?"""
-    rows = [p for p in pairs if finite(p.get("interaction_share"))]
+    rows = [p for p in pairs if finite(p.interaction_share)]
     if not rows:
         return ""
-    top = max(rows, key=lambda p: float(p["interaction_share"]))
-    block = list(top.get("block") or [top.get("layer"), (top.get("layer") or 0) + 1])
-    name = f"L{block[0]}–L{block[-1]}"
-    interacting = [p for p in rows if float(p["interaction_share"]) >= threshold]
-    differs = sum(not p.get("joint_equals_greedy", True) for p in rows)
-    if not interacting:
+    top = max(rows, key=lambda p: p.interaction_share)
+    name = f"L{top.block[0]}–L{top.block[-1]}"
+    counts = InteractionCounts.of(rows)
+    differs = counts.differs
+    if not counts.interacting:
         same = ("choosing them together picked the same ranges for every pair" if differs == 0 else
                 f"choosing them together changed the choice for only {differs} of {len(rows)} pairs")
-        return (f"These layers' errors add up (at most {100 * float(top['interaction_share']):.1f}% is not a plain "
+        return (f"These layers' errors add up (at most {100 * top.interaction_share:.1f}% is not a plain "
                 f"sum, at {name}), so searching their ranges together cannot help much: {same}.")
-    return (f"{len(interacting)} of {len(rows)} neighbouring layer pairs interact (most: {name}, where "
-            f"{100 * float(top['interaction_share']):.1f}% of the error is not the sum of the two layers' own), so "
+    return (f"{counts.interacting} of {len(rows)} neighbouring layer pairs interact (most: {name}, where "
+            f"{100 * top.interaction_share:.1f}% of the error is not the sum of the two layers' own), so "
             f"choosing their ranges together can help there; it changed the choice for {differs} of {len(rows)} pairs.")
 
 
-def modality_ratio(row: Mapping[str, Any]) -> float | None:
-    """Image / text |x| at one decoder layer's input (their high percentiles), rounded as the table shows it."""
-    if not (finite(row.get("image_p")) and finite(row.get("text_p"))) or float(row["text_p"]) <= 0:
-        return None
-    return round(float(row["image_p"]) / float(row["text_p"]), 2)
-
-
-def modality_lead(rows: Sequence[Mapping[str, Any]]) -> str:
+def modality_lead(rows: Sequence[ModalityRow]) -> str:
     """One sentence on image vs text tokens: does one clipping range fit both?"""
-    ratios = [(ratio, r["layer"]) for r in rows if (ratio := modality_ratio(r)) is not None]
+    ratios = [(r.ratio, r.layer) for r in rows if r.ratio is not None]
     if not ratios:
         return ""
     (lo, _), (hi, at) = min(ratios), max(ratios)
@@ -190,30 +184,30 @@ SITE_NAMES = {"qkv": "q/k/v input", "out_proj": "out_proj input", "fc1": "fc1 in
 """How the sentences and the chart name each vision site of :mod:`qvlm.evaluation.vision_sites`."""
 
 
-def vision_site_name(row: Mapping[str, Any]) -> str:
+def vision_site_name(row: SiteError) -> str:
     """"V2 fc2 input": the vision layer and the site, as the chart's axis and the lead name them."""
-    return f"V{row['layer']} {SITE_NAMES.get(row['site'], row['site'])}"
+    return f"V{row.layer} {SITE_NAMES.get(row.site, row.site)}"
 
 
-def vision_sites_lead(rows: Sequence[Mapping[str, Any]]) -> str:
+def vision_sites_lead(rows: Sequence[SiteError]) -> str:
     """One sentence on the vision sites: which one's activation rounding costs the tower's output most."""
-    rows = [r for r in rows if finite(r.get("error"))]
-    if not rows or max(float(r["error"]) for r in rows) <= 0:
+    rows = [r for r in rows if finite(r.error)]
+    if not rows or max(r.error for r in rows) <= 0:
         return ("No vision site's activation rounding changes the image tokens the LLM sees measurably: "
                 "the tower's error comes from its weights.") if rows else ""
-    worst = max(rows, key=lambda r: float(r["error"]))
-    return (f"Layer {worst['layer']}'s {SITE_NAMES.get(worst['site'], worst['site'])} loses the most: "
-            f"{100 * float(worst['share']):.0f}% of the error the vision tower's activation rounding adds, "
+    worst = max(rows, key=lambda r: r.error)
+    return (f"Layer {worst.layer}'s {SITE_NAMES.get(worst.site, worst.site)} loses the most: "
+            f"{100 * worst.share:.0f}% of the error the vision tower's activation rounding adds, "
             f"site by site, to the image tokens the LLM sees.")
 
 
-def site_map_sentence(m: Mapping[str, Any]) -> str:
+def site_map_sentence(m: SiteMap | None) -> str:
     """What the heatmap shows: how many rounding levels a typical value spans with each kind of range."""
-    if not m:
+    if m is None:
         return ""
-    token, channel = float(m["levels_token"]), float(m["levels_channel"])
-    spans = (f"At V{m['layer']}'s {SITE_NAMES.get(m['site'], m['site'])}, a typical value spans {token:.2g} "
-             f"of the {2 ** int(m['bits'])} levels with a static range per token and {channel:.2g} with one per "
+    token, channel = m.levels_token, m.levels_channel
+    spans = (f"At V{m.layer}'s {SITE_NAMES.get(m.site, m.site)}, a typical value spans {token:.2g} "
+             f"of the {2 ** m.bits} levels with a static range per token and {channel:.2g} with one per "
              "channel")
     if token < channel:
         return (spans + ": a few channels are large in every token, so each token's range stretches to cover "

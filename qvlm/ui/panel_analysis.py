@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from qvlm.ui import explain, plots
-from qvlm.evaluation.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, ded_sweep, dependency_diagnostics, \
-    read_dependency_reports, veo_outcome
+from qvlm.evaluation.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, InteractionCounts, PairSummary, \
+    ded_sweep, dependency_diagnostics, read_dependency_reports, veo_outcome
 from qvlm.models import BUNDLED_MODELS
-from qvlm.evaluation.modality import modality_activation_stats
+from qvlm.evaluation.modality import ModalityRow, modality_activation_stats
 from qvlm.evaluation.vision_sites import SITE_ROLES, SITE_SAMPLES, site_activation_map, vision_site_errors
 from qvlm.quant import QuantConfig, get_recipe
 from qvlm.quant.acceptance import acceptance_sentence
 from qvlm.utils.progress import STAGE_INIT, STAGE_VEO, ProgressCallback
-from qvlm.utils.stats import linear_fit
 from qvlm.ui.feedback import Outputs, warn
 from qvlm.ui.jobs import LongJob, stream_job
 from qvlm.ui.render import human_bytes
@@ -37,8 +37,33 @@ from qvlm.ui.state import AppState, Variant, canonical_name
 
 DEDSweepFn = Callable[..., list[Any]]
 DiagnosticsFn = Callable[..., Any]
-ModalityFn = Callable[..., list[dict]]
+ModalityFn = Callable[..., list[ModalityRow]]
 VisionSitesFn = Callable[..., Any]
+GpuTask = Callable[[int], Callable[[Callable], Callable]]
+
+GPU_SECONDS = {"ded": 600, "diagnostics": 900, "modality": 120, "vision_sites": 120}
+"""Upper bounds a ZeroGPU Space reserves a GPU for, per measurement of this tab (``qvlm.models.gpu_task``)."""
+
+
+@dataclass(frozen=True)
+class AnalysisEvent:
+    """One action of the Analysis tab, described once: what fires it, what it reads, what it writes.
+
+    ``build_app`` wires every event of :meth:`AnalysisPanel.events` the same way, so a new view is its
+    components and handler here (and its figure and sentence in ``plots`` / ``explain``), never an edit of
+    ``app.py``; a handler returns a dict keyed by the ``outputs`` listed here, and nowhere else.
+    ``api_name`` None: a step of the page, not an HTTP endpoint. ``long_job``: shares the long-job queue.
+    ``redraw``: also drawn again, in order, whenever a variant is picked or made (from its cache); an event with
+    no ``triggers`` of its own is only that, and its ``api_name`` names the picking of a variant.
+    """
+
+    triggers: tuple[Any, ...]
+    handler: Callable[..., Any]
+    inputs: tuple[Any, ...]
+    outputs: tuple[Any, ...]
+    api_name: str | None = None
+    long_job: bool = False
+    redraw: bool = False
 VISION_SAMPLES = 4
 """Calibration pairs for the vision sites: one vision-tower pass per site, so a few keep it at a second or two."""
 MODALITY_COLUMNS = ["layer", "image p99.9 |x|", "image max |x|", "text p99.9 |x|", "text max |x|",
@@ -85,13 +110,10 @@ def measured_interaction_markdown(models: dict[str, Any] | None = None) -> str:
         if not reports:
             missing.append(name)
         for bits, r in reports.items():
-            pairs = r.get("pairs", [])
-            share = sum((p.get("interaction_share") or 0.0) >= INTERACTION_THRESHOLD for p in pairs)
-            differs = sum(not p.get("joint_equals_greedy", True) for p in pairs)
-            above = sum(p.get("r2_entropy", 0.0) > p.get("r2_chance", 1.0) for p in pairs)
-            verdict = r.get("verdict", "").split(":")[0]
-            lines.append(f"| {name} | {bits} ({r.get('samples', '?')} samples) | {share} of {len(pairs)} | "
-                         f"{differs} of {len(pairs)} | {above} of {len(pairs)} | {verdict} |")
+            c = InteractionCounts.of(r.pairs)
+            samples = "?" if r.samples is None else r.samples
+            lines.append(f"| {name} | {bits} ({samples} samples) | {c.interacting} of {c.pairs} | "
+                         f"{c.differs} of {c.pairs} | {c.above_chance} of {c.pairs} | {r.verdict.split(':')[0]} |")
     if len(lines) == 2:
         return "*No stored diagnostics yet: `python -m qvlm diagnose --model bundled` measures them.*"
     note = f" No stored report for {', '.join(missing)}." if missing else ""
@@ -110,12 +132,14 @@ class AnalysisPanel:
     def __init__(self, app: AppState, ded_sweep: DEDSweepFn = ded_sweep,
                  dependency_diagnostics: DiagnosticsFn = dependency_diagnostics,
                  modality_stats: ModalityFn = modality_activation_stats,
-                 vision_sites: VisionSitesFn = vision_site_errors) -> None:
+                 vision_sites: VisionSitesFn = vision_site_errors, gpu: GpuTask | None = None) -> None:
+        """``gpu``: :func:`qvlm.models.gpu_task` in the app (each measurement reserves its ``GPU_SECONDS``)."""
         self.app = app
-        self._vision_sites = vision_sites
-        self._ded_sweep = ded_sweep
-        self._diagnostics = dependency_diagnostics
-        self._modality_stats = modality_stats
+        on_gpu = gpu or (lambda seconds: lambda fn: fn)
+        self._vision_sites = on_gpu(GPU_SECONDS["vision_sites"])(vision_sites)
+        self._ded_sweep = on_gpu(GPU_SECONDS["ded"])(ded_sweep)
+        self._diagnostics = on_gpu(GPU_SECONDS["diagnostics"])(dependency_diagnostics)
+        self._modality_stats = on_gpu(GPU_SECONDS["modality"])(modality_stats)
 
     def layout(self) -> None:
         """The tab's components, top to bottom; handlers read and write them by attribute."""
@@ -190,6 +214,42 @@ class AnalysisPanel:
                                                elem_id="vision-site")
             self.vision_map_note = gr.Markdown("", elem_id="vision-map-note")
             self.vision_map = gr.Plot(plots.site_map_figure(None), label="|x| at the site", elem_id="vision-map")
+
+    def events(self, model: Any) -> list[AnalysisEvent]:
+        """Every action of the tab (after :meth:`layout`); ``model``: the Quantize tab's model picker, which the
+        image-vs-text view measures."""
+        overview = (self.info, self.partition_lead, self.partition, self.error_lead, self.errors, self.veo_lead,
+                    self.veo, self.veo_note)
+        ded_inputs = (self.variant, self.layer, self.n_samples)
+        ded = (self.ded_lead, self.ded_plot, self.qerr_plot, self.ded_note)
+        interaction_inputs = (self.variant, self.interaction_samples)
+        interaction = (self.interaction_note, self.interaction_lead, self.verdict, self.interaction_table,
+                       self.interaction_plot)
+        vision = (self.vision_note, self.vision_lead, self.vision_plot, self.vision_layer, self.vision_site,
+                  self.vision_map, self.vision_map_note)
+        return [
+            AnalysisEvent((), self.show_overview, (self.variant,), overview, "overview", redraw=True),
+            AnalysisEvent((self.layer.release, self.n_samples.submit), self.show_ded, ded_inputs, ded, "ded",
+                          redraw=True),
+            AnalysisEvent((self.compute.click,), self.compute_ded, ded_inputs, ded, "compute_ded", long_job=True),
+            AnalysisEvent((self.interaction_samples.submit,), self.show_interaction, interaction_inputs, interaction,
+                          redraw=True),
+            AnalysisEvent((self.interaction_btn.click,), self.compute_interaction, interaction_inputs, interaction,
+                          "interaction", long_job=True),
+            AnalysisEvent((self.modality_btn.click,), self.compute_modality, (model, self.modality_pairs),
+                          (self.modality_note, self.modality_lead, self.modality_plot, self.modality_table),
+                          "modality", long_job=True),
+            AnalysisEvent((self.vision_btn.click,), self.compute_vision_sites, (self.variant, self.vision_samples),
+                          vision, "vision_sites", long_job=True),
+            AnalysisEvent((self.vision_layer.release, self.vision_site.input), self.show_vision_map,
+                          (self.variant, self.vision_layer, self.vision_site, self.vision_samples),
+                          (self.vision_map, self.vision_map_note)),
+        ]
+
+    @property
+    def cancel_buttons(self) -> list[Any]:
+        """The tab's Cancel buttons (one per long measurement); the app's one cancel handler listens to them."""
+        return [self.cancel, self.interaction_cancel, self.vision_cancel]
 
     def select_variant(self, label: str | None, request: gr.Request | None = None) -> Outputs:
         """Offer a just-made variant in the menu, chosen, with the layer slider on its most dependent pair.
@@ -278,11 +338,9 @@ class AnalysisPanel:
         points = list(analysis.points)
         block = analysis.block
         title = f"Decoder layers {block[0]}–{block[-1]}"
-        shown = [p for p in points if explain.finite(p.get("entropy")) and explain.finite(p.get("ded"))]
-        fit = analysis.fit or linear_fit([float(p["entropy"]) for p in shown], [float(p["ded"]) for p in shown])
         return {
-            self.ded_lead: explain.ded_lead(points, fit.get("r2"), analysis.r2_chance),
-            self.ded_plot: plots.ded_scatter(points, layer_i, "entropy", fit,
+            self.ded_lead: explain.ded_lead(points, analysis.fit.r2, analysis.r2_chance),
+            self.ded_plot: plots.ded_scatter(points, layer_i, "entropy", analysis.fit,
                                              title=f"{title}: DED vs entropy D({block[0]},{block[-1]})",
                                              r2_chance=analysis.r2_chance),
             self.qerr_plot: plots.ded_scatter(points, layer_i, "qerr", analysis.qerr_fit,
@@ -332,14 +390,14 @@ class AnalysisPanel:
             yield {self.modality_note: warn(str(err))}
             return
 
-        def work(progress: ProgressCallback, cancel: threading.Event) -> list[dict]:
+        def work(progress: ProgressCallback, cancel: threading.Event) -> list[ModalityRow]:
             fp = self.app.models.get(base)
             return self._modality_stats(fp, n_pairs=pairs, progress=progress, cancel=cancel)
 
-        def render(rows: list[dict], seconds: float) -> tuple[str, Outputs]:
-            table = [[f"L{r['layer']}", *(round(r[k], 3) for k in ("image_p", "image_max", "text_p", "text_max")),
-                      explain.modality_ratio(r)] for r in rows]
-            line = (f"✓ {pairs} calibration pairs ({rows[0]['image_tokens']} image and {rows[0]['text_tokens']} text "
+        def render(rows: list[ModalityRow], seconds: float) -> tuple[str, Outputs]:
+            table = [[f"L{r.layer}", *(round(v, 3) for v in (r.image.p, r.image.max, r.text.p, r.text.max)), r.ratio]
+                     for r in rows]
+            line = (f"✓ {pairs} calibration pairs ({rows[0].image.tokens} image and {rows[0].text.tokens} text "
                     f"tokens) in {seconds:.1f} s.") if rows else "✓ No decoder layers found."
             return line, {self.modality_plot: plots.modality_figure(rows), self.modality_table: table,
                           self.modality_lead: explain.modality_lead(rows)}
@@ -368,10 +426,10 @@ class AnalysisPanel:
             return {self.interaction_note: f"{note}. {rerun_cost(variant, n)}",
                     self.verdict: "", self.interaction_table: [], self.interaction_lead: "",
                     self.interaction_plot: plots.interaction_figure([], INTERACTION_THRESHOLD)}
-        pairs = list(report["pairs"])
+        pairs = report.summaries
         return {self.interaction_note: f"Every adjacent decoder pair of `{variant.label}` on {n} calibration samples.",
-                self.interaction_lead: explain.interaction_lead(pairs, INTERACTION_THRESHOLD),
-                self.verdict: f"### Verdict\n\n**{report['verdict']}**",
+                self.interaction_lead: explain.interaction_lead(pairs),
+                self.verdict: f"### Verdict\n\n**{report.verdict}**",
                 self.interaction_table: [_interaction_row(p) for p in pairs],
                 self.interaction_plot: plots.interaction_figure(pairs, INTERACTION_THRESHOLD)}
 
@@ -393,7 +451,7 @@ class AnalysisPanel:
             return self._diagnostics(fp, variant.result, n_samples=n, progress=progress, cancel=cancel)
 
         def render(report: Any, seconds: float) -> tuple[str, Outputs]:
-            variant.interactions[n] = report.to_dict()
+            variant.interactions[n] = report
             # the diagnostics are the full DED sweep: keep it, so 'Compute DED' for n samples is instant
             variant.analyses.setdefault(n, {p.layer: p for p in report.pairs})
             shown = self.show_interaction(label, n, request)
@@ -420,7 +478,7 @@ class AnalysisPanel:
             fp = self.app.models.get(variant.base_model)
             found = self._vision_sites(fp, variant.result, n_samples=n, progress=progress, cancel=cancel)
             worst = found.worst()
-            return found, site_activation_map(fp, worst["layer"], worst["site"], found.a_bits, n_samples=n)
+            return found, site_activation_map(fp, worst.layer, worst.site, found.a_bits, n_samples=n)
 
         def render(measured: Any, seconds: float) -> tuple[str, Outputs]:
             found, site_map = measured
@@ -431,8 +489,8 @@ class AnalysisPanel:
                     f"{100 * found.all_on:.3g}%."), {
                 self.vision_lead: explain.vision_sites_lead(found.rows),
                 self.vision_plot: plots.vision_sites_figure(found.rows, found.all_on),
-                self.vision_layer: gr.update(maximum=n_layers - 1, value=worst["layer"]),
-                self.vision_site: worst["site"],
+                self.vision_layer: gr.update(maximum=n_layers - 1, value=worst.layer),
+                self.vision_site: worst.site,
                 self.vision_map: plots.site_map_figure(site_map),
                 self.vision_map_note: explain.site_map_sentence(site_map)}
 
@@ -459,20 +517,17 @@ class AnalysisPanel:
                 self.vision_map_note: explain.site_map_sentence(site_map)}
 
 
-def _interaction_row(p: dict) -> list[str]:
-    """One table row from a ``DEDAnalysis.summary()`` dict: numbers as the reader wants them."""
+def _interaction_row(p: PairSummary) -> list[str]:
+    """One table row from a ``DEDAnalysis.summary()``: numbers as the reader wants them."""
     def pct(x: Any) -> str:
         return "—" if x is None else f"{100 * float(x):.1f}"
 
     def num(x: Any, digits: int = 3) -> str:
         return "—" if x is None else f"{float(x):.{digits}g}"
 
-    block = list(p.get("block") or [p["layer"], p["layer"] + 1])
-    return [f"L{block[0]}–L{block[-1]}", pct(p.get("interaction_share")),
-            "yes" if p.get("joint_equals_greedy") else "no", pct(p.get("zero_ded_fraction")),
-            num(p.get("ded_relative")), pct(p.get("controllable_share")), num(p.get("gain")),
-            num(p.get("branch_response")), f"{float(p.get('r2_entropy') or 0.0):.3f}",
-            f"{float(p.get('r2_chance') or 0.0):.3f}"]
+    return [f"L{p.block[0]}–L{p.block[-1]}", pct(p.interaction_share), "yes" if p.joint_equals_greedy else "no",
+            pct(p.zero_ded_fraction), num(p.ded_relative), pct(p.controllable_share), num(p.gain),
+            num(p.branch_response), f"{p.r2_entropy:.3f}", f"{p.r2_chance:.3f}"]
 
 
 def no_veo_reason(cfg: QuantConfig) -> str:

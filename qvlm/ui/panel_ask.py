@@ -122,8 +122,8 @@ class AskPanel:
             self.token_note = gr.Markdown("*Ask a question: every model is then fed the FP model's answer token by "
                                           "token, and its next-token probabilities are compared with FP's.*",
                                           elem_id="token-note")
-            self.token_table = gr.HTML(token_table_html({}), elem_id="token-table-box")
-            self.token_plot = gr.Plot(plots.token_kl_figure({}), label="KL(FP‖variant) per step", elem_id="token-plot")
+            self.token_table = gr.HTML(token_table_html(None), elem_id="token-table-box")
+            self.token_plot = gr.Plot(plots.token_kl_figure(None), label="KL(FP‖variant) per step", elem_id="token-plot")
         with gr.Accordion("Disagreement finder", open=False, elem_id="finder"):
             with gr.Row(equal_height=True):
                 self.finder_variants = gr.Dropdown([], value=[], multiselect=True, label="Variants (none chosen: all "
@@ -202,17 +202,17 @@ class AskPanel:
             comparison = self._token_comparison(fp, variants, img, q)
         except Exception as err:  # noqa: BLE001 - the answers above stay
             return {self.token_note: unexpected("The token comparison", err)}
-        fp_answer = html.escape(comparison["fp_answer"])  # model text, shown as text, never as markup
+        fp_answer = html.escape(comparison.fp_answer)  # model text, shown as text, never as markup
         if not variants:
             note = f"FP's answer **{fp_answer}**, token by token. " + NO_VARIANT_NOTE
         else:
             parts = []
-            for label, v in comparison["variants"].items():
-                where = "the same top token at every step" if v["first_diff"] is None else \
-                    f"first differs at step {v['first_diff']}"
-                flip = " · **flipped**" if v["flipped"] else ""
-                parts.append(f"`{label}`: answers **{html.escape(v['answer'])}**, {where}, KL up to "
-                             f"{max(v['kl'], default=0):.3g} nats{flip}")
+            for label, v in comparison.variants.items():
+                where = "the same top token at every step" if v.first_diff is None else \
+                    f"first differs at step {v.first_diff}"
+                flip = " · **flipped**" if v.flipped else ""
+                parts.append(f"`{label}`: answers **{html.escape(v.answer)}**, {where}, KL up to "
+                             f"{max(v.kl, default=0):.3g} nats{flip}")
             note = (f"Every model is fed FP's answer **{fp_answer}** token by token (teacher forcing), "
                     "so the steps line up.\n\n" + "\n".join(f"- {p}" for p in parts))
         return {self.token_note: note, self.token_table: token_table_html(comparison),

@@ -24,7 +24,7 @@ import gradio as gr
 from collections.abc import Callable
 
 from qvlm.ui import plots
-from qvlm.evaluation.compare import PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE, bit_sweep
+from qvlm.evaluation.compare import PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE, SweepPoint, bit_sweep
 from qvlm.data import TASKS, get_task
 from qvlm.evaluation.accuracy import evaluate
 from qvlm.models import VLMHandle
@@ -32,7 +32,7 @@ from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
 from qvlm.quant.integer import integer_handle
 from qvlm.quant.kernels import cpu_kind
-from qvlm.quant.memory import resident_bytes, weight_memory
+from qvlm.quant.memory import WeightMemory, resident_bytes, weight_memory
 from qvlm.ui.feedback import Outputs, log, unexpected, warn
 from qvlm.ui.inputs import parse_question_count
 from qvlm.ui.jobs import LongJob, StageTracker, stream_job
@@ -115,8 +115,8 @@ class ResultsPanel:
         self.status = gr.Markdown("", elem_id="eval-status")
         self.table = gr.Dataframe(headers=EVAL_COLUMNS, interactive=False, elem_id="eval-table", wrap=True)
         with gr.Row():
-            self.accuracy = gr.Plot(plots.accuracy_figure([]), label="Accuracy", elem_id="acc-plot")
-            self.memory = gr.Plot(plots.memory_figure([]), label="Weight memory", elem_id="mem-plot")
+            self.accuracy = gr.Plot(plots.accuracy_figure({}), label="Accuracy", elem_id="acc-plot")
+            self.memory = gr.Plot(plots.memory_figure({}), label="Weight memory", elem_id="mem-plot")
         with gr.Group(elem_id="sweep"):
             gr.Markdown("### Accuracy vs bit-width on the model's own task (easy-VQA or mosaic)")
             with gr.Row(equal_height=True):
@@ -203,12 +203,11 @@ class ResultsPanel:
 
         ``question_types``: the task's, in its report order (the table's per-type column lists them so).
         """
-        table, acc_rows, mem_rows = [], [], []
+        table, scores, memory = [], {}, {}
         for m in models:
             res = m.store[m.key]
             mem = _weight_memory(m)
-            fp16 = mem.get("fp16_bytes") if mem else None
-            packed = mem.get("quant_bytes") if mem else None
+            fp16, packed = (mem.fp16_bytes, mem.quant_bytes) if mem else (None, None)
             table.append([
                 m.label, m.parts, res.n, round(100 * res.accuracy, 1), per_type_text(res.per_type, question_types),
                 round(res.answers_per_second, 1), res.kernels,
@@ -216,12 +215,11 @@ class ResultsPanel:
                 f"{fp16 / packed:.2f}x" if fp16 and packed else "",
                 human_bytes(resident_bytes(m.answering().model)),
             ])
-            acc_rows.append({"model": m.label, "accuracy": res.accuracy, "per_type": res.per_type, "n": res.n,
-                             "is_fp": m.label == "FP"})
+            scores[m.label] = res
             if fp16 and packed and m.label != "FP":  # FP's FP16 size is every variant's grey bar already
-                mem_rows.append({"model": m.label, "fp16_bytes": fp16, "quant_bytes": packed})
-        return {self.table: table, self.accuracy: plots.accuracy_figure(acc_rows, title=f"{task_label} accuracy"),
-                self.memory: plots.memory_figure(mem_rows)}
+                memory[m.label] = mem
+        return {self.table: table, self.accuracy: plots.accuracy_figure(scores, title=f"{task_label} accuracy"),
+                self.memory: plots.memory_figure(memory)}
 
 
     def sweep(self, recipes: list[str] | None, bits: list[str] | None, n_questions: Any, calib_size: Any,
@@ -242,15 +240,15 @@ class ResultsPanel:
         ordered = [b for b in BIT_SETTINGS if b in bits] + [b for b in bits if b not in BIT_SETTINGS]
         label = TASK_LABELS[task]
 
-        def work(progress: ProgressCallback, cancel: threading.Event) -> list[dict]:
+        def work(progress: ProgressCallback, cancel: threading.Event) -> list[SweepPoint]:
             fp = self.app.models.get(base)
             samples = get_task(fp.task).evaluation_subset(n, seed=SUBSET_SEED)
             return self._bit_sweep(fp, list(recipes), ordered, samples, calib_size=calib, progress=progress,
                                    cancel=cancel)
 
-        def render(rows: list[dict], seconds: float) -> tuple[str, Outputs]:
-            table = [[r["recipe"], r["bits"], r["n"], round(100 * r["accuracy"], 1),
-                      human_bytes(r["quant_bytes"]) if r.get("quant_bytes") else ""] for r in rows]
+        def render(rows: list[SweepPoint], seconds: float) -> tuple[str, Outputs]:
+            table = [[r.recipe, r.bits, r.n, round(100 * r.accuracy, 1),
+                      human_bytes(r.quant_bytes) if r.quant_bytes else ""] for r in rows]
             return (f"✓ {len(rows) - 1} point(s) and FP on the same {n} test questions in {seconds:.0f} s.",
                     {self.sweep_plot: plots.bit_sweep_figure(rows, title=f"{label} accuracy vs bit-width"),
                      self.sweep_table: table})
@@ -302,7 +300,7 @@ def table4_note(result: dict) -> str:
             f"weights, dynamic per-token activations.{small}*")
 
 
-def _weight_memory(m: _Scored) -> dict[str, Any] | None:
+def _weight_memory(m: _Scored) -> WeightMemory | None:
     """The model's FP16 and packed weight bytes; None (logged) when they cannot be measured."""
     try:
         return weight_memory(m.handle.model)

@@ -18,10 +18,15 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qvlm.evaluation.analysis import veo_outcome
+from qvlm.evaluation.analysis import DedPoint, PairSummary, veo_outcome
+from qvlm.evaluation.compare import SweepPoint, TokenComparison
+from qvlm.evaluation.modality import ModalityRow
+from qvlm.evaluation.vision_sites import SiteError, SiteMap
+from qvlm.evaluation.accuracy import EvalResult
+from qvlm.quant.memory import WeightMemory
+from qvlm.quant.records import LayerError, VeoEpoch, VeoStep
 from qvlm.ui.explain import SITE_NAMES, vision_site_name
-from qvlm.utils.stats import finite
-from qvlm.utils.stats import linear_fit
+from qvlm.utils.stats import LinearFit, finite, linear_fit
 
 # A qualitative palette with enough distinct colours for the blocks of a 40-layer model
 # (colours repeat after that, but adjacent blocks never share one).
@@ -47,10 +52,10 @@ def empty_figure(message: str, title: str = "") -> go.Figure:
 
 
 def ded_scatter(
-    points: Sequence[Mapping[str, Any]],
+    points: Sequence[DedPoint],
     layer: int,
     x_key: str = "entropy",
-    fit: Mapping[str, float] | None = None,
+    fit: LinearFit | None = None,
     title: str | None = None,
     r2_chance: float | None = None,
 ) -> go.Figure:
@@ -64,26 +69,26 @@ def ded_scatter(
     """
     proxy = {"entropy": "activation entropy D(k,k+1)", "qerr": "quantization error"}.get(x_key, x_key)
     title = title or f"Decoder layer {layer}: DED vs {proxy}"
-    pts = [p for p in points if finite(p.get(x_key)) and finite(p.get("ded"))]
+    pts = [p for p in points if finite(getattr(p, x_key)) and finite(p.ded)]
     if not pts:
         return empty_figure("No DED samples for this layer yet.", title)
-    xs = [float(p[x_key]) for p in pts]
-    ys = [float(p["ded"]) for p in pts]
-    fit = dict(fit) if fit else linear_fit(xs, ys)
+    xs = [float(getattr(p, x_key)) for p in pts]
+    ys = [p.ded for p in pts]
+    fit = fit or linear_fit(xs, ys)
     color = "#4C78A8" if x_key == "entropy" else "#E45756"
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=xs, y=ys, mode="markers", name="calibration sample",
         marker=dict(size=9, color=color, opacity=0.75, line=dict(width=0.5, color="white")),
-        customdata=[p.get("sample", i) for i, p in enumerate(pts)],
+        customdata=[p.sample for p in pts],
         hovertemplate=f"sample %{{customdata}}<br>{proxy}: %{{x:.4g}}<br>DED: %{{y:.4g}}<extra></extra>",
     ))
     lo, hi = min(xs), max(xs)
     fig.add_trace(go.Scatter(
-        x=[lo, hi], y=[fit["slope"] * lo + fit["intercept"], fit["slope"] * hi + fit["intercept"]],
+        x=[lo, hi], y=[fit.at(lo), fit.at(hi)],
         mode="lines", name="least-squares fit", line=dict(color="#222", width=2, dash="dash"), hoverinfo="skip",
     ))
-    r2_text = f"R² = {fit['r2']:.4f}"
+    r2_text = f"R² = {fit.r2:.4f}"
     if finite(r2_chance):
         r2_text += f" (chance level {float(r2_chance):.2f} for n = {len(pts)})"
     fig.add_annotation(text=r2_text, x=0.03, y=0.97, xref="paper", yref="paper",
@@ -99,28 +104,27 @@ def ded_scatter(
 
 
 def interaction_figure(
-    pairs: Sequence[Mapping[str, Any]],
+    pairs: Sequence[PairSummary],
     threshold: float = 0.10,
     title: str = "Do the layers interact? Interaction share per decoder pair",
 ) -> go.Figure:
     """Bars of the interaction share (%) of each adjacent decoder pair, a dashed line at ``threshold``.
 
-    ``pairs`` are the rows of :meth:`qvlm.evaluation.analysis.DependencyReport.to_dict` (``block``,
-    ``interaction_share``, ...). The share is the part of the block error's variance over the
+    ``pairs``: :attr:`qvlm.evaluation.analysis.DependencyReport.summaries`. The share is the part of the block error's variance over the
     candidate grid that an additive model leaves: 0 means the two layers' errors simply add up,
     so choosing their ranges one by one is as good as choosing them together.
     """
-    rows = [p for p in pairs if finite(p.get("interaction_share"))]
+    rows = [p for p in pairs if finite(p.interaction_share)]
     if not rows:
         return empty_figure("Press 'Do the layers interact?' to measure every decoder pair.", title)
-    names = [_pair_name(p) for p in rows]
-    shares = [100 * float(p["interaction_share"]) for p in rows]
+    names = [f"L{p.block[0]}–L{p.block[-1]}" for p in rows]
+    shares = [100 * p.interaction_share for p in rows]
     line = 100 * threshold
     fig = go.Figure(go.Bar(
         x=names, y=shares, name="interaction share",
         marker=dict(color=["#E45756" if s >= line else "#4C78A8" for s in shares]),
         text=[f"{s:.1f}%" for s in shares], textposition="outside",
-        customdata=[["yes" if p.get("joint_equals_greedy") else "no"] for p in rows],
+        customdata=[["yes" if p.joint_equals_greedy else "no"] for p in rows],
         hovertemplate="%{x}<br>interaction share %{y:.2f}%<br>joint = layer-by-layer: %{customdata[0]}"
                       "<extra></extra>",
     ))
@@ -131,14 +135,6 @@ def interaction_figure(
                       yaxis=dict(title="share of block-error variance not additive (%)", range=[0, 1.2 * top]),
                       **_LAYOUT)
     return fig
-
-
-def _pair_name(p: Mapping[str, Any]) -> str:
-    block = list(p.get("block") or [])
-    if block:
-        return f"L{block[0]}–L{block[-1]}"
-    k = p.get("layer", "?")
-    return f"L{k}–L{k + 1}" if isinstance(k, int) else f"L{k}"
 
 
 def partition_figure(
@@ -215,7 +211,7 @@ def partition_figure(
 
 
 def layer_error_figure(
-    variants: Mapping[str, Sequence[Mapping[str, Any]]],
+    variants: Mapping[str, Sequence[LayerError]],
     tower: str | None = None,
     title: str = "Per-layer quantization error vs full precision",
 ) -> go.Figure:
@@ -229,14 +225,14 @@ def layer_error_figure(
     3-bit variants readable together.
     """
     all_rows = [e for errors in variants.values() for e in errors]
-    relative = bool(all_rows) and all(finite(e.get("fp_mse")) and float(e["fp_mse"]) > 0 for e in all_rows)
+    relative = bool(all_rows) and all(e.fp_mse > 0 for e in all_rows)
 
-    def value(e: Mapping[str, Any], key: str) -> float:
-        return float(e[key]) / float(e["fp_mse"]) if relative else float(e[key])
+    def value(e: LayerError, key: str) -> float:
+        return getattr(e, key) / e.fp_mse if relative else getattr(e, key)
 
     traces = []
     for v, (label, errors) in enumerate(variants.items()):
-        rows = [e for e in errors if (tower is None or e.get("tower") == tower) and finite(e.get("quant_mse"))]
+        rows = [e for e in errors if (tower is None or e.tower == tower) and finite(e.quant_mse)]
         if not rows:
             continue
         color = _block_color(v)
@@ -244,7 +240,7 @@ def layer_error_figure(
             x=[_layer_name(e) for e in rows], y=[value(e, "quant_mse") for e in rows], name=f"{label} (final)",
             marker=dict(color=color), hovertemplate="%{x}<br>error %{y:.3g}<extra>" + label + "</extra>",
         ))
-        init = [e for e in rows if finite(e.get("init_mse"))]
+        init = [e for e in rows if finite(e.init_mse)]
         if init:
             traces.append(go.Scatter(
                 x=[_layer_name(e) for e in init], y=[value(e, "init_mse") for e in init], mode="markers",
@@ -262,8 +258,8 @@ def layer_error_figure(
     return fig
 
 
-def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss (Eq. 10)",
-                    holdout: Sequence[Mapping[str, Any]] | None = None,
+def veo_loss_figure(losses: Sequence[VeoStep], title: str = "VEO loss (Eq. 10)",
+                    holdout: Sequence[VeoEpoch] | None = None,
                     lambdas: tuple[float, float] | None = None, empty: str | None = None) -> go.Figure:
     """The visual-encoder optimization loss and its three terms per optimizer step, and the
     held-out Eq. 9 error per epoch (dashed, right axis) with the epoch VEO kept.
@@ -274,10 +270,10 @@ def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss 
     generalises; the title gives its change as :func:`qvlm.evaluation.analysis.veo_outcome` does for the text.
     ``empty``: the placeholder's message when there is no loss (why this variant has no VEO run).
     """
-    rows = [r for r in losses if finite(r.get("total"))]
+    rows = [r for r in losses if finite(r.total)]
     if not rows:
         return empty_figure(empty or "No VEO run in this variant (use the 'qvlm' or 'qvlm-veo' recipe).", title)
-    steps = [r.get("step", i) for i, r in enumerate(rows)]
+    steps = [r.step for r in rows]
     l1, l2 = lambdas if lambdas is not None else (1.0, 1.0)
     weighted = lambdas is not None
     terms = {"total": ("total L", 1.0), "reg": ("L_reg (answer CE)", 1.0),
@@ -286,26 +282,26 @@ def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss 
     fig = go.Figure()
     values = []
     for key, (name, weight) in terms.items():
-        ys = [float(r[key]) * weight if finite(r.get(key)) else None for r in rows]
+        ys = [getattr(r, key) * weight if finite(getattr(r, key)) else None for r in rows]
         if not any(finite(y) for y in ys):
             continue
         values += [y for y in ys if finite(y)]
         fig.add_trace(go.Scatter(
             x=steps, y=ys, mode="lines+markers" if len(rows) < 40 else "lines", name=name,
-            line=dict(width=3 if key == "total" else 1.5), customdata=[r.get("epoch") for r in rows],
+            line=dict(width=3 if key == "total" else 1.5), customdata=[r.epoch for r in rows],
             hovertemplate="step %{x} (epoch %{customdata})<br>%{y:.4g}<extra>" + name + "</extra>",
         ))
     positive = [v for v in values if v > 0]
     log_axis = bool(positive) and len(positive) == len(values) and max(values) / min(values) > 100
-    held = [h for h in (holdout or []) if finite(h.get("err"))]
+    held = [h for h in (holdout or []) if finite(h.err)]
     outcome = veo_outcome(held)
     if outcome is not None:
-        per_epoch = max(1, len(rows) // max(1, max(int(r.get("epoch", 1)) for r in rows)))
+        per_epoch = max(1, len(rows) // max(1, max(r.epoch for r in rows)))
         fig.add_trace(go.Scatter(
-            x=[int(h["epoch"]) * per_epoch for h in held], y=[h["err"] for h in held], yaxis="y2",
+            x=[h.epoch * per_epoch for h in held], y=[h.err for h in held], yaxis="y2",
             mode="lines+markers", name="held-out L_err (unseen images)", line=dict(dash="dash", width=2.5),
-            marker=dict(size=[12 if h.get("kept") else 6 for h in held]),
-            customdata=[h["epoch"] for h in held],
+            marker=dict(size=[12 if h.kept else 6 for h in held]),
+            customdata=[h.epoch for h in held],
             hovertemplate="after epoch %{customdata}<br>held-out error %{y:.4g}<extra></extra>",
         ))
         title = f"{title}: held-out error {outcome.error_phrase}, epoch {outcome.kept_epoch} kept"
@@ -316,37 +312,38 @@ def veo_loss_figure(losses: Sequence[Mapping[str, Any]], title: str = "VEO loss 
     return fig
 
 
-def accuracy_figure(rows: Sequence[Mapping[str, Any]], title: str = "easy-VQA accuracy") -> go.Figure:
-    """Grouped bars: overall and per-question-type accuracy, one group per model.
+def accuracy_figure(scores: Mapping[str, EvalResult], title: str = "easy-VQA accuracy",
+                    fp_label: str = "FP") -> go.Figure:
+    """Grouped bars: overall and per-question-type accuracy, one group per model (label -> its evaluation).
 
-    ``rows``: ``{"model": label, "accuracy": float, "per_type": {type: float}, "n": int}``.
+    The model labelled ``fp_label`` is drawn in FP's grey.
     """
-    if not rows:
+    if not scores:
         return empty_figure("Run an evaluation to compare accuracies.", title)
-    categories = ["overall", *sorted({t for r in rows for t in r.get("per_type", {})})]
+    categories = ["overall", *sorted({t for r in scores.values() for t in r.per_type})]
     fig = go.Figure()
-    for i, r in enumerate(rows):
-        values = [r["accuracy"], *(r.get("per_type", {}).get(c) for c in categories[1:])]
+    for i, (label, r) in enumerate(scores.items()):
+        values = [r.accuracy, *(r.per_type.get(c) for c in categories[1:])]
         fig.add_trace(go.Bar(
-            x=categories, y=[100 * v if v is not None else None for v in values], name=r["model"],
-            marker=dict(color=FP_COLOR if i == 0 and r.get("is_fp") else _block_color(i)),
+            x=categories, y=[100 * v if v is not None else None for v in values], name=label,
+            marker=dict(color=FP_COLOR if label == fp_label else _block_color(i)),
             text=[f"{100 * v:.1f}" if v is not None else "" for v in values], textposition="outside",
-            hovertemplate="%{x}: %{y:.1f}%<extra>" + r["model"] + "</extra>",
+            hovertemplate="%{x}: %{y:.1f}%<extra>" + label + "</extra>",
         ))
     fig.update_layout(title=title, barmode="group", yaxis=dict(title="accuracy (%)", range=[0, 112]),
                       legend=dict(orientation="h", y=-0.2), **_LAYOUT)
     return fig
 
 
-def memory_figure(rows: Sequence[Mapping[str, Any]], title: str = "Weight memory") -> go.Figure:
-    """FP16 bytes vs quantized (packed) bytes of the weights, per model, in MiB."""
-    if not rows:
+def memory_figure(memory: Mapping[str, WeightMemory], title: str = "Weight memory") -> go.Figure:
+    """FP16 bytes vs quantized (packed) bytes of the weights, per model (label -> its weight memory), in MiB."""
+    if not memory:
         return empty_figure("Quantize a model to compare weight memory.", title)
-    labels = [r["model"] for r in rows]
+    labels, rows = list(memory), list(memory.values())
     fig = go.Figure([
-        go.Bar(x=labels, y=[r["fp16_bytes"] / 2**20 for r in rows], name="FP16", marker=dict(color="#BBBBBB"),
+        go.Bar(x=labels, y=[r.fp16_bytes / 2**20 for r in rows], name="FP16", marker=dict(color="#BBBBBB"),
                hovertemplate="%{x}<br>FP16: %{y:.2f} MiB<extra></extra>"),
-        go.Bar(x=labels, y=[r["quant_bytes"] / 2**20 for r in rows], name="quantized (packed)",
+        go.Bar(x=labels, y=[r.quant_bytes / 2**20 for r in rows], name="quantized (packed)",
                marker=dict(color="#4C78A8"), text=[_ratio(r) for r in rows], textposition="outside",
                hovertemplate="%{x}<br>quantized: %{y:.2f} MiB<extra></extra>"),
     ])
@@ -355,36 +352,30 @@ def memory_figure(rows: Sequence[Mapping[str, Any]], title: str = "Weight memory
     return fig
 
 
-def _ratio(row: Mapping[str, Any]) -> str:
-    q = row.get("quant_bytes") or 0
-    return f"{row['fp16_bytes'] / q:.2f}x smaller" if q else ""
+def _ratio(memory: WeightMemory) -> str:
+    return f"{memory.fp16_bytes / memory.quant_bytes:.2f}x smaller" if memory.quant_bytes else ""
 
 
 def _block_color(i: int) -> str:
     return BLOCK_COLORS[i % len(BLOCK_COLORS)]
 
 
-def _layer_name(e: Mapping[str, Any]) -> str:
-    tower = str(e.get("tower", "layer"))
-    return f"{'V' if tower == 'vision' else 'L' if tower == 'language' else tower}{e.get('index', '?')}"
+def _layer_name(e: LayerError) -> str:
+    return f"{'V' if e.tower == 'vision' else 'L' if e.tower == 'language' else e.tower}{e.index}"
 
 
-def token_kl_figure(comparison: Mapping[str, Any], title: str = "KL(FP‖variant) per answer token") -> go.Figure:
+def token_kl_figure(comparison: TokenComparison | None, title: str = "KL(FP‖variant) per answer token") -> go.Figure:
     """Grouped bars of KL(FP‖variant) per step of FP's answer, one colour per variant; a variant's first
     step with another top token is marked with a red ring.
 
-    ``comparison``: what :func:`qvlm.evaluation.compare.token_comparison` returns (``tokens``, ``variants`` with
-    ``kl`` and ``first_diff``).
+    ``comparison``: what :func:`qvlm.evaluation.compare.token_comparison` returns.
     """
-    variants = dict(comparison.get("variants") or {})
-    tokens = list(comparison.get("tokens") or [])
-    if not variants or not tokens:
+    if comparison is None or not comparison.variants or not comparison.tokens:
         return empty_figure("Quantize a model and ask a question to compare token by token.", title)
-    steps = [f"{j}: {html.escape(t)}" for j, t in enumerate(tokens)]  # plotly reads "</s>" as a tag
+    steps = [f"{j}: {html.escape(t)}" for j, t in enumerate(comparison.tokens)]  # plotly reads "</s>" as a tag
     fig = go.Figure()
-    for i, (label, v) in enumerate(variants.items()):
-        kl = list(v["kl"])
-        first = v.get("first_diff")
+    for i, (label, v) in enumerate(comparison.variants.items()):
+        kl, first = list(v.kl), v.first_diff
         fig.add_trace(go.Bar(
             x=steps, y=kl, name=label, marker=dict(color=_block_color(i),
                                                    line=dict(color=["#E45756" if j == first else "white"
@@ -396,31 +387,30 @@ def token_kl_figure(comparison: Mapping[str, Any], title: str = "KL(FP‖variant
     return fig
 
 
-def bit_sweep_figure(rows: Sequence[Mapping[str, Any]], title: str = "easy-VQA accuracy vs bit-width") -> go.Figure:
+def bit_sweep_figure(rows: Sequence[SweepPoint], title: str = "easy-VQA accuracy vs bit-width") -> go.Figure:
     """One line per recipe over the bit settings (most bits left), FP as a dashed horizontal line.
 
-    ``rows``: ``{"recipe", "bits", "accuracy", "n"}``, as :func:`qvlm.evaluation.compare.bit_sweep` returns
-    (the FP row has ``recipe == "fp"``).
+    ``rows``: what :func:`qvlm.evaluation.compare.bit_sweep` returns (the FP row has ``recipe == "fp"``).
     """
-    points = [r for r in rows if r.get("recipe") != "fp"]
+    points = [r for r in rows if r.recipe != "fp"]
     if not points:
         return empty_figure("Run the sweep to see accuracy fall with the bit-width.", title)
-    order = sorted({r["bits"] for r in points}, key=_bits_key, reverse=True)
+    order = sorted({r.bits for r in points}, key=_bits_key, reverse=True)
     fig = go.Figure()
-    for i, recipe in enumerate(dict.fromkeys(r["recipe"] for r in points)):
-        mine = {r["bits"]: r for r in points if r["recipe"] == recipe}
+    for i, recipe in enumerate(dict.fromkeys(r.recipe for r in points)):
+        mine = {r.bits: r for r in points if r.recipe == recipe}
         xs = [b for b in order if b in mine]
         fig.add_trace(go.Scatter(
-            x=xs, y=[100 * mine[b]["accuracy"] for b in xs], mode="lines+markers", name=recipe,
+            x=xs, y=[100 * mine[b].accuracy for b in xs], mode="lines+markers", name=recipe,
             line=dict(color=_block_color(i), width=2), marker=dict(size=9),
             hovertemplate="%{x}: %{y:.1f}%<extra>" + recipe + "</extra>",
         ))
-    fp = next((r for r in rows if r.get("recipe") == "fp"), None)
+    fp = next((r for r in rows if r.recipe == "fp"), None)
     if fp is not None:
-        fig.add_hline(y=100 * fp["accuracy"], line=dict(color=FP_COLOR, dash="dash"),
-                      annotation_text=f"FP {100 * fp['accuracy']:.1f}%", annotation_position="bottom left")
-    n = points[0].get("n")
-    shown = [100 * r["accuracy"] for r in rows if finite(r.get("accuracy"))]
+        fig.add_hline(y=100 * fp.accuracy, line=dict(color=FP_COLOR, dash="dash"),
+                      annotation_text=f"FP {100 * fp.accuracy:.1f}%", annotation_position="bottom left")
+    n = points[0].n
+    shown = [100 * r.accuracy for r in rows if finite(r.accuracy)]
     fig.update_layout(title=f"{title} ({n} test questions)" if n else title, xaxis_title="bit setting",
                       yaxis=dict(title="accuracy (%)", range=accuracy_range(shown)),
                       legend=dict(orientation="h", y=-0.25), **_LAYOUT)
@@ -471,22 +461,21 @@ def paper_table_figure(table: Mapping[str, Mapping[str, Mapping[str, float]]], s
     return fig
 
 
-def modality_figure(rows: Sequence[Mapping[str, Any]], title: str = "Decoder-layer input: image vs text tokens") -> go.Figure:
+def modality_figure(rows: Sequence[ModalityRow], title: str = "Decoder-layer input: image vs text tokens") -> go.Figure:
     """Per decoder layer, |x| of image tokens and of text tokens: the percentile solid, the maximum dotted.
 
-    ``rows``: ``{"layer", "image_p", "image_max", "text_p", "text_max", "percentile"}``, as
-    :func:`qvlm.evaluation.modality.modality_activation_stats` returns.
+    ``rows``: what :func:`qvlm.evaluation.modality.modality_activation_stats` returns.
     """
     if not rows:
         return empty_figure("Press 'Measure image vs text tokens' to see both modalities' ranges.", title)
-    layers = [f"L{r['layer']}" for r in rows]
-    pct = rows[0].get("percentile", 99.9)
+    layers = [f"L{r.layer}" for r in rows]
+    pct = rows[0].percentile
     fig = go.Figure()
     for modality, color in (("image", "#F58518"), ("text", "#4C78A8")):
-        fig.add_trace(go.Scatter(x=layers, y=[r[f"{modality}_p"] for r in rows], mode="lines+markers",
+        fig.add_trace(go.Scatter(x=layers, y=[getattr(r, modality).p for r in rows], mode="lines+markers",
                                  name=f"{modality} tokens, {pct:g}th pct |x|", line=dict(color=color, width=2),
                                  hovertemplate="%{x}: %{y:.3g}<extra>" + modality + f" {pct:g}th pct</extra>"))
-        fig.add_trace(go.Scatter(x=layers, y=[r[f"{modality}_max"] for r in rows], mode="lines+markers",
+        fig.add_trace(go.Scatter(x=layers, y=[getattr(r, modality).max for r in rows], mode="lines+markers",
                                  name=f"{modality} tokens, max |x|", line=dict(color=color, dash="dot"),
                                  marker=dict(symbol="triangle-up"),
                                  hovertemplate="%{x}: %{y:.3g}<extra>" + modality + " max</extra>"))
@@ -495,23 +484,22 @@ def modality_figure(rows: Sequence[Mapping[str, Any]], title: str = "Decoder-lay
     return fig
 
 
-def vision_sites_figure(rows: Sequence[Mapping[str, Any]], all_on: float | None = None,
+def vision_sites_figure(rows: Sequence[SiteError], all_on: float | None = None,
                         title: str = "Where the vision tower loses") -> go.Figure:
     """Per vision layer and site, the image-token error its activation quantizers add alone (bars, one colour per site).
 
-    ``rows``: ``{"layer", "site", "error", "share"}`` as
-    :func:`qvlm.evaluation.vision_sites.vision_site_errors` returns them; ``all_on``: the error with
+    ``rows``: as :func:`qvlm.evaluation.vision_sites.vision_site_errors` returns them; ``all_on``: the error with
     every vision site on, written in the title.
     """
     if not rows:
         return empty_figure("Press 'Measure the vision sites' to see which activations cost the most.", title)
     fig = go.Figure()
     for i, site in enumerate(SITE_NAMES):
-        mine = [r for r in rows if r["site"] == site]
+        mine = [r for r in rows if r.site == site]
         if mine:
             fig.add_trace(go.Bar(
-                x=[f"V{r['layer']}" for r in mine], y=[100 * float(r["error"]) for r in mine], name=SITE_NAMES[site],
-                marker_color=BLOCK_COLORS[i], customdata=[100 * float(r["share"]) for r in mine],
+                x=[f"V{r.layer}" for r in mine], y=[100 * r.error for r in mine], name=SITE_NAMES[site],
+                marker_color=BLOCK_COLORS[i], customdata=[100 * r.share for r in mine],
                 text=[vision_site_name(r) for r in mine],
                 hovertemplate="%{text}: %{y:.3g}% of the FP output power (%{customdata:.0f}% of the sum)<extra></extra>"))
     if finite(all_on):
@@ -522,26 +510,26 @@ def vision_sites_figure(rows: Sequence[Mapping[str, Any]], all_on: float | None 
     return fig
 
 
-def site_map_figure(m: Mapping[str, Any] | None, title: str = "|x| at a vision site, token x channel") -> go.Figure:
+def site_map_figure(m: SiteMap | None, title: str = "|x| at a vision site, token x channel") -> go.Figure:
     """Heatmap of |x| (tokens down, channels across) with each token's and each channel's static range beside it.
 
     ``m`` as :func:`qvlm.evaluation.vision_sites.site_activation_map` returns it. Why both ranges: a
     per-token range must span that token's largest channel, a per-channel range only that channel.
     """
-    if not m or not m.get("abs"):
+    if m is None or not m.abs:
         return empty_figure("Pick a vision layer and site to see its activations.", title)
     fig = make_subplots(rows=2, cols=2, column_widths=[0.85, 0.15], row_heights=[0.2, 0.8],
                         shared_xaxes="columns", shared_yaxes="rows", horizontal_spacing=0.02, vertical_spacing=0.03)
-    tokens = list(range(len(m["abs"])))
-    channels = list(range(len(m["abs"][0])))
-    fig.add_trace(go.Heatmap(z=m["abs"], x=channels, y=tokens, colorscale="Viridis", colorbar=dict(title="|x|"),
+    tokens = list(range(len(m.abs)))
+    channels = list(range(len(m.abs[0])))
+    fig.add_trace(go.Heatmap(z=m.abs, x=channels, y=tokens, colorscale="Viridis", colorbar=dict(title="|x|"),
                              hovertemplate="token %{y}, channel %{x}: |x| = %{z:.3g}<extra></extra>"), row=2, col=1)
-    fig.add_trace(go.Bar(x=channels, y=m["channel_range"], name="per-channel range", marker_color="#F58518",
+    fig.add_trace(go.Bar(x=channels, y=m.channel_range, name="per-channel range", marker_color="#F58518",
                          hovertemplate="channel %{x}: range %{y:.3g}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(y=tokens, x=m["token_range"], orientation="h", name="per-token range",
+    fig.add_trace(go.Bar(y=tokens, x=m.token_range, orientation="h", name="per-token range",
                          marker_color="#4C78A8", hovertemplate="token %{y}: range %{x:.3g}<extra></extra>"),
                   row=2, col=2)
-    name = f"V{m['layer']} {SITE_NAMES.get(m['site'], m['site'])}"
+    name = f"V{m.layer} {SITE_NAMES.get(m.site, m.site)}"
     fig.update_layout(title=f"{name}: |x| of one image, with per-token and per-channel ranges",
                       showlegend=False, **{**_LAYOUT, "height": 480})
     fig.update_xaxes(title_text="channel", row=2, col=1)

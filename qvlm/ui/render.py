@@ -5,6 +5,10 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qvlm.evaluation.compare import TokenComparison
 
 
 @dataclass(frozen=True)
@@ -91,32 +95,30 @@ def _top_html(top: Sequence[tuple[str, float]], chosen: str | None = None) -> st
     return " · ".join(parts)
 
 
-def token_table_html(comparison: dict) -> str:
+def token_table_html(comparison: TokenComparison | None) -> str:
     """One row per step of FP's answer: FP's token and top-k, then each variant's top-k and KL(FP‖variant).
 
     A variant's first step whose top token is not FP's is shaded red; its header says where that is and
     whether its own answer flipped. ``comparison`` is :func:`qvlm.evaluation.compare.token_comparison`'s result.
     """
-    variants = comparison.get("variants") or {}
-    tokens = comparison.get("tokens") or []
-    if not tokens:
+    if comparison is None or not comparison.tokens:
         return f"<div id='tokens-empty' style='{_SMALL}'>Ask a question to compare the models token by token.</div>"
+    variants = comparison.variants
     head = [f"<th style='{_CELL}'>step</th>", f"<th style='{_CELL}'>FP token</th>",
-            f"<th style='{_CELL}'>FP top-{len(comparison['fp_top'][0])}</th>"]
+            f"<th style='{_CELL}'>FP top-{len(comparison.fp_top[0])}</th>"]
     for label, v in variants.items():
-        first = v.get("first_diff")
-        where = "same top token at every step" if first is None else f"first differs at step {first}"
-        badge = f" <span class='qvlm-flipped' style='{_BADGE}'>flipped</span>" if v.get("flipped") else ""
+        where = "same top token at every step" if v.first_diff is None else f"first differs at step {v.first_diff}"
+        badge = f" <span class='qvlm-flipped' style='{_BADGE}'>flipped</span>" if v.flipped else ""
         head.append(f"<th style='{_CELL}'>{html.escape(label)}{badge}<br><span style='{_SMALL}'>{where}</span></th>")
         head.append(f"<th style='{_CELL}'>KL(FP‖{html.escape(label)})</th>")
     rows = []
-    for j, token in enumerate(tokens):
+    for j, token in enumerate(comparison.tokens):
         cells = [f"<td style='{_CELL}'>{j}</td>", f"<td style='{_CELL}'><b>{html.escape(token)}</b></td>",
-                 f"<td style='{_CELL}'>{_top_html(comparison['fp_top'][j], token)}</td>"]
+                 f"<td style='{_CELL}'>{_top_html(comparison.fp_top[j], token)}</td>"]
         for v in variants.values():
-            shade = "background:#fde2e1;" if v.get("first_diff") == j else ""
-            cells.append(f"<td style='{_CELL}{shade}'>{_top_html(v['top'][j], token)}</td>")
-            cells.append(f"<td style='{_CELL}{shade}'>{v['kl'][j]:.3g}</td>")
+            shade = "background:#fde2e1;" if v.first_diff == j else ""
+            cells.append(f"<td style='{_CELL}{shade}'>{_top_html(v.top[j], token)}</td>")
+            cells.append(f"<td style='{_CELL}{shade}'>{v.kl[j]:.3g}</td>")
         rows.append(f"<tr class='qvlm-token-step'>{''.join(cells)}</tr>")
     return (f"<table id='token-table' class='qvlm-tokens' style='border-collapse:collapse;font-size:0.9em;'>"
             f"<thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(rows)}</tbody></table>")

@@ -82,7 +82,7 @@ class Variant:
     seconds: float
     evals: dict[tuple[int, int], Any] = field(default_factory=dict)  # (n questions, seed) -> EvalResult
     analyses: dict[int, dict[int, Any]] = field(default_factory=dict)  # n_samples -> {layer: DEDAnalysis}
-    interactions: dict[int, dict] = field(default_factory=dict)  # n_samples -> DependencyReport.to_dict()
+    interactions: dict[int, Any] = field(default_factory=dict)  # n_samples -> DependencyReport
 
     @property
     def handle(self) -> VLMHandle:

@@ -7,10 +7,26 @@ one definition of each.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 
-def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
+@dataclass(frozen=True)
+class LinearFit:
+    """y = slope * x + intercept, and the share of y's variance it explains (R²)."""
+
+    slope: float = 0.0
+    intercept: float = 0.0
+    r2: float = 0.0
+
+    def at(self, x: float) -> float:
+        return self.slope * x + self.intercept
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
     """Least-squares line y = slope * x + intercept and its R² (as on the paper's Fig. 2).
 
     A degenerate input (fewer than two points, or x or y constant) gives slope 0 and R² 0
@@ -18,16 +34,16 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
     """
     n = len(xs)
     if n == 0:
-        return {"slope": 0.0, "intercept": 0.0, "r2": 0.0}
+        return LinearFit()
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     if n < 2 or sxx == 0:
-        return {"slope": 0.0, "intercept": my, "r2": 0.0}
+        return LinearFit(intercept=my)
     sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
     syy = sum((y - my) ** 2 for y in ys)
     slope = sxy / sxx
     r2 = sxy * sxy / (sxx * syy) if syy > 0 else 0.0
-    return {"slope": slope, "intercept": my - slope * mx, "r2": r2 if math.isfinite(r2) else 0.0}
+    return LinearFit(slope, my - slope * mx, r2 if math.isfinite(r2) else 0.0)
 
 
 def _betacf(a: float, b: float, x: float) -> float:
