@@ -104,7 +104,7 @@ def build_hub_shaped(hub_id: str, out: Path, *, vision_layers: int = 2, text_lay
     """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from hub_configs import HUB_CONFIGS
+    from tests.hub_configs import HUB_CONFIGS
 
     spec = HUB_CONFIGS[hub_id]
     torch.manual_seed(seed)

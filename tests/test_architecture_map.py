@@ -84,3 +84,15 @@ def test_model_family_names_are_spelled_in_the_layer_map_only(name):
     where = [str(p.relative_to(ROOT)) for p in _modules()
              if p.name != "layer_map.py" and re.search(rf"[\"']{name}[\"']", p.read_text())]
     assert not where, f"{name!r} spelled outside qvlm/models/layer_map.py: {where}"
+
+
+def test_test_folders_mirror_the_code():
+    """A test lives beside the code it tests: tests/quant for qvlm/quant, tests/training for training/, ..."""
+    tests = ROOT / "tests"
+    code = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} | {"training", "benchmarks"}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))} - {"e2e"}
+    assert folders, "tests/ has no sub-folders"
+    assert folders <= code, f"test folders with no code of that name: {sorted(folders - code)}"
+    loose = sorted(p.name for p in tests.glob("test_*.py")
+                   if p.stem not in {"test_architecture", "test_architecture_map", "test_cli"})
+    assert not loose, f"tests at the top of tests/ that belong in a package folder: {loose}"

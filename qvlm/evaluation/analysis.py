@@ -325,7 +325,6 @@ def dependency_verdict(pairs: Sequence[PairSummary]) -> str:
     shares = [p.interaction_share for p in pairs if p.interaction_share is not None]
     interacting = [p for p in pairs if p.interacts]
     counts = InteractionCounts.of(pairs)
-    differs = counts.differs
     zero = sum(p.zero_ded_fraction or 0.0 for p in pairs) / len(pairs)
     n = len(pairs)
     share_text = (f"the interaction term explains {100 * min(shares):.1f}-{100 * max(shares):.1f}% of the block "
@@ -334,22 +333,22 @@ def dependency_verdict(pairs: Sequence[PairSummary]) -> str:
               f"(chance alone does that in about 1 pair in 20)")
     controllable = [p.controllable_share for p in interacting if p.controllable_share is not None]
     small = bool(controllable) and max(controllable) < 0.05
-    widespread = len(interacting) >= max(1, math.ceil(n / 4))  # at least a quarter of the pairs
-    if widespread and differs and not small:
+    widespread = counts.interacting >= max(1, math.ceil(n / 4))  # at least a quarter of the pairs
+    if widespread and counts.differs and not small:
         return (f"On this model the layers interact: {share_text} (at least {100 * INTERACTION_THRESHOLD:.0f}% in "
                 f"{counts.interacting} of {n} pairs), and the joint block search picks a different choice than "
-                f"layer-by-layer search in {differs} of {n} pairs, so block search has something to find. "
+                f"layer-by-layer search in {counts.differs} of {n} pairs, so block search has something to find. "
                 f"{100 * zero:.0f}% of samples have DED = 0; {chance}.")
     if widespread and small:
         return (f"On this model the layers interact only where little can be gained: {share_text} (at least "
                 f"{100 * INTERACTION_THRESHOLD:.0f}% in {counts.interacting} of {n} pairs), but in those pairs the "
                 f"activation ranges control at most {100 * max(controllable):.1f}% of the block error (the rest "
                 f"comes with the block's input and weights), and joint search differs from layer-by-layer search in "
-                f"{differs} of {n} pairs. {100 * zero:.0f}% of samples have DED = 0; {chance}.")
+                f"{counts.differs} of {n} pairs. {100 * zero:.0f}% of samples have DED = 0; {chance}.")
     return (f"On this model the layers' quantization errors add up: {share_text} (at least "
             f"{100 * INTERACTION_THRESHOLD:.0f}% in only {counts.interacting} of {n} pairs), so the best range of one "
             f"layer hardly depends on its neighbour's and joint block search picks the layer-by-layer choice in "
-            f"{n - differs} of {n} pairs: it cannot beat layer-by-layer search here. {100 * zero:.0f}% of "
+            f"{n - counts.differs} of {n} pairs: it cannot beat layer-by-layer search here. {100 * zero:.0f}% of "
             f"samples have DED = 0; {chance}, so entropy has little DED to explain.")
 
 

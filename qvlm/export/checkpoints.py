@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qvlm.data.tasks import DEFAULT_TASK, recorded_task
-from qvlm.export.bitsandbytes import BITSANDBYTES, W4A16_NOTE, bitsandbytes_refusal, effective_weight, save_bitsandbytes
+from qvlm.export.bitsandbytes import BITSANDBYTES, bitsandbytes_refusal, effective_weight, save_bitsandbytes
 from qvlm.export.layout import (
     ACTIVATION_SIDECAR,
     WEIGHTS,

@@ -13,7 +13,7 @@ AVX512-VNNI, or AMX where the CPU has it).
 Codes are shifted into int8 (8 bits: q - 128; up to 7 bits they fit as they are) and the shift is
 folded into the zero points, which leaves the formula unchanged.
 
-``torch._int_mm`` on the CPU (torch 2.13, checked in ``tests/test_integer.py``): both operands int8
+``torch._int_mm`` on the CPU (torch 2.13, checked in ``tests/quant/test_integer.py``): both operands int8
 (a uint8 second operand raises), 2-D only, any M, K, N (no padding needed, unlike CUDA's M > 16 and
 multiples of 8, which are not handled here), int32 accumulator: exact while K * 128 * 128 < 2**31, so
 longer rows are summed in chunks. On other devices the sum runs as a float64 matmul: exact (K * 2**14 < 2**53)
@@ -31,15 +31,13 @@ import torch
 from torch import nn
 
 from qvlm.models import VLMHandle, build_layer_map
-from qvlm.quant.kernels import (  # noqa: F401  (MAX_INT_MM_K, int_matmul re-exported)
+from qvlm.quant.kernels import (
     ACCUMULATORS,
-    MAX_INT_MM_K,
     KernelChoice,
     Timer,
     cached_choice,
     choose,
     env_choice,
-    int_matmul,
     kernel_policy,
     layer_signature,
     remember_choice,

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from qvlm.quant.cdm import CrossLayerSearch
-from qvlm.quant.config import RECIPE_NAMES
 from qvlm.quant.layerwise import LayerwiseInit
 from qvlm.quant.veo import VisualEncoderOptimization
 

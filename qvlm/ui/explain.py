@@ -154,15 +154,14 @@ def interaction_lead(pairs: Sequence[PairSummary]) -> str:
     top = max(rows, key=lambda p: p.interaction_share)
     name = f"L{top.block[0]}–L{top.block[-1]}"
     counts = InteractionCounts.of(rows)
-    differs = counts.differs
     if not counts.interacting:
-        same = ("choosing them together picked the same ranges for every pair" if differs == 0 else
-                f"choosing them together changed the choice for only {differs} of {len(rows)} pairs")
+        same = ("choosing them together picked the same ranges for every pair" if counts.differs == 0 else
+                f"choosing them together changed the choice for only {counts.differs} of {len(rows)} pairs")
         return (f"These layers' errors add up (at most {100 * top.interaction_share:.1f}% is not a plain "
                 f"sum, at {name}), so searching their ranges together cannot help much: {same}.")
     return (f"{counts.interacting} of {len(rows)} neighbouring layer pairs interact (most: {name}, where "
             f"{100 * top.interaction_share:.1f}% of the error is not the sum of the two layers' own), so "
-            f"choosing their ranges together can help there; it changed the choice for {differs} of {len(rows)} pairs.")
+            f"choosing their ranges together can help there; it changed the choice for {counts.differs} of {len(rows)} pairs.")
 
 
 def modality_lead(rows: Sequence[ModalityRow]) -> str:

@@ -12,11 +12,9 @@ datasets.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -27,6 +25,7 @@ from qvlm.ui import plots
 from qvlm.evaluation.compare import PAPER_TABLE3_LLAVA15_7B, PAPER_TABLE3_SOURCE, SweepPoint, bit_sweep
 from qvlm.data import TASKS, get_task
 from qvlm.evaluation.accuracy import evaluate
+from qvlm.evaluation.table4 import Table4Result, read_table4
 from qvlm.models import VLMHandle
 from qvlm.utils.progress import ProgressCallback
 from qvlm.quant import BIT_SETTINGS, MENU_ORDER, get_recipe
@@ -138,7 +137,7 @@ class ResultsPanel:
             self.sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, interactive=False, elem_id="sweep-table")
         with gr.Group(elem_id="table4"):
             gr.Markdown("### Latency and weight memory per storage format on this machine (the paper's Table 4)")
-            result = read_table4()
+            result = read_table4(TABLE4_RESULTS)
             if result is None:
                 gr.Markdown("*Not measured yet: `python benchmarks/table4.py` (a few minutes on an idle machine) "
                             f"writes `{(TABLE4_RESULTS / f'table4-{cpu_kind()}.json').relative_to(REPO_ROOT)}`, which is drawn here.*",
@@ -267,36 +266,17 @@ def per_type_text(per_type: dict[str, float], question_types: tuple[str, ...]) -
     return " · ".join(f"{t} {100 * per_type[t]:.1f}" for t in question_types if t in per_type)
 
 
-def read_table4(folder: Path = TABLE4_RESULTS) -> dict | None:
-    """The measured Table 4 for this server's kind of CPU (``benchmarks/table4.py`` writes one per kind), else
-    the one of another kind (its note says so); None when none is readable (logged)."""
-    here = cpu_kind()
-    paths = sorted(folder.glob("table4-*.json"), key=lambda p: (p.stem != f"table4-{here}", p.stem.endswith("-small")))
-    for path in paths:
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError):
-            log.warning("cannot read %s", path, exc_info=True)
-            continue
-        result["kind"] = path.stem.removeprefix("table4-").removesuffix("-small")
-        return result
-    return None
-
-
-def table4_note(result: dict) -> str:
+def table4_note(result: Table4Result) -> str:
     """One line under the Table 4 heading: the machine and the run's settings the numbers depend on, and whether
     they hold for this server's CPU."""
-    m = result.get("machine", {})
-    isa = " ".join(m.get("isa", [])) or "no flags read"
-    small = " Widths / 8: a smoke test, not a measurement." if result.get("small") else ""
-    here, kind = cpu_kind(), result.get("kind", "?")
-    where = ("Measured on a CPU of this server's kind" if kind == here else
-             f"Measured on a {kind} CPU; this server's is {here}, where integer kernels may rank differently")
-    tokens = result.get("tokens", "?")
-    tokens = ", ".join(map(str, tokens)) if isinstance(tokens, list) else tokens
-    return (f"*{where}: {m.get('cpu', 'unknown CPU')} (flags: {isa}), torch {m.get('torch', '?')}, "
-            f"{m.get('threads', '?')} threads, {m.get('date', '')}; {tokens} tokens, median of "
-            f"{result.get('repeats', '?')} runs. Random weights at the paper's layer widths; integer rows: per-channel "
+    m, here = result.machine, cpu_kind()
+    small = " Widths / 8: a smoke test, not a measurement." if result.small else ""
+    where = ("Measured on a CPU of this server's kind" if result.kind == here else
+             f"Measured on a {result.kind} CPU; this server's is {here}, where integer kernels may rank differently")
+    tokens = ", ".join(map(str, result.tokens)) or "?"
+    return (f"*{where}: {m.cpu} (flags: {' '.join(m.isa) or 'no flags read'}), torch {m.torch}, "
+            f"{m.threads} threads, {m.date}; {tokens} tokens, median of "
+            f"{result.repeats or '?'} runs. Random weights at the paper's layer widths; integer rows: per-channel "
             f"weights, dynamic per-token activations.{small}*")
 
 

@@ -13,7 +13,7 @@ import html
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -22,11 +22,14 @@ from qvlm.evaluation.analysis import DedPoint, PairSummary, veo_outcome
 from qvlm.evaluation.compare import SweepPoint, TokenComparison
 from qvlm.evaluation.modality import ModalityRow
 from qvlm.evaluation.vision_sites import SiteError, SiteMap
-from qvlm.evaluation.accuracy import EvalResult
-from qvlm.quant.memory import WeightMemory
 from qvlm.quant.records import LayerError, VeoEpoch, VeoStep
 from qvlm.ui.explain import SITE_NAMES, vision_site_name
 from qvlm.utils.stats import LinearFit, finite, linear_fit
+
+if TYPE_CHECKING:  # annotations only: the figures take these records, they never build them
+    from qvlm.evaluation.accuracy import EvalResult
+    from qvlm.evaluation.table4 import Table4Result
+    from qvlm.quant.memory import WeightMemory
 
 # A qualitative palette with enough distinct colours for the blocks of a 40-layer model
 # (colours repeat after that, but adjacent blocks never share one).
@@ -544,31 +547,27 @@ def _bits_key(label: str) -> tuple[int, int]:
     return (digits + [0, 0])[0], (digits + [0, 0])[1]
 
 
-def table4_figure(result: Mapping[str, Any], title: str = "Table 4 on this machine: one layer's Linears") -> go.Figure:
+def table4_figure(result: Table4Result, title: str = "Table 4 on this machine: one layer's Linears") -> go.Figure:
     """Latency (ms) and weight memory (MiB) per storage format, one bar group per layer, ratios vs FP32 on the bars.
 
-    ``result``: what ``benchmarks/table4.py`` writes (``{"rows": [{"layer", "format", "seconds", "weight_bytes",
-    "speedup_vs_fp32", "memory_saving_vs_fp32"} or {"layer", "format", "error"}], ...}``); rows with an error
-    are left out.
+    ``result``: what ``benchmarks/table4.py`` wrote, read by :func:`qvlm.evaluation.table4.read_table4` (rows that
+    did not run are left out there).
     """
-    rows = [r for r in result.get("rows", []) if "error" not in r]
+    rows = result.rows
     if not rows:
         return empty_figure("The measured Table 4 holds no row.", title)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("latency (ms, lower is faster)", "weight memory (MiB)"))
-    def group(row: Mapping[str, Any]) -> str:  # one bar group per layer and token count
-        return f"{row['layer']}, {row['tokens']} tokens" if "tokens" in row else row["layer"]
-
-    for i, layer in enumerate(dict.fromkeys(group(r) for r in rows)):
-        mine = [r for r in rows if group(r) == layer]
-        formats = [r["format"] for r in mine]
+    for i, layer in enumerate(dict.fromkeys(r.group for r in rows)):
+        mine = [r for r in rows if r.group == layer]
+        formats = [r.format for r in mine]
         color = _block_color(i)
-        fig.add_trace(go.Bar(x=formats, y=[1e3 * r["seconds"] for r in mine], name=layer, marker_color=color,
-                             legendgroup=layer, text=[f"{r['speedup_vs_fp32']:.2f}x" for r in mine],
+        fig.add_trace(go.Bar(x=formats, y=[1e3 * r.seconds for r in mine], name=layer, marker_color=color,
+                             legendgroup=layer, text=[f"{r.speedup_vs_fp32:.2f}x" for r in mine],
                              textposition="outside", hovertemplate="%{x}: %{y:.2f} ms (%{text} vs FP32)<extra>"
                              + layer + "</extra>"), row=1, col=1)
-        fig.add_trace(go.Bar(x=formats, y=[r["weight_bytes"] / 2**20 for r in mine], name=layer, marker_color=color,
+        fig.add_trace(go.Bar(x=formats, y=[r.weight_bytes / 2**20 for r in mine], name=layer, marker_color=color,
                              legendgroup=layer, showlegend=False,
-                             text=[f"{r['memory_saving_vs_fp32']:.1f}x smaller" for r in mine], textposition="outside",
+                             text=[f"{r.memory_saving_vs_fp32:.1f}x smaller" for r in mine], textposition="outside",
                              hovertemplate="%{x}: %{y:.1f} MiB (%{text} than FP32)<extra>" + layer + "</extra>"),
                       row=1, col=2)
     fig.update_layout(title=title, barmode="group", legend=dict(orientation="h", y=-0.35),

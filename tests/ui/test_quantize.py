@@ -20,7 +20,6 @@ import pytest
 
 from qvlm.models import BUNDLED_MODEL_DIR
 from qvlm.evaluation.analysis import veo_outcome
-from qvlm.ui import explain
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel
 from qvlm.ui.panel_ask import AskPanel

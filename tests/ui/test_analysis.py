@@ -18,7 +18,7 @@ from qvlm.ui import explain, plots
 from qvlm.ui.panel_analysis import INTERACTION_COLUMNS, AnalysisPanel, no_veo_reason, rerun_cost
 from qvlm.utils.stats import LinearFit
 from qvlm.evaluation.vision_sites import SiteError, SiteMap
-from run_records import ded_point, layer_error, modality_row, pair, search_row, veo_epoch, veo_step
+from tests.run_records import ded_point, layer_error, modality_row, pair, search_row, veo_epoch, veo_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

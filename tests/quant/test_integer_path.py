@@ -17,7 +17,7 @@ from qvlm.quant.packing import PackedLinear
 
 @pytest.fixture(autouse=True, scope="module")
 def integer_wherever_it_factors():
-    """These tests follow the integer path itself; whether it is faster here is tests/test_kernels.py's question."""
+    """These tests follow the integer path itself; whether it is faster here is tests/quant/test_kernels.py's question."""
     saved = os.environ.get("QVLM_KERNELS")
     os.environ["QVLM_KERNELS"] = "integer"
     yield

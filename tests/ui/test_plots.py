@@ -13,7 +13,7 @@ from qvlm.quant.memory import WeightBytes, WeightMemory
 from qvlm.ui import plots
 from qvlm.utils.stats import LinearFit
 from qvlm.evaluation.vision_sites import SiteError, SiteMap
-from run_records import ded_point, layer_error, modality_row, pair, token_comparison, veo_epoch, veo_step
+from tests.run_records import ded_point, layer_error, modality_row, pair, token_comparison, veo_epoch, veo_step
 
 
 def _texts(fig: go.Figure) -> str:

@@ -7,10 +7,10 @@ import torch
 
 from qvlm.data import evaluation_subset
 from qvlm.export import ACTIVATION_SIDECAR, BITSANDBYTES, README, export_refusal, save_quantized
-from qvlm.models.inference import generate_answers, prepare_inputs
+from qvlm.models.inference import generate_answers
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
-from plain_transformers import plain_answers, plain_load
+from tests.plain_transformers import plain_answers, plain_load
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("accelerate")

@@ -25,8 +25,8 @@ from qvlm.models import load_vlm
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
 
-from families import build_hub_shaped
-from hub_configs import HUB_CONFIGS
+from tests.families import build_hub_shaped
+from tests.hub_configs import HUB_CONFIGS
 
 INTERLEAVE = "llava-hf/llava-interleave-qwen-0.5b-hf"
 # (hub id, recipe): the full method on the 0.5B OneVision shape; on the 13B and Mistral-7B widths the

@@ -279,7 +279,7 @@ def test_download_over_http_serves_the_one_copy_in_the_session_folder(bundled_di
 def test_the_download_note_says_the_bytes_du_and_a_plain_load_measure_on_the_unzipped_folder(ui, tmp_path):
     import subprocess
 
-    from plain_transformers import plain_load
+    from tests.plain_transformers import plain_load
     from qvlm.export.sizes import answering_bytes, resident_bytes
 
     pytest.importorskip("compressed_tensors")
@@ -298,7 +298,7 @@ def test_the_download_note_says_the_bytes_du_and_a_plain_load_measure_on_the_unz
 def test_the_results_tab_builds_where_no_table4_was_measured(monkeypatch, bundled_dir):
     from qvlm.ui import panel_results
 
-    monkeypatch.setattr(panel_results, "read_table4", lambda: None)
+    monkeypatch.setattr(panel_results, "read_table4", lambda folder: None)
     panel = ResultsPanel(AppState.from_settings(Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir],
                                                          preload=False)))
     with gr.Blocks() as demo:

@@ -1,6 +1,6 @@
 """Long-job handling with a stand-in for the core: streaming, cancel, the cross-session lock, LRU
 eviction with a message, DED computed once then browsed. Fast and deterministic; the real core is
-exercised in tests/test_ui_quantize.py and the browser test.
+exercised in tests/ui/test_quantize.py and the browser test.
 
 The stand-ins are passed in where the panels are built (``QuantizePanel(app, quantize=...)``,
 ``AnalysisPanel(app, ded_sweep=..., dependency_diagnostics=...)``), as the app passes the core's functions.
@@ -21,7 +21,7 @@ import pytest
 
 from qvlm.evaluation.analysis import DEDAnalysis, PairSummary
 from qvlm.utils.stats import linear_fit
-from run_records import ded_point
+from tests.run_records import ded_point
 from qvlm.utils.progress import Cancelled, check_cancel
 from qvlm.ui.jobs import HEAVY_WORK
 from qvlm.ui.panel_analysis import AnalysisPanel

@@ -107,7 +107,7 @@ def test_size_sentences_are_what_du_and_a_plain_load_measure(saved, tiny_mosaic,
     import subprocess
 
     from qvlm.export.sizes import resident_bytes, size_report
-    from plain_transformers import plain_load
+    from tests.plain_transformers import plain_load
 
     format, _, folder = saved
     plain = format != FORMAT_NAME

@@ -7,7 +7,7 @@ from qvlm.data import load_split
 from qvlm.models.inference import generate_answers
 from qvlm.models import load_vlm
 
-from families import FAMILIES, build_family
+from tests.families import FAMILIES, build_family
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

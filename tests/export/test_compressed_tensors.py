@@ -8,10 +8,10 @@ import torch
 from qvlm.data import evaluation_subset
 from qvlm.export import ACTIVATION_SIDECAR, COMPRESSED_TENSORS, README, save_quantized
 from qvlm.export.sizes import answering_bytes, fp16_bytes, measure_export, plain_load_bytes
-from qvlm.models.inference import generate_answers, prepare_inputs
+from qvlm.models.inference import generate_answers
 from qvlm.quant import QuantConfig, quantize
 from qvlm.quant.packing import PackedLinear
-from plain_transformers import plain_answers, plain_load
+from tests.plain_transformers import plain_answers, plain_load
 
 pytest.importorskip("compressed_tensors")
 
