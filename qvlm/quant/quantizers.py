@@ -326,11 +326,6 @@ def encode_normal_float_blocks(w: torch.Tensor, bits: int = 4, block_size: int |
     return EncodedWeight("nf4", bits, (out_f, in_f), g, codes, absmax)
 
 
-def quantize_weight_nf(w: torch.Tensor, bits: int = 4, block_size: int | None = NF4_BLOCK) -> torch.Tensor:
-    """Blockwise absmax NormalFloat round-to-nearest (QLoRA, no double quantization)."""
-    return encode_normal_float(w, bits, block_size).decode(w.dtype)
-
-
 def encode_weight(w: torch.Tensor, bits: int, fmt: str, group_size: int | None) -> EncodedWeight:
     """Codes of ``w`` in ``fmt`` (:data:`WEIGHT_FORMATS`); ``group_size`` None is per output channel
     (uniform) or :data:`NF4_BLOCK` (NormalFloat). Any width works; bad sizes raise ValueError."""

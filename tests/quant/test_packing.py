@@ -9,7 +9,7 @@ from qvlm.quant.quantizers import (
     encode_uniform,
     encode_weight,
     nibbles_to_codes,
-    quantize_weight_nf,
+    quantize_weight,
     quantize_weight_uniform,
 )
 
@@ -35,7 +35,7 @@ def test_uniform_codes_decode_to_the_fake_quantized_weight_exactly(bits, group):
 def test_normal_float_codes_decode_to_the_fake_quantized_weight_exactly():
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
     enc = encode_normal_float(w, 4, 64)
-    assert torch.equal(enc.decode(torch.float32), quantize_weight_nf(w, 4, 64))
+    assert torch.equal(enc.decode(torch.float32), quantize_weight(w, 4, "nf4", 64))
 
 
 def test_packed_linear_matches_a_dense_layer_and_holds_fewer_bytes():
@@ -122,7 +122,7 @@ def test_packed_nf4_layer_decodes_like_the_fake_quantizer_through_bitsandbytes_o
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])).to(dtype)
     enc = encode_weight(w, 4, "nf4", block)
     layer = PackedLinear.from_encoded(enc, None, None, None, dtype)
-    assert torch.equal(layer.dequantized_weight(), quantize_weight_nf(w, 4, block))
+    assert torch.equal(layer.dequantized_weight(), quantize_weight(w, 4, "nf4", block))
     assert torch.equal(layer.code_stream(), pack_bits(enc.codes, 4))
     packed, _ = quantize_4bit(w.float(), blocksize=block, quant_type="nf4")
     count = shape[0] * shape[1]  # bitsandbytes' bytes in memory (an odd count's spare nibble aside)
@@ -139,6 +139,6 @@ def test_packed_nf4_decodes_right_where_the_block_does_not_divide_the_width():
 
     w = torch.randn(16, 4304, generator=torch.Generator().manual_seed(0))
     packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
-    bnb_right = torch.equal(dequantize_4bit(packed, state), quantize_weight_nf(w, 4, 64))
+    bnb_right = torch.equal(dequantize_4bit(packed, state), quantize_weight(w, 4, "nf4", 64))
     layer = PackedLinear.from_encoded(encode_weight(w, 4, "nf4", 64), None, None, None, torch.float32)
-    assert torch.equal(layer.dequantized_weight(), quantize_weight_nf(w, 4, 64)), f"bitsandbytes right here: {bnb_right}"
+    assert torch.equal(layer.dequantized_weight(), quantize_weight(w, 4, "nf4", 64)), f"bitsandbytes right here: {bnb_right}"

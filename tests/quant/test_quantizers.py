@@ -17,7 +17,7 @@ from qvlm.quant.quantizers import (
     normal_float_levels,
     percentile_ranges,
     qparams,
-    quantize_weight_nf,
+    quantize_weight,
     quantize_weight_uniform,
 )
 from qvlm.quant.qlinear import QuantLinear
@@ -111,7 +111,7 @@ def test_bad_group_sizes_are_a_clear_error(bad):
     with pytest.raises(ValueError, match="group size .* power of two"):
         quantize_weight_uniform(w, 4, group_size=bad)
     with pytest.raises(ValueError, match="group size"):
-        quantize_weight_nf(w, 4, bad)
+        quantize_weight(w, 4, "nf4", bad)
 
 
 def test_nf4_levels_are_bitsandbytes_table_exactly():
@@ -145,7 +145,7 @@ def test_nf4_levels_match_bitsandbytes_table():
 
 def test_nf_weight_quant_uses_levels_times_block_absmax():
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(2))
-    wq = quantize_weight_nf(w, 4, 64)
+    wq = quantize_weight(w, 4, "nf4", 64)
     levels = normal_float_levels(4)
     blocks = w.reshape(8, 2, 64)
     absmax = blocks.abs().amax(-1, keepdim=True)
