@@ -6,16 +6,15 @@ import pytest
 import torch
 
 from qvlm.quant.integer import (
-    MAX_INT_MM_K,
     IntegerLinear,
     act_codes,
     correction_dtype,
     execution_path,
-    int_matmul,
     refusal,
     rescale,
     to_integer_path,
 )
+from qvlm.quant.kernels import MAX_INT_MM_K, int_matmul
 from qvlm.quant.packing import PackedLinear
 from qvlm.quant.quantizers import ActQuantizer, encode_weight
 
