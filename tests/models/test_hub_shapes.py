@@ -85,12 +85,14 @@ def _quantize_export_reload_ask(handle, recipe: str, tmp_path, *, compare_logits
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_siglip_so400m_qwen2_shapes_quantize_export_and_answer_with_every_recipe(interleave, recipe, tmp_path):
     assert 4304 in _widths(interleave)  # SigLIP-so400m's fc2 input: 64 does not divide it
     _quantize_export_reload_ask(interleave, recipe, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hub_id,recipe", WIDE_SHAPES, ids=[h for h, _ in WIDE_SHAPES])
 def test_hub_shapes_quantize_export_and_answer(hub_id, recipe, tmp_path):
     layers = 2 if "0.5b" in hub_id else 1
