@@ -384,11 +384,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CHOICE_RULE = 2
+"""Bumped when :func:`choose` decides differently, so a cache of the old rule's choices is not reused (2: the
+fastest exact candidate runs; 1: an integer kernel had to beat the FP Linear, the float path not)."""
+
+
 def machine_key() -> str:
-    """What a measured choice holds for: CPU model, flags, torch version, thread count, ISA caps."""
+    """What a measured choice holds for: CPU model, flags, torch version, thread count, ISA caps, choice rule."""
     caps = ",".join(f"{v}={os.environ[v]}" for v in ISA_CAPS if v in os.environ)
     return (f"{cpu_model()} | {' '.join(cpu_flags()) or 'no flags read'} | torch {torch.__version__} | "
-            f"{torch.get_num_threads()} threads{' | ' + caps if caps else ''}")
+            f"{torch.get_num_threads()} threads{' | ' + caps if caps else ''} | rule {CHOICE_RULE}")
 
 
 def layer_signature(layer: nn.Module) -> str:
