@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,11 @@ from qvlm.quant.quantizers import valid_rows
 from qvlm.quant.search import exhaustive_search
 from qvlm.quant.records import VeoEpoch
 from qvlm.utils.stats import LinearFit, finite, linear_fit, percent_change, r2_chance_level
+from qvlm.utils.records import JsonRecord
 
 
 @dataclass(frozen=True)
-class DedPoint:
+class DedPoint(JsonRecord):
     """One calibration sample of a block: its entropy D, its DED, and the errors DED is the difference of."""
 
     sample: int
@@ -46,12 +47,9 @@ class DedPoint:
     greedy_error: float
     joint_error: float
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class PairSummary:
+class PairSummary(JsonRecord):
     """A block's numbers without its per-sample points: what the bench, the stored report and the UI show.
 
     The fields are :class:`DEDAnalysis`'s (see there); a stored report written before a field existed reads
@@ -82,12 +80,6 @@ class PairSummary:
         """Whether entropy's R² against DED beats what noise reaches one time in twenty."""
         return self.r2_entropy > self.r2_chance
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PairSummary":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass(frozen=True)

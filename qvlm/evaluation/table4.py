@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qvlm.quant.kernels import cpu_kind
+from qvlm.utils.records import JsonRecord
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MeasuredOn:
+class MeasuredOn(JsonRecord):
     """The machine a speed figure holds for: without its flags and thread count a latency says little."""
 
     cpu: str = "unknown CPU"
@@ -28,10 +29,8 @@ class MeasuredOn:
     threads: int | str = "?"
     date: str = ""
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MeasuredOn":
-        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        return cls(**{**known, "isa": tuple(known.get("isa", ()))})
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "isa", tuple(self.isa))  # JSON holds a list
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from qvlm.models import VLMHandle
 from qvlm.quant.calibration import CalibBatch, StopForward, calibration_batches
 from qvlm.quant.quantizers import ActQuantizer, qparams
 from qvlm.utils.progress import STAGE_VISION_SITES, ProgressCallback, check_cancel, report
+from qvlm.utils.records import JsonRecord
 
 
 SITE_ROLES: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "out_proj": ("o",), "fc1": ("fc1",),
@@ -53,7 +54,7 @@ class SiteError:
 
 
 @dataclass
-class VisionSiteReport:
+class VisionSiteReport(JsonRecord):
     """Per vision site, the projector-output error its activation quantizers add alone.
 
     ``all_on``: the relative error with every vision activation quantizer on.
@@ -69,9 +70,6 @@ class VisionSiteReport:
 
     def worst(self) -> SiteError:
         return max(self.rows, key=lambda r: r.error)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _site_quantizers(handle: VLMHandle) -> dict[tuple[int, str], list[Any]]:

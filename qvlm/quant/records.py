@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qvlm.utils.records import JsonRecord
+
 
 def _present(d: dict[str, Any]) -> dict[str, Any]:
     """``d`` without the values not measured (None): the saved form never held keys for them."""
@@ -42,7 +44,7 @@ class LayerError:
 
 
 @dataclass(frozen=True)
-class VeoStep:
+class VeoStep(JsonRecord):
     """VEO's loss terms after one optimiser step (Eq. 9: total = reg + lambda-weighted entropy and error)."""
 
     step: int
@@ -52,12 +54,9 @@ class VeoStep:
     ent: float
     err: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class HeldOutError:
+class HeldOutError(JsonRecord):
     """Eq. 9's error on held-out pairs, and where it ends: the answers (:func:`qvlm.quant.veo.holdout_error`).
 
     ``err`` = ``visual`` + eta * ``output``; ``answer_agree``: the share of teacher-forced answer tokens whose
@@ -70,9 +69,6 @@ class HeldOutError:
     answer_agree: float
     answer_kl: float
     answer_tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ class VeoEpoch:
 
 
 @dataclass(frozen=True)
-class BlockSearchRow:
+class BlockSearchRow(JsonRecord):
     """One CDM block: the joint choice (percentile labels), whether it was kept, and what it cost.
 
     ``greedy``: the layer-by-layer choice over the same grid; ``error`` / ``greedy_error`` /
@@ -130,9 +126,6 @@ class BlockSearchRow:
     @property
     def refused_on_unseen(self) -> bool:
         return self.checked and not self.accepted and "holdout" in self.accept_errors
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

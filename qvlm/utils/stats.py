@@ -7,12 +7,13 @@ one definition of each.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
+from qvlm.utils.records import JsonRecord
 
 
 @dataclass(frozen=True)
-class LinearFit:
+class LinearFit(JsonRecord):
     """y = slope * x + intercept, and the share of y's variance it explains (R²)."""
 
     slope: float = 0.0
@@ -21,9 +22,6 @@ class LinearFit:
 
     def at(self, x: float) -> float:
         return self.slope * x + self.intercept
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
