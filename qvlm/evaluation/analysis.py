@@ -28,7 +28,8 @@ from qvlm.models import VLMHandle
 from qvlm.utils.progress import STAGE_DED, report
 from qvlm.quant import QuantConfig, QuantRun, get_recipe
 from qvlm.quant.calibration import mse_over, run_layer
-from qvlm.quant.cdm import BlockObjective, entropy_pass, unsearchable
+from qvlm.quant.cdm import BlockObjective, CrossLayerDependencyMining, entropy_pass, unsearchable
+from qvlm.quant.recipes import configure
 from qvlm.quant.quantizers import valid_rows
 from qvlm.quant.search import exhaustive_search
 from qvlm.quant.records import VeoEpoch
@@ -214,7 +215,8 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
     cfg = cfg.replace(calib_size=n_samples or cfg.calib_size, quantize_language=True)
     qrun = QuantRun(handle_fp, cfg, progress, cancel)
     qrun.prepare()
-    get_recipe(cfg.recipe).init.run(qrun)  # the state the CDM search starts from
+    configure(get_recipe(cfg.recipe).init, cfg).run(qrun)  # the state the CDM search starts from
+    cdm = configure(CrossLayerDependencyMining(), cfg)  # the settings a CDM stage of this run searches with
     entries, fp_entries = qrun.qmap.language, handle_fp.layer_map.language
     inputs = qrun.language_inputs
     final_norm = handle_fp.layer_map.final_norm
@@ -224,7 +226,8 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
         for k in range(max(layers) + 1):
             qrun.check_cancel()
             if k in layers:
-                analysis = _analyse_block(entries, fp_entries, inputs, xq, xr, k, depth, cfg, final_norm, cancel)
+                analysis = _analyse_block(entries, fp_entries, inputs, xq, xr, k, depth, cdm, cfg, final_norm,
+                                          cancel)
                 analysis.gain, analysis.branch_response = error_gain(fp_entries[k].module, inputs, xq, xr, cancel)
                 results.append(analysis)
                 report(progress, STAGE_DED, len(results) / len(layers), f"layer {k}")
@@ -234,14 +237,15 @@ def ded_sweep(handle_fp: VLMHandle, cfg_or_result, layers: list[int] | None = No
     return results
 
 
-def _analyse_block(entries, fp_entries, inputs, xq, xr, k: int, depth: int, cfg: QuantConfig, final_norm,
-                   cancel) -> DEDAnalysis:
+def _analyse_block(entries, fp_entries, inputs, xq, xr, k: int, depth: int, cdm: CrossLayerDependencyMining,
+                   cfg: QuantConfig, final_norm, cancel) -> DEDAnalysis:
     block = list(range(k, k + depth))
-    n_cands = len(cfg.percentiles) + 1  # the incumbent + the percentile grid, as the search sees them
+    n_cands = len(cdm.percentiles) + 1  # the incumbent + the percentile grid, as the search sees them
     saved = {(b, role): lin.act.get_range() for b in block for role, lin in entries[b].linears.items()}
-    ep = entropy_pass([entries[b] for b in block], [fp_entries[b] for b in block], inputs, xq, xr, cfg, cancel)
+    ep = entropy_pass([entries[b] for b in block], [fp_entries[b] for b in block], inputs, xq, xr, cdm, cfg,
+                      cancel)
     entropy = ep.per_sample.sum(dim=0)  # Eq. 6: D(k_r, k_s) = sum of the adjacent pairs
-    score = BlockObjective(cfg.block_objective, entries, fp_entries, final_norm, inputs, cancel)
+    score = BlockObjective(cdm.block_objective, entries, fp_entries, final_norm, inputs, cancel)
     refs, r = [], xr
     for b in block:
         r, ref = score.reference(b, r)

@@ -6,7 +6,7 @@
 A run (:class:`QuantRun`: the working copy, its layer map, the cached calibration inputs) goes
 through the stages of its recipe (:mod:`qvlm.quant.recipes`), each a small object whose settings
 are its fields: :class:`LayerwiseInit` -> :class:`VisualEncoderOptimization` ->
-:class:`CrossLayerSearch`.
+:class:`CrossLayerDependencyMining`.
 
 Where each equation of the paper (arXiv 2410.08119) lives:
 
@@ -28,7 +28,7 @@ Eq.         what                                                          functi
                                                                           :func:`~qvlm.quant.entropy.soft_assign_banded`
 6           entropy of a block = sum of its adjacent pairs                :func:`qvlm.evaluation.analysis.ded_sweep`
 7           block partition by the threshold h0 and a maximum depth       :func:`qvlm.quant.partition.partition_layers`,
-                                                                          :meth:`QuantConfig.h0_value`
+                                                                          :meth:`CrossLayerDependencyMining.h0_value`
 8           Jacobian-weighted entropy L_ent of the vision tower           :func:`qvlm.quant.veo.weighted_entropy`,
             (weights w_k)                                                 :func:`~qvlm.quant.veo.jacobian_weights`
 9           visual + LLM output error L_err                               :func:`qvlm.quant.veo.output_error`
@@ -38,7 +38,7 @@ Eq.         what                                                          functi
 """
 
 from qvlm.utils.progress import Cancelled
-from qvlm.quant.cdm import CrossLayerSearch
+from qvlm.quant.cdm import CrossLayerDependencyMining
 from qvlm.quant.config import BIT_SETTINGS, QuantConfig
 from qvlm.quant.layerwise import LayerwiseInit
 from qvlm.quant.pipeline import QuantResult, quantize
@@ -58,7 +58,7 @@ __all__ = [
     "RECIPE_INFO",
     "ActQuantizer",
     "Cancelled",
-    "CrossLayerSearch",
+    "CrossLayerDependencyMining",
     "LayerwiseInit",
     "Preset",
     "QuantConfig",

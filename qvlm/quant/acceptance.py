@@ -144,25 +144,25 @@ def decide_block(entries, block: list[int], choice: tuple[int, ...], apply,
 
 
 @torch.no_grad()
-def acceptance_checks(qrun: "QuantRun", xq0: list[torch.Tensor]) -> list[OutputCheck]:
-    """The checks ``QuantConfig.cdm_accept`` asks for: none ("block"), the calibration pairs
+def acceptance_checks(qrun: "QuantRun", xq0: list[torch.Tensor], accept: str, metric: str,
+                      holdout_images: int | None) -> list[OutputCheck]:
+    """The checks ``accept`` (:attr:`CrossLayerDependencyMining.accept <qvlm.quant.cdm.CrossLayerDependencyMining.accept>`)
+    asks for, scored by ``metric``: none ("block"), the calibration pairs
     ("final_output"), or those and the held-out pairs ("holdout"; calibration only, with a note in the
     run, when it has none). The FP side is read, never hooked: the FP decoder layers for the
     calibration pairs, the FP model's forward for the held-out ones."""
-    cfg = qrun.config
-    if cfg.cdm_accept == "block":
+    if accept == "block":
         return []
     fp, inputs = qrun.fp, qrun.language_inputs
     final_norm, head = fp.layer_map.final_norm, fp.model.get_output_embeddings()
     fp_out = run_layers_to_output([e.module for e in fp.layer_map.language], inputs, inputs.hidden, final_norm,
                                   qrun.cancel)
     checks = [OutputCheck("calibration", inputs, xq0,
-                          output_score(cfg.cdm_accept_metric, fp_out, qrun.batches, inputs.masks, head),
+                          output_score(metric, fp_out, qrun.batches, inputs.masks, head),
                           final_norm, qrun.cancel)]
-    if cfg.cdm_accept != "holdout":
+    if accept != "holdout":
         return checks
-    n = cfg.calib_size if cfg.cdm_holdout_images is None else cfg.cdm_holdout_images
-    batches = qrun.holdout_batches(n, max(cfg.calib_size, cfg.veo_calib_size or 0))
+    batches = qrun.holdout_batches(qrun.config.calib_size if holdout_images is None else holdout_images)
     if not batches:
         qrun.notes.cdm_holdout = "no held-out pairs: blocks checked on the calibration pairs only"
         return checks
@@ -170,7 +170,7 @@ def acceptance_checks(qrun: "QuantRun", xq0: list[torch.Tensor]) -> list[OutputC
     (held,) = capture_layer_inputs(qrun.qmodel, [qrun.qmap.language[0].module], batches, [True], qrun.cancel)
     fp_core = core_model(fp.model)
     held_fp = [fp_core(**b.model_inputs(), use_cache=False).last_hidden_state for b in batches]
-    score = output_score(cfg.cdm_accept_metric, held_fp, batches, held.masks, head)
+    score = output_score(metric, held_fp, batches, held.masks, head)
     return checks + [OutputCheck("holdout", held, held.hidden, score, final_norm, qrun.cancel)]
 
 

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Sequence
@@ -22,6 +24,7 @@ from qvlm.models.layer_map import LANGUAGE_STYLES, VISION_STYLES
 from qvlm.utils.progress import STAGE_ENTROPY, STAGE_SEARCH, check_cancel, report
 from qvlm.quant.acceptance import OutputCheck, acceptance_checks, decide_block
 from qvlm.quant.calibration import LayerInputs, mse_over, observing, release_records, run_layer
+from qvlm.quant.config import H0_RULE, QuantConfig
 from qvlm.quant.entropy import pair_entropy, residual_grid
 from qvlm.quant.partition import partition_layers
 from qvlm.quant.quantizers import percentile_ranges
@@ -29,7 +32,6 @@ from qvlm.quant.records import BlockSearchRow
 from qvlm.quant.search import BlockSearch, coordinate_search, exhaustive_search
 
 if TYPE_CHECKING:
-    from qvlm.quant.config import QuantConfig
     from qvlm.quant.run import QuantRun
 
 Table = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -71,11 +73,11 @@ def _role_paths(fp_layer: torch.nn.Module, linears: dict) -> dict[str, str]:
 
 @torch.no_grad()
 def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tensor], xr0: list[torch.Tensor],
-                 cfg: "QuantConfig", cancel=None, progress=None) -> EntropyPass:
+                 cdm: "CrossLayerDependencyMining", cfg: "QuantConfig", cancel=None, progress=None) -> EntropyPass:
     """Percentile tables and per-sample D(k, k+1) for these decoder layers (one quantized-path pass).
 
-    Reads ``a_bits``, ``percentiles``, ``percentile_source``, ``entropy_site``, ``soft_temperature``
-    and ``soft_delta_mode`` from ``cfg``.
+    Reads ``percentiles`` and ``percentile_source`` from ``cdm``; the entropy estimator's ``a_bits``,
+    ``entropy_site``, ``soft_temperature`` and ``soft_delta_mode`` from the run's ``cfg``.
     """
     xs, xr = xq0, xr0
     per_sample: list[torch.Tensor] = []
@@ -89,7 +91,7 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
         qs = {role: lin.act for role, lin in entry.linears.items() if getattr(lin, "act", None) is not None}
         with observing(qs.values()):
             ys = run_layer(entry.module, inputs, xs, cancel)
-        if cfg.percentile_source == "fp":
+        if cdm.percentile_source == "fp":
             source = _fp_records(fp_entries[k].module, entry.linears, inputs, xr)
             xr = run_layer(fp_entries[k].module, inputs, xr, cancel)
         else:
@@ -101,7 +103,7 @@ def entropy_pass(entries, fp_entries, inputs: LayerInputs, xq0: list[torch.Tenso
             key = (recs[0].data_ptr(), tuple(recs[0].shape))
             if key not in cache:
                 view = torch.cat([q.stat_view(r, m) for r, m in zip(recs, inputs.masks)])
-                cache[key] = percentile_ranges(view, tuple(cfg.percentiles))
+                cache[key] = percentile_ranges(view, tuple(cdm.percentiles))
             # Candidate 0 is the incumbent (the ranges the layer has now: the layer-wise init's, or
             # VEO's): with it in every table the search can always keep what it started from.
             table[role] = [tuple(t.clone() for t in q.get_range())] + cache[key]
@@ -135,14 +137,8 @@ def apply_candidate(entry, table: Table, c: int) -> None:
             lin.act.set_range(*table[role][c])
 
 
-def candidate_labels(cfg: "QuantConfig") -> list[float | None]:
-    """What candidate c of every layer's table is: 0 the incumbent ranges (None), c >= 1 the
-    percentile ``cfg.percentiles[c - 1]`` of the layer's quantized-path input."""
-    return [None] + [float(p) for p in cfg.percentiles]
-
-
 class BlockObjective:
-    """Per-sample error of a block's layer j against FP, by ``QuantConfig.block_objective``.
+    """Per-sample error of a block's layer j against FP, by ``CrossLayerDependencyMining.block_objective``.
 
     * "residual": the layer's output (the raw residual stream) vs the FP layer's output.
     * "normed_hidden": both passed through the FP *next* layer's input RMSNorm (the final norm
@@ -276,17 +272,56 @@ def unsearchable(cfg: "QuantConfig") -> str | None:
 
 
 @dataclass(frozen=True)
-class CrossLayerSearch:
-    """Cross-layer dependency mining (§3.2): entropy -> Eq. 7 blocks -> Eq. 3 joint search per block.
+class CrossLayerDependencyMining:
+    """Cross-layer dependency mining, CDM (§3.2): entropy -> Eq. 7 blocks -> Eq. 3 joint search per block.
 
-    Its settings are the run config's CDM fields (percentiles, percentile_source, entropy_site,
-    soft_temperature, soft_delta_mode, h0_rule, max_block_depth, joint_search, block_objective, and the
-    acceptance check's cdm_accept, cdm_accept_metric, cdm_holdout_images).
+    A configured stage: its settings are its fields, saved in the run's config under the names of
+    :data:`SAVED_AS`, where each default's reason is written (``QuantConfig.cdm_accept``, ...);
+    ``recipes.configured_stages`` builds the stage from a config, ``QuantConfig.with_stages`` saves it.
+    The entropy estimator it shares with VEO (``a_bits``, ``soft_*``, ``entropy_site``) stays the run's.
     Every layer's candidates are its incumbent ranges plus the percentile grid, so a block's
     searched error is never above the error of the ranges the search started from.
     """
 
     name: ClassVar[str] = STAGE_SEARCH
+    SAVED_AS: ClassVar[dict[str, str]] = {
+        "percentiles": "percentiles", "percentile_source": "percentile_source", "max_block_depth": "max_block_depth",
+        "h0_rule": "h0_rule", "joint_search": "joint_search", "block_objective": "block_objective",
+        "accept": "cdm_accept", "accept_metric": "cdm_accept_metric", "holdout_images": "cdm_holdout_images"}
+    """Field -> its name in the saved (flat) config."""
+
+    percentiles: tuple[float, ...] = QuantConfig.percentiles
+    percentile_source: str = QuantConfig.percentile_source
+    max_block_depth: int = QuantConfig.max_block_depth
+    h0_rule: str = QuantConfig.h0_rule
+    joint_search: str = QuantConfig.joint_search
+    block_objective: str = QuantConfig.block_objective
+    accept: str = QuantConfig.cdm_accept
+    accept_metric: str = QuantConfig.cdm_accept_metric
+    holdout_images: int | None = QuantConfig.cdm_holdout_images
+
+    def h0_value(self, values: list[float]) -> float:
+        """The Eq. 7 threshold for these D(k,k+1) values, by ``h0_rule``."""
+        m = H0_RULE.match(self.h0_rule.strip())
+        if not m:
+            raise ValueError(f"h0_rule {self.h0_rule!r} not understood")
+        if m.group("v") is not None:
+            return float(m.group("v"))
+        if not values:
+            return math.inf
+        if m.group(1) == "mean":
+            return float(statistics.fmean(values))
+        q = 0.5 if m.group(1) == "median" else float(m.group("q"))
+        s = sorted(values)
+        pos = q * (len(s) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(s) - 1)
+        return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+
+    def candidate_labels(self) -> list[float | None]:
+        """What candidate c of every layer's table is: 0 the incumbent ranges (None), c >= 1 the
+        percentile ``percentiles[c - 1]`` of the layer's quantized-path input."""
+        return [None] + [float(p) for p in self.percentiles]
 
     def run(self, qrun: "QuantRun") -> None:
         cfg = qrun.config
@@ -301,21 +336,22 @@ class CrossLayerSearch:
             with qrun.timed(STAGE_ENTROPY):
                 qrun.report(STAGE_ENTROPY, 0.0, "quantized-path input of the decoder")
                 xq0 = qrun.language_input()
-                ep = entropy_pass(entries, fp_entries, inputs, xq0, inputs.hidden, cfg, qrun.cancel, qrun.progress)
+                ep = entropy_pass(entries, fp_entries, inputs, xq0, inputs.hidden, self, cfg, qrun.cancel,
+                                  qrun.progress)
             qrun.timing_details["entropy_eq45"] = round(ep.entropy_seconds, 4)  # part of "entropy"
             qrun.entropies_per_sample = ep.per_sample
             with qrun.timed(STAGE_SEARCH):
-                qrun.h0 = cfg.h0_value(ep.entropies)
-                qrun.blocks = partition_layers(ep.entropies, qrun.h0, cfg.max_block_depth)
+                qrun.h0 = self.h0_value(ep.entropies)
+                qrun.blocks = partition_layers(ep.entropies, qrun.h0, self.max_block_depth)
                 setup = time.perf_counter()
-                checks = acceptance_checks(qrun, xq0)
+                checks = acceptance_checks(qrun, xq0, self.accept, self.accept_metric, self.holdout_images)
                 setup = time.perf_counter() - setup
                 outcomes = search_blocks(entries, fp_entries, inputs, xq0, inputs.hidden, ep.tables, qrun.blocks,
-                                         len(cfg.percentiles) + 1, cfg.joint_search, cfg.block_objective,
+                                         len(self.percentiles) + 1, self.joint_search, self.block_objective,
                                          qrun.fp.layer_map.final_norm, qrun.cancel, qrun.progress, checks)
                 if checks:  # part of "search", kept apart: it grows with the layers after each decided block
                     qrun.timing_details["search_acceptance"] = round(setup + sum(c.seconds for c in checks), 4)
-                labels = candidate_labels(cfg)
+                labels = self.candidate_labels()
                 for block, search in outcomes:
                     for j, k in enumerate(block):
                         qrun.percentiles[k] = labels[search.choice[j]]
@@ -329,5 +365,5 @@ class CrossLayerSearch:
                         greedy=[labels[c] for c in search.greedy_choice],
                         error=search.error, greedy_error=search.greedy_error,
                         incumbent_error=None if incumbent is None else float(incumbent.mean()),
-                        objective=cfg.block_objective, layer_passes=search.layer_passes,
+                        objective=self.block_objective, layer_passes=search.layer_passes,
                         accept_errors=search.accept_errors))

@@ -1,9 +1,13 @@
 """QuantConfig: every parameter of a quantization run, with the reason for each default.
 
 The paper leaves many choices open (arXiv 2410.08119 §3.2-§3.3 and §4.1-§4.3); each one is a
-field here so a run is reproducible from its saved JSON alone. The config is plain data: it names
-the recipes but does not import their stages (:mod:`qvlm.quant.recipes` does, and resolves a
-config against them, e.g. ``resolve_weights``).
+field here so a run is reproducible from its saved JSON alone. The config is the run's saved form and
+plain data: it imports no stage. The run-wide choices (bits, formats, what is quantized, calibration,
+the entropy estimator) are its own; each stage's settings (:class:`~qvlm.quant.veo.VisualEncoderOptimization`'s
+``lr``, ...) are fields of the stage, whose defaults are the fields here they are saved as (the stage's
+``SAVED_AS``: ``veo_lr``, ...), so each default and its reason are written once, here.
+:func:`qvlm.quant.recipes.configured_stages` builds the configured stages a recipe runs from a config,
+:meth:`QuantConfig.with_stages` records given ones.
 
 A config starts from a preset (:mod:`qvlm.quant.presets`: the measured best, the paper's text, the
 authors' code): ``QuantConfig()`` is the ``recommended`` one, ``from_bits(..., preset=...)`` applies
@@ -16,7 +20,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 from qvlm.quant.presets import DEFAULT_PRESET, get_preset
 from qvlm.quant.quantizers import check_group_size
@@ -28,7 +32,8 @@ BIT_SETTINGS: tuple[str, ...] = ("W8A8", "W6A6", "W4A4", "W4A3", "W3A3")
 """The bit settings the app and the bench offer (any WxAy with x, y in 2..8 is valid in a config)."""
 
 _BITS_RE = re.compile(r"^\s*w(\d+)\s*a(\d+)\s*$", re.IGNORECASE)
-_H0_RE = re.compile(r"^(mean|median|quantile:(?P<q>[0-9.eE+-]+)|value:(?P<v>[0-9.eE+-]+))$")
+H0_RULE = re.compile(r"^(mean|median|quantile:(?P<q>[0-9.eE+-]+)|value:(?P<v>[0-9.eE+-]+))$")
+"""The forms ``h0_rule`` may take."""
 
 
 @dataclass
@@ -278,25 +283,13 @@ class QuantConfig:
                              **get_preset(self.preset).values).to_dict()
         return {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
 
-    def h0_value(self, values: list[float]) -> float:
-        """The Eq. 7 threshold for these D(k,k+1) values, by ``h0_rule``."""
-        import statistics
+    def with_stages(self, stages: Sequence[object]) -> "QuantConfig":
+        """This config with the settings of ``stages`` written into its saved fields (validated).
 
-        m = _H0_RE.match(self.h0_rule.strip())
-        if not m:
-            raise ValueError(f"h0_rule {self.h0_rule!r} not understood")
-        if m.group("v") is not None:
-            return float(m.group("v"))
-        if not values:
-            return math.inf
-        if m.group(1) == "mean":
-            return float(statistics.fmean(values))
-        q = 0.5 if m.group(1) == "median" else float(m.group("q"))
-        s = sorted(values)
-        pos = q * (len(s) - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, len(s) - 1)
-        return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+        Why: a run given its own configured stages saves what they ran with; the flat JSON holds one
+        stage of each kind, so two stages of one kind with different settings are refused.
+        """
+        return self.replace(**saved_settings(stages))
 
     def validate(self) -> "QuantConfig":
         """Raise ValueError naming the field and the allowed values; return self when fine."""
@@ -345,11 +338,11 @@ class QuantConfig:
         _grid("percentiles", self.percentiles, low=0.5, low_open=True)
         _choice("percentile_source", self.percentile_source, ("quantized", "fp"))
         _positive_int("max_block_depth", self.max_block_depth)
-        if not _H0_RE.match(str(self.h0_rule).strip()):
+        if not H0_RULE.match(str(self.h0_rule).strip()):
             raise ValueError(
                 f"h0_rule must be 'mean', 'median', 'quantile:<q>' or 'value:<x>', got {self.h0_rule!r}"
             )
-        m = _H0_RE.match(str(self.h0_rule).strip())
+        m = H0_RULE.match(str(self.h0_rule).strip())
         if m and m.group("q") is not None and not 0.0 <= float(m.group("q")) <= 1.0:
             raise ValueError(f"h0_rule quantile must be between 0 and 1, got {m.group('q')}")
         _number("soft_temperature", self.soft_temperature, low=0.0, low_open=True)
@@ -416,6 +409,20 @@ class QuantConfig:
         d = self.to_dict()
         d.update(changes)
         return QuantConfig.from_dict(d)
+
+
+def saved_settings(stages: Sequence[object]) -> dict[str, Any]:
+    """{saved config field: value} of these stages' settings (``SAVED_AS``; a stage without it has none to save);
+    ValueError when two stages give one field two values, which one flat config cannot hold."""
+    values: dict[str, Any] = {}
+    for stage in stages:
+        for f, name in getattr(type(stage), "SAVED_AS", {}).items():
+            value = getattr(stage, f)
+            if name in values and values[name] != value:
+                raise ValueError(f"two {type(stage).__name__} stages set {f} to {values[name]!r} and {value!r}; "
+                                 f"a saved config holds one value per setting")
+            values[name] = value
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
 
 
 def parse_bits(bits: str) -> tuple[int, int]:

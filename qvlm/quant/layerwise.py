@@ -24,6 +24,7 @@ import torch
 
 from qvlm.utils.progress import STAGE_INIT, StepProgress, check_cancel
 from qvlm.quant.awq import awq_scale_search
+from qvlm.quant.config import QuantConfig
 from qvlm.quant.entropy import residual_grid
 from qvlm.quant.calibration import LayerInputs, StopForward, call_layer, observing, release_records, run_layer
 from qvlm.quant.packing import pack_model
@@ -38,7 +39,6 @@ from qvlm.quant.quantizers import (
 )
 
 if TYPE_CHECKING:
-    from qvlm.quant.config import QuantConfig
     from qvlm.quant.run import QuantRun
 
 WeightFormat = Literal["uniform", "nf4"]
@@ -152,11 +152,16 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
 class LayerwiseInit:
     """Wrap, quantize the weights and initialize every activation range, layer by layer.
 
-    Settings here are what distinguishes the recipes' starting points; the numbers (bits, clip
-    grid, lp norm, AWQ grid) are read from the run's :class:`~qvlm.quant.config.QuantConfig`.
+    A configured stage. Its first four fields are what distinguishes the recipes' starting points (a recipe
+    fixes them; the saved config records the recipe's name); the others are saved in the run's config under the
+    names of :data:`SAVED_AS`, where each default's reason is written (``QuantConfig.init_lp_norm``, ...). The
+    bits, the formats and what is quantized stay the run's (both towers and every stage share them).
     """
 
     name: ClassVar[str] = STAGE_INIT
+    SAVED_AS: ClassVar[dict[str, str]] = {"clip_grid": "init_clip_grid", "lp_norm": "init_lp_norm",
+                                          "awq_grid": "awq_grid", "awq_max_tokens": "awq_max_tokens"}
+    """Field -> its name in the saved (flat) config."""
     weights: WeightFormat = "nf4"
     """Weight format when ``QuantConfig.weight_format == "auto"``."""
     weight_group: int | None = None
@@ -166,6 +171,10 @@ class LayerwiseInit:
     """"minmax" ranges, or min/max then the lp clipping search (the QLoRA-style init)."""
     scaling: WeightScaling = "none"
     """"awq": AWQ's activation-aware per-channel scale search before the weights are quantized."""
+    clip_grid: tuple[float, ...] = QuantConfig.init_clip_grid
+    lp_norm: float = QuantConfig.init_lp_norm
+    awq_grid: int = QuantConfig.awq_grid
+    awq_max_tokens: int = QuantConfig.awq_max_tokens
 
     def resolve_weights(self, cfg: "QuantConfig") -> tuple[str, int | None]:
         """(weight format, group size) this step uses under ``cfg``: the config's, else its own."""
@@ -218,9 +227,9 @@ class LayerwiseInit:
         cfg = qrun.config
         w_format, w_group = self.resolve_weights(cfg)
         settings = dict(w_format=w_format, w_group=w_group, act_init=self.act_init,
-                        clip_grid=tuple(cfg.init_clip_grid), lp_norm=cfg.init_lp_norm, cancel=qrun.cancel)
+                        clip_grid=tuple(self.clip_grid), lp_norm=self.lp_norm, cancel=qrun.cancel)
         if self.scaling == "awq":
-            settings["awq"] = {"grid": cfg.awq_grid, "max_tokens": cfg.awq_max_tokens, "generator": qrun.generator}
+            settings["awq"] = {"grid": self.awq_grid, "max_tokens": self.awq_max_tokens, "generator": qrun.generator}
         fp_map, qmap = qrun.fp.layer_map, qrun.qmap
         # One step per layer, per projector Linear and for lm_head: 1.0 only once the last is done.
         steps = StepProgress(qrun.progress, STAGE_INIT, len(qmap.vision) + len(projector) + len(qmap.language)
@@ -288,5 +297,5 @@ class LayerwiseInit:
         release_records([q.act])
         lo, hi = minmax_ranges(view)
         if self.act_init == "lp":
-            lo, hi, _ = lp_clip_search(view, q.act.bits, tuple(cfg.init_clip_grid), cfg.init_lp_norm, lo, hi)
+            lo, hi, _ = lp_clip_search(view, q.act.bits, tuple(self.clip_grid), self.lp_norm, lo, hi)
         q.act.set_range(lo, hi)

@@ -2,7 +2,7 @@
 
     qrun = QuantRun(handle, config)          the working copy, its layer map, calibration inputs
     qrun.prepare()                           stage "calibration"
-    for stage in recipe.stages:              "init" (LayerwiseInit), "veo", "entropy" + "search" (CDM)
+    for stage in configured_stages(config):  "init" (LayerwiseInit), "veo", "entropy" + "search" (CDM)
         stage.run(qrun)
     qrun.measure()                           stage "measure": every layer's error of the final model
     pack_model(qrun.qmodel)                  real low-bit storage (the end of "measure")
@@ -23,7 +23,7 @@ from qvlm.utils.progress import STAGE_MEASURE, Cancelled, ProgressCallback, repo
 from qvlm.quant.config import QuantConfig
 from qvlm.quant.packing import pack_model
 from qvlm.quant.partition import singleton_blocks
-from qvlm.quant.recipes import Stage, get_recipe
+from qvlm.quant.recipes import Stage, configured_stages
 from qvlm.quant.records import BlockSearchRow, LayerError, RunNotes, VeoEpoch, VeoStep
 from qvlm.quant.run import QuantRun
 from qvlm.quant.vision_ranges import FoldVisionRanges
@@ -108,10 +108,15 @@ def quantize(handle: VLMHandle, config: QuantConfig, progress: ProgressCallback 
     ``calibration``: image-question-answer samples (anything with ``load_image()``, ``question``
     and ``answer``) to calibrate on instead of ``config.calib_size`` easy-VQA train pairs, e.g.
     the train split of the benchmark a hub model is evaluated on.
-    ``stages``: run these instead of the recipe's (e.g. a test's recording stage after the init).
+    ``stages``: run these configured stages instead of the recipe's (:mod:`qvlm.quant.recipes`); their settings
+    replace the config's saved ones, so the result's config records what ran.
     """
     config.validate()
-    stages = get_recipe(config.recipe).stages if stages is None else tuple(stages)
+    if stages is None:
+        stages = configured_stages(config)
+    else:
+        stages = tuple(stages)
+        config = config.with_stages(stages)
     if not stages:
         report(progress, STAGE_MEASURE, 1.0, "full precision: nothing to quantize")
         blocks = singleton_blocks(len(handle.layer_map.language))

@@ -1,8 +1,13 @@
 """The named recipes: each one an ordered tuple of stages, in one table.
 
-A recipe is a fixed sequence of the paper's steps (:class:`LayerwiseInit`,
-:class:`VisualEncoderOptimization`, :class:`CrossLayerSearch`), so the app, the CLI and the bench
-all mean the same thing by "qlora" or "qvlm". Numeric knobs stay in :class:`QuantConfig`.
+A recipe is a tuple of configured stages (:class:`LayerwiseInit`, :class:`VisualEncoderOptimization`,
+:class:`CrossLayerDependencyMining`, like llm-compressor's modifiers), so the app, the CLI and the bench
+all mean the same thing by "qlora" or "qvlm". Each stage owns its settings; the named recipes hold
+them at their defaults, and :func:`configured_stages` applies a config's saved values (a preset is a
+partial override of those values). Any other tuple runs too: ``quantize(handle, config, stages=(...))``,
+e.g. VEO with its own learning rate, then CDM with blocks of at most two layers::
+
+    stages = (QLORA_INIT, VisualEncoderOptimization(lr=0.05), CrossLayerDependencyMining(max_block_depth=2))
 
 Paper mapping (arXiv 2410.08119, Table 1/2 and §4.3):
 
@@ -30,10 +35,10 @@ and nothing else. The paper's sentence on "uniform quantization" is honoured for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from qvlm.quant.cdm import CrossLayerSearch
+from qvlm.quant.cdm import CrossLayerDependencyMining
 from qvlm.quant.layerwise import LayerwiseInit
 from qvlm.quant.veo import VisualEncoderOptimization
 
@@ -43,7 +48,11 @@ if TYPE_CHECKING:
 
 
 class Stage(Protocol):
-    """One step of a recipe: its settings are its fields; it works on the shared run in place."""
+    """One step of a recipe: its settings are its fields; it works on the shared run in place.
+
+    A stage with settings to save names them in ``SAVED_AS`` (field -> saved config field); one without
+    (a test's recorder) has none to save.
+    """
 
     name: ClassVar[str]
 
@@ -77,11 +86,11 @@ _RECIPE_LIST = (
     Recipe("awq", "AWQ (baseline)", "AWQ activation-aware weight scaling (grouped uniform weights); same "
            "activation quantizers.", (LayerwiseInit(weights="uniform", weight_group=64, scaling="awq"),)),
     Recipe("qvlm-cdm", "Q-VLM, CDM only (ablation)", "QLoRA baseline + entropy-guided block partition + joint "
-           "search.", (QLORA_INIT, CrossLayerSearch())),
+           "search.", (QLORA_INIT, CrossLayerDependencyMining())),
     Recipe("qvlm-veo", "Q-VLM, VEO only (ablation)", "QLoRA baseline + visual-encoder optimization.",
            (QLORA_INIT, VisualEncoderOptimization())),
     Recipe("qvlm", "Q-VLM (CDM + VEO)", "QLoRA baseline -> VEO -> CDM: the full method.",
-           (QLORA_INIT, VisualEncoderOptimization(), CrossLayerSearch())),
+           (QLORA_INIT, VisualEncoderOptimization(), CrossLayerDependencyMining())),
 )
 
 RECIPE_INFO: dict[str, Recipe] = {r.name: r for r in _RECIPE_LIST}
@@ -106,3 +115,19 @@ def resolve_weights(config: "QuantConfig") -> tuple[str, int | None]:
     if init is None:  # "fp": nothing is quantized; report what a uniform override would use
         return ("uniform" if config.weight_format == "auto" else config.weight_format), config.weight_group_size
     return init.resolve_weights(config)
+
+
+def configure(stage: Stage, config: "QuantConfig") -> Stage:
+    """``stage`` with its saved settings read from ``config`` (a stage with none is returned as it is)."""
+    saved = getattr(type(stage), "SAVED_AS", {})
+    return replace(stage, **{f: _stage_value(getattr(config, name)) for f, name in saved.items()}) if saved else stage
+
+
+def configured_stages(config: "QuantConfig") -> tuple[Stage, ...]:
+    """The stages of ``config.recipe``, each configured by ``config``'s saved settings."""
+    return tuple(configure(stage, config) for stage in get_recipe(config.recipe).stages)
+
+
+def _stage_value(value: Any) -> Any:
+    """A saved value as a stage field holds it (JSON lists become tuples, so stages stay hashable and comparable)."""
+    return tuple(value) if isinstance(value, list) else value

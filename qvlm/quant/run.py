@@ -4,7 +4,7 @@ A run owns a *working copy* of the FP model (sharing its weight storage until a 
 quantized, :mod:`qvlm.quant.working_copy`), that copy's layer map, and the cached inputs of the
 first vision and decoder layers for the calibration set. Each stage of a recipe
 (:class:`~qvlm.quant.layerwise.LayerwiseInit`, :class:`~qvlm.quant.veo.VisualEncoderOptimization`,
-:class:`~qvlm.quant.cdm.CrossLayerSearch`) works on it in turn and leaves what it measured here;
+:class:`~qvlm.quant.cdm.CrossLayerDependencyMining`) works on it in turn and leaves what it measured here;
 :func:`qvlm.quant.pipeline.quantize` turns the finished run into a :class:`QuantResult`.
 
 The FP model is only ever *read* (its layers are called for reference outputs), never hooked
@@ -64,6 +64,9 @@ class QuantRun:
         self.notes = RunNotes()
         """Per-group choices of the init (clip factor, AWQ alpha), keyed "tower.layer.group.what"."""
         self.layer_errors: dict[tuple[str, int], LayerError] = {}
+        self.seen_size = config.calib_size
+        """Train pairs (the first of the calibration draw) the stages so far learned from; a stage that learns from
+        more raises it (VEO's ``calib_size``), so every held-out draw after it excludes their images."""
         # Set by prepare():
         self.batches: list[CalibBatch] = []
         self.qmodel: torch.nn.Module | None = None
@@ -133,13 +136,13 @@ class QuantRun:
         """``n`` train pairs on images no calibration pair of this run uses (drawn with seed
         ``calib_seed + 1``): where VEO's early stopping and CDM's acceptance check see unseen images.
 
-        ``seen_size`` is how many calibration pairs to exclude (default ``calib_size``). Empty when
+        ``seen_size`` is how many calibration pairs to exclude (default :attr:`seen_size`). Empty when
         ``n`` is 0 or the run was given its own calibration pairs (no task split to draw from).
         """
         cfg = self.config
         if not n or self.calibration is not None:
             return []
-        key = (n, seen_size or cfg.calib_size)
+        key = (n, seen_size or self.seen_size)
         if key not in self._holdout:
             task = get_task(self.fp.task)
             seen = {s.image_id for s in task.calibration_split(key[1], cfg.calib_seed)}

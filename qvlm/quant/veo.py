@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from qvlm.models import LayerMap, core_model
 from qvlm.utils.progress import STAGE_VEO, StepProgress, check_cancel, report
 from qvlm.quant.calibration import CalibBatch, calibration_batches, masked_mse
+from qvlm.quant.config import QuantConfig
 from qvlm.quant.entropy import pair_entropy
 from qvlm.quant.records import HeldOutError, VeoEpoch, VeoStep
 
 if TYPE_CHECKING:
-    from qvlm.quant.config import QuantConfig
     from qvlm.quant.quantizers import ActQuantizer
     from qvlm.quant.run import QuantRun
 
@@ -47,11 +47,31 @@ LOSS_TERMS = ("total", "reg", "ent", "err")
 class VisualEncoderOptimization:
     """Eqs. 8-10: learn the vision tower's activation bounds against the FP model.
 
-    Its settings are the ``veo_*`` fields of the run's :class:`~qvlm.quant.config.QuantConfig`
-    (epochs, lr, lambda1, lambda2, eta, what is trained, micro-batches, checkpointing).
+    A configured stage: its settings are its fields, saved in the run's config as ``veo_<field>``
+    (:data:`SAVED_AS`), where each default's reason is written (``QuantConfig.veo_lr``, ...);
+    ``recipes.configured_stages`` builds the stage from a config, ``QuantConfig.with_stages`` saves it.
+    The entropy estimator it shares with CDM (``a_bits``, ``soft_*``, ``entropy_site``) stays the run's.
     """
 
     name: ClassVar[str] = STAGE_VEO
+    SAVED_AS: ClassVar[dict[str, str]] = {f: f"veo_{f}" for f in (
+        "epochs", "lr", "lambda1", "lambda2", "eta", "params", "visual_output", "jacobian_every", "micro_batch",
+        "checkpoint", "holdout_images", "early_stopping", "calib_size")}
+    """Field -> its name in the saved (flat) config."""
+
+    epochs: int = QuantConfig.veo_epochs
+    lr: float = QuantConfig.veo_lr
+    lambda1: float = QuantConfig.veo_lambda1
+    lambda2: float = QuantConfig.veo_lambda2
+    eta: float = QuantConfig.veo_eta
+    params: str = QuantConfig.veo_params
+    visual_output: str = QuantConfig.veo_visual_output
+    jacobian_every: int = QuantConfig.veo_jacobian_every
+    micro_batch: int | None = QuantConfig.veo_micro_batch
+    checkpoint: bool = QuantConfig.veo_checkpoint
+    holdout_images: int = QuantConfig.veo_holdout_images
+    early_stopping: bool = QuantConfig.veo_early_stopping
+    calib_size: int | None = QuantConfig.veo_calib_size
 
     def run(self, qrun: "QuantRun") -> None:
         cfg = qrun.config
@@ -65,11 +85,12 @@ class VisualEncoderOptimization:
         with qrun.timed(STAGE_VEO):
             qrun.report(STAGE_VEO, 0.0, "FP targets")
             batches = qrun.batches
-            if cfg.veo_calib_size is not None and qrun.calibration is None:
-                batches = calibration_batches(qrun.fp, cfg.veo_calib_size, cfg.calib_seed, cfg.calib_batch)
-            holdout = qrun.holdout_batches(cfg.veo_holdout_images, max(cfg.calib_size, cfg.veo_calib_size or 0))
+            if self.calib_size is not None and qrun.calibration is None:
+                batches = calibration_batches(qrun.fp, self.calib_size, cfg.calib_seed, cfg.calib_batch)
+                qrun.seen_size = max(qrun.seen_size, self.calib_size)
+            holdout = qrun.holdout_batches(self.holdout_images, qrun.seen_size)
             qrun.veo_losses, qrun.veo_holdout = optimize_vision_bounds(
-                qrun.qmodel, qrun.qmap, qrun.fp.model, qrun.fp.layer_map, batches, cfg, qrun.entropy_grids(),
+                qrun.qmodel, qrun.qmap, qrun.fp.model, qrun.fp.layer_map, batches, self, cfg, qrun.entropy_grids(),
                 qrun.progress, qrun.cancel, holdout)
 
 
@@ -192,28 +213,30 @@ def weighted_entropy(sites: list[torch.Tensor], grids: list[Grid], weights: torc
     return l_ent
 
 
-def veo_objective(l_reg: torch.Tensor, l_ent: torch.Tensor, l_err: torch.Tensor, cfg: "QuantConfig") -> torch.Tensor:
+def veo_objective(l_reg: torch.Tensor, l_ent: torch.Tensor, l_err: torch.Tensor,
+                  veo: VisualEncoderOptimization) -> torch.Tensor:
     """Eq. 10: L = L_reg + lambda1 * L_ent + lambda2 * L_err."""
-    return l_reg + cfg.veo_lambda1 * l_ent + cfg.veo_lambda2 * l_err
+    return l_reg + veo.lambda1 * l_ent + veo.lambda2 * l_err
 
 
 def veo_terms(qmodel, chunk: CalibBatch, target: Target, capture: VEOCapture, grids: list[Grid],
-              cfg: "QuantConfig", weights: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+              veo: VisualEncoderOptimization, cfg: "QuantConfig",
+              weights: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Eq. 10's terms on one (micro-)batch, and the w_k used (recomputed by Eq. 8 when ``weights`` is None)."""
     hidden = core_model(qmodel)(**chunk.model_inputs(), use_cache=False).last_hidden_state
     l_reg = answer_loss(qmodel, hidden, chunk)
-    l_err, e_n = output_error(capture.visual(cfg.veo_visual_output), hidden, target, chunk.valid, cfg.veo_eta)
+    l_err, e_n = output_error(capture.visual(veo.visual_output), hidden, target, chunk.valid, veo.eta)
     if weights is None:
         weights = jacobian_weights(e_n, list(capture.layer_in))
     l_ent = weighted_entropy(capture.site, grids, weights, chunk.valid, cfg, hidden.device)
     capture.clear()
-    return {"total": veo_objective(l_reg, l_ent, l_err, cfg), "reg": l_reg, "ent": l_ent, "err": l_err}, weights
+    return {"total": veo_objective(l_reg, l_ent, l_err, veo), "reg": l_reg, "ent": l_ent, "err": l_err}, weights
 
 
 # ---------------------------------------------------------------------------------- held-out check
 @torch.no_grad()
 def holdout_error(qmodel, projector: torch.nn.Module, batches: list[CalibBatch], targets: list[Target],
-                  cfg: "QuantConfig") -> HeldOutError:
+                  veo: VisualEncoderOptimization) -> HeldOutError:
     """Eq. 9's error on held-out pairs: the visual term, the LLM-output term, and L_err = visual + eta * output;
     and where it ends: the answers.
 
@@ -231,7 +254,7 @@ def holdout_error(qmodel, projector: torch.nn.Module, batches: list[CalibBatch],
     with VEOCapture(projector) as seen:
         for b, tgt in zip(batches, targets):
             hidden = core(**b.model_inputs(), use_cache=False).last_hidden_state
-            visual += float(masked_mse(seen.visual(cfg.veo_visual_output), tgt["xv"], None)) * b.size / n
+            visual += float(masked_mse(seen.visual(veo.visual_output), tgt["xv"], None)) * b.size / n
             output += float(masked_mse(hidden, tgt["xn"], b.valid)) * b.size / n
             predicts_answer = torch.zeros_like(b.answer_mask)
             predicts_answer[:, :-1] = b.answer_mask[:, 1:]  # position t predicts token t + 1
@@ -242,21 +265,21 @@ def holdout_error(qmodel, projector: torch.nn.Module, batches: list[CalibBatch],
             agree += int((q_logp.argmax(-1) == fp_logp.argmax(-1)).sum())
             kl += float((fp_logp.exp() * (fp_logp - q_logp)).sum())
             tokens += int(predicts_answer.sum())
-    return HeldOutError(visual=visual, output=output, err=visual + cfg.veo_eta * output,
+    return HeldOutError(visual=visual, output=output, err=visual + veo.eta * output,
                         answer_agree=agree / max(1, tokens), answer_kl=kl / max(1, tokens), answer_tokens=tokens)
 
 
 class HeldOutCheck:
     """Eq. 9's error on held-out pairs before VEO (epoch 0: the layer-wise init) and after every epoch,
-    and the epoch with the lowest one (``QuantConfig.veo_early_stopping`` keeps its bounds).
+    and the epoch with the lowest one (``VisualEncoderOptimization.early_stopping`` keeps its bounds).
 
     Why: VEO fits its bounds to the calibration pairs; only unseen images tell whether they generalise.
     """
 
     def __init__(self, qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, batches: list[CalibBatch],
-                 cfg: "QuantConfig") -> None:
-        self.qmodel, self.projector, self.batches, self.cfg = qmodel, qmap.projector, batches, cfg
-        self.targets = fp_targets(fp_model, fp_map, batches, cfg.veo_visual_output) if batches else []
+                 veo: VisualEncoderOptimization) -> None:
+        self.qmodel, self.projector, self.batches, self.veo = qmodel, qmap.projector, batches, veo
+        self.targets = fp_targets(fp_model, fp_map, batches, veo.visual_output) if batches else []
         self.log: list[VeoEpoch] = []
         self.best_epoch, self.best_err = 0, math.inf
         self.best_state: list[torch.Tensor] | None = None
@@ -264,10 +287,10 @@ class HeldOutCheck:
 
     @property
     def early_stopping(self) -> bool:
-        return bool(self.batches) and self.cfg.veo_early_stopping
+        return bool(self.batches) and self.veo.early_stopping
 
     def error(self) -> HeldOutError:
-        return holdout_error(self.qmodel, self.projector, self.batches, self.targets, self.cfg)
+        return holdout_error(self.qmodel, self.projector, self.batches, self.targets, self.veo)
 
     def measure_init(self, vision_qs: list["ActQuantizer"]) -> None:
         """Epoch 0, and VEO's ceiling: the same pairs with the vision activations unquantized."""
@@ -292,14 +315,14 @@ class HeldOutCheck:
     def restore_best(self, params: list[torch.nn.Parameter], ln_params: list[torch.nn.Parameter],
                      ln_start: list[torch.Tensor]) -> None:
         """With early stopping, put back the parameters of the best epoch (the LayerNorms' start for epoch 0)."""
-        if self.early_stopping and self.best_epoch < self.cfg.veo_epochs:
+        if self.early_stopping and self.best_epoch < self.veo.epochs:
             if self.best_state is None:
                 for p, p0 in zip(ln_params, ln_start):
                     p.copy_(p0)
             else:
                 for p, p_best in zip(params + ln_params, self.best_state):
                     p.copy_(p_best)
-        kept = self.best_epoch if self.early_stopping else self.cfg.veo_epochs
+        kept = self.best_epoch if self.early_stopping else self.veo.epochs
         self.log = [replace(row, kept=row.epoch == kept) for row in self.log]
 
 
@@ -347,20 +370,20 @@ def vision_layernorm_parameters(qmap: LayerMap) -> list[torch.nn.Parameter]:
 
 
 def micro_batch_targets(fp_model, fp_map: LayerMap, batches: list[CalibBatch],
-                        cfg: "QuantConfig") -> tuple[list[list[CalibBatch]], list[list[Target]]]:
-    """Each batch cut into ``cfg.veo_micro_batch``-pair pieces, and the FP targets of every piece.
+                        veo: VisualEncoderOptimization) -> tuple[list[list[CalibBatch]], list[list[Target]]]:
+    """Each batch cut into ``veo.micro_batch``-pair pieces, and the FP targets of every piece.
 
     The cut comes before the targets are taken, so each target has its piece's layout (LLaVA-NeXT's
     projector output is not row-aligned with the batch).
     """
-    chunks = [b.split(cfg.veo_micro_batch) if cfg.veo_micro_batch else [b] for b in batches]
-    flat_targets = iter(fp_targets(fp_model, fp_map, [c for cs in chunks for c in cs], cfg.veo_visual_output))
+    chunks = [b.split(veo.micro_batch) if veo.micro_batch else [b] for b in batches]
+    flat_targets = iter(fp_targets(fp_model, fp_map, [c for cs in chunks for c in cs], veo.visual_output))
     return chunks, [[next(flat_targets) for _ in cs] for cs in chunks]
 
 
 def train_step(qmodel, opt: torch.optim.Optimizer, batch: CalibBatch, chunks: list[CalibBatch],
-               targets: list[Target], capture: VEOCapture, grids: list[Grid], cfg: "QuantConfig",
-               weights: torch.Tensor | None, new_weights: bool, cancel=None) -> tuple[dict[str, float], torch.Tensor]:
+               targets: list[Target], capture: VEOCapture, grids: list[Grid], veo: VisualEncoderOptimization,
+               cfg: "QuantConfig", weights: torch.Tensor | None, new_weights: bool, cancel=None) -> tuple[dict[str, float], torch.Tensor]:
     """One optimizer step on one calibration batch, gradients accumulated over its micro-batches.
 
     Returns the batch's loss terms (each a pair-weighted mean over the micro-batches) and the w_k
@@ -371,7 +394,7 @@ def train_step(qmodel, opt: torch.optim.Optimizer, batch: CalibBatch, chunks: li
     for ci, (chunk, tgt) in enumerate(zip(chunks, targets)):
         check_cancel(cancel, "quantization")
         share = chunk.size / batch.size
-        terms, weights = veo_terms(qmodel, chunk, tgt, capture, grids, cfg,
+        terms, weights = veo_terms(qmodel, chunk, tgt, capture, grids, veo, cfg,
                                    None if ci == 0 and new_weights else weights)
         (terms["total"] * share).backward()
         for key, value in terms.items():
@@ -381,59 +404,60 @@ def train_step(qmodel, opt: torch.optim.Optimizer, batch: CalibBatch, chunks: li
 
 
 def optimize_vision_bounds(qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, batches: list[CalibBatch],
-                           cfg: "QuantConfig", grids: list[Grid], progress=None, cancel=None,
+                           veo: VisualEncoderOptimization, cfg: "QuantConfig", grids: list[Grid], progress=None,
+                           cancel=None,
                            holdout: list[CalibBatch] | None = None) -> tuple[list[dict], list[dict]]:
     """Optimise the vision quantizers in place by Eq. 10; returns (per-step loss log, held-out log).
 
     ``grids[k]`` is the fixed (step, zero point) of decoder layer k's entropy site. With
     ``holdout`` batches, Eq. 9's error on them is measured before training (epoch 0: the
-    layer-wise init) and after every epoch; with ``cfg.veo_early_stopping`` the bounds of the
+    layer-wise init) and after every epoch; with ``veo.early_stopping`` the bounds of the
     epoch with the lowest held-out error are kept (epoch 0 restores the init's ranges exactly).
     Progress: one step per optimizer step and per held-out check; 1.0 once the last is done.
     """
     vision_qs = vision_act_quantizers(qmap)
-    if not vision_qs or cfg.veo_epochs == 0:
+    if not vision_qs or veo.epochs == 0:
         report(progress, STAGE_VEO, 1.0, "nothing to train")
         return [], []
-    check = HeldOutCheck(qmodel, qmap, fp_model, fp_map, holdout or [], cfg)
-    steps = StepProgress(progress, STAGE_VEO, cfg.veo_epochs * len(batches) + (cfg.veo_epochs + 1) * bool(holdout))
+    check = HeldOutCheck(qmodel, qmap, fp_model, fp_map, holdout or [], veo)
+    steps = StepProgress(progress, STAGE_VEO, veo.epochs * len(batches) + (veo.epochs + 1) * bool(holdout))
     if holdout:
         check.measure_init(vision_qs)
         steps.step("held-out check, epoch 0")
     init_ranges = [tuple(t.clone() for t in q.get_range()) for q in vision_qs]
-    chunks, targets = micro_batch_targets(fp_model, fp_map, batches, cfg)
+    chunks, targets = micro_batch_targets(fp_model, fp_map, batches, veo)
     params = [p for q in vision_qs for p in q.make_learnable()]
-    ln_params = vision_layernorm_parameters(qmap) if cfg.veo_params == "act_bounds+layernorm" else []
+    ln_params = vision_layernorm_parameters(qmap) if veo.params == "act_bounds+layernorm" else []
     ln_start = [p.detach().clone() for p in ln_params]
-    groups = [{"params": params, "lr": cfg.veo_lr}]
+    groups = [{"params": params, "lr": veo.lr}]
     if ln_params:
-        groups.append({"params": ln_params, "lr": cfg.veo_lr * 0.1})
+        groups.append({"params": ln_params, "lr": veo.lr * 0.1})
     opt = torch.optim.Adam(groups)
     decoder_layers = [e.module for e in qmap.language]
     sites = [e.linears["q"] if cfg.entropy_site == "attn_input" and "q" in e.linears else e.module
              for e in qmap.language]
-    if cfg.veo_checkpoint:
+    if veo.checkpoint:
         _checkpoint_layers(decoder_layers)
     log: list[VeoStep] = []
     weights: torch.Tensor | None = None
     try:
         with VEOCapture(qmap.projector, decoder_layers, sites) as capture, torch.enable_grad():
-            for epoch in range(1, cfg.veo_epochs + 1):
+            for epoch in range(1, veo.epochs + 1):
                 for bi, batch in enumerate(batches):
-                    new_weights = weights is None or len(log) % cfg.veo_jacobian_every == 0
-                    sums, weights = train_step(qmodel, opt, batch, chunks[bi], targets[bi], capture, grids, cfg,
-                                               weights, new_weights, cancel)
+                    new_weights = weights is None or len(log) % veo.jacobian_every == 0
+                    sums, weights = train_step(qmodel, opt, batch, chunks[bi], targets[bi], capture, grids, veo,
+                                               cfg, weights, new_weights, cancel)
                     log.append(VeoStep(step=len(log) + 1, epoch=epoch, **sums))
                     if not math.isfinite(sums["total"]):
-                        raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr")
-                    steps.step(f"epoch {epoch}/{cfg.veo_epochs}")
+                        raise RuntimeError("VEO diverged (non-finite loss); lower veo_lr (VisualEncoderOptimization.lr)")
+                    steps.step(f"epoch {epoch}/{veo.epochs}")
                 if holdout:
                     check.measure_epoch(epoch, params + ln_params)
                     capture.clear()
                     steps.step(f"held-out check, epoch {epoch}")
         check.restore_best(params, ln_params, ln_start)
     finally:
-        if cfg.veo_checkpoint:
+        if veo.checkpoint:
             _restore_layers(decoder_layers)
         for q in vision_qs:
             q.freeze()

@@ -76,8 +76,8 @@ def test_the_check_remembers_the_model_s_output_error_instead_of_rerunning_the_i
 
     made: list[list[OutputCheck]] = []
 
-    def recording(qrun, xq0):
-        made.append(cdm_checks(qrun, xq0))
+    def recording(qrun, xq0, *settings):
+        made.append(cdm_checks(qrun, xq0, *settings))
         return made[-1]
 
     cdm_checks = cdm.acceptance_checks

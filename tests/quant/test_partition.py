@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from qvlm.quant.cdm import CrossLayerDependencyMining
 from qvlm.quant.config import QuantConfig
 from qvlm.quant.partition import partition_layers, singleton_blocks
+from qvlm.quant.recipes import configured_stages
 
 
 def _covers(blocks, n):
@@ -46,14 +48,18 @@ def test_partition_is_a_cover_and_respects_depth(depth):
     for _ in range(50):
         n = rng.randint(1, 12)
         ent = [rng.uniform(0, 3) for _ in range(n - 1)]
-        blocks = partition_layers(ent, QuantConfig().h0_value(ent), depth)
+        blocks = partition_layers(ent, CrossLayerDependencyMining().h0_value(ent), depth)
         assert _covers(blocks, n)
         assert max(len(b) for b in blocks) <= depth
 
 
 def test_h0_rules():
-    cfg = QuantConfig()
-    assert cfg.h0_value([1.0, 2.0, 6.0]) == pytest.approx(3.0)
-    assert cfg.replace(h0_rule="median").h0_value([1.0, 2.0, 6.0]) == pytest.approx(2.0)
-    assert cfg.replace(h0_rule="quantile:1.0").h0_value([1.0, 2.0, 6.0]) == pytest.approx(6.0)
-    assert cfg.replace(h0_rule="value:0.25").h0_value([1.0, 2.0]) == pytest.approx(0.25)
+    def h0(rule: str, values: list[float]) -> float:  # through the saved form, as a run configures its stage
+        (cdm,) = [s for s in configured_stages(QuantConfig(recipe="qvlm-cdm", h0_rule=rule))
+                  if isinstance(s, CrossLayerDependencyMining)]
+        return cdm.h0_value(values)
+
+    assert h0("mean", [1.0, 2.0, 6.0]) == pytest.approx(3.0)
+    assert h0("median", [1.0, 2.0, 6.0]) == pytest.approx(2.0)
+    assert h0("quantile:1.0", [1.0, 2.0, 6.0]) == pytest.approx(6.0)
+    assert h0("value:0.25", [1.0, 2.0]) == pytest.approx(0.25)

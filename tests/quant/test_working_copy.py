@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from qvlm.quant import QuantConfig, QuantLinear, get_recipe, quantize
+from qvlm.quant import QuantConfig, QuantLinear, quantize
 from qvlm.quant.calibration import calibration_batches
 from qvlm.quant.packing import PackedLinear
+from qvlm.quant.recipes import configured_stages
 from qvlm.quant.working_copy import shared_bytes, working_copy
 
 FAST = dict(calib_size=8, calib_batch=4, veo_epochs=1, max_block_depth=2)
@@ -68,7 +69,7 @@ def test_decoder_layers_are_packed_and_their_decoded_weights_freed_before_the_se
             alive_during_init.append(_decoded_language_quantlinears())
 
     recorder = _RecordLinearTypes()
-    quantize(bundled, cfg, progress=progress, stages=(get_recipe("qvlm-cdm").init, recorder))
+    quantize(bundled, cfg, progress=progress, stages=(configured_stages(cfg)[0], recorder))
     n_layers = len(bundled.layer_map.language)
     # all decoder Linears were packed before the next stage, and nothing holds their decoded weights
     assert len(recorder.types) == 7 * n_layers and set(recorder.types) == {PackedLinear}
