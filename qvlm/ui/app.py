@@ -31,7 +31,7 @@ def help_accordion(text: str) -> None:
 
 GPU_SECONDS = {"quantize": 900, "tokens": 60, "scan": 600, "sweep": 1800}
 """Upper bounds a ZeroGPU Space reserves a GPU for, per heavy call (spaces.GPU(duration=...); no-op elsewhere);
-the Analysis tab's measurements carry theirs (``qvlm.ui.panel_analysis.GPU_SECONDS``)."""
+the Analysis tab's measurements carry theirs (``qvlm.ui.panel_analysis.VIEWS``)."""
 
 
 def build_app(settings: Settings | None = None, default_model: str | None = None) -> gr.Blocks:

@@ -20,7 +20,7 @@ from typing import Any
 
 import gradio as gr
 
-from qvlm.ui import explain, plots
+from qvlm.ui import explain, plots, texts
 from qvlm.evaluation.analysis import DEPENDENCY_REPORT, INTERACTION_THRESHOLD, InteractionCounts, PairSummary, \
     ded_sweep, dependency_diagnostics, read_dependency_reports, veo_outcome
 from qvlm.models import BUNDLED_MODELS
@@ -41,8 +41,41 @@ ModalityFn = Callable[..., list[ModalityRow]]
 VisionSitesFn = Callable[..., Any]
 GpuTask = Callable[[int], Callable[[Callable], Callable]]
 
-GPU_SECONDS = {"ded": 600, "diagnostics": 900, "modality": 120, "vision_sites": 120}
-"""Upper bounds a ZeroGPU Space reserves a GPU for, per measurement of this tab (``qvlm.models.gpu_task``)."""
+@dataclass(frozen=True)
+class AnalysisView:
+    """One view of the Analysis tab, described once: its title, how to read it, and what its measurement costs.
+
+    The layout draws each view's heading and "How to read it" box from here; the GPU seconds are what a ZeroGPU Space
+    reserves for the view's measurement (``qvlm.models.gpu_task``; 0: the view draws what the run recorded). What the
+    view fires and draws is its :class:`AnalysisEvent`; its figure and lead sentence come from ``plots`` / ``explain``.
+    """
+
+    name: str
+    title: str
+    help: str
+    gpu_seconds: int = 0
+
+
+VIEWS: dict[str, AnalysisView] = {v.name: v for v in (
+    AnalysisView("partition", "Block partition", texts.PARTITION_HELP),
+    AnalysisView("ded", "DED vs entropy", texts.DED_HELP, gpu_seconds=600),
+    AnalysisView("interaction", "Do the layers interact?", texts.INTERACTION_HELP, gpu_seconds=900),
+    AnalysisView("errors", "Per-layer error", texts.ERRORS_HELP),
+    AnalysisView("veo", "VEO loss", texts.VEO_HELP),
+    AnalysisView("modality", "Image tokens vs text tokens", texts.MODALITY_HELP, gpu_seconds=120),
+    AnalysisView("vision_sites", "Where the vision tower loses", texts.VISION_SITES_HELP, gpu_seconds=120),
+)}
+"""The tab's views, top to bottom."""
+
+
+def view_header(name: str, heading: bool = True) -> None:
+    """A view's heading (``heading``: its title as a section heading; else the plot's label says it) and its closed
+    "How to read it" box."""
+    view = VIEWS[name]
+    if heading:
+        gr.Markdown(f"### {view.title}")
+    with gr.Accordion("How to read it", open=False, elem_id=f"{name.replace('_', '-')}-help"):
+        gr.Markdown(view.help)
 
 
 @dataclass(frozen=True)
@@ -133,20 +166,21 @@ class AnalysisPanel:
                  dependency_diagnostics: DiagnosticsFn = dependency_diagnostics,
                  modality_stats: ModalityFn = modality_activation_stats,
                  vision_sites: VisionSitesFn = vision_site_errors, gpu: GpuTask | None = None) -> None:
-        """``gpu``: :func:`qvlm.models.gpu_task` in the app (each measurement reserves its ``GPU_SECONDS``)."""
+        """``gpu``: :func:`qvlm.models.gpu_task` in the app (each measurement reserves its view's ``gpu_seconds``)."""
         self.app = app
         on_gpu = gpu or (lambda seconds: lambda fn: fn)
-        self._vision_sites = on_gpu(GPU_SECONDS["vision_sites"])(vision_sites)
-        self._ded_sweep = on_gpu(GPU_SECONDS["ded"])(ded_sweep)
-        self._diagnostics = on_gpu(GPU_SECONDS["diagnostics"])(dependency_diagnostics)
-        self._modality_stats = on_gpu(GPU_SECONDS["modality"])(modality_stats)
+        self._vision_sites = on_gpu(VIEWS["vision_sites"].gpu_seconds)(vision_sites)
+        self._ded_sweep = on_gpu(VIEWS["ded"].gpu_seconds)(ded_sweep)
+        self._diagnostics = on_gpu(VIEWS["interaction"].gpu_seconds)(dependency_diagnostics)
+        self._modality_stats = on_gpu(VIEWS["modality"].gpu_seconds)(modality_stats)
 
     def layout(self) -> None:
         """The tab's components, top to bottom; handlers read and write them by attribute."""
         self.variant = gr.Dropdown([], value=None, label="Quantized variant", elem_id="analysis-variant")
         self.info = gr.Markdown("*Quantize a model first (Quantize tab).*", elem_id="analysis-info")
+        view_header("partition", heading=False)
         self.partition_lead = gr.Markdown("", elem_id="partition-lead")
-        self.partition = gr.Plot(plots.partition_figure([], []), label="Block partition", elem_id="partition-plot")
+        self.partition = gr.Plot(plots.partition_figure([], []), label=VIEWS["partition"].title, elem_id="partition-plot")
         with gr.Row(equal_height=True):
             self.layer = gr.Slider(0, 6, value=3, step=1, label="DED of decoder layers k, k+1: choose k",
                                    elem_id="ded-layer", scale=3)
@@ -154,13 +188,14 @@ class AnalysisPanel:
                                        label="DED samples", elem_id="ded-samples", scale=1)
             self.compute = gr.Button("Compute DED", elem_id="ded-btn", scale=1)
             self.cancel = gr.Button("Cancel", variant="stop", elem_id="ded-cancel-btn", scale=1)
+        view_header("ded", heading=False)
         self.ded_note = gr.Markdown("", elem_id="ded-note")
         self.ded_lead = gr.Markdown("", elem_id="ded-lead")
         with gr.Row():
-            self.ded_plot = gr.Plot(plots.ded_scatter([], 0), label="DED vs entropy", elem_id="ded-plot")
+            self.ded_plot = gr.Plot(plots.ded_scatter([], 0), label=VIEWS["ded"].title, elem_id="ded-plot")
             self.qerr_plot = gr.Plot(plots.ded_scatter([], 0, "qerr"), label="DED vs quantization error",
                                      elem_id="qerr-plot")
-        gr.Markdown("### Do the layers interact?")
+        view_header("interaction")
         self.measured = gr.Markdown(measured_interaction_markdown(), elem_id="interaction-measured")
         with gr.Row(equal_height=True):
             self.interaction_samples = gr.Number(16, minimum=DED_SAMPLES[0], maximum=DED_SAMPLES[1],
@@ -178,34 +213,33 @@ class AnalysisPanel:
         gr.Markdown(explain.INTERACTION_LEGEND, elem_id="interaction-legend")
         with gr.Row():
             with gr.Column():
+                view_header("errors", heading=False)
                 self.error_lead = gr.Markdown("", elem_id="error-lead")
-                self.errors = gr.Plot(plots.layer_error_figure({}), label="Per-layer error", elem_id="error-plot")
+                self.errors = gr.Plot(plots.layer_error_figure({}), label=VIEWS["errors"].title, elem_id="error-plot")
             with gr.Column(elem_id="veo-view"):
+                view_header("veo", heading=False)
                 self.veo_lead = gr.Markdown("", elem_id="veo-lead")
-                self.veo = gr.Plot(plots.veo_loss_figure([]), label="VEO loss", elem_id="veo-plot")
+                self.veo = gr.Plot(plots.veo_loss_figure([]), label=VIEWS["veo"].title, elem_id="veo-plot")
                 self.veo_note = gr.Markdown("", elem_id="veo-verdict")
-        gr.Markdown("### Image tokens vs text tokens")
+        view_header("modality")
         self.modality_lead = gr.Markdown("", elem_id="modality-lead")
         with gr.Row(equal_height=True):
             self.modality_pairs = gr.Number(MODALITY_PAIRS, minimum=1, maximum=MODALITY_MAX_PAIRS,
                                             label="Calibration pairs", elem_id="modality-pairs", scale=1)
             self.modality_btn = gr.Button("Measure image vs text tokens", elem_id="modality-btn", scale=2)
-        self.modality_note = gr.Markdown("*The FP model of the Quantize tab's model: |x| at every decoder layer's "
-                                         "input, image tokens and text tokens apart.*", elem_id="modality-note")
+        self.modality_note = gr.Markdown(texts.MODALITY_NOTE, elem_id="modality-note")
         self.modality_plot = gr.Plot(plots.modality_figure([]), label="Image vs text tokens",
                                      elem_id="modality-plot")
         self.modality_table = gr.Dataframe(headers=MODALITY_COLUMNS, interactive=False, elem_id="modality-table")
         with gr.Column(elem_id="vision-view"):
-            gr.Markdown("### Where the vision tower loses")
+            view_header("vision_sites")
             self.vision_lead = gr.Markdown("", elem_id="vision-lead")
             with gr.Row(equal_height=True):
                 self.vision_samples = gr.Number(VISION_SAMPLES, minimum=SITE_SAMPLES[0], maximum=SITE_SAMPLES[1],
                                                 label="Calibration pairs", elem_id="vision-samples", scale=1)
                 self.vision_btn = gr.Button("Measure the vision sites", elem_id="vision-btn", scale=2)
                 self.vision_cancel = gr.Button("Cancel", variant="stop", elem_id="vision-cancel-btn", scale=1)
-            self.vision_note = gr.Markdown("*The chosen variant with only one vision site's activation quantizers on "
-                                           "at a time (weights as quantized), against the FP model's image tokens.*",
-                                           elem_id="vision-note")
+            self.vision_note = gr.Markdown(texts.VISION_SITES_NOTE, elem_id="vision-note")
             self.vision_plot = gr.Plot(plots.vision_sites_figure([]), label="Error per vision site",
                                        elem_id="vision-plot")
             with gr.Row(equal_height=True):
@@ -277,9 +311,9 @@ class AnalysisPanel:
             msg = "Quantize a model first (Quantize tab), then pick the variant here."
             if label:
                 msg = f"The variant '{label}' is no longer held (dropped by the memory bound); pick another."
-            return {self.info: f"*{msg}*", self.partition: plots.empty_figure(msg, "Block partition"),
-                    self.errors: plots.empty_figure(msg, "Per-layer error"),
-                    self.veo: plots.empty_figure(msg, "VEO loss"), self.veo_note: "",
+            return {self.info: f"*{msg}*", self.partition: plots.empty_figure(msg, VIEWS["partition"].title),
+                    self.errors: plots.empty_figure(msg, VIEWS["errors"].title),
+                    self.veo: plots.empty_figure(msg, VIEWS["veo"].title), self.veo_note: "",
                     self.partition_lead: "", self.error_lead: "", self.veo_lead: ""}
         r = variant.result
         if r.entropies:
@@ -287,7 +321,7 @@ class AnalysisPanel:
                                                r.h0, dict(r.percentiles or {}))
         else:
             partition = plots.empty_figure(f"'{variant.label}' has no CDM step, so no block partition: "
-                                           "use the qvlm or qvlm-cdm recipe.", "Block partition")
+                                           "use the qvlm or qvlm-cdm recipe.", VIEWS["partition"].title)
         compare = {v.label: list(v.result.layer_errors or []) for v in session.variants.variants(variant.base_model)}
         compare = {variant.label: compare.pop(variant.label), **compare}  # the chosen one first
         if r.veo_losses:
@@ -311,7 +345,7 @@ class AnalysisPanel:
         variant = self.app.session(request).variants.find_label(label)
         if variant is None:
             msg = "Quantize a model first to see DED plots."
-            return {self.ded_plot: plots.empty_figure(msg, "DED vs entropy"),
+            return {self.ded_plot: plots.empty_figure(msg, VIEWS["ded"].title),
                     self.qerr_plot: plots.empty_figure(msg, "DED vs quantization error"), self.ded_note: "",
                     self.ded_lead: ""}
         try:
@@ -329,7 +363,7 @@ class AnalysisPanel:
             if done:
                 msg += f" for {n} samples (computed so far for: {', '.join(map(str, done))} samples)"
             blank = "Press 'Compute DED' to measure DED for every layer."
-            return {self.ded_plot: plots.empty_figure(blank, "DED vs entropy"),
+            return {self.ded_plot: plots.empty_figure(blank, VIEWS["ded"].title),
                     self.qerr_plot: plots.empty_figure(blank, "DED vs quantization error"),
                     self.ded_note: msg + ". " + rerun_cost(variant, n), self.ded_lead: ""}
         if layer_i not in sweep:

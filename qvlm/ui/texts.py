@@ -37,28 +37,65 @@ from the *train* split of the model's own task (easy-VQA, or mosaics for the mos
 """.format(paper=PAPER)
 
 ANALYSIS_HELP = """
-**What am I looking at?** The **block partition** shows how Q-VLM grouped the decoder layers. For each pair of
-neighbouring layers it measures **D(k,k+1)**, the *conditional entropy* of layer k+1's quantized activations given
-layer k's (Eq. 4): how much uncertainty is left about the next layer's rounding once you know this layer's. A
-high value means the two layers' rounding errors are entangled, so their clipping ranges should be chosen
-together. Neighbours whose average D is above the threshold **h0** (red dashed line) join one **block** (at most
-*max block depth* layers), and all ranges in a block are searched jointly to minimize the block's output error
-(Eq. 3). Hover a layer to see the percentile *p* it got.
+**What am I looking at?** Each view below shows one part of how the chosen variant was made, or measures it on
+request. Each has its own **How to read it** box; its first line (in bold) says what this variant's numbers mean.
+— {paper}
+""".format(paper=PAPER)
 
+PARTITION_HELP = """
+The **block partition** shows how Q-VLM grouped the decoder layers. For each pair of neighbouring layers it
+measures **D(k,k+1)**, the *conditional entropy* of layer k+1's quantized activations given layer k's (Eq. 4): how
+much uncertainty is left about the next layer's rounding once you know this layer's. A high value means the two
+layers' rounding errors are entangled, so their clipping ranges should be chosen together. Neighbours whose average
+D is above the threshold **h0** (red dashed line) join one **block** (at most *max block depth* layers), and all
+ranges in a block are searched jointly to minimize the block's output error (Eq. 3). Hover a layer to see the
+percentile *p* it got.
+"""
+
+DED_HELP = """
 The **DED** (discretization error difference) is how much output error the joint search saves over the
 layer-by-layer search, per calibration sample. The paper's Fig. 2 shows DED grows almost linearly with the
 entropy (R² = 0.97 on LLaVA): that is why the cheap entropy is a good guide for the expensive joint search. The
 right-hand plot repeats this with the plain quantization error as the proxy (App. A: a weaker 0.81). On this tiny
 model with a handful of samples, expect a noisier picture. Each R² is shown with its **chance level**: the R² that
 pure noise exceeds one time in twenty with that many samples.
+"""
 
+INTERACTION_HELP = """
 **Do the layers interact?** measures every pair of neighbouring decoder layers: how much of the block's error over
 the grid of range choices is *not* the sum of the two layers' own errors (the **interaction share**; below the 10%
 dashed line they simply add up, so choosing ranges layer by layer is as good as choosing them jointly), whether the
 joint search picks anything else, how much of the error the ranges control at all, and how strongly the first
 layer passes an incoming error on (**gain**). The verdict above the table says in words what these numbers mean for
-this model. — {paper}
-""".format(paper=PAPER)
+this model.
+"""
+
+ERRORS_HELP = """
+The **per-layer error** is each layer's output error against the FP model on the calibration pairs, with the
+quantized model's own input (so an error made below is carried up): where the variant loses, layer by layer, next to
+the other variants of the same model.
+"""
+
+VEO_HELP = """
+The **VEO loss** is what visual-encoder optimization (Eqs. 8-10) minimized while it trained the vision tower's
+activation ranges: the answer loss, the Jacobian-weighted entropy and the output error, drawn weighted so that they
+add up to the total. The held-out line is the same error on train images VEO never saw; the epoch with the lowest
+one is kept, so VEO never leaves the vision tower worse on unseen images than the layer-wise init left it.
+"""
+
+MODALITY_NOTE = ("*The FP model of the Quantize tab's model: |x| at every decoder layer's input, image tokens and "
+                 "text tokens apart.*")
+MODALITY_HELP = """
+Image tokens and text tokens reach the LLM with different magnitudes; where one is far larger, a range fitted to
+both wastes levels on the other.
+"""
+
+VISION_SITES_NOTE = ("*The chosen variant with only one vision site's activation quantizers on at a time (weights "
+                     "as quantized), against the FP model's image tokens.*")
+VISION_SITES_HELP = """
+The bar of a site is the image-token error its activation rounding adds alone; the map
+below shows one site's |x| with the ranges it was quantized with.
+"""
 
 ASK_HELP = """
 **What am I looking at?** The same image and question go to the **full-precision (FP)** model and to every

@@ -98,7 +98,7 @@ def test_on_a_space_every_heavy_call_asks_spaces_for_a_gpu(bundled_dir, monkeypa
     import types
 
     from qvlm.ui.app import GPU_SECONDS
-    from qvlm.ui.panel_analysis import GPU_SECONDS as ANALYSIS_GPU_SECONDS
+    from qvlm.ui.panel_analysis import VIEWS
 
     asked: list[int] = []
 
@@ -110,7 +110,8 @@ def test_on_a_space_every_heavy_call_asks_spaces_for_a_gpu(bundled_dir, monkeypa
     monkeypatch.setenv("SPACE_ID", "someone/q-vlm-studio")
     settings = Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], hub_models=(), preload=False)
     build_app(settings)
-    assert sorted(asked) == sorted([*GPU_SECONDS.values(), *ANALYSIS_GPU_SECONDS.values()])
+    measured = [v.gpu_seconds for v in VIEWS.values() if v.gpu_seconds]  # the views that measure something
+    assert sorted(asked) == sorted([*GPU_SECONDS.values(), *measured])
 
 
 def test_a_new_analysis_view_is_wired_from_the_panel_alone(bundled_dir, monkeypatch):
@@ -142,3 +143,17 @@ def test_a_new_analysis_view_is_wired_from_the_panel_alone(bundled_dir, monkeypa
     assert named["extra_view"].fn.__name__ == "extra" and named["overview"].fn.__name__ == "show_overview"
     redraws = [f for f in fns if f.fn is not None and f.fn.__name__ == "extra"]
     assert len(redraws) == 3  # its button, the variant menu's redraw, and the redraw after a run made a variant
+
+
+def test_every_analysis_view_has_its_how_to_read_box_from_the_registry(bundled_dir):
+    """Each view's help is written once (VIEWS) and drawn beside the view, so a view never ships without one."""
+    import gradio as gr
+
+    from qvlm.ui.panel_analysis import VIEWS
+
+    settings = Settings(default_model=str(bundled_dir), allowed_roots=[bundled_dir], hub_models=(), preload=False)
+    demo = build_app(settings)
+    boxes = {b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Accordion)}
+    for view in VIEWS.values():
+        assert view.help.strip() and view.title
+        assert f"{view.name.replace('_', '-')}-help" in boxes, view.name
