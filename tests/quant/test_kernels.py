@@ -16,6 +16,7 @@ from qvlm.quant.integer import IntegerLinear, choose_kernel, execution_path, to_
 from qvlm.quant.kernels import ACCUMULATORS, Accumulator, accumulator_error, choose
 from qvlm.quant.packing import PackedLinear
 from qvlm.quant.quantizers import ActQuantizer, encode_weight
+from tests.kernel_timers import fixed_timer, speeds
 
 
 def _layer(w_bits: int = 4, a_bits: int = 4, granularity: str = "tensor", k: int = 96, n: int = 24,
@@ -27,24 +28,6 @@ def _layer(w_bits: int = 4, a_bits: int = 4, granularity: str = "tensor", k: int
     act.set_range(view.amin(0), view.amax(0))
     return PackedLinear.from_encoded(encode_weight(torch.randn(n, k, generator=g), w_bits, fmt, None), torch.randn(n),
                                      act, None, torch.float32)
-
-
-def _timer(seconds: dict[str, float]):
-    """A timer that says ``seconds[backend]`` per row for the module's backend ("fp": the FP nn.Linear)."""
-    def timer(module: nn.Module, x: torch.Tensor) -> float:
-        if isinstance(module, IntegerLinear):
-            key = module.accumulator
-        elif isinstance(module, PackedLinear):
-            key = "float" if module.dequantized is not None else "simulated"
-        else:
-            key = "fp"
-        return seconds[key] * (x.numel() // x.shape[-1])
-    return timer
-
-
-def _speeds(fp: float = 1.0, float_: float = 1.1, simulated: float = 2.0, **integer: float) -> dict[str, float]:
-    return {"fp": fp, "float": float_, "simulated": simulated, **{n: integer.get(n.replace("-", "_"), 50.0)
-                                                                   for n in ACCUMULATORS}}
 
 
 @pytest.mark.parametrize("bits", [2, 4, 7])
@@ -67,18 +50,18 @@ def test_an_accumulator_that_saturates_is_rejected_by_the_check():
 def test_a_slow_integer_kernel_loses_to_the_float_path():
     layer = _layer()
     choice = choose(layer, lambda name: IntegerLinear.from_packed(layer, accumulator=name), None,
-                    timer=_timer(_speeds(int_mm=15.0, fbgemm=1.3, onednn=1.2, float_codes=1.15)))
+                    timer=fixed_timer(speeds(int_mm=15.0, fbgemm=1.3, onednn=1.2, float_codes=1.15)))
     assert choice.backend == "float"
     assert "slower than float32" in choice.rejected["int_mm"] and "slower than float" in choice.rejected["fbgemm"]
 
 
 def test_a_fast_integer_kernel_wins_and_the_fastest_one_is_kept():
     layer = _layer()
-    speeds = _speeds(fbgemm=0.5, onednn=0.4, int_mm=9.0, float_codes=1.05)
+    set_speeds = speeds(fbgemm=0.5, onednn=0.4, int_mm=9.0, float_codes=1.05)
     available = {n for n, a in ACCUMULATORS.items() if a.unavailable() is None}
     choice = choose(layer, lambda name: IntegerLinear.from_packed(layer, accumulator=name), None,
-                    timer=_timer(speeds))
-    expected = min((n for n in available if speeds[n] < 1.0), key=speeds.get, default="float")
+                    timer=fixed_timer(set_speeds))
+    expected = min((n for n in available if set_speeds[n] < 1.0), key=set_speeds.get, default="float")
     assert choice.backend == expected and choice.integer == (expected in ACCUMULATORS)
     assert choice.fp_score == pytest.approx(sum(1.0 for _ in kernels.TIMING_ROWS))
 
@@ -87,7 +70,7 @@ def test_an_integer_kernel_faster_than_the_float_path_wins_even_where_nothing_be
     """Small widths: every quantized path is slower than the FP Linear; the fastest of them still runs."""
     layer = _layer()
     choice = choose(layer, lambda name: IntegerLinear.from_packed(layer, accumulator=name), None,
-                    timer=_timer(_speeds(float_=1.6, int_mm=1.2, fbgemm=1.3, onednn=1.4, float_codes=1.5)))
+                    timer=fixed_timer(speeds(float_=1.6, int_mm=1.2, fbgemm=1.3, onednn=1.4, float_codes=1.5)))
     available = {n for n, a in ACCUMULATORS.items() if a.unavailable() is None}
     assert choice.backend == "int_mm" and choice.integer and "1.20x the FP Linear's time" in choice.reason
     assert all("slower than int_mm" in choice.rejected[n] for n in available - {"int_mm"})
@@ -95,7 +78,7 @@ def test_an_integer_kernel_faster_than_the_float_path_wins_even_where_nothing_be
 
 def test_a_layer_whose_grid_does_not_factor_only_has_float_paths():
     layer = _layer(granularity="channel")
-    choice = choose_kernel(layer, timer=_timer(_speeds(float_=3.0, simulated=2.0, fbgemm=0.1)))
+    choice = choose_kernel(layer, timer=fixed_timer(speeds(float_=3.0, simulated=2.0, fbgemm=0.1)))
     assert choice.backend == "simulated" and not choice.integer
     assert all("per-input-channel" in why for why in choice.rejected.values())
 
@@ -103,7 +86,7 @@ def test_a_layer_whose_grid_does_not_factor_only_has_float_paths():
 def test_policies_and_a_bad_one():
     layer = _layer()
     assert choose_kernel(layer, policy="float").backend == "float"
-    assert choose_kernel(layer, policy="integer", timer=_timer(_speeds(int_mm=40.0))).integer
+    assert choose_kernel(layer, policy="integer", timer=fixed_timer(speeds(int_mm=40.0))).integer
     with pytest.raises(ValueError, match="kernel policy"):
         choose_kernel(layer, policy="fastest")
 
@@ -111,7 +94,7 @@ def test_policies_and_a_bad_one():
 def test_to_integer_path_applies_each_choice_and_the_path_names_the_backends():
     model = nn.Sequential(_layer(), _layer(granularity="channel", k=24))
     before = model(torch.randn(2, 3, 96))
-    report = to_integer_path(model, timer=_timer(_speeds(float_codes=0.5)))
+    report = to_integer_path(model, timer=fixed_timer(speeds(float_codes=0.5)))
     assert report["backends"] == {"0": "float-codes", "1": "float"}
     assert isinstance(model[0], IntegerLinear) and model[1].dequantized is not None
     assert execution_path(model) == ("mixed: 1 on integer kernels (float-codes), 1 float (weights dequantized once), "
@@ -189,13 +172,13 @@ def test_the_memory_cap_holds_the_layers_that_save_most_and_stays_under_the_fp_m
 def test_to_integer_path_under_the_packed_cap_keeps_codes_only_and_says_why(monkeypatch):
     model = nn.Sequential(_layer(granularity="channel"), _layer(granularity="channel", k=24))
     monkeypatch.setenv("QVLM_MEMORY", "packed")
-    report = to_integer_path(model, timer=_timer(_speeds()))
+    report = to_integer_path(model, timer=fixed_timer(speeds()))
     assert report["backends"] == {"0": "simulated", "1": "simulated"} and report["memory"]["held_bytes"] == 0
     assert all("QVLM_MEMORY=packed" in why for why in report["simulated"].values())
     assert execution_path(model) == "simulated"
     monkeypatch.setenv("QVLM_MEMORY", "lots")
     with pytest.raises(ValueError, match="QVLM_MEMORY"):
-        to_integer_path(model, timer=_timer(_speeds()))
+        to_integer_path(model, timer=fixed_timer(speeds()))
 
 
 def test_the_fp_model_bytes_of_a_packed_model_are_those_its_fp_model_holds():
