@@ -87,10 +87,13 @@ class ExportError(ModelLoadError):
 
 def _act_entry(act: ActQuantizer | None) -> dict[str, Any] | None:
     """The manifest entry of an input quantizer (its ranges, and its rotation, are stored as tensors);
-    a dynamic one ("dynamic_token") has no ranges to store: its granularity says it all."""
+    a dynamic one ("dynamic_token") has no ranges to store: its granularity, and its clip factor if it has one, say
+    it all."""
     if act is None or not (act.calibrated or act.dynamic):
         return None
     entry = {"bits": act.bits, "granularity": act.granularity}
+    if act.dynamic and act.clip is not None:
+        entry["clip"] = float(act.clip)
     return entry if act.rotation is None else {**entry, "rotated": True}
 
 
@@ -205,7 +208,8 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
 
     Activations: a layer that quantizes its input per token row on the row's own range at run time (the
     ``deployable`` preset's ``dynamic_token``) is what compressed-tensors' dynamic asymmetric ``token`` input
-    scheme describes, so it is written there and a loader or serving engine applies it. Static ranges go to
+    scheme describes, so it is written there and a loader or serving engine applies it; one whose rows' ranges
+    are clipped by a factor (``act_dynamic_clip``) is not (the scheme has no factor): its factor goes to the sidecar. Static ranges go to
     :data:`ACTIVATION_SIDECAR` instead: the project's are per input channel (LLM) or per token position
     (vision tower), and compressed-tensors' static input activations are per tensor. A layer whose input
     the run rotates (``vision_rotation``) is written as its un-rotated float weight
@@ -243,7 +247,8 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
                 tensors[f"{name}.bias"] = in_dtype(m.bias, dtype)
             rotated.append(name)
             continue
-        act_bits = m.act.bits if takes_dynamic_ranges(m.act) else None
+        # a clipped dynamic range has no place in the token scheme (engines take each row's min/max): weight-only
+        act_bits = m.act.bits if takes_dynamic_ranges(m.act) and m.act.clip is None else None
         layout = INT_QUANTIZED if m.bits == 8 and act_bits == 8 else PACK_QUANTIZED
         tensors.update(ct_weight_tensors(name, m, layout, dtype))
         if m.bias is not None:
@@ -270,7 +275,7 @@ def save_compressed_tensors(handle: VLMHandle, out_dir: str | Path, config_dict:
     write_model_files(handle, out, {**qconfig.model_dump(exclude_none=True),
                                     **({"dequantize": True} if before_forward else {})})
     write_activation_sidecar(out, handle, layers, config_dict, stats, loader="from_pretrained")
-    static = any(m.act is not None and m.act.calibrated for m in layers.values())
+    static = any(m.act is not None and (m.act.calibrated or m.act.clip is not None) for m in layers.values())
     dynamic = sum(len(names) for (_, _, act_bits, _), names in groups.items() if act_bits is not None)
     paragraphs = [
         f"{handle.name} quantized by Q-VLM Studio, written as a compressed-tensors checkpoint "
@@ -429,6 +434,8 @@ def _packed_from(name: str, entry: dict, tensors: dict[str, torch.Tensor], dtype
         act = ActQuantizer(entry["act"]["bits"], entry["act"]["granularity"])
         if not act.dynamic:
             act.set_range(tensors[f"{name}.act.lo"], tensors[f"{name}.act.hi"])
+        elif entry["act"].get("clip") is not None:
+            act.set_clip(entry["act"]["clip"])
         if entry["act"].get("rotated"):
             act.set_rotation(tensors[entry["act"].get("rotation_key", f"{name}.act.rotation")])
     fmt = LEGACY_FORMAT_NAMES.get(entry["format"], entry["format"])

@@ -90,11 +90,14 @@ def write_activation_sidecar(out: Path, handle: VLMHandle, layers: dict[str, Any
     modules = {name: {"bits": m.act.bits, "granularity": m.act.granularity,
                       "lo": m.act.lo.tolist(), "hi": m.act.hi.tolist()}
                for name, m in layers.items() if m.act is not None and m.act.calibrated}
+    modules.update({name: {"bits": m.act.bits, "granularity": m.act.granularity, "clip": float(m.act.clip)}
+                    for name, m in layers.items() if m.act is not None and m.act.dynamic and m.act.clip is not None})
     sidecar = {"applied_by_loader": False,
                "note": f"static activation ranges of the Q-VLM run, per input channel (language model) or per "
                        f"token position (vision tower); {loader} applies the weights only. x_hat = "
                        "(clamp(round(x / step) + zp, 0, 2^bits - 1) - zp) * step with step = (max(hi, 0) - "
-                       "min(lo, 0)) / (2^bits - 1), zp = round(-min(lo, 0) / step).",
+                       "min(lo, 0)) / (2^bits - 1), zp = round(-min(lo, 0) / step); a dynamic (per-token) range with a clip "
+                       "factor takes lo = clip * min, hi = clip * max of each row.",
                "base_model": handle.name, "task": handle.task, "quant_config": config_dict, "stats": stats or {},
                "modules": modules}
     (out / ACTIVATION_SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))

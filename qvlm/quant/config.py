@@ -79,6 +79,13 @@ class QuantConfig:
     "dynamic_token": each token row's own min/max at run time (as ``act_granularity_language``); the
     layer-wise lp clipping does not shrink it (the integer path's dynamic grid has no ratio), and VEO,
     which has no bounds to train then, is skipped."""
+    act_dynamic_clip: str = "none"
+    """With "dynamic_token" ranges in a tower: "lp" shrinks each quantizer's per-token ranges by one factor,
+    each row quantized on [c * min, c * max] with the values beyond clamped (QuaRot clips per-token ranges the
+    same way, with a fixed 0.9); the layer-wise init chooses c from ``init_clip_grid`` by the lp distance on the
+    calibration pairs (as it clips static ranges), and VEO trains the vision tower's c (as log c), so the method
+    has something to train on ranges the integer kernels take, which apply the same factor. "none": each row's
+    own min/max (nothing calibrated). CDM searches no factor (it stays skipped on dynamic language ranges)."""
     vision_fold_ranges: bool = False
     """With "channel" vision ranges: after the last stage, rewrite each per-channel range whose input is a
     LayerNorm output (q/k/v, fc1) as one per-tensor range, folding the per-channel steps and integer
@@ -314,6 +321,7 @@ class QuantConfig:
         _choice("act_granularity_language", self.act_granularity_language, ("channel", "tensor", "dynamic_token"))
         _choice("act_granularity_vision", self.act_granularity_vision, ("token", "channel", "tensor", "dynamic_token"))
         _choice("vision_rotation", self.vision_rotation, ("none", "hadamard", "orthogonal"))
+        _choice("act_dynamic_clip", self.act_dynamic_clip, ("none", "lp"))
         if not isinstance(self.vision_fold_ranges, bool):
             raise ValueError(f"vision_fold_ranges must be true or false, got {self.vision_fold_ranges!r}")
         if self.vision_fold_ranges and self.act_granularity_vision != "channel":

@@ -153,7 +153,8 @@ class IntegerLinear(nn.Module):
     ``torch._int_mm`` reads int8 only), ``w_scale`` [out] float32, ``w_zero`` [out] int32 (shifted),
     ``w_sum`` [out] int32 (sum_i of shifted codes); for static grids ``act_scale`` / ``act_zero``
     [G] (G = 1 per tensor, T per token position; zero points unshifted, as in :class:`ActQuantizer`);
-    ``smooth`` (AWQ's divisor, applied before quantizing, as :class:`PackedLinear` does).
+    ``smooth`` (AWQ's divisor, applied before quantizing, as :class:`PackedLinear` does); ``act_clip`` (the
+    dynamic grid's clip factor, :meth:`ActQuantizer.set_clip`; None: each row's own min/max).
     """
 
     weight_quantized = True
@@ -163,7 +164,7 @@ class IntegerLinear(nn.Module):
                  bias: torch.Tensor | None, act_bits: int, act_mode: str, act_scale: torch.Tensor | None,
                  act_zero: torch.Tensor | None, smooth: torch.Tensor | None, dtype: torch.dtype,
                  tower: str = "", role: str = "", accumulator: str = "int_mm",
-                 rotation: torch.Tensor | None = None) -> None:
+                 rotation: torch.Tensor | None = None, act_clip: torch.Tensor | None = None) -> None:
         super().__init__()
         if act_mode not in ACT_MODES:
             raise ValueError(f"unknown activation mode {act_mode!r}; expected one of {ACT_MODES}")
@@ -184,6 +185,7 @@ class IntegerLinear(nn.Module):
         self.register_buffer("act_zero", None if act_zero is None else act_zero.to(torch.int32).reshape(-1))
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float())
         self.register_buffer("rotation", None if rotation is None else rotation.detach().float())
+        self.register_buffer("act_clip", None if act_clip is None else act_clip.detach().float().reshape(()))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.sum_dtype = correction_dtype(self.in_features, act_bits, w_bits)
         self.accumulator = accumulator
@@ -199,22 +201,24 @@ class IntegerLinear(nn.Module):
         shape = (packed.out_features, packed.in_features)
         codes = unpack_bits(packed.packed, packed.bits, shape[0] * shape[1]).reshape(shape)
         act = packed.act
+        clip = None
         if dynamic or takes_dynamic_ranges(act):
             bits = act_bits if act_bits is not None else act.bits
             mode, a_scale, a_zero = "dynamic", None, None
+            clip = act.clip if takes_dynamic_ranges(act) else None  # a static layer run dynamically: rows' own ranges
         else:
             bits, mode = act.bits, act.granularity
             a_scale, a_zero = act.grid()
         layer = cls(codes, packed.scale, packed.zero, packed.bits, packed.bias, bits, mode, a_scale, a_zero,
                     packed.smooth, packed.compute_dtype, packed.tower, packed.role, accumulator,
-                    None if act is None else act.rotation)
+                    None if act is None else act.rotation, clip)
         return layer.to(packed.packed.device)
 
     def row_grid(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(step [M], zero point [M]) of each row of ``rows`` [M, K] (``x`` [..., T, K] flattened)."""
         m = rows.shape[0]
         if self.act_mode == "dynamic":
-            return dynamic_grid(rows, self.a_bits)
+            return dynamic_grid(rows, self.a_bits, self.act_clip)
         if self.act_mode == "tensor":
             return self.act_scale.expand(m), self.act_zero.expand(m)
         t = x.shape[-2] if x.dim() >= 2 else 1

@@ -32,6 +32,7 @@ from qvlm.quant.qlinear import QuantLinear, replace_module
 from qvlm.quant.vision_ranges import rotate_inputs
 from qvlm.quant.quantizers import (
     ActQuantizer,
+    dynamic_clip_search,
     lp_clip_search,
     minmax_ranges,
     quantize_weight_uniform,
@@ -106,12 +107,15 @@ def record_group_inputs(layer: torch.nn.Module, linears: dict[str, QuantLinear],
 @torch.no_grad()
 def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: LayerInputs,
                xs: list[torch.Tensor], *, w_bits: int, w_format: str, w_group: int | None, act_init: ActInit,
-               clip_grid: tuple[float, ...], lp_norm: float, awq: dict | None = None, cancel=None) -> dict:
+               clip_grid: tuple[float, ...], lp_norm: float, awq: dict | None = None, dynamic_clip: bool = False,
+               cancel=None) -> dict:
     """Quantize the weights and set the activation ranges of every Linear of ``layer``.
 
     ``awq`` (for the AWQ recipe): {"grid": int, "max_tokens": int, "generator": torch.Generator}. A group whose
     input is rotated (``vision_rotation``) gets no AWQ smoothing: both reshape the input channels, and the
     rotation already spreads the outlier channels that smoothing would scale down.
+    ``dynamic_clip``: a dynamic (per-token, run-time) input range gets one clip factor from ``clip_grid`` by the lp
+    distance (``QuantConfig.act_dynamic_clip="lp"``, with the "lp" init); else it is left as each row's min/max.
     Returns per-group notes (clip factor, AWQ alpha) for the result statistics.
     """
     groups = call_order_groups(layer, linears, inputs, xs[0])
@@ -132,11 +136,20 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
             notes[f"{'/'.join(group)}.awq_alpha"] = alpha
         for role in group:
             linears[role].quantize_weight_(w_bits, w_format, w_group, smooth)
-        if q0 is None or q0.dynamic:  # a dynamic range is each row's own at run time: nothing to set or clip
+        clip_dynamic = dynamic_clip and act_init == "lp"
+        if q0 is None or (q0.dynamic and not clip_dynamic):  # each row's own range at run time: nothing to set
             continue
         if smooth is not None:
             s = smooth.to(records[0].dtype)
             records = [r / s for r in records]
+        if q0.dynamic:
+            rows = torch.cat([valid_rows(r, m) for r, m in zip(records, inputs.masks)])
+            factor = dynamic_clip_search(rows, q0.bits, clip_grid, lp_norm)
+            for role in group:
+                linears[role].act.set_clip(factor)
+            notes[f"{'/'.join(group)}.clip"] = factor
+            del records, rows
+            continue
         view = torch.cat([q0.stat_view(r, m) for r, m in zip(records, inputs.masks)])
         lo, hi = minmax_ranges(view)
         if act_init == "lp":
@@ -227,7 +240,8 @@ class LayerwiseInit:
         cfg = qrun.config
         w_format, w_group = self.resolve_weights(cfg)
         settings = dict(w_format=w_format, w_group=w_group, act_init=self.act_init,
-                        clip_grid=tuple(self.clip_grid), lp_norm=self.lp_norm, cancel=qrun.cancel)
+                        clip_grid=tuple(self.clip_grid), lp_norm=self.lp_norm,
+                        dynamic_clip=cfg.act_dynamic_clip == "lp", cancel=qrun.cancel)
         if self.scaling == "awq":
             settings["awq"] = {"grid": self.awq_grid, "max_tokens": self.awq_max_tokens, "generator": qrun.generator}
         fp_map, qmap = qrun.fp.layer_map, qrun.qmap

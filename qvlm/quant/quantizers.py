@@ -80,13 +80,19 @@ def act_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: in
     return torch.clamp(torch.round(x.float() * inv) + zero.float(), 0, qmax_of(bits))
 
 
-def dynamic_grid(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step [M], zero point [M] as float) from each row's min/max of ``rows`` [M, K] (per-token, at run time)."""
+def dynamic_grid(rows: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step [M], zero point [M] as float) from each row's min/max of ``rows`` [M, K] (per-token, at run time).
+
+    ``clip`` (a 0-d factor, or None for 1): each row's range shrunk to [clip * min, clip * max], the values beyond
+    clamped to its ends (QuaRot clips per-token ranges the same way, with a fixed 0.9)."""
     rows = rows.float()
-    return qparams(rows.amin(dim=1), rows.amax(dim=1), bits)
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    if clip is not None:
+        lo, hi = lo * clip.float(), hi * clip.float()
+    return qparams(lo, hi, bits)
 
 
-def fake_quant_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_dynamic(x: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., C] quantize-dequantized per token row on the row's own min/max grid, in ``x``'s dtype.
 
     The codes are :func:`act_codes` on :func:`dynamic_grid`, the integer path's dynamic mode exactly,
@@ -95,7 +101,7 @@ def fake_quant_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
     VEO backpropagates through the LLM, and round() alone would stop every gradient there.
     """
     rows = x.detach().reshape(-1, x.shape[-1])
-    scale, zero = dynamic_grid(rows, bits)
+    scale, zero = dynamic_grid(rows, bits, clip)
     scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
     x_hat = ((act_codes(rows, scale, zero, bits) - zero) * scale).reshape(x.shape).to(x.dtype)
     if x.requires_grad:
@@ -353,8 +359,9 @@ class ActQuantizer(nn.Module):
     log-magnitudes of its bounds are parameters and the forward is differentiable (STE).
 
     "dynamic_token" (:data:`DYNAMIC_TOKEN`) has no stored range: every token row is quantized on its
-    own min/max at run time (:func:`fake_quant_dynamic`), so it is never ``calibrated`` and has no
-    bounds to learn; it quantizes from the start.
+    own min/max at run time (:func:`fake_quant_dynamic`), so it is never ``calibrated``; it quantizes
+    from the start. It may hold one ``clip`` factor (:meth:`set_clip`): each row's range shrunk by it,
+    the one setting of a dynamic range that the init can choose and VEO can train (as log clip).
 
     ``rotation`` (None, or an orthogonal [C, C] Q): the input is rotated first, x -> x Q (Q^T x per
     token), and the ranges are those of the rotated input; the Linear's weight holds W Q, so
@@ -372,11 +379,13 @@ class ActQuantizer(nn.Module):
         self.register_buffer("_scale", None, persistent=False)
         self.register_buffer("_zp", None, persistent=False)
         self.register_buffer("rotation", None)
+        self.register_buffer("clip", None)
         self.enabled = True
         self.observing = False
         self.records: list[torch.Tensor] = []
         self.log_neg_lo: nn.Parameter | None = None
         self.log_hi: nn.Parameter | None = None
+        self.log_clip: nn.Parameter | None = None
 
     # --- ranges -------------------------------------------------------------------------------
     @property
@@ -387,6 +396,21 @@ class ActQuantizer(nn.Module):
     @property
     def dynamic(self) -> bool:
         return self.granularity == DYNAMIC_TOKEN
+
+    @property
+    def trainable(self) -> bool:
+        """Whether it holds something to train: static ranges, or a dynamic range's clip factor."""
+        return self.calibrated or (self.dynamic and self.clip is not None)
+
+    def set_clip(self, factor: float | torch.Tensor) -> None:
+        """Shrink every row's dynamic range by ``factor`` (0 < factor; 1 = each row's own min/max)."""
+        if not self.dynamic:
+            raise RuntimeError("only a dynamic_token quantizer takes a clip factor; a static one has ranges")
+        self.clip = torch.as_tensor(factor, dtype=torch.float32).detach().reshape(()).clone()
+
+    def get_clip(self) -> torch.Tensor | None:
+        """The clip factor (trained, while VEO trains it); None: each row's own min/max."""
+        return torch.exp(self.log_clip) if self.log_clip is not None else self.clip
 
     def set_rotation(self, q: torch.Tensor) -> None:
         """Rotate every input by the orthogonal ``q`` [C, C] before quantizing (x -> x Q); see the class.
@@ -437,9 +461,14 @@ class ActQuantizer(nn.Module):
 
     # --- learnable mode (VEO) -----------------------------------------------------------------
     def make_learnable(self) -> list[nn.Parameter]:
-        """Turn the current bounds into trainable log-magnitudes (lo = -exp(a), hi = exp(b))."""
+        """Turn the current bounds into trainable log-magnitudes (lo = -exp(a), hi = exp(b)); a dynamic quantizer's
+        clip factor into log clip."""
         if self.dynamic:
-            raise RuntimeError("a dynamic_token quantizer has no bounds to learn: its ranges are taken at run time")
+            if self.clip is None:
+                raise RuntimeError("a dynamic_token quantizer without a clip factor has nothing to learn: its ranges "
+                                   "are taken at run time")
+            self.log_clip = nn.Parameter(torch.log(self.clip.clamp_min(EPS)))
+            return [self.log_clip]
         if not self.calibrated:
             raise RuntimeError("cannot learn the bounds of an uncalibrated quantizer")
         span = (self.hi - self.lo).clamp_min(EPS)
@@ -448,7 +477,12 @@ class ActQuantizer(nn.Module):
         return [self.log_neg_lo, self.log_hi]
 
     def freeze(self) -> None:
-        """Write learned bounds back as static ranges and drop the parameters."""
+        """Write learned bounds (or clip factor) back as static values and drop the parameters."""
+        if self.log_clip is not None:
+            clip = torch.exp(self.log_clip.detach())
+            self.log_clip = None
+            self.set_clip(clip)
+            return
         if self.log_hi is None:
             return
         lo, hi = self.get_range()
@@ -465,7 +499,12 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.dynamic:
-            return fake_quant_dynamic(x, self.bits)
+            if self.log_clip is not None:  # VEO: the gradient reaches the factor through each row's step (LSQ-style)
+                rows = x.detach()
+                clip = torch.exp(self.log_clip)
+                lo, hi = rows.amin(-1, keepdim=True).float() * clip, rows.amax(-1, keepdim=True).float() * clip
+                return fake_quant_ste(x, lo, hi, self.bits).to(x.dtype)
+            return fake_quant_dynamic(x, self.bits, self.clip)
         if not self.calibrated:
             return x
         if self.log_hi is not None:
@@ -541,6 +580,17 @@ def lp_clip_search(view: torch.Tensor, bits: int, grid: tuple[float, ...], p: fl
         if err < best_err:
             best_err = err
             best = (lo * s, hi * s, s)
+    return best
+
+
+def dynamic_clip_search(rows: torch.Tensor, bits: int, grid: tuple[float, ...], p: float) -> float:
+    """The factor of ``grid`` whose clipped per-row ranges (:func:`dynamic_grid`) give ``rows`` [N, C] the smallest
+    mean |Q(x) - x|^p: the lp clipping of :func:`lp_clip_search`, for ranges taken per token at run time."""
+    best, best_err = 1.0, math.inf
+    for c in grid:
+        err = float((fake_quant_dynamic(rows, bits, torch.tensor(float(c))) - rows).float().abs().pow(p).mean())
+        if err < best_err:
+            best, best_err = float(c), err
     return best
 
 

@@ -77,9 +77,9 @@ class VisualEncoderOptimization:
         cfg = qrun.config
         if not cfg.quantize_vision:
             return
-        if cfg.act_granularity_vision == "dynamic_token":
+        if cfg.act_granularity_vision == "dynamic_token" and cfg.act_dynamic_clip == "none":
             qrun.notes.veo_skipped = ("dynamic_token vision ranges are each token's min/max at run time: "
-                                         "VEO has no bounds to train")
+                                         "VEO has no bounds to train (act_dynamic_clip='lp' gives it a clip factor)")
             qrun.report(STAGE_VEO, 1.0, "skipped: " + qrun.notes.veo_skipped)
             return
         with qrun.timed(STAGE_VEO):
@@ -352,9 +352,10 @@ def _restore_layers(layers: list[torch.nn.Module]) -> None:
 
 
 def vision_act_quantizers(qmap: LayerMap) -> list["ActQuantizer"]:
-    """The calibrated activation quantizers of the vision tower: the bounds VEO trains."""
+    """The activation quantizers of the vision tower that hold what VEO trains: calibrated bounds, or a dynamic
+    range's clip factor."""
     return [lin.act for entry in qmap.vision for lin in entry.linears.values()
-            if getattr(lin, "act", None) is not None and lin.act.calibrated]
+            if getattr(lin, "act", None) is not None and lin.act.trainable]
 
 
 def vision_layernorm_parameters(qmap: LayerMap) -> list[torch.nn.Parameter]:
@@ -424,7 +425,7 @@ def optimize_vision_bounds(qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, b
     if holdout:
         check.measure_init(vision_qs)
         steps.step("held-out check, epoch 0")
-    init_ranges = [tuple(t.clone() for t in q.get_range()) for q in vision_qs]
+    init_state = [_settings_of(q) for q in vision_qs]
     chunks, targets = micro_batch_targets(fp_model, fp_map, batches, veo)
     params = [p for q in vision_qs for p in q.make_learnable()]
     ln_params = vision_layernorm_parameters(qmap) if veo.params == "act_bounds+layernorm" else []
@@ -464,6 +465,18 @@ def optimize_vision_bounds(qmodel, qmap: LayerMap, fp_model, fp_map: LayerMap, b
         for p in ln_params:
             p.requires_grad_(False)
     if check.early_stopping and check.best_epoch == 0:
-        for q, (lo, hi) in zip(vision_qs, init_ranges):  # exactly the init's ranges, not their log round trip
-            q.set_range(lo, hi)
+        for q, state in zip(vision_qs, init_state):  # exactly the init's ranges, not their log round trip
+            _restore(q, state)
     return log, check.log
+
+
+def _settings_of(q: "ActQuantizer") -> tuple[torch.Tensor, ...]:
+    """What VEO trains in ``q``, as it stands: its bounds, or its clip factor."""
+    return (q.get_clip().clone(),) if q.dynamic else tuple(t.clone() for t in q.get_range())
+
+
+def _restore(q: "ActQuantizer", state: tuple[torch.Tensor, ...]) -> None:
+    if q.dynamic:
+        q.set_clip(state[0])
+    else:
+        q.set_range(*state)

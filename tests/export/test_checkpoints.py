@@ -136,3 +136,25 @@ def test_version_1_exports_still_load(exported, tmp_path):
                            [s.question for s in evaluation_subset(2, seed=1)])
     with torch.no_grad():
         assert torch.equal(result.handle.model(**batch).logits, again.model(**batch).logits)
+
+
+def test_clipped_dynamic_ranges_travel_with_the_export(bundled, tmp_path, monkeypatch):
+    """act_dynamic_clip's factors are part of the model: a reload holds them and answers bit for bit the same
+    (on the simulated path, so that the comparison does not depend on which kernels this machine times faster)."""
+    from qvlm.quant.quantizers import ActQuantizer
+
+    monkeypatch.setenv("QVLM_KERNELS", "simulated")
+    cfg = QuantConfig.from_bits("W4A4", recipe="qvlm", preset="integer", act_dynamic_clip="lp", calib_size=8,
+                                veo_epochs=1, veo_holdout_images=0)
+    result = quantize(bundled, cfg)
+    folder = save_quantized(result.handle, tmp_path / "clip", cfg.to_dict(), result.to_dict())
+    again = load_quantized(folder)
+
+    def clips(model):
+        return [float(m.clip) for m in model.modules() if isinstance(m, ActQuantizer) and m.clip is not None]
+
+    assert clips(again.model) == clips(result.handle.model) and len(clips(again.model)) > 0
+    samples = evaluation_subset(4, seed=5)
+    batch = prepare_inputs(again.processor, [s.load_image() for s in samples], [s.question for s in samples])
+    with torch.no_grad():
+        assert torch.equal(result.handle.model(**batch).logits, again.model(**batch).logits)

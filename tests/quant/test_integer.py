@@ -119,18 +119,22 @@ def test_dynamic_per_token_grid_quantizes_each_row_by_its_own_range():
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
-@pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
-def test_a_dynamic_token_layer_runs_on_integer_kernels_with_the_simulated_codes(bits):
-    """The simulated dynamic ActQuantizer and the integer path take the same grid (dynamic_grid) and codes
-    (act_codes), so only the float rounding of the sum differs (bound as in the static test above)."""
+@pytest.mark.parametrize("bits,clip", [((8, 8), None), ((4, 4), None), ((4, 4), 0.8), ((8, 8), 0.9)])
+def test_a_dynamic_token_layer_runs_on_integer_kernels_with_the_simulated_codes(bits, clip):
+    """The simulated dynamic ActQuantizer and the integer path take the same grid (dynamic_grid, with the clip
+    factor when the range has one) and codes (act_codes), so only the float rounding of the sum differs (bound
+    as in the static test above)."""
     w_bits, a_bits = bits
     g = torch.Generator().manual_seed(4)
     w, x = torch.randn(48, 320, generator=g), torch.randn(2, 6, 320, generator=g) * 2 + 0.3
-    packed = PackedLinear.from_encoded(encode_weight(w, w_bits, "uniform", None), None,
-                                       ActQuantizer(a_bits, "dynamic_token"), None, torch.float32)
+    act = ActQuantizer(a_bits, "dynamic_token")
+    if clip is not None:
+        act.set_clip(clip)
+    packed = PackedLinear.from_encoded(encode_weight(w, w_bits, "uniform", None), None, act, None, torch.float32)
     assert refusal(packed) is None
     layer = IntegerLinear.from_packed(packed)
     assert layer.act_mode == "dynamic" and layer.a_bits == a_bits
+    assert (layer.act_clip is None) == (clip is None)
     with torch.no_grad():
         want, got = packed(x), layer(x)
         bound = (packed.act(x).abs() @ packed.dequantized_weight().abs().t()) * (320 + 8) * EPS32

@@ -71,7 +71,7 @@ def test_dynamic_quantizer_rounds_like_the_integer_path():
     scale, zero = dynamic_grid(rows, 4)
     codes = act_codes(rows, scale.unsqueeze(1), zero.unsqueeze(1), 4)
     assert torch.equal(act(x), ((codes - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(x.shape))
-    with pytest.raises(RuntimeError, match="no bounds to learn"):
+    with pytest.raises(RuntimeError, match="nothing to learn"):
         act.make_learnable()
 
 
