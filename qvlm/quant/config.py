@@ -85,7 +85,10 @@ class QuantConfig:
     same way, with a fixed 0.9); the layer-wise init chooses c from ``init_clip_grid`` by the lp distance on the
     calibration pairs (as it clips static ranges), and VEO trains the vision tower's c (as log c), so the method
     has something to train on ranges the integer kernels take, which apply the same factor. "none": each row's
-    own min/max (nothing calibrated). CDM searches no factor (it stays skipped on dynamic language ranges)."""
+    own min/max (nothing calibrated). CDM searches no factor (it stays skipped on dynamic language ranges).
+    Default "none" because it helps only at low activation bits: mosaic held-out, ``integer`` preset, qvlm, W4A3
+    79.4% with "lp" vs 76.2% without (McNemar p = 0.0095), W4A4 81.8% vs 83.9% (p = 0.011)
+    (benchmarks/results/integer_recipe/README.md, section 5)."""
     vision_fold_ranges: bool = False
     """With "channel" vision ranges: after the last stage, rewrite each per-channel range whose input is a
     LayerNorm output (q/k/v, fc1) as one per-tensor range, folding the per-channel steps and integer
