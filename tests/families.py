@@ -93,11 +93,12 @@ def _save(model, processor, tok, out: Path) -> Path:
 
 
 def build_hub_shaped(hub_id: str, out: Path, *, vision_layers: int = 2, text_layers: int = 1,
-                     image_size: int = 28, seed: int = 0) -> Path:
+                     image_size: int = 28, seed: int = 0, vocab_size: int | None = None) -> Path:
     """A random model with ``hub_id``'s real widths (:data:`hub_configs.HUB_CONFIGS`: hidden and
     intermediate sizes, heads, kv heads, so head_dim too; patch size, feature layer, strategy,
     projector activation), its depth cut to ``vision_layers`` / ``text_layers``, ``image_size``
-    pixels (patch 14: 28 px gives 2x2 patches) and the project's word-level vocabulary.
+    pixels (patch 14: 28 px gives 2x2 patches) and the project's word-level vocabulary (``vocab_size``
+    widens the embedding and output tables to a hub model's row count; the tokenizer still uses the first rows).
 
     The widths are what the quantizers see (SigLIP-so400m's 4304, Qwen2's 896 with 64-wide heads,
     Mistral's 8 kv heads, 13B's 5120 / 13824); depth, image size and vocabulary only cost time.
@@ -113,7 +114,8 @@ def build_hub_shaped(hub_id: str, out: Path, *, vision_layers: int = 2, text_lay
     v = {k: val for k, val in spec["vision_config"].items() if k != "model_type"}
     v.update(num_hidden_layers=vision_layers, image_size=image_size)
     t = {k: val for k, val in spec["text_config"].items() if k != "model_type"}
-    t.update(num_hidden_layers=text_layers, vocab_size=len(tok), max_position_embeddings=512,
+    n_positions = max(512, (image_size // spec["vision_config"]["patch_size"]) ** 2 + 256)  # the image + a question
+    t.update(num_hidden_layers=text_layers, vocab_size=vocab_size or len(tok), max_position_embeddings=n_positions,
              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     clip = spec["vision_config"]["model_type"] == "clip_vision_model"
     vision = CLIPVisionConfig(**v) if clip else SiglipVisionConfig(**v)
