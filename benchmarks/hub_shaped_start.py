@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -31,17 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qvlm.quant.kernels import cpu_flags, cpu_model  # noqa: E402  (the flags every speed figure names)
+
 QWEN2_VOCAB = 151_936
 """Rows of Qwen2's embedding and output tables (the public Qwen/Qwen2-0.5B config.json)."""
 FULL_DEPTH = {"llava-hf/llava-interleave-qwen-0.5b-hf": {"vision_layers": 26, "text_layers": 24,
                                                          "image_size": 384, "vocab_size": QWEN2_VOCAB}}
-
-
-def cpu_flags() -> str:
-    """The instruction-set flags every speed figure names (avx2, avx512f, avx512_vnni, amx_int8)."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "amx_int8")
-    words = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    return " ".join(f for f in wanted if f in words) or "none of avx2/avx512f/avx512_vnni/amx_int8"
 
 
 def peak_rss_bytes() -> int:
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                               check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
         report = {"hub_id": args.hub_id, "shape": FULL_DEPTH[args.hub_id], "build_s": round(built_s, 1),
-                  "cpu_flags": cpu_flags(), "cpu": platform.processor() or platform.machine(),
+                  "cpu_flags": " ".join(cpu_flags()), "cpu": cpu_model(),
                   **json.loads(line[len("RESULT "):])}
     print(json.dumps(report, indent=2))
     if args.json:

@@ -119,6 +119,7 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
     Returns per-group notes (clip factor, AWQ alpha) for the result statistics.
     """
     groups = call_order_groups(layer, linears, inputs, xs[0])
+    clip_dynamic = dynamic_clip and act_init == "lp"
     notes: dict = {}
     for gi, group in enumerate(groups):
         check_cancel(cancel, "quantization")
@@ -136,7 +137,6 @@ def init_layer(layer: torch.nn.Module, linears: dict[str, QuantLinear], inputs: 
             notes[f"{'/'.join(group)}.awq_alpha"] = alpha
         for role in group:
             linears[role].quantize_weight_(w_bits, w_format, w_group, smooth)
-        clip_dynamic = dynamic_clip and act_init == "lp"
         if q0 is None or (q0.dynamic and not clip_dynamic):  # each row's own range at run time: nothing to set
             continue
         if smooth is not None:
